@@ -1,0 +1,1 @@
+//! Initramfs and rootfs assembly.

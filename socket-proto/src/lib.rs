@@ -1,0 +1,1 @@
+//! Frame codec and message types of the coworkvm host and guest protocols.

@@ -1,0 +1,1 @@
+//! coworkvm: a minimal KVM VMM.
