@@ -1,1 +1,10 @@
-//! coworkvm: a minimal KVM VMM.
+//! coworkvm: a minimal KVM virtual machine monitor built on the rust-vmm
+//! crates, which boots a stock Debian kernel with virtio-mmio devices
+//! described in ACPI.
+
+pub mod arch;
+pub mod builder;
+pub mod device_manager;
+pub mod devices;
+pub mod doctor;
+pub mod vstate;

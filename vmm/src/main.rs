@@ -1,1 +1,137 @@
-fn main() {}
+//! `coworkvm`: boot a guest, or check the host.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig};
+use coworkvm::doctor;
+
+#[derive(Parser)]
+#[command(
+    name = "coworkvm",
+    version,
+    about = "A KVM sandbox VM for the Cowork agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a Linux kernel with an initramfs and disks; exits when the guest powers off.
+    Boot(BootArgs),
+    /// Check that this host can run coworkvm VMs.
+    Doctor {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// bzImage of the guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Disk image: PATH or PATH,ro. Repeat for more disks (vda, vdb, ...).
+    #[arg(long = "disk")]
+    disks: Vec<DiskSpec>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    mem: u64,
+    /// Extra kernel parameters, appended to the built-in ones.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Write the guest console here instead of to stdout.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Print the number of VM exits when the guest ends (on stderr).
+    #[arg(long)]
+    report_exits: bool,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let cfg = MachineConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        disks: args.disks,
+        cpus: args.cpus,
+        mem_mib: args.mem,
+        cmdline: args.cmdline,
+        console: args.console,
+    };
+    let outcome = builder::run(&cfg).context("cannot boot the guest")?;
+    if args.report_exits {
+        match outcome.vm_exits {
+            Some(n) => eprintln!("coworkvm: vm-exits={n}"),
+            None => eprintln!("coworkvm: vm-exits=unavailable"),
+        }
+    }
+    let code = outcome.exit.code();
+    let why = match &outcome.exit {
+        GuestExit::PowerOff => None,
+        GuestExit::Reset { panicked: true } => Some("the guest kernel panicked".to_string()),
+        GuestExit::Reset { panicked: false } => Some("the guest asked for a reset".to_string()),
+        GuestExit::Fatal(why) => Some(format!("the guest stopped: {why}")),
+    };
+    if let Some(why) = why {
+        eprintln!("coworkvm: {why}; last console lines:");
+        for line in &outcome.console_tail {
+            eprintln!("  | {line}");
+        }
+    }
+    Ok(ExitCode::from(code as u8))
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Boot(args) => boot(args),
+        Command::Doctor { json } => {
+            let report = doctor::run_doctor();
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("/dev/kvm present:   {}", report.kvm_device);
+                println!("KVM usable:         {}", report.kvm_usable);
+                if let Some(m) = report.ring0_mips {
+                    println!("guest ring-0 speed: {m:.1} MIPS");
+                }
+                println!("can boot Linux:     {}", report.can_boot_linux);
+                println!("{}", report.verdict);
+            }
+            Ok(if report.kvm_usable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coworkvm: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! x86_64: memory layout, boot protocol, CPU set-up, ACPI tables.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod layout;
+pub mod regs;

@@ -1,0 +1,313 @@
+//! Assembles a machine from a [`MachineConfig`] and runs it to the end.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::acpi::{self, VirtioMmioSlot};
+use crate::arch::x86_64::{boot, cpu, layout, regs};
+use crate::device_manager::{DeviceManager, MachineRequest, VirtioSlot};
+use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialPort};
+use crate::devices::virtio::block::{Block, DiskImage};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::stats;
+use crate::vstate::vcpu::{self, VcpuEvent};
+use crate::vstate::vm::Vm;
+
+/// Kernel parameters every coworkvm guest gets; `MachineConfig::cmdline` is appended.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off no_timer_check";
+/// How many console lines to show when the guest dies.
+const TAIL_LINES: usize = 40;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    /// `PATH` or `PATH,ro` (also `PATH,rw`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (ro or rw)")),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".into());
+        }
+        Ok(Self {
+            path: path.into(),
+            read_only,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub disks: Vec<DiskSpec>,
+    pub cpus: u8,
+    pub mem_mib: u64,
+    pub cmdline: String,
+    pub console: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("--cpus must be between 1 and {max}, got {got}")]
+    Cpus { got: u8, max: u8 },
+    #[error("--mem must be between 64 and {max} MiB, got {got}")]
+    Mem { got: u64, max: u64 },
+    #[error("too many virtio devices ({0}); at most {1}")]
+    TooManyDevices(usize, usize),
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("console {0}: {1}")]
+    Console(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error("KVM_{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    PowerOff,
+    Reset { panicked: bool },
+    Fatal(String),
+}
+
+impl GuestExit {
+    /// The VMM's exit code: 0 for a clean power-off.
+    pub fn code(&self) -> i32 {
+        match self {
+            GuestExit::PowerOff => 0,
+            GuestExit::Reset { .. } => 1,
+            GuestExit::Fatal(_) => 3,
+        }
+    }
+}
+
+pub struct RunOutcome {
+    pub exit: GuestExit,
+    pub console_tail: Vec<String>,
+    /// VM exits over all vCPUs, when KVM reports them.
+    pub vm_exits: Option<u64>,
+}
+
+const MAX_CPUS: u8 = 32;
+
+/// Boots the machine and blocks until the guest powers off or dies.
+pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
+    if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
+        return Err(BuildError::Cpus {
+            got: cfg.cpus,
+            max: MAX_CPUS,
+        });
+    }
+    let max_mem = 1 << 20; // 1 TiB in MiB
+    if cfg.mem_mib < 64 || cfg.mem_mib > max_mem {
+        return Err(BuildError::Mem {
+            got: cfg.mem_mib,
+            max: max_mem,
+        });
+    }
+    let max_slots = (layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1) as usize;
+    // One slot per disk plus the rng.
+    if cfg.disks.len() + 1 > max_slots {
+        return Err(BuildError::TooManyDevices(cfg.disks.len() + 1, max_slots));
+    }
+
+    let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(cfg.mem_mib << 20))
+        .map_err(|e| BuildError::GuestMemory(e.to_string()))?;
+    let vm = Vm::new(mem.clone(), true)?;
+
+    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(
+            &mem,
+            p,
+            kernel.setup_header.initrd_addr_max,
+            kernel.kernel_end,
+        )?),
+        None => None,
+    };
+
+    // Console.
+    let tail = Arc::new(Mutex::new(ConsoleTail::new(TAIL_LINES)));
+    let out: Box<dyn std::io::Write + Send> = match &cfg.console {
+        Some(p) => Box::new(File::create(p).map_err(|e| BuildError::Console(p.clone(), e))?),
+        None => Box::new(std::io::stdout()),
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Io("eventfd", e))?;
+    vm.register_irqfd(&serial_irq, layout::IRQ_SERIAL)?;
+    let serial = SerialPort::new(serial_irq, ConsoleSink::new(out, tail.clone()));
+
+    // virtio devices: disks in the order given (vda, vdb, ...), then the rng.
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        let block = Block::new(DiskImage::open(&d.path, d.read_only)?);
+        disks.extend(block.disk());
+        devices.push(Box::new(block));
+    }
+    devices.push(Box::new(
+        Rng::new().map_err(|e| BuildError::Io("/dev/urandom", e))?,
+    ));
+
+    let mut slots = Vec::new();
+    let mut acpi_slots = Vec::new();
+    for (i, dev) in devices.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::IRQ_VIRTIO_BASE + i as u32;
+        let transport =
+            MmioTransport::new(dev, mem.clone()).map_err(|e| BuildError::Io("virtio-mmio", e))?;
+        vm.register_irqfd(transport.interrupt().irqfd(), gsi)?;
+        vm.register_queue_notify(base, transport.queue_events())?;
+        acpi_slots.push(VirtioMmioSlot {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        slots.push(VirtioSlot {
+            base,
+            gsi,
+            transport: Mutex::new(transport),
+        });
+    }
+    let rsdp = acpi::create_acpi_tables(&mem, cfg.cpus, &acpi_slots)?;
+
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    cmdline
+        .insert_str(BASE_CMDLINE)
+        .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    if !cfg.cmdline.trim().is_empty() {
+        cmdline
+            .insert_str(cfg.cmdline.trim())
+            .map_err(|e| BuildError::Cmdline(e.to_string()))?;
+    }
+    boot::write_boot_params(
+        &mem,
+        &boot::BootConfig {
+            kernel: &kernel,
+            cmdline: &cmdline,
+            initrd,
+            rsdp: Some(rsdp),
+        },
+    )?;
+    regs::write_boot_structures(&mem)?;
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| BuildError::Kvm("GET_SUPPORTED_CPUID", e))?;
+    let mut vcpus = Vec::new();
+    let mut stat_files = Vec::new();
+    for id in 0..cfg.cpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(id as u64)
+            .map_err(|e| BuildError::Kvm("CREATE_VCPU", e))?;
+        cpu::setup_cpuid(&fd, &supported, id, cfg.cpus)?;
+        cpu::setup_msrs(&fd)?;
+        regs::setup_long_mode(&fd, kernel.entry, layout::ZERO_PAGE_START)?;
+        cpu::setup_lapic(&fd)?;
+        if let Ok(f) = stats::open_stats(&fd) {
+            stat_files.push(f);
+        }
+        vcpus.push(fd);
+    }
+
+    let devices = Arc::new(DeviceManager::new(serial, slots, disks));
+    let (tx, rx) = mpsc::channel();
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        vcpu::spawn(id as u8, fd, devices.clone(), tx.clone())
+            .map_err(|e| BuildError::Io("starting a vCPU thread", e))?;
+    }
+    drop(tx);
+    tracing::debug!(cpus = cfg.cpus, mem_mib = cfg.mem_mib, "guest started");
+
+    let event = rx
+        .recv()
+        .unwrap_or_else(|_| VcpuEvent::Fatal("all vCPU threads ended".into()));
+    let vm_exits = if stat_files.is_empty() {
+        None
+    } else {
+        let mut sum = 0;
+        for f in &stat_files {
+            sum += stats::read_stat(f, "exits").ok().flatten().unwrap_or(0);
+        }
+        Some(sum)
+    };
+    devices.flush();
+    let console_tail = tail.lock().map(|t| t.lines()).unwrap_or_default();
+    let exit = match event {
+        VcpuEvent::Request(MachineRequest::PowerOff) => GuestExit::PowerOff,
+        VcpuEvent::Request(MachineRequest::Reset) => GuestExit::Reset {
+            panicked: console_tail.iter().any(|l| l.contains("Kernel panic")),
+        },
+        VcpuEvent::Fatal(why) => GuestExit::Fatal(why),
+    };
+    Ok(RunOutcome {
+        exit,
+        console_tail,
+        vm_exits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_spec_parsing() {
+        let d: DiskSpec = "/a/b.img,ro".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskSpec {
+                path: "/a/b.img".into(),
+                read_only: true
+            }
+        );
+        let d: DiskSpec = "/a/b.img".parse().unwrap();
+        assert!(!d.read_only);
+        let d: DiskSpec = "/a/b.img,rw".parse().unwrap();
+        assert!(!d.read_only);
+        assert!("/a,xx".parse::<DiskSpec>().is_err());
+        assert!(",ro".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(GuestExit::PowerOff.code(), 0);
+        assert_ne!(GuestExit::Reset { panicked: true }.code(), 0);
+        assert_ne!(GuestExit::Fatal("x".into()).code(), 0);
+    }
+}

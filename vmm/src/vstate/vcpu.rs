@@ -1,0 +1,82 @@
+//! vCPU threads: each runs KVM_RUN in a loop and hands I/O exits to the devices.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::device_manager::{DeviceManager, MachineRequest};
+
+/// Why a vCPU stopped running; sent to the VMM's main thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Request(MachineRequest),
+    /// The guest or KVM did something the VM cannot continue from.
+    Fatal(String),
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Handles one exit; `Some` ends this vCPU's loop.
+pub fn handle_exit(exit: VcpuExit, devices: &DeviceManager) -> Option<VcpuEvent> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            devices.pio_read(port, data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => devices.pio_write(port, data).map(VcpuEvent::Request),
+        VcpuExit::MmioRead(addr, data) => {
+            devices.mmio_read(addr, data);
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            devices.mmio_write(addr, data);
+            None
+        }
+        // With the in-kernel LAPIC, HLT is handled by KVM; seeing it here
+        // means interrupts are off for good.
+        VcpuExit::Hlt => Some(VcpuEvent::Fatal(
+            "vCPU halted with interrupts disabled".into(),
+        )),
+        // A triple fault: how a PC resets when nothing else worked.
+        VcpuExit::Shutdown => Some(VcpuEvent::Request(MachineRequest::Reset)),
+        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => VcpuEvent::Request(MachineRequest::PowerOff),
+            KVM_SYSTEM_EVENT_RESET => VcpuEvent::Request(MachineRequest::Reset),
+            KVM_SYSTEM_EVENT_CRASH => VcpuEvent::Fatal("guest crash reported by KVM".into()),
+            other => VcpuEvent::Fatal(format!("unknown KVM system event {other}")),
+        }),
+        VcpuExit::InternalError => Some(VcpuEvent::Fatal(
+            "KVM internal error (instruction emulation failed)".into(),
+        )),
+        VcpuExit::FailEntry(reason, cpu) => Some(VcpuEvent::Fatal(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+        ))),
+        other => Some(VcpuEvent::Fatal(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+/// Starts vCPU `id`'s thread. The thread ends after reporting one event.
+pub fn spawn(
+    id: u8,
+    mut vcpu: VcpuFd,
+    devices: Arc<DeviceManager>,
+    events: Sender<VcpuEvent>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || loop {
+            let event = match vcpu.run() {
+                Ok(exit) => handle_exit(exit, &devices),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(VcpuEvent::Fatal(format!("KVM_RUN on vcpu{id}: {e}"))),
+            };
+            if let Some(ev) = event {
+                let _ = events.send(ev);
+                return;
+            }
+        })
+}
