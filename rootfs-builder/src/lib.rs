@@ -1,1 +1,6 @@
-//! Initramfs and rootfs assembly.
+//! Guest image assembly for coworkvm: a reproducible newc cpio writer,
+//! kernel module dependency resolution, and initramfs building.
+
+pub mod cpio;
+pub mod initramfs;
+pub mod modules;
