@@ -84,14 +84,21 @@ impl Archive {
 
     /// Writes the archive with every mtime set to `mtime` and owner root.
     pub fn write<W: Write>(&self, out: &mut W, mtime: u32) -> Result<(), CpioError> {
-        let mut w = CountingWriter { inner: out, written: 0 };
+        let mut w = CountingWriter {
+            inner: out,
+            written: 0,
+        };
         for (ino, (path, entry)) in self.entries.iter().enumerate() {
             let (mode, data): (u32, &[u8]) = match entry {
                 Entry::Dir { mode } => (MODE_DIR | (mode & 0o7777), &[]),
                 Entry::File { mode, data } => (MODE_FILE | (mode & 0o7777), data),
                 Entry::Symlink { target } => (MODE_SYMLINK | 0o777, target.as_bytes()),
             };
-            let nlink = if matches!(entry, Entry::Dir { .. }) { 2 } else { 1 };
+            let nlink = if matches!(entry, Entry::Dir { .. }) {
+                2
+            } else {
+                1
+            };
             write_header(&mut w, ino as u32 + 1, mode, nlink, mtime, data.len(), path)?;
             w.write_all(data)?;
             w.pad4()?;
@@ -243,13 +250,30 @@ mod tests {
         sample().write(&mut a, 1234).unwrap();
         let mut other = Archive::new();
         other
-            .add("init", Entry::File { mode: 0o755, data: b"#!/bin/sh\n".to_vec() })
+            .add(
+                "init",
+                Entry::File {
+                    mode: 0o755,
+                    data: b"#!/bin/sh\n".to_vec(),
+                },
+            )
             .unwrap();
         other
-            .add("bin/sh", Entry::Symlink { target: "busybox".into() })
+            .add(
+                "bin/sh",
+                Entry::Symlink {
+                    target: "busybox".into(),
+                },
+            )
             .unwrap();
         other
-            .add("bin/busybox", Entry::File { mode: 0o755, data: b"ELF...".to_vec() })
+            .add(
+                "bin/busybox",
+                Entry::File {
+                    mode: 0o755,
+                    data: b"ELF...".to_vec(),
+                },
+            )
             .unwrap();
         let mut b = Vec::new();
         other.write(&mut b, 1234).unwrap();
@@ -259,16 +283,45 @@ mod tests {
     #[test]
     fn bad_paths_and_conflicts_are_refused() {
         let mut a = Archive::new();
-        assert!(matches!(a.add("../x", Entry::Dir { mode: 0o755 }), Err(CpioError::BadPath(_))));
-        assert!(matches!(a.add("a//b", Entry::Dir { mode: 0o755 }), Err(CpioError::BadPath(_))));
-        assert!(matches!(a.add("/", Entry::Dir { mode: 0o755 }), Err(CpioError::BadPath(_))));
-        a.add("f", Entry::File { mode: 0o644, data: vec![1] }).unwrap();
         assert!(matches!(
-            a.add("f", Entry::File { mode: 0o644, data: vec![2] }),
+            a.add("../x", Entry::Dir { mode: 0o755 }),
+            Err(CpioError::BadPath(_))
+        ));
+        assert!(matches!(
+            a.add("a//b", Entry::Dir { mode: 0o755 }),
+            Err(CpioError::BadPath(_))
+        ));
+        assert!(matches!(
+            a.add("/", Entry::Dir { mode: 0o755 }),
+            Err(CpioError::BadPath(_))
+        ));
+        a.add(
+            "f",
+            Entry::File {
+                mode: 0o644,
+                data: vec![1],
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            a.add(
+                "f",
+                Entry::File {
+                    mode: 0o644,
+                    data: vec![2]
+                }
+            ),
             Err(CpioError::Conflict(_))
         ));
         // The same content twice is fine.
-        a.add("f", Entry::File { mode: 0o644, data: vec![1] }).unwrap();
+        a.add(
+            "f",
+            Entry::File {
+                mode: 0o644,
+                data: vec![1],
+            },
+        )
+        .unwrap();
     }
 
     #[test]

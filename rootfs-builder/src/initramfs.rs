@@ -9,11 +9,61 @@ use crate::modules::{ModuleError, ModuleTree};
 
 /// busybox applets linked into `/bin` when busybox is included.
 pub const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "ash", "mount", "umount", "cat", "echo", "insmod", "ls", "dd", "sync", "poweroff",
-    "reboot", "sleep", "head", "tail", "tr", "cut", "nproc", "uname", "grep", "sed", "mkdir",
-    "rm", "cp", "mv", "ln", "chmod", "od", "wc", "test", "[", "printf", "env", "date", "seq",
-    "sha256sum", "md5sum", "kill", "ps", "find", "xargs", "true", "false", "dmesg", "mknod",
-    "awk", "stat", "timeout", "hexdump", "cmp", "df", "free", "hostname", "id", "whoami",
+    "sh",
+    "ash",
+    "mount",
+    "umount",
+    "cat",
+    "echo",
+    "insmod",
+    "ls",
+    "dd",
+    "sync",
+    "poweroff",
+    "reboot",
+    "sleep",
+    "head",
+    "tail",
+    "tr",
+    "cut",
+    "nproc",
+    "uname",
+    "grep",
+    "sed",
+    "mkdir",
+    "rm",
+    "cp",
+    "mv",
+    "ln",
+    "chmod",
+    "od",
+    "wc",
+    "test",
+    "[",
+    "printf",
+    "env",
+    "date",
+    "seq",
+    "sha256sum",
+    "md5sum",
+    "kill",
+    "ps",
+    "find",
+    "xargs",
+    "true",
+    "false",
+    "dmesg",
+    "mknod",
+    "awk",
+    "stat",
+    "timeout",
+    "hexdump",
+    "cmp",
+    "df",
+    "free",
+    "hostname",
+    "id",
+    "whoami",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +156,10 @@ pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
         }
     }
     if !spec.modules.is_empty() {
-        let root = spec.module_tree.as_ref().ok_or(InitramfsError::NoModuleTree)?;
+        let root = spec
+            .module_tree
+            .as_ref()
+            .ok_or(InitramfsError::NoModuleTree)?;
         let tree = ModuleTree::open(root)?;
         let release = root
             .file_name()
@@ -214,7 +267,10 @@ mod tests {
             modules: vec!["virtio_blk".into()],
             ..spec
         };
-        assert!(matches!(build(&spec_mods), Err(InitramfsError::NoModuleTree)));
+        assert!(matches!(
+            build(&spec_mods),
+            Err(InitramfsError::NoModuleTree)
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

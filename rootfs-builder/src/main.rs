@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 #[derive(Parser)]
-#[command(name = "coworkvm-rootfs", version, about = "Build coworkvm guest images")]
+#[command(
+    name = "coworkvm-rootfs",
+    version,
+    about = "Build coworkvm guest images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

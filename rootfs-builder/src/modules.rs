@@ -271,10 +271,20 @@ mod tests {
         assert!(matches!(resolve(&["a"], deps), Err(ModuleError::Cycle(_))));
         let dir = std::env::temp_dir().join(format!("cwkvm-mods-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("kernel/x")).unwrap();
-        std::fs::write(dir.join("kernel/x/virtio-rng.ko"), fake_module(b"depends=\0")).unwrap();
+        std::fs::write(
+            dir.join("kernel/x/virtio-rng.ko"),
+            fake_module(b"depends=\0"),
+        )
+        .unwrap();
         let tree = ModuleTree::open(&dir).unwrap();
-        assert_eq!(tree.path_of("virtio_rng").unwrap(), Path::new("kernel/x/virtio-rng.ko"));
-        assert!(matches!(tree.load_order(&["nope"]), Err(ModuleError::NotFound(..))));
+        assert_eq!(
+            tree.path_of("virtio_rng").unwrap(),
+            Path::new("kernel/x/virtio-rng.ko")
+        );
+        assert!(matches!(
+            tree.load_order(&["nope"]),
+            Err(ModuleError::NotFound(..))
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -99,7 +99,10 @@ pub enum BuildError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestExit {
     PowerOff,
-    Reset { panicked: bool },
+    /// `panic` is the guest kernel's panic line, if it printed one.
+    Reset {
+        panic: Option<String>,
+    },
     Fatal(String),
 }
 
@@ -267,12 +270,13 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
         Some(sum)
     };
     devices.flush();
-    let console_tail = tail.lock().map(|t| t.lines()).unwrap_or_default();
+    let (console_tail, panic_line) = tail
+        .lock()
+        .map(|t| (t.lines(), t.panic_line().map(str::to_owned)))
+        .unwrap_or_default();
     let exit = match event {
         VcpuEvent::Request(MachineRequest::PowerOff) => GuestExit::PowerOff,
-        VcpuEvent::Request(MachineRequest::Reset) => GuestExit::Reset {
-            panicked: console_tail.iter().any(|l| l.contains("Kernel panic")),
-        },
+        VcpuEvent::Request(MachineRequest::Reset) => GuestExit::Reset { panic: panic_line },
         VcpuEvent::Fatal(why) => GuestExit::Fatal(why),
     };
     Ok(RunOutcome {
@@ -307,7 +311,7 @@ mod tests {
     #[test]
     fn exit_codes() {
         assert_eq!(GuestExit::PowerOff.code(), 0);
-        assert_ne!(GuestExit::Reset { panicked: true }.code(), 0);
+        assert_ne!(GuestExit::Reset { panic: None }.code(), 0);
         assert_ne!(GuestExit::Fatal("x".into()).code(), 0);
     }
 }

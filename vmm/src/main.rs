@@ -89,8 +89,10 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     let code = outcome.exit.code();
     let why = match &outcome.exit {
         GuestExit::PowerOff => None,
-        GuestExit::Reset { panicked: true } => Some("the guest kernel panicked".to_string()),
-        GuestExit::Reset { panicked: false } => Some("the guest asked for a reset".to_string()),
+        GuestExit::Reset { panic: Some(line) } => {
+            Some(format!("the guest kernel panicked ({})", line.trim()))
+        }
+        GuestExit::Reset { panic: None } => Some("the guest asked for a reset".to_string()),
         GuestExit::Fatal(why) => Some(format!("the guest stopped: {why}")),
     };
     if let Some(why) = why {

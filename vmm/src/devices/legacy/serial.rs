@@ -33,6 +33,9 @@ pub struct ConsoleTail {
     lines: VecDeque<String>,
     partial: Vec<u8>,
     capacity: usize,
+    /// The first "Kernel panic" line, kept even after it scrolls out of the
+    /// tail (the panic's stack trace alone can be longer than the tail).
+    panic_line: Option<String>,
 }
 
 impl ConsoleTail {
@@ -41,6 +44,7 @@ impl ConsoleTail {
             lines: VecDeque::with_capacity(capacity),
             partial: Vec::new(),
             capacity,
+            panic_line: None,
         }
     }
 
@@ -51,6 +55,9 @@ impl ConsoleTail {
                     .trim_end_matches('\r')
                     .to_owned();
                 self.partial.clear();
+                if self.panic_line.is_none() && line.contains("Kernel panic") {
+                    self.panic_line = Some(line.clone());
+                }
                 if self.lines.len() == self.capacity {
                     self.lines.pop_front();
                 }
@@ -59,6 +66,10 @@ impl ConsoleTail {
                 self.partial.push(b);
             }
         }
+    }
+
+    pub fn panic_line(&self) -> Option<&str> {
+        self.panic_line.as_deref()
     }
 
     /// The remembered lines, oldest first, including an unfinished last line.
@@ -141,6 +152,12 @@ mod tests {
         t.push(b"one\r\ntwo\nthr");
         t.push(b"ee\nfour");
         assert_eq!(t.lines(), ["two", "three", "four"]);
+        assert_eq!(t.panic_line(), None);
+        t.push(b"\n[ 1.0] Kernel panic - not syncing: x\n");
+        for _ in 0..5 {
+            t.push(b"trace\n");
+        }
+        assert_eq!(t.panic_line(), Some("[ 1.0] Kernel panic - not syncing: x"));
     }
 
     #[test]

@@ -1,0 +1,37 @@
+# coworkvm: `make run` boots a guest and runs something in it; `make test`
+# runs every test, the KVM boots included. Both install what they need.
+TARGET      := x86_64-unknown-linux-gnu
+RELEASE_DIR := target/$(TARGET)/release
+# The VMM and the rig's helpers are static so they run inside the rig's L1 VM.
+STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
+
+.PHONY: all deps kernel build lint test run bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+kernel: deps
+	@scripts/fetch-kernel.sh
+
+build: kernel
+	$(STATIC_ENV) cargo build --release --target $(TARGET) -p coworkvm -p coworkvm-tests --bins
+	cargo build --release -p coworkvm-rootfs
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: build lint
+	cargo test --workspace
+
+run: build
+	$(RELEASE_DIR)/coworkvm-rig demo
+
+bench: build
+	$(RELEASE_DIR)/coworkvm-rig bench --out bench/results.md
+
+clean:
+	cargo clean
+	rm -rf build

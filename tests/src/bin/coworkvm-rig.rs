@@ -1,0 +1,60 @@
+//! `coworkvm-rig`: `make run` and `make bench` on any host, through the rig
+//! when the host's KVM cannot boot Linux.
+//!
+//! usage: coworkvm-rig demo | coworkvm-rig bench [--out FILE] [--runs N]
+
+use anyhow::{bail, Context, Result};
+use coworkvm_tests::{Batch, Case, Paths};
+
+fn demo(paths: &Paths) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("coworkvm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let initrd = dir.join("demo.cpio.zst");
+    paths.guest_initramfs(&paths.root.join("tests/guest/demo.init"), &initrd)?;
+    let batch = Batch {
+        cases: vec![Case::new(
+            "demo",
+            "$COWORKVM boot --kernel $KERNEL --initrd $P/demo.cpio.zst --cpus 2 --mem 256 \
+             --cmdline quiet",
+            180,
+        )],
+        files: vec![(initrd, "demo.cpio.zst".into())],
+        disks: vec![],
+    };
+    let result = batch.run(paths)?;
+    let case = result.case("demo");
+    let mut shown = false;
+    for line in case.output.lines() {
+        let line = line.trim_end();
+        if line.starts_with("--- hello") {
+            shown = true;
+        }
+        if shown && !line.starts_with('[') {
+            println!("{line}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if case.rc != Some(0) || !shown {
+        bail!(
+            "the guest did not run to completion (rc {:?}); output:\n{}",
+            case.rc,
+            case.output
+        );
+    }
+    println!(
+        "(ran in {:?} mode, {:.1} s)",
+        result.mode,
+        result.wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let paths = Paths::locate().context("locating the build (run `make build`)")?;
+    match args.first().map(String::as_str) {
+        Some("demo") => demo(&paths),
+        Some("bench") => coworkvm_tests::bench::run(&paths, &args[1..]),
+        _ => bail!("usage: coworkvm-rig demo | bench [--out FILE] [--runs N]"),
+    }
+}
