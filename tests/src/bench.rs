@@ -1,8 +1,272 @@
-//! `make bench`: boot-time comparison of coworkvm and QEMU microvm.
-use anyhow::{bail, Result};
+//! `make bench`: boots the same kernel and initramfs with the same devices
+//! (one read-only disk, an rng, 256 MiB, 1 vCPU) in coworkvm and in QEMU
+//! microvm, alternately, in one batch, and compares time to a console
+//! marker, VM exits up to the marker (KVM's debugfs; independent of the
+//! machine's speed) and peak RSS.
 
-use crate::Paths;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
-pub fn run(_paths: &Paths, _args: &[String]) -> Result<()> {
-    bail!("the benchmark is not built yet")
+use anyhow::{bail, Context, Result};
+
+use crate::{Batch, Case, Paths};
+
+const MARKER: &str = "@@BENCH-MARKER";
+const QEMU_DATA: &[&str] = &[
+    "bios-microvm.bin",
+    "linuxboot_dma.bin",
+    "pvh.bin",
+    "kvmvapic.bin",
+];
+/// Kernel parameters coworkvm adds itself; QEMU gets the same.
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off no_timer_check quiet";
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub marker_ms: u64,
+    pub vm_exits: Option<u64>,
+    pub max_rss_kib: u64,
+}
+
+/// Parses `@@VMM-TIMER {...}` lines tagged by the case script as
+/// `@@SAMPLE <vmm> {...}`.
+pub fn parse_samples(output: &str, vmm: &str) -> Vec<Sample> {
+    let prefix = format!("@@SAMPLE {vmm} ");
+    output
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix(&prefix))
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .filter_map(|v| {
+            Some(Sample {
+                marker_ms: v["marker_ms"].as_u64()?,
+                vm_exits: v["vm_exits"].as_u64(),
+                max_rss_kib: v["max_rss_kib"].as_u64()?,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn stats(values: &[f64]) -> Option<Stats> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stats {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+fn qemu_files(scratch: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let qemu = crate::which("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
+    let mut files = vec![(qemu.clone(), "qemu/qemu-system-x86_64".to_string())];
+    let ldd = std::process::Command::new("ldd").arg(&qemu).output()?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or the loader itself.
+        let path = line
+            .split("=>")
+            .nth(1)
+            .unwrap_or(line)
+            .split_whitespace()
+            .next()
+            .unwrap_or("");
+        if path.starts_with('/') {
+            let p = Path::new(path);
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("ld-linux") {
+                files.push((p.to_owned(), "qemu/ld.so".into()));
+            } else {
+                files.push((p.to_owned(), format!("qemu/lib/{name}")));
+            }
+        }
+    }
+    for f in QEMU_DATA {
+        let src = Path::new("/usr/share/qemu").join(f);
+        // Data files are often symlinks; ship the target's bytes.
+        let dst = scratch.join(f);
+        std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        files.push((dst, format!("qemu/share/{f}")));
+    }
+    Ok(files)
+}
+
+pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
+    let mut out = paths.root.join("bench/results.md");
+    let mut runs = 10u32;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" => out = PathBuf::from(args.get(i + 1).context("--out FILE")?),
+            "--runs" => runs = args.get(i + 1).context("--runs N")?.parse()?,
+            other => bail!("unknown bench argument {other}"),
+        }
+        i += 2;
+    }
+    let scratch = std::env::temp_dir().join(format!("coworkvm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let initrd = scratch.join("bench.cpio.zst");
+    paths.guest_initramfs(&paths.root.join("tests/guest/bench.init"), &initrd)?;
+    let mut files = vec![(initrd, "bench.cpio.zst".to_string())];
+    files.extend(qemu_files(&scratch)?);
+
+    let script = format!(
+        r#"set -u
+dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=16 2>/dev/null
+QEMU="$P/qemu/ld.so --library-path $P/qemu/lib $P/qemu/qemu-system-x86_64 -L $P/qemu/share"
+for i in $(seq 1 {runs}); do
+  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $COWORKVM boot --kernel $KERNEL \
+      --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
+      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
+  echo "@@SAMPLE coworkvm $s"
+  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $QEMU -M microvm -enable-kvm -cpu host \
+      -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
+      -kernel $KERNEL -initrd $P/bench.cpio.zst -append "{CMDLINE}" \
+      -drive id=ro,file=$TMPDIR/ro.img,format=raw,if=none,readonly=on \
+      -device virtio-blk-device,drive=ro -device virtio-rng-device \
+      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
+  echo "@@SAMPLE qemu $s"
+done
+"#
+    );
+    let batch = Batch {
+        cases: vec![Case::new("bench", &script, 60 + 60 * runs as u64)],
+        files,
+        disks: vec![],
+    };
+    let result = batch.run(paths)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let case = result.case("bench");
+    let cw = parse_samples(&case.output, "coworkvm");
+    let qm = parse_samples(&case.output, "qemu");
+    if cw.is_empty() || qm.is_empty() {
+        bail!(
+            "no samples (coworkvm {}, qemu {}); output:\n{}",
+            cw.len(),
+            qm.len(),
+            case.output
+        );
+    }
+    let report = render(&cw, &qm, &result, paths)?;
+    print!("{report}");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &report)?;
+    eprintln!("bench: written to {}", out.display());
+    Ok(())
+}
+
+fn render(
+    cw: &[Sample],
+    qm: &[Sample],
+    result: &crate::BatchResult,
+    paths: &Paths,
+) -> Result<String> {
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mut s = String::new();
+    writeln!(s, "# Boot benchmark: coworkvm vs QEMU microvm\n")?;
+    writeln!(
+        s,
+        "{date}; mode **{:?}** ({}); host CPU {host_cpu}; guest kernel {}; {} runs each, alternating.\n",
+        result.mode,
+        match result.mode {
+            crate::Mode::L1 => "both VMMs run inside the L1 VM under QEMU TCG, on its emulated SVM",
+            crate::Mode::Direct => "both VMMs run directly on the host's KVM",
+        },
+        paths.kernel_release,
+        cw.len().min(qm.len())
+    )?;
+    writeln!(
+        s,
+        "Same kernel, same initramfs (busybox; loads virtio_mmio, virtio_blk, virtio-rng; \
+         prints a marker once /dev/vda exists), 1 vCPU, 256 MiB, one read-only virtio-blk disk \
+         and virtio-rng, kernel command line `{CMDLINE}`. Time is from the VMM's exec to the \
+         marker on its console; VM exits are KVM's count for the VM at the marker; RSS is the \
+         VMM process's peak.\n"
+    )?;
+    writeln!(
+        s,
+        "| metric | coworkvm median (min-max) | QEMU microvm median (min-max) | coworkvm / QEMU |"
+    )?;
+    writeln!(s, "|---|---|---|---|")?;
+    let row =
+        |s: &mut String, name: &str, unit: &str, a: &[f64], b: &[f64]| -> Result<()> {
+            match (stats(a), stats(b)) {
+                (Some(x), Some(y)) => {
+                    writeln!(
+                s,
+                "| {name} | {:.0} {unit} ({:.0}-{:.0}) | {:.0} {unit} ({:.0}-{:.0}) | {:.2} |",
+                x.median, x.min, x.max, y.median, y.min, y.max, x.median / y.median
+            )?
+                }
+                _ => writeln!(s, "| {name} | n/a | n/a | n/a |")?,
+            }
+            Ok(())
+        };
+    let ms = |v: &[Sample]| v.iter().map(|x| x.marker_ms as f64).collect::<Vec<_>>();
+    let exits = |v: &[Sample]| {
+        v.iter()
+            .filter_map(|x| x.vm_exits)
+            .map(|e| e as f64)
+            .collect::<Vec<_>>()
+    };
+    let rss = |v: &[Sample]| {
+        v.iter()
+            .map(|x| x.max_rss_kib as f64 / 1024.0)
+            .collect::<Vec<_>>()
+    };
+    row(&mut s, "time to marker", "ms", &ms(cw), &ms(qm))?;
+    row(&mut s, "VM exits to marker", "", &exits(cw), &exits(qm))?;
+    row(&mut s, "peak RSS", "MiB", &rss(cw), &rss(qm))?;
+    writeln!(s)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_and_stats() {
+        let out = "@@SAMPLE coworkvm {\"marker_ms\": 100, \"vm_exits\": 5, \"max_rss_kib\": 2048}\n\
+                   @@SAMPLE qemu {\"marker_ms\": 300, \"vm_exits\": null, \"max_rss_kib\": 4096}\n\
+                   @@SAMPLE coworkvm \n\
+                   @@SAMPLE coworkvm {\"marker_ms\": 120, \"vm_exits\": 7, \"max_rss_kib\": 1024}\n";
+        let cw = parse_samples(out, "coworkvm");
+        assert_eq!(cw.len(), 2, "a failed run (empty sample) is dropped");
+        assert_eq!(cw[1].vm_exits, Some(7));
+        let qm = parse_samples(out, "qemu");
+        assert_eq!(qm[0].vm_exits, None);
+        let st = stats(&[3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!((st.median, st.min, st.max), (2.5, 1.0, 10.0));
+        assert!(stats(&[]).is_none());
+    }
 }

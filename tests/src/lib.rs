@@ -346,8 +346,11 @@ impl Batch {
         let payload = scratch.join("payload");
         std::fs::create_dir_all(&payload)?;
         for (src, name) in &self.files {
-            std::fs::copy(src, payload.join(name))
-                .with_context(|| format!("copying {}", src.display()))?;
+            let dst = payload.join(name);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
         }
         let mut cases = Vec::new();
         let mut console = String::new();
@@ -463,7 +466,7 @@ export COWORKVM=/bin/coworkvm VMM_TIMER=/bin/vmm-timer KERNEL=/payload/vmlinuz P
                 "-cpu",
                 "max",
                 "-smp",
-                "2",
+                &l1_smp(),
                 "-m",
                 "3072",
                 "-nodefaults",
