@@ -44,6 +44,7 @@ pub struct Paths {
     pub busybox: PathBuf,
     pub coworkvm: PathBuf,
     pub vmm_timer: PathBuf,
+    pub vsock_probe: PathBuf,
 }
 
 impl Paths {
@@ -70,12 +71,19 @@ impl Paths {
             module_tree: build.join("kernel/modules").join(&kernel_release),
             busybox: build.join("busybox"),
             vmm_timer: release_dir.join("vmm-timer"),
+            vsock_probe: release_dir.join("vsock-probe"),
             kernel_release,
             coworkvm,
             build,
             root,
         };
-        for f in [&p.kernel, &p.busybox, &p.coworkvm, &p.vmm_timer] {
+        for f in [
+            &p.kernel,
+            &p.busybox,
+            &p.coworkvm,
+            &p.vmm_timer,
+            &p.vsock_probe,
+        ] {
             if !f.exists() {
                 bail!("{} missing: run `make build`", f.display());
             }
@@ -85,12 +93,27 @@ impl Paths {
 
     /// Builds a guest initramfs with busybox, the guest modules and `init`.
     pub fn guest_initramfs(&self, init: &Path, out: &Path) -> Result<()> {
+        self.guest_initramfs_with(init, out, &[], vec![])
+    }
+
+    /// Same, with more modules and extra files (host path, image path).
+    pub fn guest_initramfs_with(
+        &self,
+        init: &Path,
+        out: &Path,
+        extra_modules: &[&str],
+        files: Vec<(PathBuf, String)>,
+    ) -> Result<()> {
         let spec = InitramfsSpec {
             init: init.to_owned(),
             busybox: Some(self.busybox.clone()),
             module_tree: Some(self.module_tree.clone()),
-            modules: GUEST_MODULES.iter().map(|s| s.to_string()).collect(),
-            files: vec![],
+            modules: GUEST_MODULES
+                .iter()
+                .chain(extra_modules)
+                .map(|s| s.to_string())
+                .collect(),
+            files,
             compression: Compression::Zstd,
             mtime: 0,
         };
@@ -359,6 +382,7 @@ impl Batch {
             cmd.arg("-c").arg(&case.script);
             cmd.env("COWORKVM", &paths.coworkvm)
                 .env("VMM_TIMER", &paths.vmm_timer)
+                .env("VSOCK_PROBE", &paths.vsock_probe)
                 .env("KERNEL", &paths.kernel)
                 .env("P", &payload)
                 .env("TMPDIR", &scratch);
@@ -401,7 +425,7 @@ for m in $(cat /lib/modules/$rel/load-order); do
 done
 echo "@@RIG-L1-UP $(cut -d' ' -f1 /proc/uptime)"
 [ -c /dev/kvm ] || echo "@@RIG-ERROR /dev/kvm missing in L1"
-export COWORKVM=/bin/coworkvm VMM_TIMER=/bin/vmm-timer KERNEL=/payload/vmlinuz P=/payload TMPDIR=/tmp
+export COWORKVM=/bin/coworkvm VMM_TIMER=/bin/vmm-timer VSOCK_PROBE=/bin/vsock-probe KERNEL=/payload/vmlinuz P=/payload TMPDIR=/tmp
 "#,
         );
         let letters = "abcdefghijklmnop";
@@ -432,6 +456,7 @@ export COWORKVM=/bin/coworkvm VMM_TIMER=/bin/vmm-timer KERNEL=/payload/vmlinuz P
         let mut files = vec![
             (paths.coworkvm.clone(), "/bin/coworkvm".to_string()),
             (paths.vmm_timer.clone(), "/bin/vmm-timer".to_string()),
+            (paths.vsock_probe.clone(), "/bin/vsock-probe".to_string()),
             (paths.kernel.clone(), "/payload/vmlinuz".to_string()),
         ];
         for (src, name) in &self.files {

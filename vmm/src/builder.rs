@@ -16,6 +16,7 @@ use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialPort};
 use crate::devices::virtio::block::{Block, DiskImage};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::stats;
 use crate::vstate::vcpu::{self, VcpuEvent};
@@ -52,6 +53,13 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+/// A virtio-vsock device with its hybrid Unix-socket host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub guest_cid: u64,
+    pub uds: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
     pub kernel: PathBuf,
@@ -61,6 +69,7 @@ pub struct MachineConfig {
     pub mem_mib: u64,
     pub cmdline: String,
     pub console: Option<PathBuf>,
+    pub vsock: Option<VsockSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +94,8 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("console {0}: {1}")]
@@ -142,9 +153,10 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
         });
     }
     let max_slots = (layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1) as usize;
-    // One slot per disk plus the rng.
-    if cfg.disks.len() + 1 > max_slots {
-        return Err(BuildError::TooManyDevices(cfg.disks.len() + 1, max_slots));
+    // One slot per disk, the rng, and the vsock device if any.
+    let slots_needed = cfg.disks.len() + 1 + cfg.vsock.is_some() as usize;
+    if slots_needed > max_slots {
+        return Err(BuildError::TooManyDevices(slots_needed, max_slots));
     }
 
     let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(cfg.mem_mib << 20))
@@ -183,6 +195,9 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
     devices.push(Box::new(
         Rng::new().map_err(|e| BuildError::Io("/dev/urandom", e))?,
     ));
+    if let Some(v) = &cfg.vsock {
+        devices.push(Box::new(Vsock::new(v.guest_cid, &v.uds)?));
+    }
 
     let mut slots = Vec::new();
     let mut acpi_slots = Vec::new();

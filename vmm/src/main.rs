@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig};
+use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
 use coworkvm::doctor;
 
 #[derive(Parser)]
@@ -54,6 +54,13 @@ struct BootArgs {
     /// Write the guest console here instead of to stdout.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Give the guest a vsock device: its port P reaches the host socket
+    /// PATH_P; host programs reach the guest through PATH ("CONNECT P").
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    cid: u64,
     /// Print the number of VM exits when the guest ends (on stderr).
     #[arg(long)]
     report_exits: bool,
@@ -78,6 +85,10 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem,
         cmdline: args.cmdline,
         console: args.console,
+        vsock: args.vsock.map(|uds| VsockSpec {
+            guest_cid: args.cid,
+            uds,
+        }),
     };
     let outcome = builder::run(&cfg).context("cannot boot the guest")?;
     if args.report_exits {

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 /// virtio device ids (virtio 1.2, section 5).
 pub const TYPE_BLOCK: u32 = 2;
