@@ -16,8 +16,12 @@ kernel: deps
 	@scripts/fetch-kernel.sh
 
 build: kernel
-	$(STATIC_ENV) cargo build --release --target $(TARGET) -p coworkvm -p coworkvm-tests --bins
+	$(STATIC_ENV) cargo build --release --target $(TARGET) -p coworkvm -p coworkvm-agent -p coworkvm-tests --bins
 	cargo build --release -p coworkvm-rootfs
+	target/release/coworkvm-rootfs initramfs --out build/agent-initrd.cpio.zst \
+	    --init $(RELEASE_DIR)/coworkvm-agent --busybox build/busybox \
+	    --modules-dir build/kernel/modules/$$(sed -n 's/^release=//p' build/kernel/version) \
+	    --modules virtio_mmio,virtio_blk,virtio-rng,vmw_vsock_virtio_transport
 
 lint:
 	cargo fmt --all -- --check

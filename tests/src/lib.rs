@@ -45,6 +45,8 @@ pub struct Paths {
     pub coworkvm: PathBuf,
     pub vmm_timer: PathBuf,
     pub vsock_probe: PathBuf,
+    /// Initramfs with coworkvm-agent as /init.
+    pub agent_initrd: PathBuf,
 }
 
 impl Paths {
@@ -72,6 +74,7 @@ impl Paths {
             busybox: build.join("busybox"),
             vmm_timer: release_dir.join("vmm-timer"),
             vsock_probe: release_dir.join("vsock-probe"),
+            agent_initrd: build.join("agent-initrd.cpio.zst"),
             kernel_release,
             coworkvm,
             build,

@@ -7,4 +7,5 @@ pub mod builder;
 pub mod device_manager;
 pub mod devices;
 pub mod doctor;
+pub mod run;
 pub mod vstate;

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Boot a Linux kernel with an initramfs and disks; exits when the guest powers off.
     Boot(BootArgs),
+    /// Boot a VM with the guest agent and run CMD in it, like `ssh host CMD`.
+    Run(RunArgs),
     /// Check that this host can run coworkvm VMs.
     Doctor {
         /// Print one JSON object instead of text.
@@ -64,6 +66,55 @@ struct BootArgs {
     /// Print the number of VM exits when the guest ends (on stderr).
     #[arg(long)]
     report_exits: bool,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest kernel [default: $COWORKVM_KERNEL or build/kernel/vmlinuz].
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs with coworkvm-agent as /init [default: $COWORKVM_INITRD or
+    /// build/agent-initrd.cpio.zst].
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    #[arg(long, default_value_t = 512)]
+    mem: u64,
+    /// Keep the guest console here (default: a temporary file).
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true)]
+    command: Vec<String>,
+}
+
+fn default_path(flag: Option<PathBuf>, env: &str, fallback: &str) -> PathBuf {
+    flag.or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(fallback))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let machine = MachineConfig {
+        kernel: default_path(args.kernel, "COWORKVM_KERNEL", "build/kernel/vmlinuz"),
+        initrd: Some(default_path(
+            args.initrd,
+            "COWORKVM_INITRD",
+            "build/agent-initrd.cpio.zst",
+        )),
+        disks: vec![],
+        cpus: args.cpus,
+        mem_mib: args.mem,
+        cmdline: "quiet".into(),
+        console: args.console,
+        vsock: None,
+    };
+    let code = coworkvm::run::run(coworkvm::run::RunConfig {
+        machine,
+        command: args.command,
+        connect_timeout: std::time::Duration::from_secs(180),
+    })?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 fn init_logging() {
@@ -120,6 +171,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Boot(args) => boot(args),
+        Command::Run(args) => run(args),
         Command::Doctor { json } => {
             let report = doctor::run_doctor();
             if json {

@@ -1,0 +1,276 @@
+//! The processes the host spawned: their pipes, their exits, and the one
+//! reaper that collects every child (PID 1 inherits orphans too).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use socket_proto::guest::{GuestEvent, GuestFrame};
+use socket_proto::host::{Signal, SpawnParams};
+
+use crate::conn::Sender;
+
+struct Proc {
+    id: String,
+    pgid: i32,
+    stdin: Option<ChildStdin>,
+    exit: Option<(Option<i32>, Option<i32>)>,
+    /// stdout and stderr pumps still running; the exit event waits for both.
+    open_pipes: u8,
+    exit_sent: bool,
+}
+
+#[derive(Clone, Default)]
+pub struct Procs {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_pid: HashMap<i32, Proc>,
+    pid_of: HashMap<String, i32>,
+    sender: Option<Sender>,
+}
+
+fn signal_number(s: Option<&Signal>) -> Result<i32, String> {
+    Ok(match s {
+        None => libc::SIGTERM,
+        Some(Signal::Number(n)) => *n,
+        Some(Signal::Name(n)) => match n.trim_start_matches("SIG") {
+            "TERM" => libc::SIGTERM,
+            "KILL" => libc::SIGKILL,
+            "INT" => libc::SIGINT,
+            "HUP" => libc::SIGHUP,
+            "QUIT" => libc::SIGQUIT,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            other => return Err(format!("unknown signal {other}")),
+        },
+    })
+}
+
+fn signal_name(n: i32) -> String {
+    match n {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGPIPE => "SIGPIPE".into(),
+        other => format!("SIG{other}"),
+    }
+}
+
+impl Procs {
+    pub fn set_sender(&self, s: Option<Sender>) {
+        self.inner.lock().unwrap().sender = s;
+    }
+
+    /// Sends `exit` once the process is gone and its output is drained.
+    fn maybe_finish(inner: &mut Inner, pid: i32) {
+        let Some(p) = inner.by_pid.get_mut(&pid) else {
+            return;
+        };
+        if p.exit_sent || p.open_pipes > 0 {
+            return;
+        }
+        let Some((code, sig)) = p.exit else { return };
+        p.exit_sent = true;
+        let ev = GuestEvent::Exit {
+            id: p.id.clone(),
+            code,
+            signal: sig.map(|s| json!(signal_name(s))),
+            oom_kill_count: Some(0),
+        };
+        if let Some(s) = &inner.sender {
+            s.send(&GuestFrame::event(&ev));
+        }
+    }
+
+    pub fn spawn(&self, p: &SpawnParams) -> Result<(), String> {
+        if self.inner.lock().unwrap().pid_of.contains_key(&p.id) {
+            return Err(format!("process id {} is already in use", p.id));
+        }
+        let mut cmd = Command::new(&p.command);
+        cmd.args(&p.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(cwd) = &p.cwd {
+            cmd.current_dir(cwd);
+        }
+        if let Some(env) = &p.env {
+            cmd.envs(env.expose());
+        }
+        // Hold the lock across spawn so the reaper cannot see the pid first.
+        let mut inner = self.inner.lock().unwrap();
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", p.command))?;
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        inner.pid_of.insert(p.id.clone(), pid);
+        inner.by_pid.insert(
+            pid,
+            Proc {
+                id: p.id.clone(),
+                pgid: pid,
+                stdin: child.stdin.take(),
+                exit: None,
+                open_pipes: 2,
+                exit_sent: false,
+            },
+        );
+        drop(inner);
+        // The reaper waits for it; Child is not waited on here.
+        std::mem::forget(child);
+        for (pipe, is_err) in [
+            (stdout.map(|s| Box::new(s) as Box<dyn Read + Send>), false),
+            (stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), true),
+        ] {
+            let procs = self.clone();
+            let id = p.id.clone();
+            std::thread::spawn(move || procs.pump(pid, id, pipe, is_err));
+        }
+        Ok(())
+    }
+
+    fn pump(&self, pid: i32, id: String, pipe: Option<Box<dyn Read + Send>>, is_err: bool) {
+        if let Some(mut pipe) = pipe {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut carry: Vec<u8> = Vec::new();
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                carry.extend_from_slice(&buf[..n]);
+                // Send whole UTF-8 characters; keep a split one for the next read.
+                let keep = match std::str::from_utf8(&carry) {
+                    Ok(_) => 0,
+                    Err(e) if e.error_len().is_none() => carry.len() - e.valid_up_to(),
+                    Err(_) => 0,
+                };
+                let text = String::from_utf8_lossy(&carry[..carry.len() - keep]).into_owned();
+                carry.drain(..carry.len() - keep);
+                self.output(&id, text, is_err);
+            }
+            if !carry.is_empty() {
+                self.output(&id, String::from_utf8_lossy(&carry).into_owned(), is_err);
+            }
+        }
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(p) = inner.by_pid.get_mut(&pid) {
+            p.open_pipes = p.open_pipes.saturating_sub(1);
+        }
+        Self::maybe_finish(&mut inner, pid);
+    }
+
+    fn output(&self, id: &str, data: String, is_err: bool) {
+        let ev = if is_err {
+            GuestEvent::Stderr {
+                id: id.into(),
+                data,
+            }
+        } else {
+            GuestEvent::Stdout {
+                id: id.into(),
+                data,
+            }
+        };
+        let sender = self.inner.lock().unwrap().sender.clone();
+        if let Some(s) = sender {
+            s.send(&GuestFrame::event(&ev));
+        }
+    }
+
+    /// Writes to a process's stdin. Blocks while its pipe is full, which
+    /// stops the connection's reader: that is the back-pressure.
+    pub fn stdin(&self, id: &str, data: &[u8], eof: bool) {
+        let pipe = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(pid) = inner.pid_of.get(id).copied() else {
+                return;
+            };
+            let Some(p) = inner.by_pid.get_mut(&pid) else {
+                return;
+            };
+            p.stdin.take()
+        };
+        let Some(mut pipe) = pipe else { return };
+        let ok = pipe.write_all(data).is_ok();
+        if ok && !eof {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(pid) = inner.pid_of.get(id).copied() {
+                if let Some(p) = inner.by_pid.get_mut(&pid) {
+                    p.stdin = Some(pipe);
+                }
+            }
+        }
+    }
+
+    pub fn kill(&self, id: &str, signal: Option<&Signal>) -> Result<(), String> {
+        let sig = signal_number(signal)?;
+        let inner = self.inner.lock().unwrap();
+        let pid = inner.pid_of.get(id).ok_or(format!("no process {id}"))?;
+        let p = inner.by_pid.get(pid).ok_or(format!("no process {id}"))?;
+        if p.exit.is_some() {
+            return Ok(());
+        }
+        // SAFETY: kill(2) on the process group we created; no memory involved.
+        if unsafe { libc::kill(-p.pgid, sig) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(())
+    }
+
+    pub fn running(&self, id: &str) -> Option<(bool, Option<i32>)> {
+        let inner = self.inner.lock().unwrap();
+        let pid = inner.pid_of.get(id)?;
+        let p = inner.by_pid.get(pid)?;
+        Some(match p.exit {
+            None => (true, None),
+            Some((code, _)) => (false, code),
+        })
+    }
+
+    /// Reaps every child for good; records the exits of ours.
+    pub fn reap_forever(&self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid(2) writes only to `status`, a live local.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid < 0 {
+                // No children right now: wait for the next one.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
+            let es = std::process::ExitStatus::from_raw(status);
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(p) = inner.by_pid.get_mut(&pid) {
+                p.exit = Some((es.code(), es.signal()));
+                Self::maybe_finish(&mut inner, pid);
+                // A background grandchild may hold the pipes open for ever:
+                // give the output a moment to drain, then report the exit.
+                let procs = self.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let mut inner = procs.inner.lock().unwrap();
+                    if let Some(p) = inner.by_pid.get_mut(&pid) {
+                        p.open_pipes = 0;
+                    }
+                    Self::maybe_finish(&mut inner, pid);
+                });
+            }
+        }
+    }
+}

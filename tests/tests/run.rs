@@ -1,0 +1,86 @@
+//! End-to-end: `coworkvm run -- CMD` boots a VM whose /init is
+//! coworkvm-agent, runs CMD in it over vsock, streams its output and stdin,
+//! forwards Ctrl-C, and exits with CMD's exit code.
+
+use coworkvm_tests::{paths_or_skip, Batch, Case};
+
+const RUN: &str = "$COWORKVM run --kernel $KERNEL --initrd $P/agent.cpio.zst --cpus 2 --mem 256";
+
+#[test]
+fn run_streams_output_stdin_exit_codes_and_signals() {
+    let Some(paths) = paths_or_skip() else { return };
+    let exit_case = format!(
+        r#"{RUN} -- sh -c 'echo out; echo err >&2; exit 3' > $TMPDIR/o 2> $TMPDIR/e
+echo "rc=$?"
+echo "stdout=[$(cat $TMPDIR/o)]"
+echo "stderr=[$(grep -v '^coworkvm' $TMPDIR/e)]"
+"#
+    );
+    let stdin_case = format!(
+        r#"head -c 6291456 /dev/urandom | base64 > $TMPDIR/in
+{RUN} -- cat < $TMPDIR/in > $TMPDIR/out
+echo "rc=$?"
+echo "in=$(sha256sum < $TMPDIR/in | cut -d' ' -f1) size=$(wc -c < $TMPDIR/in)"
+echo "out=$(sha256sum < $TMPDIR/out | cut -d' ' -f1) size=$(wc -c < $TMPDIR/out)"
+"#
+    );
+    let signal_case = format!(
+        r#"{RUN} -- sh -c 'echo started; sleep 1000 & sleep 1000' > $TMPDIR/s 2>&1 &
+VM=$!
+i=0
+while ! grep -q started $TMPDIR/s 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+kill -INT $VM
+wait $VM
+echo "rc=$?"
+"#
+    );
+    let batch = Batch {
+        cases: vec![
+            Case::new("exit", &exit_case, 180),
+            Case::new("stdin", &stdin_case, 300),
+            Case::new("signal", &signal_case, 180),
+        ],
+        files: vec![(paths.agent_initrd.clone(), "agent.cpio.zst".into())],
+        disks: vec![],
+    };
+    let result = batch.run(&paths).expect("the rig runs");
+    for c in &result.cases {
+        eprintln!("--- case {} (rc {:?}):\n{}", c.name, c.rc, c.output);
+    }
+    let ctx = |name: &str| {
+        format!(
+            "case {name}:\n{}\n--- console:\n{}",
+            result.case(name).output,
+            result.console
+        )
+    };
+
+    let c = result.case("exit");
+    assert_eq!(c.lines_with("rc="), ["3"], "{}", ctx("exit"));
+    assert_eq!(c.lines_with("stdout="), ["[out]"], "{}", ctx("exit"));
+    assert_eq!(c.lines_with("stderr="), ["[err]"], "{}", ctx("exit"));
+
+    let c = result.case("stdin");
+    assert_eq!(c.lines_with("rc="), ["0"], "{}", ctx("stdin"));
+    let input = c.lines_with("in=");
+    let output = c.lines_with("out=");
+    assert_eq!(input.len(), 1, "{}", ctx("stdin"));
+    assert!(
+        input[0].contains("size=849"),
+        "8 MiB of base64 went in: {input:?}"
+    );
+    assert_eq!(
+        input,
+        output,
+        "what came back is what went in\n{}",
+        ctx("stdin")
+    );
+
+    let c = result.case("signal");
+    assert_eq!(
+        c.lines_with("rc="),
+        ["130"],
+        "Ctrl-C ends the command with SIGINT\n{}",
+        ctx("signal")
+    );
+}

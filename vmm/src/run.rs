@@ -1,0 +1,276 @@
+//! `coworkvm run -- CMD`: boot a VM with the agent, run one command in it
+//! like `ssh host CMD` would, and shut it down.
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use socket_proto::frame::{read_frame, write_frame};
+use socket_proto::guest::{GuestEvent, GuestFrame, AGENT_VSOCK_PORT};
+
+use crate::builder::{self, GuestExit, MachineConfig, VsockSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error("the VM stopped before its agent connected: {0}")]
+    VmEnded(String),
+    #[error("the agent did not connect within {0:?}")]
+    Timeout(Duration),
+    #[error("the agent refused the command: {0}")]
+    SpawnRefused(String),
+    #[error("the agent connection broke: {0}")]
+    Protocol(String),
+}
+
+pub struct RunConfig {
+    pub machine: MachineConfig,
+    pub command: Vec<String>,
+    pub connect_timeout: Duration,
+}
+
+const PROCESS_ID: &str = "run";
+
+fn send(stream: &Mutex, frame: &GuestFrame) -> Result<(), RunError> {
+    let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
+    write_frame(&mut *s, frame).map_err(|e| RunError::Protocol(e.to_string()))
+}
+
+type Mutex = std::sync::Mutex<UnixStream>;
+
+/// Blocks SIGINT in the calling thread (and the threads it starts), so a
+/// dedicated thread can take it with sigwait and forward it to the command.
+fn block_sigint() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Runs the command; returns its exit code (128+N when signal N ended it).
+pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
+    let dir = std::env::temp_dir().join(format!("coworkvm-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io("creating the run directory", e))?;
+    let uds = dir.join("vsock.sock");
+    let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", uds.display()));
+    let listener =
+        UnixListener::bind(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| RunError::Io("listening for the agent", e))?;
+    cfg.machine.vsock = Some(VsockSpec {
+        guest_cid: 3,
+        uds: uds.clone(),
+    });
+    if cfg.machine.console.is_none() {
+        cfg.machine.console = Some(dir.join("console.log"));
+    }
+    let sigset = block_sigint();
+
+    let (vm_tx, vm_rx) = mpsc::channel();
+    let machine = cfg.machine.clone();
+    std::thread::spawn(move || {
+        let r = builder::run(&machine).map(|o| (o.exit, o.console_tail));
+        let _ = vm_tx.send(r.map_err(|e| e.to_string()));
+    });
+
+    // Wait for the agent to dial in.
+    let start = Instant::now();
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(RunError::Io("accepting the agent", e)),
+        }
+        if let Ok(ended) = vm_rx.try_recv() {
+            let why = match ended {
+                Ok((exit, tail)) => format!("{exit:?}; console:\n{}", tail.join("\n")),
+                Err(e) => e,
+            };
+            return Err(RunError::VmEnded(why));
+        }
+        if start.elapsed() > cfg.connect_timeout {
+            return Err(RunError::Timeout(cfg.connect_timeout));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = stream.set_nonblocking(false);
+    let writer = std::sync::Arc::new(Mutex::new(
+        stream
+            .try_clone()
+            .map_err(|e| RunError::Io("agent socket", e))?,
+    ));
+
+    // Every frame from the agent goes through one channel.
+    let (tx, frames) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stream);
+        loop {
+            match read_frame(&mut r) {
+                Ok(Some(obj)) => {
+                    if let Ok(Some(f)) = GuestFrame::parse(obj) {
+                        if tx.send(Ok(f)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx.send(Err("the agent closed the connection".to_string()));
+                    return;
+                }
+                Err(e) if e.is_recoverable() => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    let next = |timeout: Duration| -> Result<GuestFrame, RunError> {
+        match frames.recv_timeout(timeout) {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(RunError::Protocol(e)),
+            Err(_) => Err(RunError::Protocol("no frame from the agent in time".into())),
+        }
+    };
+
+    // ready, then spawn.
+    loop {
+        if let GuestFrame::Event { event, .. } = next(cfg.connect_timeout)? {
+            if event == "ready" {
+                break;
+            }
+        }
+    }
+    let (program, args) = cfg
+        .command
+        .split_first()
+        .ok_or_else(|| RunError::SpawnRefused("no command given".into()))?;
+    send(
+        &writer,
+        &GuestFrame::request(
+            "spawn-1",
+            "spawn",
+            json!({"id": PROCESS_ID, "name": "run", "command": program, "args": args,
+                   "isResume": false}),
+        ),
+    )?;
+
+    // stdin -> the command, EOF included.
+    let w = writer.clone();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = stdin.read(&mut buf).unwrap_or(0);
+            let data = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let params = json!({"id": PROCESS_ID, "data": data, "eof": n == 0});
+            let frame = GuestFrame::Notification {
+                method: "stdin".into(),
+                params,
+            };
+            if send(&w, &frame).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    // Ctrl-C -> SIGINT to the command.
+    let w = writer.clone();
+    std::thread::spawn(move || loop {
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set built by block_sigint and writes `sig`.
+        if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
+            let kill = GuestFrame::request(
+                "kill-sigint",
+                "kill",
+                json!({"id": PROCESS_ID, "signal": "SIGINT"}),
+            );
+            let _ = send(&w, &kill);
+        }
+    });
+
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let code = loop {
+        match next(Duration::from_secs(24 * 3600))? {
+            GuestFrame::Response {
+                id, error: Some(e), ..
+            } if id.0 == "spawn-1" => {
+                return Err(RunError::SpawnRefused(e.message().to_owned()));
+            }
+            GuestFrame::Event { event, params } => match GuestEvent::parse(&event, params) {
+                Ok(GuestEvent::Stdout { data, .. }) => {
+                    let _ = stdout.write_all(data.as_bytes());
+                    let _ = stdout.flush();
+                }
+                Ok(GuestEvent::Stderr { data, .. }) => {
+                    let _ = stderr.write_all(data.as_bytes());
+                }
+                Ok(GuestEvent::Exit { code, signal, .. }) => {
+                    break exit_code(code, signal.as_ref());
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    };
+
+    // Clean shutdown: the agent syncs and powers off; the VMM then exits.
+    let _ = send(
+        &writer,
+        &GuestFrame::request("shutdown-1", "shutdown", json!({})),
+    );
+    match vm_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok((GuestExit::PowerOff, _))) => {}
+        Ok(Ok((other, _))) => eprintln!("coworkvm: the VM ended with {other:?}"),
+        Ok(Err(e)) => eprintln!("coworkvm: the VM failed: {e}"),
+        Err(_) => eprintln!("coworkvm: the VM did not power off in time"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(code)
+}
+
+fn exit_code(code: Option<i32>, signal: Option<&Value>) -> i32 {
+    if let Some(c) = code {
+        return c;
+    }
+    let n = match signal {
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0) as i32,
+        Some(Value::String(s)) => match s.trim_start_matches("SIG") {
+            "HUP" => 1,
+            "INT" => 2,
+            "QUIT" => 3,
+            "ABRT" => 6,
+            "KILL" => 9,
+            "SEGV" => 11,
+            "PIPE" => 13,
+            "TERM" => 15,
+            other => other.parse().unwrap_or(0),
+        },
+        _ => 0,
+    };
+    128 + n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell() {
+        assert_eq!(exit_code(Some(3), None), 3);
+        assert_eq!(exit_code(None, Some(&json!("SIGKILL"))), 137);
+        assert_eq!(exit_code(None, Some(&json!("SIGTERM"))), 143);
+        assert_eq!(exit_code(None, Some(&json!(2))), 130);
+        assert_eq!(exit_code(None, Some(&json!("SIG42"))), 170);
+    }
+}
