@@ -7,18 +7,21 @@ use anyhow::{bail, Context, Result};
 use coworkvm_tests::{Batch, Case, Paths};
 
 fn demo(paths: &Paths) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("coworkvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let initrd = dir.join("demo.cpio.zst");
-    paths.guest_initramfs(&paths.root.join("tests/guest/demo.init"), &initrd)?;
+    // `coworkvm run` boots the agent initramfs and runs the command over vsock.
     let batch = Batch {
         cases: vec![Case::new(
             "demo",
-            "$COWORKVM boot --kernel $KERNEL --initrd $P/demo.cpio.zst --cpus 2 --mem 256 \
-             --cmdline quiet",
+            r#"$COWORKVM run --kernel $KERNEL --initrd $P/agent.cpio.zst --cpus 2 --mem 256 -- \
+  sh -c 'echo "--- hello from inside the coworkvm guest ---"
+         echo "kernel:   $(uname -r)"
+         echo "cpus:     $(nproc)"
+         echo "memory:   $(awk "/MemTotal/ {print \$2 \" kB\"}" /proc/meminfo)"
+         echo "uptime:   $(cut -d" " -f1 /proc/uptime) s"
+         echo "init:     $(cat /proc/1/comm)"
+         echo "--- exit code 0, the VM powers off ---"'"#,
             180,
         )],
-        files: vec![(initrd, "demo.cpio.zst".into())],
+        files: vec![(paths.agent_initrd.clone(), "agent.cpio.zst".into())],
         disks: vec![],
     };
     let result = batch.run(paths)?;
@@ -33,7 +36,6 @@ fn demo(paths: &Paths) -> Result<()> {
             println!("{line}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     if case.rc != Some(0) || !shown {
         bail!(
             "the guest did not run to completion (rc {:?}); output:\n{}",
