@@ -4,6 +4,8 @@ TARGET      := x86_64-unknown-linux-gnu
 RELEASE_DIR := target/$(TARGET)/release
 # The VMM and the rig's helpers are static so they run inside the rig's L1 VM.
 STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
+# Build outputs go to target/ and build/ only, whatever the caller's setting.
+export CARGO_TARGET_DIR := $(CURDIR)/target
 
 .PHONY: all deps kernel build lint test run bench clean
 
@@ -20,7 +22,7 @@ build: kernel
 	cargo build --release -p coworkvm-rootfs
 	target/release/coworkvm-rootfs initramfs --out build/agent-initrd.cpio.zst \
 	    --init $(RELEASE_DIR)/coworkvm-agent --busybox build/busybox \
-	    --modules-dir build/kernel/modules/$$(sed -n 's/^release=//p' build/kernel/version) \
+	    --kernel-dir build/kernel \
 	    --modules virtio_mmio,virtio_blk,virtio-rng,vmw_vsock_virtio_transport
 
 lint:

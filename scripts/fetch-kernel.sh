@@ -1,70 +1,121 @@
 #!/usr/bin/env bash
 # Fetches the guest kernel (the newest linux-image-*-cloud-amd64 apt offers)
 # and Debian's static busybox into build/, without installing either on the
-# host. Idempotent: a kernel already unpacked for the same package version
-# is kept.
+# host (`apt-get download` + `dpkg-deb -x`). Idempotent: a kernel already
+# unpacked for the same package version, and a busybox already there, are
+# kept. Outputs:
+#   build/kernel/vmlinuz, build/kernel/config
+#   build/kernel/version          package=<pkg> <version> / release=<uname -r>
+#   build/kernel/modules/<release>/kernel/...ko   (decompressed from .ko.xz)
+#   build/kernel/modules/<release>/modules.builtin, modules.order
+#   build/busybox                 static, from busybox-static
 set -euo pipefail
 BUILD=${BUILD:-build}
 mkdir -p "$BUILD/debs"
 BUILD=$(cd "$BUILD" && pwd)
+# Bump when the layout of build/kernel changes, so old caches are redone.
+LAYOUT=2
 
-apt_lists_ready() { compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null; }
-if ! apt_lists_ready; then apt-get update -qq; fi
+log() { echo "fetch-kernel: $*" >&2; }
 
-# Newest cloud kernel by Debian version order (signed image, not -unsigned/-dbg).
-pick_kernel() {
-    apt-cache search --names-only '^linux-image-[0-9].*-cloud-amd64$' | awk '{print $1}' |
-        while read -r pkg; do
-            ver=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
-            [ -n "$ver" ] && [ "$ver" != "(none)" ] && echo "$ver $pkg"
-        done | sort -V -k1,1 | tail -n 1
-}
-read -r KVER KPKG < <(pick_kernel) || true
-if [ -z "${KPKG:-}" ]; then
+# apt's package lists (compressed or not); without them apt-cache knows nothing.
+apt_lists_ready() { compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; }
+UPDATED=0
+apt_update() {
+    [ "$UPDATED" = 1 ] && return 0
+    log "apt-get update"
     apt-get update -qq
-    read -r KVER KPKG < <(pick_kernel)
+    UPDATED=1
+}
+apt_lists_ready || apt_update
+
+# Newest cloud kernel by Debian version order: the versioned image package
+# (linux-image-6.12.117+deb12-cloud-amd64, linux-image-6.1.0-56-cloud-amd64),
+# not the linux-image-6.12-cloud-amd64 metapackage that carries the same
+# version, nor -unsigned/-dbg. Prints "<version> <package>".
+pick_kernel() {
+    local pkgs pkg ver best_ver='' best_pkg=''
+    pkgs=$(apt-cache search --names-only '^linux-image-[0-9].*-cloud-amd64$' | awk '{print $1}' |
+        grep -E '^linux-image-[0-9]+\.[0-9]+\.[0-9]+[-+][^ ]*-cloud-amd64$' || true)
+    [ -n "$pkgs" ] || return 0
+    # shellcheck disable=SC2086 # one word per package
+    while read -r pkg ver; do
+        [ -n "$ver" ] && [ "$ver" != "(none)" ] || continue
+        if [ -z "$best_ver" ] || dpkg --compare-versions "$ver" gt "$best_ver"; then
+            best_ver=$ver best_pkg=$pkg
+        fi
+    done < <(apt-cache policy $pkgs | awk '/^[^ ]/ {sub(":$", "", $1); p = $1} /Candidate:/ {print p, $2}')
+    if [ -n "$best_pkg" ]; then echo "$best_ver $best_pkg"; fi
+}
+
+# apt-get download into DIR; after one apt-get update if the lists were stale.
+download() {
+    local dir=$1 spec=$2
+    rm -f "$dir"/*.deb
+    if ! (cd "$dir" && apt-get download -q "$spec" >/dev/null 2>&1); then
+        apt_update
+        (cd "$dir" && apt-get download -q "$spec" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+    fi
+    compgen -G "$dir/*.deb" >/dev/null || { log "apt-get download $spec failed"; exit 1; }
+}
+
+KVER='' KPKG=''
+read -r KVER KPKG < <(pick_kernel) || true
+if [ -z "$KPKG" ]; then
+    apt_update
+    read -r KVER KPKG < <(pick_kernel) || true
 fi
-[ -n "${KPKG:-}" ] || { echo "fetch-kernel: no linux-image-*-cloud-amd64 package found" >&2; exit 1; }
+[ -n "$KPKG" ] || { log "no linux-image-*-cloud-amd64 package found"; exit 1; }
 RELEASE=${KPKG#linux-image-}
 
 KDIR=$BUILD/kernel
-if [ -f "$KDIR/version" ] && grep -qx "package=$KPKG $KVER" "$KDIR/version"; then
-    echo "fetch-kernel: $KPKG $KVER already in $KDIR"
+STAMP="package=$KPKG $KVER"
+if [ -f "$KDIR/version" ] && grep -qx "$STAMP" "$KDIR/version" &&
+    grep -qx "layout=$LAYOUT" "$KDIR/version" && [ -f "$KDIR/vmlinuz" ]; then
+    log "$KPKG $KVER already in $KDIR"
 else
-    echo "fetch-kernel: fetching $KPKG $KVER"
-    rm -rf "$KDIR" "$BUILD/debs/kernel"
-    mkdir -p "$BUILD/debs/kernel" "$KDIR"
-    (cd "$BUILD/debs/kernel" && apt-get download -q "$KPKG=$KVER" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-    deb=$(ls "$BUILD"/debs/kernel/*.deb)
-    dpkg-deb -x "$deb" "$BUILD/debs/kernel/root"
-    root=$BUILD/debs/kernel/root
-    cp "$root/boot/vmlinuz-$RELEASE" "$KDIR/vmlinuz"
-    cp "$root/boot/config-$RELEASE" "$KDIR/config"
-    # Only the module directories the guest and the rig use, decompressed so
-    # that busybox insmod and finit_module take them as they are.
-    src=$root/lib/modules/$RELEASE/kernel
-    dst=$KDIR/modules/$RELEASE/kernel
-    for d in drivers/virtio drivers/block drivers/char/hw_random net/vmw_vsock \
-             arch/x86/kvm virt/lib fs/overlayfs fs/fuse drivers/net lib; do
-        [ -d "$src/$d" ] || continue
-        mkdir -p "$dst/$d"
-        cp -r "$src/$d/." "$dst/$d/"
-    done
-    find "$dst" -name '*.ko.xz' -exec xz -d -f {} +
-    find "$dst" -name '*.ko.zst' -exec zstd -q -d --rm -f {} +
-    cp "$root/lib/modules/$RELEASE/modules.builtin" "$KDIR/modules/$RELEASE/" 2>/dev/null || true
-    rm -rf "$root"
-    printf 'package=%s %s\nrelease=%s\n' "$KPKG" "$KVER" "$RELEASE" > "$KDIR/version"
+    log "fetching $KPKG $KVER"
+    work=$BUILD/debs/kernel
+    rm -rf "$work" "$KDIR.new"
+    mkdir -p "$work" "$KDIR.new"
+    download "$work" "$KPKG=$KVER"
+    dpkg-deb -x "$work"/*.deb "$work/root"
+    root=$work/root
+    cp "$root/boot/vmlinuz-$RELEASE" "$KDIR.new/vmlinuz"
+    cp "$root/boot/config-$RELEASE" "$KDIR.new/config"
+    # The whole module tree, decompressed so that busybox insmod and
+    # finit_module take the files as they are.
+    mkdir -p "$KDIR.new/modules"
+    mv "$root/lib/modules/$RELEASE" "$KDIR.new/modules/$RELEASE"
+    mtree=$KDIR.new/modules/$RELEASE
+    find "$mtree" -name '*.ko.xz' -print0 | xargs -0 -r -P "$(nproc)" -n 64 xz -d -f
+    find "$mtree" -name '*.ko.zst' -print0 | xargs -0 -r -P "$(nproc)" -n 64 zstd -q -d --rm -f
+    find "$mtree" -name '*.ko.gz' -print0 | xargs -0 -r -P "$(nproc)" -n 64 gzip -d -f
+    n=$(find "$mtree" -name '*.ko' | wc -l)
+    [ "$n" -gt 0 ] || { log "no modules in $KPKG"; exit 1; }
+    printf '%s\nrelease=%s\nlayout=%s\n' "$STAMP" "$RELEASE" "$LAYOUT" >"$KDIR.new/version"
+    rm -rf "$root" "$KDIR.old"
+    # Swap in whole, so a reader never sees half a kernel directory.
+    if [ -d "$KDIR" ]; then mv "$KDIR" "$KDIR.old"; fi
+    mv "$KDIR.new" "$KDIR"
+    rm -rf "$KDIR.old"
+    log "$n modules in $KDIR/modules/$RELEASE"
 fi
 
 if [ ! -x "$BUILD/busybox" ]; then
-    echo "fetch-kernel: fetching busybox-static"
-    rm -rf "$BUILD/debs/busybox"
-    mkdir -p "$BUILD/debs/busybox"
-    (cd "$BUILD/debs/busybox" && apt-get download -q busybox-static 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-    dpkg-deb -x "$BUILD"/debs/busybox/*.deb "$BUILD/debs/busybox/root"
-    cp "$BUILD/debs/busybox/root/bin/busybox" "$BUILD/busybox.tmp"
+    log "fetching busybox-static"
+    work=$BUILD/debs/busybox
+    rm -rf "$work"
+    mkdir -p "$work"
+    download "$work" busybox-static
+    dpkg-deb -x "$work"/*.deb "$work/root"
+    cp "$work/root/bin/busybox" "$BUILD/busybox.tmp"
+    rm -rf "$work/root"
+    # It must be static: it runs in initramfs images with no libc.
+    if ldd "$BUILD/busybox.tmp" >/dev/null 2>&1; then
+        log "busybox from busybox-static is dynamically linked"
+        exit 1
+    fi
     mv "$BUILD/busybox.tmp" "$BUILD/busybox"
-    rm -rf "$BUILD/debs/busybox/root"
 fi
 cat "$KDIR/version"

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the build and the test rig use, only if missing.
+# Installs the Debian packages the build and the test rig use, only those
+# missing. apt-get update runs at most once: when apt has no package lists,
+# or when an install from the lists it has fails.
+#   qemu-system-x86   the rig's L1 VM (TCG) and the QEMU microvm reference VMM
+#   qemu-system-data  qboot (bios-microvm.bin) and option ROMs for microvm
+#   xz-utils, zstd    decompressing kernel modules
+#   dpkg              dpkg-deb, to unpack the kernel and busybox packages
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
-if [ ${#need[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "install-deps: missing ${need[*]}; run: sudo apt-get install ${need[*]}" >&2
-        exit 1
-    fi
-    echo "install-deps: installing ${need[*]}"
+command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
+[ ${#need[@]} -gt 0 ] || exit 0
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing ${need[*]}; run: sudo apt-get install ${need[*]}" >&2
+    exit 1
+fi
+echo "install-deps: installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt_install() { apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null || ! apt_install; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt_install
 fi

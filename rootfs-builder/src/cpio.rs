@@ -329,4 +329,39 @@ mod tests {
         assert!(parse(b"070701zz").is_err());
         assert!(parse(&[b'x'; 200]).is_err());
     }
+
+    #[test]
+    fn newc_header_bytes_are_exact() {
+        let mut a = Archive::new();
+        a.add(
+            "ab",
+            Entry::File {
+                mode: 0o644,
+                data: b"hello".to_vec(),
+            },
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        a.write(&mut out, 0x5f5e100).unwrap();
+        let expected_header = "070701\
+            00000001\
+            000081a4\
+            00000000\
+            00000000\
+            00000001\
+            05f5e100\
+            00000005\
+            00000000000000000000000000000000\
+            00000003\
+            00000000";
+        assert_eq!(&out[..110], expected_header.as_bytes());
+        // name "ab\0" (110 + 3 = 113) padded to 116, then the data.
+        assert_eq!(&out[110..116], b"ab\0\0\0\0");
+        assert_eq!(&out[116..121], b"hello");
+        assert_eq!(&out[121..124], b"\0\0\0", "data padded to 4");
+        let trailer = &out[124..];
+        assert!(trailer.starts_with(b"070701"));
+        assert_eq!(&trailer[110..121], b"TRAILER!!!\0");
+        assert!(out[124 + 121..].iter().all(|&b| b == 0));
+    }
 }

@@ -64,7 +64,69 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
     "hostname",
     "id",
     "whoami",
+    "base64",
+    "basename",
+    "dirname",
+    "pidof",
+    "killall",
+    "tee",
+    "sort",
+    "uniq",
+    "which",
+    "uptime",
+    "touch",
+    "readlink",
+    "realpath",
+    "mktemp",
+    "truncate",
+    "sha1sum",
+    "sha512sum",
+    "setsid",
+    "chroot",
+    "switch_root",
+    "losetup",
+    "lsmod",
+    "modprobe",
+    "rmmod",
+    "ip",
+    "vi",
+    "less",
+    "xxd",
 ];
+
+/// `/init` when none is given (needs busybox): mounts the pseudo
+/// filesystems, loads the modules in `load-order`, then runs a shell on the
+/// console and powers off when it exits.
+pub const DEFAULT_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+rel=$(uname -r)
+if [ -f /lib/modules/$rel/load-order ]; then
+    for m in $(cat /lib/modules/$rel/load-order); do
+        insmod /lib/modules/$rel/$m || echo "init: insmod $m failed"
+    done
+fi
+echo "init: up after $(cut -d' ' -f1 /proc/uptime) s"
+sh
+poweroff -f
+"#;
+
+/// The module tree of a kernel directory made by `scripts/fetch-kernel.sh`:
+/// `DIR/modules/<release>`, the release read from `DIR/version`.
+pub fn kernel_dir_module_tree(kernel_dir: &Path) -> Result<PathBuf, InitramfsError> {
+    let version = kernel_dir.join("version");
+    let text =
+        std::fs::read_to_string(&version).map_err(|e| InitramfsError::Read(version.clone(), e))?;
+    let release = text
+        .lines()
+        .find_map(|l| l.strip_prefix("release="))
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && !r.contains('/'))
+        .ok_or(InitramfsError::NoRelease(version))?;
+    Ok(kernel_dir.join("modules").join(release))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -106,6 +168,8 @@ pub enum InitramfsError {
     Read(PathBuf, std::io::Error),
     #[error("modules were requested but no module tree was given")]
     NoModuleTree,
+    #[error("{0} has no release= line")]
+    NoRelease(PathBuf),
     #[error(transparent)]
     Module(#[from] ModuleError),
     #[error(transparent)]
@@ -166,10 +230,9 @@ pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let wanted: Vec<&str> = spec.modules.iter().map(String::as_str).collect();
-        let order = tree.load_order(&wanted)?;
+        let resolved = tree.resolve(&wanted)?;
         let mut load_order = String::new();
-        let mut dep_lines = String::new();
-        for name in &order {
+        for name in &resolved.order {
             let rel = tree.path_of(name)?.to_string_lossy().into_owned();
             archive.add(
                 &format!("lib/modules/{release}/{rel}"),
@@ -180,7 +243,6 @@ pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
             )?;
             load_order.push_str(&rel);
             load_order.push('\n');
-            dep_lines.push_str(&format!("{rel}:\n"));
         }
         archive.add(
             &format!("lib/modules/{release}/load-order"),
@@ -193,7 +255,7 @@ pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
             &format!("lib/modules/{release}/modules.dep"),
             Entry::File {
                 mode: 0o644,
-                data: dep_lines.into_bytes(),
+                data: tree.modules_dep(&resolved)?.into_bytes(),
             },
         )?;
     }
@@ -271,6 +333,63 @@ mod tests {
             build(&spec_mods),
             Err(InitramfsError::NoModuleTree)
         ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn modules_come_with_load_order_and_modules_dep() {
+        let dir = std::env::temp_dir().join(format!("cwkvm-initramfs-m-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let rel = "6.1.0-test-cloud-amd64";
+        let tree = dir.join("kernel/modules").join(rel);
+        for (path, deps) in [
+            ("kernel/virt/lib/irqbypass.ko", ""),
+            ("kernel/arch/x86/kvm/kvm.ko", "irqbypass"),
+            ("kernel/arch/x86/kvm/kvm-amd.ko", "kvm"),
+        ] {
+            let f = tree.join(path);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            let info = format!("depends={deps}\0");
+            std::fs::write(f, crate::modules::tests::fake_module(info.as_bytes())).unwrap();
+        }
+        std::fs::write(
+            dir.join("kernel/version"),
+            format!("package=linux-image-{rel} 6.1-1\nrelease={rel}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("init"), "#!/bin/sh\n").unwrap();
+        assert_eq!(kernel_dir_module_tree(&dir.join("kernel")).unwrap(), tree);
+        assert!(matches!(
+            kernel_dir_module_tree(&dir),
+            Err(InitramfsError::Read(..))
+        ));
+        let spec = InitramfsSpec {
+            init: dir.join("init"),
+            busybox: None,
+            module_tree: Some(tree.clone()),
+            modules: vec!["kvm-amd".into()],
+            files: vec![],
+            compression: Compression::None,
+            mtime: 0,
+        };
+        let entries = parse(&build(&spec).unwrap()).unwrap();
+        let get = |n: &str| {
+            entries
+                .iter()
+                .find(|e| e.0 == n)
+                .map(|e| String::from_utf8_lossy(&e.2).into_owned())
+        };
+        let base = format!("lib/modules/{rel}");
+        assert_eq!(
+            get(&format!("{base}/load-order")).unwrap(),
+            "kernel/virt/lib/irqbypass.ko\nkernel/arch/x86/kvm/kvm.ko\nkernel/arch/x86/kvm/kvm-amd.ko\n"
+        );
+        assert!(get(&format!("{base}/modules.dep"))
+            .unwrap()
+            .contains("kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqbypass.ko\n"));
+        assert!(get(&format!("{base}/kernel/arch/x86/kvm/kvm.ko")).is_some());
+        let init = entries.iter().find(|e| e.0 == "init").unwrap();
+        assert_eq!(init.1, crate::cpio::MODE_FILE | 0o755);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

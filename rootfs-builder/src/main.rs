@@ -1,9 +1,10 @@
 //! `coworkvm-rootfs`: builds coworkvm's guest images.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use coworkvm_rootfs::cpio;
 use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 #[derive(Parser)]
@@ -20,15 +21,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Write an initramfs: /init, optional busybox, modules and extra files.
+    /// Same inputs, same bytes: entries sorted, owner root, every mtime
+    /// $SOURCE_DATE_EPOCH (default 0).
     Initramfs {
         #[arg(long)]
         out: PathBuf,
-        /// Script or binary to install as /init.
+        /// Script or binary to install as /init [default: a busybox shell
+        /// init that mounts /proc, /sys, /dev and loads the modules].
         #[arg(long)]
-        init: PathBuf,
+        init: Option<PathBuf>,
         /// Static busybox to install as /bin/busybox (with applet links).
         #[arg(long)]
         busybox: Option<PathBuf>,
+        /// Kernel directory made by scripts/fetch-kernel.sh (its `version`
+        /// file names the release; modules come from DIR/modules/<release>).
+        #[arg(long, conflicts_with = "modules_dir")]
+        kernel_dir: Option<PathBuf>,
         /// Unpacked module tree of the guest kernel (lib/modules/<release>).
         #[arg(long)]
         modules_dir: Option<PathBuf>,
@@ -38,9 +46,89 @@ enum Command {
         /// Extra file as SRC:DST (DST is the absolute path in the image).
         #[arg(long = "add")]
         add: Vec<String>,
+        /// zstd or none.
         #[arg(long, default_value = "zstd")]
         compress: Compression,
     },
+    /// List the entries of a newc archive (plain or zstd-compressed).
+    List { file: PathBuf },
+}
+
+fn initramfs_cmd(
+    out: PathBuf,
+    init: Option<PathBuf>,
+    busybox: Option<PathBuf>,
+    module_tree: Option<PathBuf>,
+    modules: Vec<String>,
+    add: Vec<String>,
+    compress: Compression,
+) -> anyhow::Result<()> {
+    let files = add
+        .iter()
+        .map(|a| {
+            a.split_once(':')
+                .filter(|(s, d)| !s.is_empty() && d.starts_with('/'))
+                .map(|(s, d)| (PathBuf::from(s), d.to_owned()))
+                .with_context(|| format!("--add {a}: expected SRC:/ABSOLUTE/DST"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mtime = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(s) => s
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a u32 timestamp"))?,
+        Err(_) => 0,
+    };
+    // Without --init, the built-in busybox init goes in (through a
+    // temporary file next to the output).
+    let default_init = out.with_extension("default-init.tmp");
+    let init = match init {
+        Some(p) => p,
+        None if busybox.is_some() => {
+            std::fs::write(&default_init, initramfs::DEFAULT_INIT)?;
+            default_init.clone()
+        }
+        None => bail!("without --busybox there is no shell for the default init: give --init"),
+    };
+    let spec = InitramfsSpec {
+        init,
+        busybox,
+        module_tree,
+        modules,
+        files,
+        compression: compress,
+        mtime,
+    };
+    let result = initramfs::write(&spec, &out);
+    let _ = std::fs::remove_file(&default_init);
+    let size = result.with_context(|| format!("building {}", out.display()))?;
+    println!("{}: {size} bytes", out.display());
+    Ok(())
+}
+
+fn list(file: &Path) -> anyhow::Result<()> {
+    let mut data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        data = zstd::decode_all(data.as_slice()).context("zstd")?;
+    }
+    let entries = cpio::parse(&data).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    for (name, mode, bytes) in entries {
+        let kind = match mode & 0o170000 {
+            cpio::MODE_DIR => 'd',
+            cpio::MODE_SYMLINK => 'l',
+            _ => '-',
+        };
+        let extra = if kind == 'l' {
+            format!(" -> {}", String::from_utf8_lossy(&bytes))
+        } else {
+            String::new()
+        };
+        println!(
+            "{kind}{:04o} {:>10} {name}{extra}",
+            mode & 0o7777,
+            bytes.len()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,36 +137,18 @@ fn main() -> anyhow::Result<()> {
             out,
             init,
             busybox,
+            kernel_dir,
             modules_dir,
             modules,
             add,
             compress,
         } => {
-            let files = add
-                .iter()
-                .map(|a| {
-                    a.split_once(':')
-                        .map(|(s, d)| (PathBuf::from(s), d.to_owned()))
-                        .with_context(|| format!("--add {a}: expected SRC:DST"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let mtime = std::env::var("SOURCE_DATE_EPOCH")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            let spec = InitramfsSpec {
-                init,
-                busybox,
-                module_tree: modules_dir,
-                modules,
-                files,
-                compression: compress,
-                mtime,
+            let module_tree = match kernel_dir {
+                Some(k) => Some(initramfs::kernel_dir_module_tree(&k)?),
+                None => modules_dir,
             };
-            let size = initramfs::write(&spec, &out)
-                .with_context(|| format!("building {}", out.display()))?;
-            println!("{}: {size} bytes", out.display());
-            Ok(())
+            initramfs_cmd(out, init, busybox, module_tree, modules, add, compress)
         }
+        Command::List { file } => list(&file),
     }
 }

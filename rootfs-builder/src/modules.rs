@@ -2,7 +2,7 @@
 //! dependencies from the `.modinfo` ELF section, and ordering them so that
 //! every module is loaded after the modules it depends on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,11 +93,49 @@ pub fn module_depends(elf: &[u8]) -> Result<Vec<String>, &'static str> {
     Ok(Vec::new())
 }
 
-/// The `.ko` files of one kernel's module tree, by module name.
+/// The `.ko` files of one kernel's module tree, by module name, and the
+/// names of the modules built into that kernel (`modules.builtin`).
 #[derive(Debug)]
 pub struct ModuleTree {
     root: PathBuf,
     by_name: BTreeMap<String, PathBuf>,
+    builtin: BTreeSet<String>,
+}
+
+/// A resolved set of modules: load order and each module's direct
+/// dependencies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Every module, each after all of its dependencies.
+    pub order: Vec<String>,
+    /// Direct dependencies (`depends=` of `.modinfo`), by module.
+    pub depends: BTreeMap<String, Vec<String>>,
+    /// Requested modules that are built into the kernel, so not loaded.
+    pub builtin: Vec<String>,
+}
+
+impl Resolved {
+    /// Every module `name` needs, directly or not, in `modules.dep` order:
+    /// the last one is loaded first.
+    pub fn transitive(&self, name: &str) -> Vec<String> {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<&str> = self
+            .depends
+            .get(name)
+            .map(|d| d.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        while let Some(d) = stack.pop() {
+            if seen.insert(d.to_owned()) {
+                if let Some(more) = self.depends.get(d) {
+                    stack.extend(more.iter().map(String::as_str));
+                }
+            }
+        }
+        let pos = |n: &String| self.order.iter().position(|o| o == n);
+        let mut deps: Vec<String> = seen.into_iter().collect();
+        deps.sort_by_key(|d| std::cmp::Reverse(pos(d)));
+        deps
+    }
 }
 
 impl ModuleTree {
@@ -120,14 +158,29 @@ impl ModuleTree {
                 }
             }
         }
+        // `kernel/fs/ext4/ext4.ko` per line: modules compiled into the kernel.
+        let builtin = std::fs::read_to_string(root.join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().rsplit('/').next())
+            .filter(|n| !n.is_empty())
+            .map(normalize)
+            .collect();
         Ok(Self {
             root: root.to_path_buf(),
             by_name,
+            builtin,
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether `name` is compiled into the kernel (and has no `.ko`).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        let n = normalize(name);
+        self.builtin.contains(&n) && !self.by_name.contains_key(&n)
     }
 
     /// Path of module `name`, relative to the tree's root.
@@ -145,8 +198,41 @@ impl ModuleTree {
     }
 
     /// `wanted` and everything they depend on, dependencies first.
+    /// Built-in modules are skipped.
     pub fn load_order(&self, wanted: &[&str]) -> Result<Vec<String>, ModuleError> {
-        resolve(wanted, |n| self.depends_of(n))
+        Ok(self.resolve(wanted)?.order)
+    }
+
+    /// Like [`Self::load_order`], keeping the dependency graph.
+    pub fn resolve(&self, wanted: &[&str]) -> Result<Resolved, ModuleError> {
+        let (builtin, loadable): (Vec<&str>, Vec<&str>) =
+            wanted.iter().partition(|w| self.is_builtin(w));
+        let mut depends = BTreeMap::new();
+        let order = resolve(&loadable, |n| {
+            let d = self.depends_of(n)?;
+            depends.insert(n.to_owned(), d.clone());
+            Ok(d)
+        })?;
+        Ok(Resolved {
+            order,
+            depends,
+            builtin: builtin.into_iter().map(normalize).collect(),
+        })
+    }
+
+    /// A `modules.dep` for the resolved modules, paths relative to the tree.
+    pub fn modules_dep(&self, resolved: &Resolved) -> Result<String, ModuleError> {
+        let mut out = String::new();
+        for name in &resolved.order {
+            out.push_str(&self.path_of(name)?.to_string_lossy());
+            out.push(':');
+            for dep in resolved.transitive(name) {
+                out.push(' ');
+                out.push_str(&self.path_of(&dep)?.to_string_lossy());
+            }
+            out.push('\n');
+        }
+        Ok(out)
     }
 }
 
@@ -190,41 +276,45 @@ where
     Ok(order)
 }
 
+/// A minimal ELF64 with a section-name table and one `.modinfo` section
+/// holding `modinfo` (NUL-separated `key=value` strings): a stand-in for a
+/// `.ko` in tests.
+pub fn synthetic_module(modinfo: &[u8]) -> Vec<u8> {
+    let shstr = b"\0.shstrtab\0.modinfo\0";
+    let mut elf = vec![0u8; 64];
+    elf[0..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    let shstr_off = elf.len();
+    elf.extend_from_slice(shstr);
+    let modinfo_off = elf.len();
+    elf.extend_from_slice(modinfo);
+    while elf.len() % 8 != 0 {
+        elf.push(0);
+    }
+    let shoff = elf.len();
+    let mut sh = |name: u32, off: usize, size: usize| {
+        let mut s = vec![0u8; 64];
+        s[0..4].copy_from_slice(&name.to_le_bytes());
+        s[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
+        s[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+        elf.extend_from_slice(&s);
+    };
+    sh(0, 0, 0);
+    sh(1, shstr_off, shstr.len());
+    sh(11, modinfo_off, modinfo.len());
+    elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+    elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+    elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+    elf
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A minimal ELF64 with a section-name table and one `.modinfo` section.
-    pub fn fake_module(modinfo: &[u8]) -> Vec<u8> {
-        let shstr = b"\0.shstrtab\0.modinfo\0";
-        let mut elf = vec![0u8; 64];
-        elf[0..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2;
-        elf[5] = 1;
-        let shstr_off = elf.len();
-        elf.extend_from_slice(shstr);
-        let modinfo_off = elf.len();
-        elf.extend_from_slice(modinfo);
-        while elf.len() % 8 != 0 {
-            elf.push(0);
-        }
-        let shoff = elf.len();
-        let mut sh = |name: u32, off: usize, size: usize| {
-            let mut s = vec![0u8; 64];
-            s[0..4].copy_from_slice(&name.to_le_bytes());
-            s[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
-            s[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
-            elf.extend_from_slice(&s);
-        };
-        sh(0, 0, 0);
-        sh(1, shstr_off, shstr.len());
-        sh(11, modinfo_off, modinfo.len());
-        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
-        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
-        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
-        elf
-    }
+    pub use super::synthetic_module as fake_module;
 
     #[test]
     fn reads_depends_from_modinfo() {
@@ -286,5 +376,81 @@ mod tests {
             Err(ModuleError::NotFound(..))
         ));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn fake_tree(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cwkvm-tree-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for (path, deps) in [
+            ("kernel/virt/lib/irqbypass.ko", ""),
+            ("kernel/arch/x86/kvm/kvm.ko", "irqbypass"),
+            ("kernel/arch/x86/kvm/kvm-amd.ko", "kvm"),
+            ("kernel/drivers/block/virtio_blk.ko", ""),
+            ("kernel/net/a.ko", "b"),
+            ("kernel/net/b.ko", "c"),
+            ("kernel/net/c.ko", "a"),
+            ("kernel/net/d.ko", "missing_one"),
+        ] {
+            let f = dir.join(path);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            let modinfo = format!("license=GPL\0depends={deps}\0");
+            std::fs::write(f, fake_module(modinfo.as_bytes())).unwrap();
+        }
+        std::fs::write(
+            dir.join("modules.builtin"),
+            "kernel/drivers/virtio/virtio_pci.ko\nkernel/fs/ext4/ext4.ko\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn tree_resolves_transitively_and_writes_modules_dep() {
+        let dir = fake_tree("dep");
+        let tree = ModuleTree::open(&dir).unwrap();
+        let r = tree
+            .resolve(&["kvm-amd", "virtio_pci", "virtio_blk"])
+            .unwrap();
+        assert_eq!(r.order, ["irqbypass", "kvm", "kvm_amd", "virtio_blk"]);
+        assert_eq!(r.builtin, ["virtio_pci"], "built-in modules are not loaded");
+        assert_eq!(r.transitive("kvm_amd"), ["kvm", "irqbypass"]);
+        assert_eq!(
+            tree.modules_dep(&r).unwrap(),
+            "kernel/virt/lib/irqbypass.ko:\n\
+             kernel/arch/x86/kvm/kvm.ko: kernel/virt/lib/irqbypass.ko\n\
+             kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqbypass.ko\n\
+             kernel/drivers/block/virtio_blk.ko:\n"
+        );
+        // A cycle among real files, and a dependency the tree lacks.
+        assert!(matches!(tree.resolve(&["a"]), Err(ModuleError::Cycle(_))));
+        match tree.resolve(&["d"]) {
+            Err(ModuleError::NotFound(n, _)) => assert_eq!(n, "missing_one"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The real Debian modules, when `make kernel` has run: kvm-amd needs
+    /// kvm which needs irqbypass.
+    #[test]
+    fn debian_kvm_amd_depends_on_kvm_and_irqbypass() {
+        let kdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/kernel");
+        let Some(release) = std::fs::read_to_string(kdir.join("version"))
+            .ok()
+            .and_then(|v| {
+                v.lines()
+                    .find_map(|l| l.strip_prefix("release=").map(str::to_owned))
+            })
+        else {
+            eprintln!("skipping: build/kernel not fetched (make kernel)");
+            return;
+        };
+        let tree = ModuleTree::open(&kdir.join("modules").join(release)).unwrap();
+        let order = tree.load_order(&["kvm_amd"]).unwrap();
+        assert_eq!(order, ["irqbypass", "kvm", "kvm_amd"]);
+        let vsock = tree.load_order(&["vmw_vsock_virtio_transport"]).unwrap();
+        assert_eq!(vsock.last().unwrap(), "vmw_vsock_virtio_transport");
+        let pos = |n: &str| vsock.iter().position(|m| m == n).unwrap();
+        assert!(pos("vsock") < pos("vmw_vsock_virtio_transport_common"));
     }
 }

@@ -1,8 +1,23 @@
 //! Framing shared by both protocols: a 4-byte big-endian length, then that
 //! many bytes of UTF-8 JSON whose top level is an object.
 //!
-//! The length is checked against [`MAX_FRAME_LEN`] before anything is
-//! allocated for the body, so an announced 4 GiB costs nothing.
+//! The announced length is checked against [`MAX_FRAME_LEN`] before anything
+//! is allocated for the body, so an announced 4 GiB costs nothing.
+//!
+//! - Blocking side (the guest agent, no tokio): [`read_frame`],
+//!   [`write_frame`], [`encode_frame`].
+//! - tokio side (the helper, feature `tokio`): `FrameCodec`, a
+//!   `tokio_util::codec` `Decoder` of [`JsonObject`]s and `Encoder` of
+//!   anything `Serialize`.
+//!
+//! | condition | error | can the connection go on? |
+//! |---|---|---|
+//! | length 0 | [`FrameError::ZeroLength`] | no |
+//! | length > 10 MiB | [`FrameError::TooLarge`] | no |
+//! | body not UTF-8 | [`FrameError::InvalidUtf8`] | yes, the frame was consumed |
+//! | body not JSON | [`FrameError::InvalidJson`] | yes |
+//! | body JSON but not an object | [`FrameError::NotAnObject`] | yes |
+//! | end of stream inside a frame | [`FrameError::Truncated`] | no |
 
 use std::io::{self, Read, Write};
 
@@ -16,27 +31,40 @@ pub const HEADER_LEN: usize = 4;
 /// A decoded frame body: a JSON object.
 pub type JsonObject = Map<String, Value>;
 
+/// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The length prefix is 0: no JSON object fits in zero bytes.
     #[error("frame length is zero")]
     ZeroLength,
+    /// The length prefix (or, when encoding, the body) exceeds
+    /// [`MAX_FRAME_LEN`].
     #[error("frame length {0} exceeds the {MAX_FRAME_LEN}-byte limit")]
     TooLarge(u64),
+    /// The body is not UTF-8.
     #[error("frame body is not valid UTF-8")]
     InvalidUtf8,
+    /// The body is UTF-8 but not JSON (the parser's message).
     #[error("frame body is not valid JSON: {0}")]
     InvalidJson(String),
+    /// The body is JSON but its top level is not an object (what it is).
     #[error("frame body is JSON but not an object (found {0})")]
     NotAnObject(&'static str),
+    /// The stream ended in the middle of a frame.
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// A value to send could not be serialized.
+    #[error("cannot serialize the frame: {0}")]
+    Encode(String),
+    /// The underlying reader or writer failed.
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
 impl FrameError {
     /// Whether the connection can go on after this error: the frame was
-    /// read whole, only its content was bad.
+    /// read whole and only its content was bad, so the next frame starts
+    /// right after it. Any other error loses the framing (or the stream).
     pub fn is_recoverable(&self) -> bool {
         matches!(
             self,
@@ -56,16 +84,16 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// Checks an announced body length.
+/// Checks an announced body length; returns it as a `usize`.
 pub fn check_len(len: u32) -> Result<usize, FrameError> {
-    match len as usize {
-        0 => Err(FrameError::ZeroLength),
-        n if n > MAX_FRAME_LEN => Err(FrameError::TooLarge(len as u64)),
-        n => Ok(n),
+    match usize::try_from(len) {
+        Ok(0) => Err(FrameError::ZeroLength),
+        Ok(n) if n <= MAX_FRAME_LEN => Ok(n),
+        _ => Err(FrameError::TooLarge(u64::from(len))),
     }
 }
 
-/// Parses a complete body.
+/// Parses a complete body (without its length prefix).
 pub fn decode_body(body: &[u8]) -> Result<JsonObject, FrameError> {
     let text = std::str::from_utf8(body).map_err(|_| FrameError::InvalidUtf8)?;
     match serde_json::from_str::<Value>(text) {
@@ -75,12 +103,24 @@ pub fn decode_body(body: &[u8]) -> Result<JsonObject, FrameError> {
     }
 }
 
-/// Serializes `value` as one frame (prefix + body).
-pub fn encode_frame<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
-    let body = serde_json::to_vec(value).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+/// Serializes `value` as a frame body, refusing what the peer would refuse:
+/// a body that is not an object, or one over the limit.
+pub fn encode_body<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(value).map_err(|e| FrameError::Encode(e.to_string()))?;
+    // serde_json writes an object, and only an object, starting with '{'.
+    if body.first() != Some(&b'{') {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        return Err(FrameError::NotAnObject(kind_of(&v)));
+    }
     if body.len() > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(body.len() as u64));
     }
+    Ok(body)
+}
+
+/// Serializes `value` as one whole frame: length prefix, then body.
+pub fn encode_frame<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let body = encode_body(value)?;
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -89,7 +129,10 @@ pub fn encode_frame<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
 
 /// Blocking read of one frame. `Ok(None)` is a clean end of stream (EOF
 /// before the first byte of a frame).
-pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<JsonObject>, FrameError> {
+///
+/// After a recoverable error ([`FrameError::is_recoverable`]) the reader is
+/// positioned at the next frame; after any other, the stream is unusable.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<JsonObject>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -101,6 +144,7 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<JsonObject>, FrameError> 
             Err(e) => return Err(e.into()),
         }
     }
+    // Checked before the body buffer exists.
     let len = check_len(u32::from_be_bytes(header))?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).map_err(|e| match e.kind() {
@@ -110,8 +154,9 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<JsonObject>, FrameError> 
     decode_body(&body).map(Some)
 }
 
-/// Blocking write of one frame.
-pub fn write_frame<W: Write, T: serde::Serialize + ?Sized>(
+/// Blocking write of one frame, in a single `write_all` (so frames written
+/// by several threads under one lock never interleave). Does not flush.
+pub fn write_frame<W: Write + ?Sized, T: serde::Serialize + ?Sized>(
     w: &mut W,
     value: &T,
 ) -> Result<(), FrameError> {
@@ -129,13 +174,28 @@ mod codec {
 
     use super::*;
 
-    /// tokio codec for the helper's sockets: decodes [`JsonObject`]s,
-    /// encodes anything serializable.
+    /// The tokio codec for the helper's sockets: decodes [`JsonObject`]s,
+    /// encodes anything serializable (a typed message or a `JsonObject`).
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use socket_proto::frame::FrameCodec;
+    /// use tokio_util::codec::{Decoder, Encoder};
+    ///
+    /// let mut codec = FrameCodec;
+    /// let mut buf = BytesMut::new();
+    /// codec.encode(serde_json::json!({"method": "isRunning"}), &mut buf).unwrap();
+    /// let frame = codec.decode(&mut buf).unwrap().unwrap();
+    /// assert_eq!(frame["method"], "isRunning");
+    /// ```
     ///
     /// A frame whose body is bad (not UTF-8, not JSON, not an object) is
-    /// consumed whole before the error is returned, so the connection can
-    /// answer it and go on ([`FrameError::is_recoverable`]). A bad length
-    /// cannot be skipped: the stream's framing is lost.
+    /// consumed whole before the error is returned, so a server can answer
+    /// it and read on ([`FrameError::is_recoverable`]). With `tokio_util`'s
+    /// `Framed`/`FramedRead`, a decoder error is followed by one `None`
+    /// from the stream; polling again after that `None` goes on with the
+    /// next frame. A bad length cannot be skipped: the stream's framing is
+    /// lost, and the connection should be closed.
     #[derive(Debug, Default, Clone, Copy)]
     pub struct FrameCodec;
 
@@ -149,7 +209,7 @@ mod codec {
             }
             let len = check_len(u32::from_be_bytes([src[0], src[1], src[2], src[3]]))?;
             if src.len() < HEADER_LEN + len {
-                // Ask for what the frame needs, which the check above bounded.
+                // Room for the rest of this frame, which the check above bounded.
                 src.reserve(HEADER_LEN + len - src.len());
                 return Ok(None);
             }
@@ -171,11 +231,7 @@ mod codec {
         type Error = FrameError;
 
         fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), FrameError> {
-            let body =
-                serde_json::to_vec(&item).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-            if body.len() > MAX_FRAME_LEN {
-                return Err(FrameError::TooLarge(body.len() as u64));
-            }
+            let body = encode_body(&item)?;
             dst.reserve(HEADER_LEN + body.len());
             dst.put_u32(body.len() as u32);
             dst.extend_from_slice(&body);
@@ -234,14 +290,45 @@ mod tests {
         assert!(matches!(read(vec![0, 0]), Err(FrameError::Truncated)));
         assert!(FrameError::InvalidUtf8.is_recoverable());
         assert!(!FrameError::ZeroLength.is_recoverable());
+        assert!(!FrameError::TooLarge(1).is_recoverable());
+        assert!(!FrameError::Truncated.is_recoverable());
     }
 
     #[test]
-    fn oversized_encode_is_refused() {
+    fn exactly_the_limit_is_accepted() {
+        assert_eq!(check_len(MAX_FRAME_LEN as u32).unwrap(), MAX_FRAME_LEN);
+        assert!(matches!(
+            check_len(MAX_FRAME_LEN as u32 + 1),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_bad_body_leaves_the_reader_at_the_next_frame() {
+        let mut wire = 3u32.to_be_bytes().to_vec();
+        wire.extend_from_slice(b"\"x\"");
+        wire.extend(encode_frame(&json!({"ok": true})).unwrap());
+        let mut r = wire.as_slice();
+        let e = read_frame(&mut r).unwrap_err();
+        assert!(matches!(e, FrameError::NotAnObject("a string")), "{e:?}");
+        assert!(e.is_recoverable());
+        assert_eq!(read_frame(&mut r).unwrap().unwrap()["ok"], true);
+    }
+
+    #[test]
+    fn encoding_refuses_what_the_peer_would_refuse() {
         let big = "x".repeat(MAX_FRAME_LEN);
         assert!(matches!(
             encode_frame(&json!({ "d": big })),
             Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            encode_frame(&json!([1])),
+            Err(FrameError::NotAnObject("an array"))
+        ));
+        assert!(matches!(
+            encode_frame("text"),
+            Err(FrameError::NotAnObject("a string"))
         ));
     }
 }

@@ -1,9 +1,37 @@
 //! The guest protocol: the helper and `coworkvm-agent` in the VM.
 //!
-//! Every frame has a `type`: `request` / `response` (both directions),
-//! `notification` (host to guest), `event` (guest to host). Ids are strings
-//! on the wire; numbers are accepted on input. A frame without a `type` is
-//! not an error: [`GuestFrame::parse`] returns `None` and the caller logs it.
+//! Every frame has a `type` ([`GuestFrame`]): `request` and `response` go
+//! both ways, `notification` goes host to guest, `event` guest to host. Ids
+//! are strings on the wire; numbers are accepted on input ([`FrameId`]). A
+//! frame without a `type` is not an error: [`GuestFrame::parse`] returns
+//! `None` and the caller logs it.
+//!
+//! The agent's side, per frame:
+//!
+//! ```
+//! use serde_json::json;
+//! use socket_proto::guest::{GuestError, GuestFrame, GuestRequest};
+//!
+//! let obj = serde_json::from_value(
+//!     json!({"type": "request", "id": 5, "method": "beamUp", "params": {}}),
+//! )
+//! .unwrap();
+//! let Some(GuestFrame::Request { id, method, params }) = GuestFrame::parse(obj).unwrap() else {
+//!     panic!("not a request")
+//! };
+//! let reply = match GuestRequest::parse(&method, params) {
+//!     Ok(GuestRequest::Unknown(name)) => GuestFrame::unknown_method(id, &name),
+//!     Ok(_) => GuestFrame::result(id, json!({})),
+//!     Err(bad_params) => GuestFrame::error(id, bad_params),
+//! };
+//! assert_eq!(
+//!     serde_json::to_value(&reply).unwrap(),
+//!     json!({"type": "response", "id": "5",
+//!            "error": {"code": -32601, "message": "unknown method: beamUp"}})
+//! );
+//! ```
+
+use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Map, Value};
@@ -13,14 +41,24 @@ use crate::host::{
     AddApprovedOauthTokenParams, ClientEvent, DeleteSessionDirsParams, InstallSdkParams,
     KillParams, MountPathParams, ProcessIdParams, PruneSessionCachesParams, ReadFileParams,
     SendGuestResponseParams, SessionsDiskInfoParams, SetDebugLoggingParams, SpawnParams,
+    WriteStdinParams,
 };
+use crate::params::{decode_params, ParamsError};
+use crate::redact::redacted_debug;
 
 /// The vsock port the agent dials on the host (CID 2).
 pub const AGENT_VSOCK_PORT: u32 = 51234;
 /// Version of this protocol that `agent.info` reports.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The name `coworkvm-agent` reports in `agent.info`.
+pub const AGENT_NAME: &str = "coworkvm-agent";
 /// JSON-RPC's "method not found".
 pub const METHOD_NOT_FOUND: i64 = -32601;
+/// JSON-RPC's "invalid params".
+pub const INVALID_PARAMS: i64 = -32602;
+
+/// The four frame types.
+pub const FRAME_TYPES: &[&str] = &["request", "response", "notification", "event"];
 
 /// Every host-to-guest request method.
 pub const GUEST_METHODS: &[&str] = &[
@@ -54,20 +92,41 @@ pub const GUEST_EVENTS: &[&str] = &[
 /// Every host-to-guest notification.
 pub const GUEST_NOTIFICATIONS: &[&str] = &["stdin", "hostProxyConfig", "staticIPAssignment"];
 
-/// A request or response id: a string, though numbers are accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+/// A request or response id: a string, though numbers are accepted (and
+/// kept as their decimal text).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct FrameId(pub String);
+
+impl FrameId {
+    /// The id's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A JSON id (as the client echoes it in `sendGuestResponse`): strings
+    /// as they are, anything else as its JSON text.
+    pub fn from_value(v: &Value) -> Self {
+        match v {
+            Value::String(s) => FrameId(s.clone()),
+            other => FrameId(other.to_string()),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for FrameId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match Value::deserialize(d)? {
             Value::String(s) => Ok(FrameId(s)),
             Value::Number(n) => Ok(FrameId(n.to_string())),
-            other => Err(serde::de::Error::custom(format!(
-                "id must be a string or a number, not {other}"
-            ))),
+            _ => Err(serde::de::Error::custom("id must be a string or a number")),
         }
+    }
+}
+
+impl fmt::Display for FrameId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -77,76 +136,150 @@ impl From<&str> for FrameId {
     }
 }
 
-/// A response error: a plain string, or `{code, message}`.
+impl From<String> for FrameId {
+    fn from(s: String) -> Self {
+        FrameId(s)
+    }
+}
+
+impl From<u64> for FrameId {
+    fn from(n: u64) -> Self {
+        FrameId(n.to_string())
+    }
+}
+
+/// A response error: `{code, message}`, or a plain string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum GuestError {
-    Coded { code: i64, message: String },
+    /// `{code, message}`, JSON-RPC style.
+    Coded {
+        /// The error code ([`METHOD_NOT_FOUND`], [`INVALID_PARAMS`], ...).
+        code: i64,
+        /// The text.
+        message: String,
+    },
+    /// A plain string.
     Text(String),
 }
 
 impl GuestError {
+    /// The error's text.
     pub fn message(&self) -> &str {
         match self {
             GuestError::Coded { message, .. } | GuestError::Text(message) => message,
         }
     }
 
-    /// The answer to a method the agent does not implement.
+    /// The code, when the error has one.
+    pub fn code(&self) -> Option<i64> {
+        match self {
+            GuestError::Coded { code, .. } => Some(*code),
+            GuestError::Text(_) => None,
+        }
+    }
+
+    /// The answer to a method the agent does not implement:
+    /// `{code: -32601, message: "unknown method: NAME"}`.
     pub fn unknown_method(name: &str) -> Self {
         GuestError::Coded {
             code: METHOD_NOT_FOUND,
             message: format!("unknown method: {name}"),
         }
     }
+
+    /// The answer to params that do not fit: code -32602, a message that
+    /// names the method and the field.
+    pub fn invalid_params(method: &str, e: &ParamsError) -> Self {
+        GuestError::Coded {
+            code: INVALID_PARAMS,
+            message: format!("bad params for {method}: {e}"),
+        }
+    }
 }
 
-/// One frame of the guest protocol.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestError::Coded { code, message } => write!(f, "{message} ({code})"),
+            GuestError::Text(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for GuestError {}
+
+/// One frame of the guest protocol. Its `Debug` output is redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum GuestFrame {
+    /// `{type: "request", id, method, params}`: both directions.
     Request {
+        /// Answered under the same id.
         id: FrameId,
+        /// The method's name.
         method: String,
+        /// Its params (decode with [`GuestRequest::parse`]).
         #[serde(default)]
         params: Value,
     },
+    /// `{type: "response", id, result}` or `{type: "response", id, error}`.
     Response {
+        /// The request's id.
         id: FrameId,
+        /// The result, on success.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         result: Option<Value>,
+        /// The error, on failure.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<GuestError>,
     },
+    /// `{type: "notification", method, params}`: host to guest, no reply.
     Notification {
+        /// The notification's name.
         method: String,
+        /// Its params (decode with [`GuestNotification::parse`]).
         #[serde(default)]
         params: Value,
     },
+    /// `{type: "event", event, params}`: guest to host.
     Event {
+        /// The event's name.
         event: String,
+        /// Its params (decode with [`GuestEvent::parse`]).
         #[serde(default)]
         params: Value,
     },
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+redacted_debug!(GuestFrame);
+
+/// A frame body that is not a guest frame.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GuestFrameError {
+    /// `type` is not one of [`FRAME_TYPES`].
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
+    /// A known type with missing or mistyped fields.
     #[error("malformed {kind} frame: {detail}")]
-    Malformed { kind: String, detail: String },
+    Malformed {
+        /// The frame type (or `event NAME`).
+        kind: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl GuestFrame {
     /// Parses a frame body. `Ok(None)`: no `type`, to be logged and ignored.
+    /// Unknown fields are ignored.
     pub fn parse(obj: JsonObject) -> Result<Option<Self>, GuestFrameError> {
         let kind = match obj.get("type") {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::String(t)) => t.clone(),
             Some(other) => return Err(GuestFrameError::UnknownType(other.to_string())),
         };
-        if !["request", "response", "notification", "event"].contains(&kind.as_str()) {
+        if !FRAME_TYPES.contains(&kind.as_str()) {
             return Err(GuestFrameError::UnknownType(kind));
         }
         serde_json::from_value(Value::Object(obj))
@@ -157,6 +290,7 @@ impl GuestFrame {
             })
     }
 
+    /// A request frame.
     pub fn request(id: impl Into<String>, method: &str, params: Value) -> Self {
         GuestFrame::Request {
             id: FrameId(id.into()),
@@ -165,6 +299,17 @@ impl GuestFrame {
         }
     }
 
+    /// A typed host-to-guest request, as a frame.
+    pub fn from_request(id: impl Into<String>, req: &GuestRequest) -> Self {
+        let (method, params) = req.to_wire();
+        GuestFrame::Request {
+            id: FrameId(id.into()),
+            method,
+            params,
+        }
+    }
+
+    /// A success response.
     pub fn result(id: FrameId, result: Value) -> Self {
         GuestFrame::Response {
             id,
@@ -173,6 +318,7 @@ impl GuestFrame {
         }
     }
 
+    /// An error response.
     pub fn error(id: FrameId, error: GuestError) -> Self {
         GuestFrame::Response {
             id,
@@ -181,6 +327,19 @@ impl GuestFrame {
         }
     }
 
+    /// The response to an unknown method:
+    /// `error {code: -32601, message: "unknown method: NAME"}`.
+    pub fn unknown_method(id: FrameId, name: &str) -> Self {
+        Self::error(id, GuestError::unknown_method(name))
+    }
+
+    /// A typed notification, as a frame.
+    pub fn notification(n: &GuestNotification) -> Self {
+        let (method, params) = n.to_wire();
+        GuestFrame::Notification { method, params }
+    }
+
+    /// A typed event, as a frame.
     pub fn event(event: &GuestEvent) -> Self {
         let (name, params) = event.to_wire();
         GuestFrame::Event {
@@ -200,16 +359,28 @@ impl GuestFrame {
             _ => None,
         }
     }
+
+    /// What the helper pushes to the client's event streams for this frame:
+    /// an `event` flattened by [`flatten_event`] (none for `ready`), or a
+    /// guest `request` as a `request` event. Other frames give `None`.
+    pub fn to_client_frame(&self) -> Option<JsonObject> {
+        match self {
+            GuestFrame::Event { event, params } => flatten_event(event, params),
+            GuestFrame::Request { .. } => match serde_json::to_value(self.to_client_request()?) {
+                Ok(Value::Object(m)) => Some(m),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// `sendGuestResponse` from the client becomes a `response` frame: the
-/// client's `resultJson` is a JSON text (kept as a string if it is not).
+/// client's `resultJson` is JSON text (kept as a string if it does not
+/// parse); `error` wins over `resultJson`; neither gives `result: null`.
 impl From<&SendGuestResponseParams> for GuestFrame {
     fn from(p: &SendGuestResponseParams) -> Self {
-        let id = match &p.id {
-            Value::String(s) => FrameId(s.clone()),
-            other => FrameId(other.to_string()),
-        };
+        let id = FrameId::from_value(&p.id);
         let error = p.error.as_ref().map(|e| match e {
             Value::String(s) => GuestError::Text(s.clone()),
             other => serde_json::from_value(other.clone())
@@ -226,32 +397,92 @@ impl From<&SendGuestResponseParams> for GuestFrame {
     }
 }
 
+/// Flattens a guest event into the client's event shape
+/// `{type: <event>, ...params}`, as the helper forwards it.
+///
+/// `exit` is renamed on the way: its `code` becomes the client's
+/// `exitCode`, and null `exitCode`/`signal`/`oomKillCount` are left out
+/// (the client reads them as optional). `ready` has no client event (it
+/// flips `isGuestConnected`): `None`. Events this crate does not know are
+/// flattened all the same, so a newer agent's events reach the client.
+pub fn flatten_event(event: &str, params: &Value) -> Option<JsonObject> {
+    if event == "ready" {
+        return None;
+    }
+    let mut out = Map::new();
+    out.insert("type".into(), Value::String(event.to_owned()));
+    if let Value::Object(p) = params {
+        for (k, v) in p {
+            if k == "type" {
+                continue;
+            }
+            let k = if event == "exit" && k == "code" {
+                "exitCode"
+            } else {
+                k.as_str()
+            };
+            if event == "exit" && v.is_null() {
+                continue;
+            }
+            out.insert(k.to_owned(), v.clone());
+        }
+    }
+    Some(out)
+}
+
+/// `agent.info` result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentInfo {
+    /// `coworkvm-agent` ([`AGENT_NAME`]).
     pub agent: String,
+    /// The agent's version.
     pub version: String,
+    /// [`PROTOCOL_VERSION`].
     pub protocol: u32,
+    /// Optional features the agent has.
     #[serde(default)]
     pub capabilities: Vec<String>,
 }
 
+/// `stdin {id, data}` notification (the client's `writeStdin`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StdinParams {
+    /// The process id.
     pub id: String,
+    /// UTF-8 text for its stdin.
     pub data: String,
+    /// coworkvm extension: close the process's stdin after `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eof: Option<bool>,
 }
 
+impl From<&WriteStdinParams> for StdinParams {
+    fn from(p: &WriteStdinParams) -> Self {
+        StdinParams {
+            id: p.id.clone(),
+            data: p.data.clone(),
+            eof: None,
+        }
+    }
+}
+
+/// `hostProxyConfig {httpProxy, httpsProxy, noProxy, apiProbeURL}`
+/// notification.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HostProxyConfig {
+    /// Proxy for http.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_proxy: Option<String>,
+    /// Proxy for https.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_proxy: Option<String>,
+    /// Hosts that bypass the proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_proxy: Option<String>,
+    /// URL probed for `apiReachability`.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -260,50 +491,68 @@ pub struct HostProxyConfig {
     pub api_probe_url: Option<String>,
 }
 
+/// `staticIPAssignment {ip, prefixLength, gateway, dns}` notification
+/// (inferred from one third-party source).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StaticIpAssignment {
+    /// The guest's address.
     pub ip: String,
+    /// Its prefix length.
     pub prefix_length: u8,
+    /// Default gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// DNS server(s): a string or a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Value>,
 }
 
-/// Host-to-guest requests, typed.
+/// Host-to-guest requests, typed. Params are the host protocol's.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GuestRequest {
+    /// `agent.info`: answered with [`AgentInfo`].
     AgentInfo,
+    /// `spawn`
     Spawn(Box<SpawnParams>),
+    /// `kill`
     Kill(KillParams),
+    /// `isProcessRunning`
     IsProcessRunning(ProcessIdParams),
+    /// `readFile`
     ReadFile(ReadFileParams),
+    /// `mountPath`
     MountPath(MountPathParams),
+    /// `installSdk`
     InstallSdk(InstallSdkParams),
+    /// `addApprovedOauthToken`
     AddApprovedOauthToken(AddApprovedOauthTokenParams),
+    /// `getSessionsDiskInfo`
     GetSessionsDiskInfo(SessionsDiskInfoParams),
+    /// `deleteSessionDirs`
     DeleteSessionDirs(DeleteSessionDirsParams),
+    /// `pruneSessionCaches`
     PruneSessionCaches(PruneSessionCachesParams),
+    /// `setDebugLogging`
     SetDebugLogging(SetDebugLoggingParams),
+    /// `shutdown`: answered `{}`, then the guest syncs and powers off.
     Shutdown,
+    /// A method not in the protocol (its name): answer it with
+    /// [`GuestFrame::unknown_method`].
     Unknown(String),
 }
 
 fn params<T: serde::de::DeserializeOwned>(method: &str, v: Value) -> Result<T, GuestError> {
-    let v = if v.is_null() {
-        Value::Object(Map::new())
-    } else {
-        v
-    };
-    serde_json::from_value(v).map_err(|e| GuestError::Coded {
-        code: -32602,
-        message: format!("bad params for {method}: {e}"),
-    })
+    decode_params(v).map_err(|e| GuestError::invalid_params(method, &e))
+}
+
+fn to_value<T: Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap_or(Value::Null)
 }
 
 impl GuestRequest {
-    /// Decodes a request's params; bad params are an error to send back.
+    /// Decodes a request's params (`null` counts as `{}`); bad params are
+    /// an error to send back ([`INVALID_PARAMS`], naming the field).
     pub fn parse(method: &str, p: Value) -> Result<Self, GuestError> {
         Ok(match method {
             "agent.info" => Self::AgentInfo,
@@ -322,18 +571,62 @@ impl GuestRequest {
             other => Self::Unknown(other.to_owned()),
         })
     }
+
+    /// The wire name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::AgentInfo => "agent.info",
+            Self::Spawn(_) => "spawn",
+            Self::Kill(_) => "kill",
+            Self::IsProcessRunning(_) => "isProcessRunning",
+            Self::ReadFile(_) => "readFile",
+            Self::MountPath(_) => "mountPath",
+            Self::InstallSdk(_) => "installSdk",
+            Self::AddApprovedOauthToken(_) => "addApprovedOauthToken",
+            Self::GetSessionsDiskInfo(_) => "getSessionsDiskInfo",
+            Self::DeleteSessionDirs(_) => "deleteSessionDirs",
+            Self::PruneSessionCaches(_) => "pruneSessionCaches",
+            Self::SetDebugLogging(_) => "setDebugLogging",
+            Self::Shutdown => "shutdown",
+            Self::Unknown(name) => name,
+        }
+    }
+
+    /// The wire name and params (`{}` for methods without params).
+    pub fn to_wire(&self) -> (String, Value) {
+        let params = match self {
+            Self::Spawn(x) => to_value(x),
+            Self::Kill(x) => to_value(x),
+            Self::IsProcessRunning(x) => to_value(x),
+            Self::ReadFile(x) => to_value(x),
+            Self::MountPath(x) => to_value(x),
+            Self::InstallSdk(x) => to_value(x),
+            Self::AddApprovedOauthToken(x) => to_value(x),
+            Self::GetSessionsDiskInfo(x) => to_value(x),
+            Self::DeleteSessionDirs(x) => to_value(x),
+            Self::PruneSessionCaches(x) => to_value(x),
+            Self::SetDebugLogging(x) => to_value(x),
+            Self::AgentInfo | Self::Shutdown | Self::Unknown(_) => Value::Object(Map::new()),
+        };
+        (self.name().to_owned(), params)
+    }
 }
 
 /// Host-to-guest notifications, typed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GuestNotification {
+    /// `stdin {id, data}`
     Stdin(StdinParams),
+    /// `hostProxyConfig`
     HostProxyConfig(HostProxyConfig),
+    /// `staticIPAssignment`
     StaticIpAssignment(StaticIpAssignment),
+    /// A notification not in the protocol (its name): ignore it.
     Unknown(String),
 }
 
 impl GuestNotification {
+    /// Decodes a notification's params (`null` counts as `{}`).
     pub fn parse(method: &str, p: Value) -> Result<Self, GuestError> {
         Ok(match method {
             "stdin" => Self::Stdin(params(method, p)?),
@@ -342,58 +635,105 @@ impl GuestNotification {
             other => Self::Unknown(other.to_owned()),
         })
     }
+
+    /// The wire name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Stdin(_) => "stdin",
+            Self::HostProxyConfig(_) => "hostProxyConfig",
+            Self::StaticIpAssignment(_) => "staticIPAssignment",
+            Self::Unknown(name) => name,
+        }
+    }
+
+    /// The wire name and params.
+    pub fn to_wire(&self) -> (String, Value) {
+        let params = match self {
+            Self::Stdin(x) => to_value(x),
+            Self::HostProxyConfig(x) => to_value(x),
+            Self::StaticIpAssignment(x) => to_value(x),
+            Self::Unknown(_) => Value::Object(Map::new()),
+        };
+        (self.name().to_owned(), params)
+    }
+}
+
+/// The client's `writeStdin` becomes the guest's `stdin` notification.
+impl From<&WriteStdinParams> for GuestNotification {
+    fn from(p: &WriteStdinParams) -> Self {
+        GuestNotification::Stdin(p.into())
+    }
 }
 
 /// Guest-to-host events, typed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", content = "params", rename_all = "camelCase")]
 pub enum GuestEvent {
+    /// `ready`: disks and mounts are prepared; no params.
     Ready,
+    /// `stdout {id, data}`
     Stdout {
+        /// The process id.
         id: String,
+        /// UTF-8 output.
         data: String,
     },
+    /// `stderr {id, data}`
     Stderr {
+        /// The process id.
         id: String,
+        /// UTF-8 output.
         data: String,
     },
+    /// `exit {id, code, signal, oomKillCount}`
     #[serde(rename_all = "camelCase")]
     Exit {
+        /// The process id.
         id: String,
+        /// Exit status; null when a signal ended it.
         #[serde(default)]
         code: Option<i32>,
+        /// The signal that ended it (name or number), or null.
         #[serde(default)]
         signal: Option<Value>,
+        /// OOM kills seen.
         #[serde(default)]
         oom_kill_count: Option<u64>,
     },
+    /// `error {id?, message, fatal?}`
     Error {
+        /// The process id, when the error is about one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<String>,
+        /// The text.
         message: String,
+        /// Whether the process is gone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fatal: Option<bool>,
     },
+    /// `networkStatus {status}`
     NetworkStatus {
+        /// `CONNECTED` or `NOT_CONNECTED`.
         status: String,
     },
+    /// `apiReachability {status}`
     ApiReachability {
+        /// `REACHABLE`, `PROBABLY_UNREACHABLE`, `UNREACHABLE` or `UNKNOWN`.
         status: String,
     },
+    /// `startupStep {step, status}`
     StartupStep {
+        /// The step's name.
         step: String,
+        /// `running`, `completed` or `failed`.
         status: String,
     },
 }
 
 impl GuestEvent {
-    /// Decodes an `event` frame's name and params.
+    /// Decodes an `event` frame's name and params (`ready` ignores its
+    /// params). Unknown fields are ignored.
     pub fn parse(event: &str, params: Value) -> Result<Self, GuestFrameError> {
-        let params = if params.is_null() && event == "ready" {
-            Value::Null
-        } else {
-            params
-        };
         let v = if event == "ready" {
             json!({ "event": "ready" })
         } else {
@@ -405,9 +745,9 @@ impl GuestEvent {
         })
     }
 
-    pub fn to_wire(&self) -> (&'static str, Value) {
-        let v = serde_json::to_value(self).unwrap_or(Value::Null);
-        let name = match self {
+    /// The wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
             GuestEvent::Ready => "ready",
             GuestEvent::Stdout { .. } => "stdout",
             GuestEvent::Stderr { .. } => "stderr",
@@ -416,9 +756,14 @@ impl GuestEvent {
             GuestEvent::NetworkStatus { .. } => "networkStatus",
             GuestEvent::ApiReachability { .. } => "apiReachability",
             GuestEvent::StartupStep { .. } => "startupStep",
-        };
+        }
+    }
+
+    /// The wire name and params (`{}` for `ready`).
+    pub fn to_wire(&self) -> (&'static str, Value) {
+        let v = serde_json::to_value(self).unwrap_or(Value::Null);
         (
-            name,
+            self.name(),
             v.get("params")
                 .cloned()
                 .unwrap_or(Value::Object(Map::new())),

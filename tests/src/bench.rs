@@ -5,19 +5,13 @@
 //! machine's speed) and peak RSS.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
 use crate::{Batch, Case, Paths};
 
 const MARKER: &str = "@@BENCH-MARKER";
-const QEMU_DATA: &[&str] = &[
-    "bios-microvm.bin",
-    "linuxboot_dma.bin",
-    "pvh.bin",
-    "kvmvapic.bin",
-];
 /// Kernel parameters coworkvm adds itself; QEMU gets the same.
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off no_timer_check quiet";
 
@@ -72,39 +66,6 @@ pub fn stats(values: &[f64]) -> Option<Stats> {
     })
 }
 
-fn qemu_files(scratch: &Path) -> Result<Vec<(PathBuf, String)>> {
-    let qemu = crate::which("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
-    let mut files = vec![(qemu.clone(), "qemu/qemu-system-x86_64".to_string())];
-    let ldd = std::process::Command::new("ldd").arg(&qemu).output()?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or the loader itself.
-        let path = line
-            .split("=>")
-            .nth(1)
-            .unwrap_or(line)
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
-        if path.starts_with('/') {
-            let p = Path::new(path);
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            if name.starts_with("ld-linux") {
-                files.push((p.to_owned(), "qemu/ld.so".into()));
-            } else {
-                files.push((p.to_owned(), format!("qemu/lib/{name}")));
-            }
-        }
-    }
-    for f in QEMU_DATA {
-        let src = Path::new("/usr/share/qemu").join(f);
-        // Data files are often symlinks; ship the target's bytes.
-        let dst = scratch.join(f);
-        std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
-        files.push((dst, format!("qemu/share/{f}")));
-    }
-    Ok(files)
-}
-
 pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut out = paths.root.join("bench/results.md");
     let mut runs = 10u32;
@@ -122,12 +83,12 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let initrd = scratch.join("bench.cpio.zst");
     paths.guest_initramfs(&paths.root.join("tests/guest/bench.init"), &initrd)?;
     let mut files = vec![(initrd, "bench.cpio.zst".to_string())];
-    files.extend(qemu_files(&scratch)?);
+    files.extend(crate::qemu::payload()?);
 
     let script = format!(
         r#"set -u
 dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=16 2>/dev/null
-QEMU="$P/qemu/ld.so --library-path $P/qemu/lib $P/qemu/qemu-system-x86_64 -L $P/qemu/share"
+QEMU="{qemu}"
 for i in $(seq 1 {runs}); do
   s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $COWORKVM boot --kernel $KERNEL \
       --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
@@ -141,7 +102,8 @@ for i in $(seq 1 {runs}); do
       | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
   echo "@@SAMPLE qemu $s"
 done
-"#
+"#,
+        qemu = crate::qemu::SH
     );
     let batch = Batch {
         cases: vec![Case::new("bench", &script, 60 + 60 * runs as u64)],

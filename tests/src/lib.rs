@@ -1,33 +1,53 @@
 //! The test rig: runs batches of VM test cases either directly on the host
 //! (when its KVM can boot Linux) or inside an "L1" VM under QEMU TCG, whose
 //! emulated SVM gives coworkvm a real KVM API where the host's own cannot
-//! boot Linux.
+//! boot Linux (see [`l1`]).
 //!
 //! A case is a POSIX shell script. It finds what it needs in environment
 //! variables, the same in both modes:
-//! - `COWORKVM`: the coworkvm binary; `VMM_TIMER`: the benchmark timer;
+//! - the tools of [`Paths::tools`]: `COWORKVM` (the coworkvm binary),
+//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`;
 //! - `KERNEL`: the guest kernel; `P`: the directory of payload files;
 //! - `DISK0`, `DISK1`, ...: the batch's disks (host files in direct mode,
 //!   L1's virtio disks in the rig, so the host can check them afterwards);
 //! - `TMPDIR`: scratch space.
+//!
+//! ```no_run
+//! use coworkvm_tests::{paths_or_skip, Batch, Case};
+//!
+//! // Skips outside CI when the rig cannot run here; fails with CI=true.
+//! let Some(paths) = paths_or_skip() else { return };
+//! let batch = Batch {
+//!     cases: vec![Case::new(
+//!         "hello",
+//!         "$COWORKVM boot --kernel $KERNEL --initrd $P/g.cpio.zst --disk $DISK0",
+//!         120,
+//!     )],
+//!     files: vec![("/tmp/g.cpio.zst".into(), "g.cpio.zst".into())],
+//!     disks: vec!["/tmp/disk.img".into()],
+//! };
+//! let result = batch.run(&paths).expect("the rig runs");
+//! let case = result.case("hello");
+//! assert!(case.passed(), "{}", result.report());
+//! assert_eq!(case.lines_with("@@L2 nproc="), ["1"], "{}", result.report());
+//! // The guest's writes are in /tmp/disk.img now.
+//! ```
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 pub mod bench;
+pub mod l1;
+pub mod process;
+pub mod qemu;
 
 /// Modules the guests of the tests load (dependencies come along).
 pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio-rng"];
-/// Modules the L1 VM needs: KVM for coworkvm, virtio_blk for its disks.
-const L1_MODULES: &[&str] = &["kvm-amd", "kvm-intel", "virtio_blk"];
-/// How long the L1 VM may take to boot before its first case.
-const L1_BOOT_BUDGET: Duration = Duration::from_secs(90);
 
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -45,13 +65,30 @@ pub struct Paths {
     pub coworkvm: PathBuf,
     pub vmm_timer: PathBuf,
     pub vsock_probe: PathBuf,
+    pub agent_probe: PathBuf,
     /// Initramfs with coworkvm-agent as /init.
     pub agent_initrd: PathBuf,
 }
 
 impl Paths {
-    /// Finds the artifacts of `make build`; an error says what is missing.
+    /// Finds the artifacts of `make build`, the tools of [`Self::tools`]
+    /// included; an error says what is missing. `COWORKVM_BIN` overrides
+    /// the coworkvm binary.
     pub fn locate() -> Result<Self> {
+        let p = Self::locate_base()?;
+        for (_, tool, _) in p.tools() {
+            if !tool.exists() {
+                bail!("{} missing: run `make build`", tool.display());
+            }
+        }
+        Ok(p)
+    }
+
+    /// Like [`Self::locate`], needing only the guest kernel, its modules
+    /// and busybox (`make kernel`): enough for batches that do not run
+    /// coworkvm, such as the rig's own test with QEMU as the L2 VMM. Tools
+    /// that are missing are left out of L1.
+    pub fn locate_base() -> Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .context("workspace root")?
@@ -74,24 +111,30 @@ impl Paths {
             busybox: build.join("busybox"),
             vmm_timer: release_dir.join("vmm-timer"),
             vsock_probe: release_dir.join("vsock-probe"),
+            agent_probe: release_dir.join("agent-probe"),
             agent_initrd: build.join("agent-initrd.cpio.zst"),
             kernel_release,
             coworkvm,
             build,
             root,
         };
-        for f in [
-            &p.kernel,
-            &p.busybox,
-            &p.coworkvm,
-            &p.vmm_timer,
-            &p.vsock_probe,
-        ] {
+        for f in [&p.kernel, &p.busybox, &p.module_tree] {
             if !f.exists() {
-                bail!("{} missing: run `make build`", f.display());
+                bail!("{} missing: run `make kernel`", f.display());
             }
         }
         Ok(p)
+    }
+
+    /// The binaries every case can call: (environment variable, host path,
+    /// path inside L1). A helper added here is there in both modes.
+    pub fn tools(&self) -> Vec<(&'static str, &Path, &'static str)> {
+        vec![
+            ("COWORKVM", &self.coworkvm, "/bin/coworkvm"),
+            ("VMM_TIMER", &self.vmm_timer, "/bin/vmm-timer"),
+            ("VSOCK_PROBE", &self.vsock_probe, "/bin/vsock-probe"),
+            ("AGENT_PROBE", &self.agent_probe, "/bin/agent-probe"),
+        ]
     }
 
     /// Builds a guest initramfs with busybox, the guest modules and `init`.
@@ -125,9 +168,34 @@ impl Paths {
     }
 }
 
-/// Locates the artifacts, or ends the test: a skip outside CI, a failure in it.
+/// Locates the artifacts ([`Paths::locate`]) and checks that the mode the
+/// rig will use can run here (QEMU for L1, `/dev/kvm` for direct); if not,
+/// ends the test: a skip with the reason outside CI, a failure with
+/// `CI=true`.
 pub fn paths_or_skip() -> Option<Paths> {
-    match Paths::locate() {
+    skip_unless_ready(Paths::locate())
+}
+
+/// [`paths_or_skip`] for batches that need only the kernel and busybox
+/// ([`Paths::locate_base`]).
+pub fn base_paths_or_skip() -> Option<Paths> {
+    skip_unless_ready(Paths::locate_base())
+}
+
+fn skip_unless_ready(located: Result<Paths>) -> Option<Paths> {
+    let checked = located.and_then(|p| {
+        let (mode, why) = mode(&p);
+        match mode {
+            Mode::L1 if which("qemu-system-x86_64").is_none() => {
+                bail!("the L1 rig needs qemu-system-x86_64 ({why}): run `make deps`")
+            }
+            Mode::Direct if !Path::new("/dev/kvm").exists() => {
+                bail!("direct mode needs /dev/kvm ({why})")
+            }
+            _ => Ok(p),
+        }
+    });
+    match checked {
         Ok(p) => Some(p),
         Err(e) if in_ci() => panic!("CI=true and the rig cannot run: {e:#}"),
         Err(e) => {
@@ -145,42 +213,65 @@ pub enum Mode {
     L1,
 }
 
-/// Picks the mode: `COWORKVM_RIG=l1|direct`, else `coworkvm doctor`.
+/// Picks the mode: `COWORKVM_RIG=l1|direct`, else `coworkvm doctor --json`
+/// (its `can_boot_linux`); L1 when coworkvm or its doctor gives no answer.
+/// Returns the mode and why.
 pub fn detect_mode(paths: &Paths) -> (Mode, String) {
-    match std::env::var("COWORKVM_RIG").as_deref() {
-        Ok("l1") => return (Mode::L1, "COWORKVM_RIG=l1".into()),
-        Ok("direct") => return (Mode::Direct, "COWORKVM_RIG=direct".into()),
-        _ => {}
+    match std::env::var("COWORKVM_RIG").unwrap_or_default().as_str() {
+        "l1" => return (Mode::L1, "COWORKVM_RIG=l1".into()),
+        "direct" => return (Mode::Direct, "COWORKVM_RIG=direct".into()),
+        "" => {}
+        other => eprintln!("rig: ignoring COWORKVM_RIG={other} (l1 or direct)"),
     }
-    let out = Command::new(&paths.coworkvm)
+    let report = Command::new(&paths.coworkvm)
         .args(["doctor", "--json"])
-        .output();
-    let report: Option<serde_json::Value> = out
+        .output()
         .ok()
-        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
-    match report {
-        Some(r) if r["can_boot_linux"] == true => (
+        .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+    mode_from_doctor(report.as_ref(), &paths.coworkvm)
+}
+
+/// The mode a `coworkvm doctor --json` report (None: no report) implies.
+pub fn mode_from_doctor(report: Option<&serde_json::Value>, bin: &Path) -> (Mode, String) {
+    let answer = report.and_then(|r| r.get("can_boot_linux").and_then(|v| v.as_bool()));
+    match (report, answer) {
+        (Some(r), Some(true)) => (
             Mode::Direct,
-            format!("host KVM runs ring 0 at {} MIPS", r["ring0_mips"]),
-        ),
-        Some(r) => (
-            Mode::L1,
             format!(
-                "host KVM cannot boot Linux ({}); using the L1 rig",
-                r["verdict"].as_str().unwrap_or("?")
+                "coworkvm doctor: the host's KVM can boot Linux ({} MIPS in ring 0)",
+                r["ring0_mips"]
             ),
         ),
-        None => (
+        (Some(r), Some(false)) => (
             Mode::L1,
-            "coworkvm doctor gave no report; using the L1 rig".into(),
+            format!(
+                "coworkvm doctor: the host's KVM cannot boot Linux ({}); using the L1 rig",
+                r["verdict"].as_str().unwrap_or("no verdict")
+            ),
+        ),
+        _ => (
+            Mode::L1,
+            format!(
+                "`{} doctor --json` gave no can_boot_linux answer; using the L1 rig",
+                bin.display()
+            ),
         ),
     }
 }
 
+/// [`detect_mode`], asked once per test process.
+pub fn mode(paths: &Paths) -> (Mode, String) {
+    static MODE: OnceLock<(Mode, String)> = OnceLock::new();
+    MODE.get_or_init(|| detect_mode(paths)).clone()
+}
+
 #[derive(Debug, Clone)]
 pub struct Case {
+    /// Letters, digits, '-' and '_'; unique in its batch.
     pub name: String,
+    /// POSIX shell script (busybox sh in L1); stderr goes with stdout.
     pub script: String,
+    /// The case is killed after this long.
     pub timeout: Duration,
 }
 
@@ -194,6 +285,7 @@ impl Case {
     }
 }
 
+/// Cases run in order, one L1 boot for the whole batch.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub cases: Vec<Case>,
@@ -212,6 +304,11 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
+    /// The case script finished with status 0.
+    pub fn passed(&self) -> bool {
+        self.rc == Some(0)
+    }
+
     /// Lines of the output that start with `prefix`, with the prefix removed.
     pub fn lines_with(&self, prefix: &str) -> Vec<String> {
         self.output
@@ -232,8 +329,13 @@ pub struct BatchResult {
     pub cases: Vec<CaseResult>,
     /// The whole L1 console (or the direct runs' output).
     pub console: String,
+    /// The L1 boot was retried once after printing nothing (TCG spin).
     pub retried: bool,
     pub wall: Duration,
+    /// L1 mode: host time from QEMU's start to L1's init.
+    pub l1_up: Option<Duration>,
+    /// L1 mode: L1's own uptime (s) at its init, from `/proc/uptime`.
+    pub l1_uptime_at_up: Option<f64>,
 }
 
 impl BatchResult {
@@ -243,9 +345,31 @@ impl BatchResult {
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("case {name} has no result; console:\n{}", self.console))
     }
+
+    /// Every case's status and output, then the whole console: the text to
+    /// attach to a failed assertion.
+    pub fn report(&self) -> String {
+        let mut s = format!(
+            "mode {:?}{}, {:.1} s\n",
+            self.mode,
+            if self.retried {
+                " (L1 boot retried once)"
+            } else {
+                ""
+            },
+            self.wall.as_secs_f64()
+        );
+        for c in &self.cases {
+            s.push_str(&format!("=== case {}: rc {:?}\n{}", c.name, c.rc, c.output));
+        }
+        s.push_str("=== console:\n");
+        s.push_str(&self.console);
+        s
+    }
 }
 
-/// Splits an L1 console into case results by the rig's markers.
+/// Splits a console into case results by the rig's markers; a case with
+/// no `@@RIG-END` (cut off, or never started) has `rc: None`.
 pub fn parse_console(console: &str, names: &[String]) -> Vec<CaseResult> {
     let mut results = Vec::new();
     let mut current: Option<(String, String)> = None;
@@ -286,90 +410,96 @@ pub fn parse_console(console: &str, names: &[String]) -> Vec<CaseResult> {
     results
 }
 
-/// Runs `cmd` in its own process group, killing the whole group on time-out
-/// (so a stray grandchild cannot hold the output pipes open).
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<(Option<i32>, String)> {
-    use std::os::unix::process::CommandExt;
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = cmd.spawn().context("starting a rig process")?;
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let mut readers = Vec::new();
-    for pipe in [
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let out = out.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut pipe = pipe;
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                out.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        }));
+/// A scratch directory under the system temp dir, removed when dropped.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "coworkvm-rig-{tag}-{}-{:016x}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
     }
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break Some(s);
-        }
-        if start.elapsed() > timeout {
-            // SAFETY: kill(2) with a negative pid signals the process group
-            // we created for this child; it touches no memory.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    for r in readers {
-        let _ = r.join();
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
-    let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    Ok((status.and_then(|s| s.code()), text))
 }
 
 impl Batch {
+    /// Runs every case, in order, in the mode [`mode`] picks (printed with
+    /// its reason). An error means the rig itself could not run the batch
+    /// (no QEMU, L1 never came up, no /dev/kvm in L1) and carries the
+    /// console; a case that fails is a result, not an error.
     pub fn run(&self, paths: &Paths) -> Result<BatchResult> {
-        let (mode, why) = detect_mode(paths);
+        self.validate()?;
+        let (mode, why) = mode(paths);
         eprintln!("rig: mode {mode:?}: {why}");
         let start = Instant::now();
         let mut result = match mode {
             Mode::Direct => self.run_direct(paths)?,
-            Mode::L1 => self.run_l1(paths)?,
+            Mode::L1 => l1::run(self, paths)?,
         };
         result.wall = start.elapsed();
-        eprintln!("rig: batch took {:.1} s", result.wall.as_secs_f64());
+        let summary: Vec<String> = result
+            .cases
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} rc={}",
+                    c.name,
+                    c.rc.map_or("none".into(), |r| r.to_string())
+                )
+            })
+            .collect();
+        eprintln!(
+            "rig: batch took {:.1} s: {}",
+            result.wall.as_secs_f64(),
+            summary.join(", ")
+        );
         Ok(result)
     }
 
-    fn scratch() -> Result<PathBuf> {
-        let dir = std::env::temp_dir().join(format!(
-            "coworkvm-rig-{}-{:016x}",
-            std::process::id(),
-            rand_u64()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        Ok(dir)
+    fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.cases {
+            let ok_name = !c.name.is_empty()
+                && c.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok_name {
+                bail!("case name {:?}: use letters, digits, '-' and '_'", c.name);
+            }
+            if !seen.insert(&c.name) {
+                bail!("case name {:?} used twice", c.name);
+            }
+        }
+        for (_, name) in &self.files {
+            if name.starts_with('/') || name.split('/').any(|c| c == ".." || c.is_empty()) {
+                bail!("payload name {name:?}: a relative path under $P");
+            }
+        }
+        if self.disks.len() > 16 {
+            bail!("{} disks: the rig attaches at most 16", self.disks.len());
+        }
+        for d in &self.disks {
+            if !d.is_file() {
+                bail!("disk {} is not a file", d.display());
+            }
+        }
+        Ok(())
     }
 
     fn run_direct(&self, paths: &Paths) -> Result<BatchResult> {
-        let scratch = Self::scratch()?;
-        let payload = scratch.join("payload");
+        let scratch = Scratch::new("direct")?;
+        let payload = scratch.path.join("payload");
         std::fs::create_dir_all(&payload)?;
         for (src, name) in &self.files {
             let dst = payload.join(name);
@@ -381,21 +511,27 @@ impl Batch {
         let mut cases = Vec::new();
         let mut console = String::new();
         for case in &self.cases {
+            let script = scratch.path.join(format!("{}.sh", case.name));
+            std::fs::write(&script, &case.script)?;
+            // As in L1: stderr into stdout, in order.
             let mut cmd = Command::new("sh");
-            cmd.arg("-c").arg(&case.script);
-            cmd.env("COWORKVM", &paths.coworkvm)
-                .env("VMM_TIMER", &paths.vmm_timer)
-                .env("VSOCK_PROBE", &paths.vsock_probe)
-                .env("KERNEL", &paths.kernel)
+            cmd.args(["-c", "exec sh \"$0\" 2>&1"]).arg(&script);
+            for (var, host, _) in paths.tools() {
+                if host.exists() {
+                    cmd.env(var, host);
+                }
+            }
+            cmd.env("KERNEL", &paths.kernel)
                 .env("P", &payload)
-                .env("TMPDIR", &scratch);
+                .env("TMPDIR", &scratch.path);
             for (i, d) in self.disks.iter().enumerate() {
                 cmd.env(format!("DISK{i}"), d);
             }
-            let (rc, output) = run_with_timeout(cmd, case.timeout)?;
+            let (rc, output) = process::run_with_timeout(cmd, case.timeout)?;
+            let rc_text = rc.map_or("none".into(), |r| r.to_string());
             console.push_str(&format!(
-                "@@RIG-BEGIN {}\n{output}@@RIG-END {} rc={rc:?}\n",
-                case.name, case.name
+                "@@RIG-BEGIN {n}\n{output}@@RIG-END {n} rc={rc_text}\n",
+                n = case.name
             ));
             cases.push(CaseResult {
                 name: case.name.clone(),
@@ -403,154 +539,20 @@ impl Batch {
                 output,
             });
         }
-        let _ = std::fs::remove_dir_all(&scratch);
         Ok(BatchResult {
             mode: Mode::Direct,
             cases,
             console,
             retried: false,
             wall: Duration::ZERO,
+            l1_up: None,
+            l1_uptime_at_up: None,
         })
     }
-
-    fn l1_init(&self) -> String {
-        let mut s = String::from(
-            r#"#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs -o size=1500m tmp /tmp
-mount -t debugfs debugfs /sys/kernel/debug
-rel=$(uname -r)
-for m in $(cat /lib/modules/$rel/load-order); do
-    insmod /lib/modules/$rel/$m 2>/dev/null
-done
-echo "@@RIG-L1-UP $(cut -d' ' -f1 /proc/uptime)"
-[ -c /dev/kvm ] || echo "@@RIG-ERROR /dev/kvm missing in L1"
-export COWORKVM=/bin/coworkvm VMM_TIMER=/bin/vmm-timer VSOCK_PROBE=/bin/vsock-probe KERNEL=/payload/vmlinuz P=/payload TMPDIR=/tmp
-"#,
-        );
-        let letters = "abcdefghijklmnop";
-        for i in 0..self.disks.len() {
-            let dev = format!("/dev/vd{}", &letters[i..i + 1]);
-            s.push_str(&format!(
-                "i=0; while [ ! -b {dev} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\nexport DISK{i}={dev}\n"
-            ));
-        }
-        for case in &self.cases {
-            s.push_str(&format!(
-                "echo \"@@RIG-BEGIN {n}\"\ntimeout {t} sh /cases/{n}.sh 2>&1\necho \"@@RIG-END {n} rc=$?\"\n",
-                n = case.name,
-                t = case.timeout.as_secs()
-            ));
-        }
-        s.push_str("echo \"@@RIG-DONE $(cut -d' ' -f1 /proc/uptime)\"\nsync\npoweroff -f\n");
-        s
-    }
-
-    fn run_l1(&self, paths: &Paths) -> Result<BatchResult> {
-        if which("qemu-system-x86_64").is_none() {
-            bail!("qemu-system-x86_64 not found: run `make deps` (Debian package qemu-system-x86)");
-        }
-        let scratch = Self::scratch()?;
-        let init = scratch.join("init");
-        std::fs::write(&init, self.l1_init())?;
-        let mut files = vec![
-            (paths.coworkvm.clone(), "/bin/coworkvm".to_string()),
-            (paths.vmm_timer.clone(), "/bin/vmm-timer".to_string()),
-            (paths.vsock_probe.clone(), "/bin/vsock-probe".to_string()),
-            (paths.kernel.clone(), "/payload/vmlinuz".to_string()),
-        ];
-        for (src, name) in &self.files {
-            files.push((src.clone(), format!("/payload/{name}")));
-        }
-        for case in &self.cases {
-            let f = scratch.join(format!("{}.sh", case.name));
-            std::fs::write(&f, &case.script)?;
-            files.push((f, format!("/cases/{}.sh", case.name)));
-        }
-        let spec = InitramfsSpec {
-            init,
-            busybox: Some(paths.busybox.clone()),
-            module_tree: Some(paths.module_tree.clone()),
-            modules: L1_MODULES.iter().map(|s| s.to_string()).collect(),
-            files,
-            compression: Compression::None,
-            mtime: 0,
-        };
-        let initrd = scratch.join("l1.cpio");
-        initramfs::write(&spec, &initrd).context("building the L1 initramfs")?;
-
-        let budget = L1_BOOT_BUDGET + self.cases.iter().map(|c| c.timeout).sum::<Duration>();
-        let mut retried = false;
-        let (rc, console) = loop {
-            let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args([
-                "-M",
-                "q35",
-                "-accel",
-                "tcg,thread=multi",
-                "-cpu",
-                "max",
-                "-smp",
-                &l1_smp(),
-                "-m",
-                "3072",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-kernel",
-            ])
-            .arg(&paths.kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 quiet panic=-1"]);
-            for (i, d) in self.disks.iter().enumerate() {
-                cmd.arg("-drive")
-                    .arg(format!(
-                        "file={},if=none,id=d{i},format=raw,cache=unsafe",
-                        d.display()
-                    ))
-                    .args(["-device", &format!("virtio-blk-pci,drive=d{i}")]);
-            }
-            let (rc, console) = run_with_timeout(cmd, budget)?;
-            // TCG sometimes spins before the guest prints anything; that is an
-            // environment fault, retried once. Anything that printed counts.
-            if !console.contains("@@RIG-L1-UP") && !retried && rc.is_none() {
-                eprintln!("rig: L1 printed nothing within {budget:?}; retrying once");
-                retried = true;
-                continue;
-            }
-            break (rc, console);
-        };
-        let _ = std::fs::remove_dir_all(&scratch);
-        if !console.contains("@@RIG-L1-UP") {
-            bail!("the L1 VM did not come up (qemu rc {rc:?}); console:\n{console}");
-        }
-        let names: Vec<String> = self.cases.iter().map(|c| c.name.clone()).collect();
-        Ok(BatchResult {
-            mode: Mode::L1,
-            cases: parse_console(&console, &names),
-            console,
-            retried,
-            wall: Duration::ZERO,
-        })
-    }
-}
-
-/// vCPUs of the L1 VM (`COWORKVM_RIG_SMP`, default 1). With 2, the L1
-/// kernel occasionally oopses on an int3 in code it is live-patching (KVM
-/// flips static keys when VMs come and go), a cross-modifying-code race of
-/// multi-threaded TCG; one vCPU has no such race.
-fn l1_smp() -> String {
-    std::env::var("COWORKVM_RIG_SMP").unwrap_or_else(|_| "1".into())
 }
 
 fn rand_u64() -> u64 {
+    use std::io::Read;
     let mut b = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
@@ -598,14 +600,113 @@ mod tests {
         };
         assert_eq!(c.lines_with("@@L2 nproc="), ["2"]);
         assert!(c.has_line("@@L2 done"));
+        assert!(c.passed());
+        assert!(!CaseResult { rc: None, ..c }.passed());
     }
 
     #[test]
-    fn timeout_kills_the_process() {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo before; sleep 30"]);
-        let (rc, out) = run_with_timeout(cmd, Duration::from_millis(300)).unwrap();
-        assert_eq!(rc, None);
-        assert_eq!(out, "before\n");
+    fn mode_follows_the_doctor() {
+        let bin = Path::new("/x/coworkvm");
+        let yes = serde_json::json!({"can_boot_linux": true, "ring0_mips": 2000.0});
+        let no = serde_json::json!({"can_boot_linux": false, "verdict": "emulated ring 0"});
+        assert_eq!(mode_from_doctor(Some(&yes), bin).0, Mode::Direct);
+        let (m, why) = mode_from_doctor(Some(&no), bin);
+        assert_eq!(m, Mode::L1);
+        assert!(why.contains("emulated ring 0"), "{why}");
+        // No report, or one without the answer: the rig.
+        assert_eq!(mode_from_doctor(None, bin).0, Mode::L1);
+        let odd = serde_json::json!({"kvm_usable": true});
+        let (m, why) = mode_from_doctor(Some(&odd), bin);
+        assert_eq!(m, Mode::L1);
+        assert!(why.contains("/x/coworkvm doctor --json"), "{why}");
+    }
+
+    #[test]
+    fn bad_batches_are_refused_before_anything_boots() {
+        let bad = |cases: Vec<Case>, files: Vec<(PathBuf, String)>| {
+            Batch {
+                cases,
+                files,
+                disks: vec![],
+            }
+            .validate()
+            .is_err()
+        };
+        assert!(bad(vec![Case::new("a b", "true", 1)], vec![]));
+        assert!(bad(vec![Case::new("a;rm", "true", 1)], vec![]));
+        assert!(bad(
+            vec![Case::new("a", "true", 1), Case::new("a", "true", 1)],
+            vec![]
+        ));
+        assert!(bad(vec![], vec![("/etc/hosts".into(), "../x".into())]));
+        assert!(bad(vec![], vec![("/etc/hosts".into(), "/abs".into())]));
+        assert!(!bad(
+            vec![Case::new("ok-1_2", "true", 1)],
+            vec![("/etc/hosts".into(), "dir/hosts".into())]
+        ));
+        let missing_disk = Batch {
+            cases: vec![],
+            files: vec![],
+            disks: vec!["/nonexistent/disk.img".into()],
+        };
+        assert!(missing_disk.validate().is_err());
+    }
+
+    #[test]
+    fn direct_mode_runs_cases_in_order_with_rc_and_output() {
+        let dir = Scratch::new("unit-direct").unwrap();
+        let disk = dir.path.join("d.img");
+        std::fs::write(&disk, b"disk-bytes").unwrap();
+        let file = dir.path.join("f.txt");
+        std::fs::write(&file, b"payload-bytes").unwrap();
+        let fake = |n: &str| dir.path.join(n);
+        // A tool that exists is in the cases' environment; one that does not is not.
+        std::fs::write(fake("coworkvm"), b"").unwrap();
+        let paths = Paths {
+            root: fake(""),
+            build: fake(""),
+            kernel: fake("vmlinuz"),
+            kernel_release: "x".into(),
+            module_tree: fake(""),
+            busybox: fake("busybox"),
+            coworkvm: fake("coworkvm"),
+            vmm_timer: fake("vmm-timer"),
+            vsock_probe: fake("vsock-probe"),
+            agent_probe: fake("agent-probe"),
+            agent_initrd: fake("agent.cpio.zst"),
+        };
+        let batch = Batch {
+            cases: vec![
+                Case::new(
+                    "ok",
+                    "cat $P/sub/f.txt; echo; cat $DISK0; echo; echo err >&2; echo $COWORKVM; \
+                     echo \"[${VMM_TIMER:-unset}]\"",
+                    10,
+                ),
+                Case::new("fails", "echo x > $TMPDIR/t; exit 7", 10),
+                Case::new("hangs", "echo started; sleep 60", 1),
+            ],
+            files: vec![(file, "sub/f.txt".into())],
+            disks: vec![disk],
+        };
+        let r = batch.run_direct(&paths).unwrap();
+        assert_eq!(r.cases.len(), 3);
+        assert!(r.case("ok").passed());
+        assert_eq!(
+            r.case("ok").output,
+            format!(
+                "payload-bytes\ndisk-bytes\nerr\n{}\n[unset]\n",
+                paths.coworkvm.display()
+            )
+        );
+        assert_eq!(r.case("fails").rc, Some(7));
+        assert!(!r.case("fails").passed());
+        assert_eq!(r.case("hangs").rc, None);
+        assert!(r.case("hangs").has_line("started"));
+        // The console carries the same markers as L1's.
+        let names: Vec<String> = batch.cases.iter().map(|c| c.name.clone()).collect();
+        let again = parse_console(&r.console, &names);
+        assert_eq!((again[1].rc, again[2].rc), (Some(7), None));
+        assert!(r.report().contains("=== case fails: rc Some(7)"));
     }
 }
