@@ -8,7 +8,7 @@ use crate::devices::legacy::serial::SerialPort;
 use crate::devices::virtio::block::DiskImage;
 use crate::devices::virtio::mmio::MmioTransport;
 
-/// i8042 command port: writing 0xfe pulses the CPU reset line.
+/// i8042 command/status port: writing 0xfe pulses the CPU reset line.
 const I8042_COMMAND_PORT: u16 = 0x64;
 const I8042_RESET_CMD: u8 = 0xfe;
 const PM_PORTS: u16 = 8;
@@ -69,6 +69,12 @@ impl DeviceManager {
             lock(&self.serial).read(off, data);
         } else if let Some(off) = in_range(port, layout::PM_IO_BASE, PM_PORTS) {
             lock(&self.pm).read(off, data);
+        } else if port == I8042_COMMAND_PORT {
+            // "Input buffer empty": Linux's keyboard-controller reset
+            // (reboot=k, which panics use) polls this up to 65536 times, one
+            // VM exit each, before every reset pulse; all-ones would make it
+            // wait the whole loop.
+            data.fill(0);
         } else {
             // Nothing there: the bus floats high, as on real hardware.
             data.fill(0xff);
@@ -119,4 +125,50 @@ fn in_range(port: u16, base: u16, len: u16) -> Option<u16> {
 /// is still the best there is, so keep going rather than cascading panics.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail};
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn manager() -> DeviceManager {
+        let tail = Arc::new(Mutex::new(ConsoleTail::new(4)));
+        let sink = ConsoleSink::new(Box::new(std::io::sink()), tail);
+        DeviceManager::new(
+            SerialPort::new(EventFd::new(0).unwrap(), sink),
+            vec![],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn reset_and_power_off_requests() {
+        let m = manager();
+        assert_eq!(m.pio_write(0x64, &[0xfe]), Some(MachineRequest::Reset));
+        assert_eq!(m.pio_write(0x64, &[0xd1]), None);
+        assert_eq!(
+            m.pio_write(layout::PM_IO_BASE, &[(5 << 2) | (1 << 5)]),
+            Some(MachineRequest::PowerOff)
+        );
+        assert_eq!(
+            m.pio_write(layout::PM_IO_BASE + 4, &[1]),
+            Some(MachineRequest::Reset)
+        );
+    }
+
+    #[test]
+    fn i8042_status_reads_ready_and_empty_ports_float_high() {
+        let m = manager();
+        let mut b = [0xaa];
+        m.pio_read(0x64, &mut b);
+        assert_eq!(b, [0], "reset path must not spin on the input-buffer bit");
+        let mut b = [0u8; 2];
+        m.pio_read(0x2f8, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        let mut b = [0xaau8; 4];
+        m.mmio_read(0xd000_0000, &mut b);
+        assert_eq!(b, [0; 4], "no device in that slot");
+    }
 }
