@@ -235,8 +235,93 @@ fn session(agent: &mut Agent) -> Result<(), String> {
     check(true, "connection drop seen after the guest died")
 }
 
+/// Measures the agent path: spawn latency, stdout and stdin throughput.
+fn bench_session(agent: &mut Agent, ready: Duration) -> Result<(), String> {
+    let mut lat = Vec::new();
+    for i in 0..100 {
+        let id = format!("l{i}");
+        let t = Instant::now();
+        agent.request(
+            "spawn",
+            json!({"id": id, "name": "b", "command": "echo", "args": ["x"], "isResume": false}),
+        )?;
+        loop {
+            if let GuestEvent::Stdout { id: eid, .. } = agent.next_event(Duration::from_secs(60))? {
+                if eid == id {
+                    break;
+                }
+            }
+        }
+        lat.push(t.elapsed().as_micros() as u64);
+        collect(agent, &[id])?;
+    }
+    lat.sort_unstable();
+    let median_us = (lat[49] + lat[50]) / 2;
+
+    // Guest -> host: 256 MiB of text on stdout.
+    const OUT_BYTES: u64 = 256 << 20;
+    let t = Instant::now();
+    agent.request(
+        "spawn",
+        json!({"id": "out", "name": "b", "command": "sh", "isResume": false,
+               "args": ["-c", format!("yes {} | head -c {OUT_BYTES}", "a".repeat(63))]}),
+    )?;
+    let mut got = 0u64;
+    loop {
+        match agent.next_event(Duration::from_secs(600))? {
+            GuestEvent::Stdout { id, data } if id == "out" => got += data.len() as u64,
+            GuestEvent::Exit { id, .. } if id == "out" => break,
+            _ => {}
+        }
+    }
+    let out_s = t.elapsed().as_secs_f64();
+    if got != OUT_BYTES {
+        return Err(format!("stdout: got {got} of {OUT_BYTES} bytes"));
+    }
+
+    // Host -> guest: 64 MiB through stdin into `wc -c`.
+    const IN_CHUNK: usize = 64 * 1024;
+    const IN_CHUNKS: usize = 1024;
+    agent.request(
+        "spawn",
+        json!({"id": "in", "name": "b", "command": "wc", "args": ["-c"], "isResume": false}),
+    )?;
+    let chunk = "b".repeat(IN_CHUNK);
+    let t = Instant::now();
+    for i in 0..IN_CHUNKS {
+        let frame = GuestFrame::Notification {
+            method: "stdin".into(),
+            params: json!({"id": "in", "data": chunk, "eof": i + 1 == IN_CHUNKS}),
+        };
+        write_frame(&mut agent.w, &frame).map_err(|e| e.to_string())?;
+    }
+    let counted = collect(agent, &["in".to_string()])?;
+    let in_s = t.elapsed().as_secs_f64();
+    let in_bytes = (IN_CHUNK * IN_CHUNKS) as u64;
+    if counted["in"].stdout.trim() != in_bytes.to_string() {
+        return Err(format!("stdin: wc counted {:?}", counted["in"].stdout));
+    }
+    println!(
+        "@@BENCH {}",
+        json!({
+            "ready_ms": ready.as_millis() as u64,
+            "spawn_first_stdout_median_us": median_us,
+            "spawn_first_stdout_min_us": lat[0],
+            "spawn_first_stdout_max_us": lat[99],
+            "stdout_mib_s": (OUT_BYTES as f64 / (1 << 20) as f64) / out_s,
+            "stdin_mib_s": (in_bytes as f64 / (1 << 20) as f64) / in_s,
+        })
+    );
+    agent.request("shutdown", json!({})).ok();
+    Ok(())
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.first().is_some_and(|a| a == "--bench");
+    if bench {
+        args.remove(0);
+    }
     let Some(sep) = args.iter().position(|a| a == "--") else {
         eprintln!("usage: agent-probe UDS -- COMMAND...");
         std::process::exit(2);
@@ -245,6 +330,7 @@ fn main() {
     let path = format!("{uds}_51234");
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind the agent socket");
+    let started = Instant::now();
     let mut vmm = Command::new(&args[sep + 1])
         .args(&args[sep + 2..])
         .spawn()
@@ -270,6 +356,7 @@ fn main() {
         backlog: Vec::new(),
     };
     let result = match agent.next_event(Duration::from_secs(120)) {
+        Ok(GuestEvent::Ready) if bench => bench_session(&mut agent, started.elapsed()),
         Ok(GuestEvent::Ready) => session(&mut agent),
         Ok(other) => Err(format!("first event was {other:?}, not ready")),
         Err(e) => Err(e),
