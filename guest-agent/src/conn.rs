@@ -58,10 +58,17 @@ pub fn dial(cid: u32, port: u32) -> std::io::Result<File> {
     Ok(f)
 }
 
-pub const CAPABILITIES: &[&str] = &["spawn", "kill", "stdin", "readFile", "shutdown"];
+pub const CAPABILITIES: &[&str] = &[
+    "spawn",
+    "kill",
+    "stdin",
+    "readFile",
+    "shutdown",
+    "base64Streams",
+];
 
 /// Serves connections forever.
-pub fn serve(procs: Procs) -> ! {
+pub fn serve(procs: Procs, steps: Vec<crate::StartupStep>) -> ! {
     let mut announced = false;
     loop {
         let stream = match dial(2, AGENT_VSOCK_PORT) {
@@ -83,6 +90,24 @@ pub fn serve(procs: Procs) -> ! {
         };
         let sender = Sender(Arc::new(Mutex::new(write_half)));
         procs.set_sender(Some(sender.clone()));
+        for s in &steps {
+            let status = if s.error.is_some() {
+                "failed"
+            } else {
+                "completed"
+            };
+            sender.send(&GuestFrame::event(&GuestEvent::StartupStep {
+                step: s.step.into(),
+                status: status.into(),
+            }));
+            if let Some(e) = &s.error {
+                sender.send(&GuestFrame::event(&GuestEvent::Error {
+                    id: None,
+                    message: format!("{}: {e}", s.step),
+                    fatal: None,
+                }));
+            }
+        }
         sender.send(&GuestFrame::event(&GuestEvent::Ready));
         let mut reader = BufReader::new(stream);
         loop {
@@ -120,7 +145,7 @@ fn handle(procs: &Procs, sender: &Sender, frame: GuestFrame) {
         GuestFrame::Notification { method, params } => {
             let eof = params.get("eof").and_then(Value::as_bool).unwrap_or(false);
             match GuestNotification::parse(&method, params) {
-                Ok(GuestNotification::Stdin(s)) => procs.stdin(&s.id, s.data.as_bytes(), eof),
+                Ok(GuestNotification::Stdin(s)) => procs.stdin(&s.id, &s.data, eof),
                 Ok(_) => {}
                 Err(e) => eprintln!("coworkvm-agent: notification {method}: {}", e.message()),
             }

@@ -6,6 +6,37 @@
 mod conn;
 mod init;
 mod procs;
+mod rootfs;
+
+/// How one boot step went, reported to the helper before `ready`.
+#[derive(Debug, Clone)]
+pub struct StartupStep {
+    pub step: &'static str,
+    pub error: Option<String>,
+}
+
+/// Stage two: the rootfs and the session disk, when the VMM named them.
+fn prepare_disks() -> Vec<StartupStep> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let disks = rootfs::BootDisks::from_cmdline(&cmdline);
+    let mut steps = Vec::new();
+    let mut run = |step: &'static str, r: Result<(), String>| {
+        if let Err(e) = &r {
+            eprintln!("coworkvm-agent: {step}: {e}");
+        }
+        steps.push(StartupStep {
+            step,
+            error: r.err(),
+        });
+    };
+    if let Some(dev) = &disks.rootfs {
+        run("rootfs", rootfs::switch_to_rootfs(dev));
+    }
+    if let Some(dev) = &disks.sessions {
+        run("sessions", rootfs::mount_sessions(dev));
+    }
+    steps
+}
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -14,8 +45,9 @@ fn main() {
         init::load_modules();
         std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
     }
+    let steps = if pid1 { prepare_disks() } else { Vec::new() };
     let procs = procs::Procs::default();
     let reaper = procs.clone();
     std::thread::spawn(move || reaper.reap_forever());
-    conn::serve(procs);
+    conn::serve(procs, steps);
 }

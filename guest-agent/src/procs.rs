@@ -7,9 +7,10 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use base64::Engine;
 use serde_json::json;
 use socket_proto::guest::{GuestEvent, GuestFrame};
-use socket_proto::host::{Signal, SpawnParams};
+use socket_proto::host::{Signal, SpawnParams, StreamEncoding};
 
 use crate::conn::Sender;
 
@@ -21,6 +22,7 @@ struct Proc {
     /// stdout and stderr pumps still running; the exit event waits for both.
     open_pipes: u8,
     exit_sent: bool,
+    encoding: StreamEncoding,
 }
 
 #[derive(Clone, Default)]
@@ -110,6 +112,7 @@ impl Procs {
         if let Some(env) = &p.env {
             cmd.envs(env.expose());
         }
+        let encoding = p.encoding.unwrap_or_default();
         // Hold the lock across spawn so the reaper cannot see the pid first.
         let mut inner = self.inner.lock().unwrap();
         let mut child = cmd
@@ -128,6 +131,7 @@ impl Procs {
                 exit: None,
                 open_pipes: 2,
                 exit_sent: false,
+                encoding,
             },
         );
         drop(inner);
@@ -139,13 +143,30 @@ impl Procs {
         ] {
             let procs = self.clone();
             let id = p.id.clone();
-            std::thread::spawn(move || procs.pump(pid, id, pipe, is_err));
+            std::thread::spawn(move || procs.pump(pid, id, pipe, is_err, encoding));
         }
         Ok(())
     }
 
-    fn pump(&self, pid: i32, id: String, pipe: Option<Box<dyn Read + Send>>, is_err: bool) {
-        if let Some(mut pipe) = pipe {
+    fn pump(
+        &self,
+        pid: i32,
+        id: String,
+        mut pipe: Option<Box<dyn Read + Send>>,
+        is_err: bool,
+        encoding: StreamEncoding,
+    ) {
+        if let (Some(pipe), StreamEncoding::Base64) = (pipe.as_mut(), encoding) {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                self.output(&id, data, is_err);
+            }
+        } else if let Some(mut pipe) = pipe {
             let mut buf = vec![0u8; 64 * 1024];
             let mut carry: Vec<u8> = Vec::new();
             loop {
@@ -195,8 +216,8 @@ impl Procs {
 
     /// Writes to a process's stdin. Blocks while its pipe is full, which
     /// stops the connection's reader: that is the back-pressure.
-    pub fn stdin(&self, id: &str, data: &[u8], eof: bool) {
-        let pipe = {
+    pub fn stdin(&self, id: &str, data: &str, eof: bool) {
+        let (pipe, encoding) = {
             let mut inner = self.inner.lock().unwrap();
             let Some(pid) = inner.pid_of.get(id).copied() else {
                 return;
@@ -204,10 +225,24 @@ impl Procs {
             let Some(p) = inner.by_pid.get_mut(&pid) else {
                 return;
             };
-            p.stdin.take()
+            (p.stdin.take(), p.encoding)
         };
         let Some(mut pipe) = pipe else { return };
-        let ok = pipe.write_all(data).is_ok();
+        let bytes = match encoding {
+            StreamEncoding::Utf8 => std::borrow::Cow::Borrowed(data.as_bytes()),
+            StreamEncoding::Base64 => {
+                match base64::engine::general_purpose::STANDARD.decode(data) {
+                    Ok(b) => std::borrow::Cow::Owned(b),
+                    Err(e) => {
+                        // Dropping bytes silently would corrupt the stream:
+                        // end it instead, so the process sees EOF.
+                        eprintln!("coworkvm-agent: stdin of {id} is not base64 ({e}); closing it");
+                        return;
+                    }
+                }
+            }
+        };
+        let ok = pipe.write_all(&bytes).is_ok();
         if ok && !eof {
             let mut inner = self.inner.lock().unwrap();
             if let Some(pid) = inner.pid_of.get(id).copied() {

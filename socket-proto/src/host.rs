@@ -420,6 +420,22 @@ pub struct SpawnParams {
     /// OAuth token for the process; never logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth_token: Option<Secret<String>>,
+    /// coworkvm extension (agent capability `base64Streams`): how the
+    /// `data` of this process's stdout, stderr and stdin travels. The
+    /// client never sends it and gets UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<StreamEncoding>,
+}
+
+/// How stream `data` is carried in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamEncoding {
+    /// UTF-8 text; invalid sequences become U+FFFD (lossy for binary).
+    #[default]
+    Utf8,
+    /// Standard base64 of the raw bytes (binary-safe).
+    Base64,
 }
 
 /// A signal by name (`"SIGTERM"`) or number.

@@ -10,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::acpi::{self, VirtioMmioSlot};
+use crate::arch::x86_64::smbios::{self, MachineUuid};
 use crate::arch::x86_64::{boot, cpu, layout, regs};
 use crate::device_manager::{DeviceManager, MachineRequest, VirtioSlot};
 use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialPort};
@@ -70,6 +71,8 @@ pub struct MachineConfig {
     pub cmdline: String,
     pub console: Option<PathBuf>,
     pub vsock: Option<VsockSpec>,
+    /// SMBIOS type 1 UUID: the guest's `/sys/class/dmi/id/product_uuid`.
+    pub machine_uuid: Option<MachineUuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +95,8 @@ pub enum BuildError {
     Cpu(#[from] cpu::CpuError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Smbios(#[from] smbios::SmbiosError),
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
@@ -220,6 +225,7 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
         });
     }
     let rsdp = acpi::create_acpi_tables(&mem, cfg.cpus, &acpi_slots)?;
+    smbios::setup_smbios(&mem, cfg.machine_uuid)?;
 
     let mut cmdline =
         Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BuildError::Cmdline(e.to_string()))?;

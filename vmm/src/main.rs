@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use coworkvm::arch::x86_64::smbios::MachineUuid;
 use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
 use coworkvm::doctor;
 
@@ -63,6 +64,9 @@ struct BootArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     cid: u64,
+    /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
+    #[arg(long, value_parser = parse_uuid)]
+    uuid: Option<MachineUuid>,
     /// Print the number of VM exits when the guest ends (on stderr).
     #[arg(long)]
     report_exits: bool,
@@ -89,6 +93,10 @@ struct RunArgs {
     command: Vec<String>,
 }
 
+fn parse_uuid(s: &str) -> Result<MachineUuid, String> {
+    MachineUuid::parse(s).map_err(|e| e.to_string())
+}
+
 fn default_path(flag: Option<PathBuf>, env: &str, fallback: &str) -> PathBuf {
     flag.or_else(|| std::env::var_os(env).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(fallback))
@@ -108,6 +116,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cmdline: "quiet".into(),
         console: args.console,
         vsock: None,
+        machine_uuid: None,
     };
     let code = coworkvm::run::run(coworkvm::run::RunConfig {
         machine,
@@ -140,6 +149,7 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             guest_cid: args.cid,
             uds,
         }),
+        machine_uuid: args.uuid,
     };
     let outcome = builder::run(&cfg).context("cannot boot the guest")?;
     if args.report_exits {

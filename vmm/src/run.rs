@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use serde_json::{json, Value};
 use socket_proto::frame::{read_frame, write_frame};
 use socket_proto::guest::{GuestEvent, GuestFrame, AGENT_VSOCK_PORT};
@@ -161,7 +163,7 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
             "spawn-1",
             "spawn",
             json!({"id": PROCESS_ID, "name": "run", "command": program, "args": args,
-                   "isResume": false}),
+                   "isResume": false, "encoding": "base64"}),
         ),
     )?;
 
@@ -172,7 +174,7 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             let n = stdin.read(&mut buf).unwrap_or(0);
-            let data = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let data = B64.encode(&buf[..n]);
             let params = json!({"id": PROCESS_ID, "data": data, "eof": n == 0});
             let frame = GuestFrame::Notification {
                 method: "stdin".into(),
@@ -209,11 +211,11 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
             }
             GuestFrame::Event { event, params } => match GuestEvent::parse(&event, params) {
                 Ok(GuestEvent::Stdout { data, .. }) => {
-                    let _ = stdout.write_all(data.as_bytes());
+                    let _ = stdout.write_all(&decode_stream(&data)?);
                     let _ = stdout.flush();
                 }
                 Ok(GuestEvent::Stderr { data, .. }) => {
-                    let _ = stderr.write_all(data.as_bytes());
+                    let _ = stderr.write_all(&decode_stream(&data)?);
                 }
                 Ok(GuestEvent::Exit { code, signal, .. }) => {
                     break exit_code(code, signal.as_ref());
@@ -237,6 +239,12 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(code)
+}
+
+/// Output data of a process spawned with `encoding: base64`.
+fn decode_stream(data: &str) -> Result<Vec<u8>, RunError> {
+    B64.decode(data)
+        .map_err(|e| RunError::Protocol(format!("output that is not base64: {e}")))
 }
 
 fn exit_code(code: Option<i32>, signal: Option<&Value>) -> i32 {
