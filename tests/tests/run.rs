@@ -34,8 +34,14 @@ wait $VM
 echo "rc=$?"
 "#
     );
+    let uuid_case = format!(
+        r#"{RUN} --uuid 0F1E2D3C-4b5a-4968-8776-a5b4c3d2e1f0 -- cat /sys/class/dmi/id/product_uuid /sys/class/dmi/id/sys_vendor
+echo "rc=$?"
+"#
+    );
     let batch = Batch {
         cases: vec![
+            Case::new("uuid", &uuid_case, 180),
             Case::new("exit", &exit_case, 180),
             Case::new("stdin", &stdin_case, 300),
             Case::new("signal", &signal_case, 180),
@@ -59,6 +65,22 @@ echo "rc=$?"
     assert_eq!(c.lines_with("rc="), ["3"], "{}", ctx("exit"));
     assert_eq!(c.lines_with("stdout="), ["[out]"], "{}", ctx("exit"));
     assert_eq!(c.lines_with("stderr="), ["[err]"], "{}", ctx("exit"));
+
+    // SMBIOS type 1 reaches the guest's DMI in the text form, lowercase.
+    let c = result.case("uuid");
+    assert_eq!(c.lines_with("rc="), ["0"], "{}", ctx("uuid"));
+    assert!(
+        c.output
+            .lines()
+            .any(|l| l.trim() == "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"),
+        "{}",
+        ctx("uuid")
+    );
+    assert!(
+        c.output.lines().any(|l| l.trim() == "coworkvm"),
+        "{}",
+        ctx("uuid")
+    );
 
     let c = result.case("stdin");
     assert_eq!(c.lines_with("rc="), ["0"], "{}", ctx("stdin"));

@@ -88,6 +88,9 @@ struct RunArgs {
     /// Keep the guest console here (default: a temporary file).
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
+    #[arg(long, value_parser = parse_uuid)]
+    uuid: Option<MachineUuid>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     command: Vec<String>,
@@ -116,7 +119,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cmdline: "quiet".into(),
         console: args.console,
         vsock: None,
-        machine_uuid: None,
+        machine_uuid: args.uuid,
     };
     let code = coworkvm::run::run(coworkvm::run::RunConfig {
         machine,

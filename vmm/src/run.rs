@@ -147,9 +147,14 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
 
     // ready, then spawn.
     loop {
-        if let GuestFrame::Event { event, .. } = next(cfg.connect_timeout)? {
-            if event == "ready" {
-                break;
+        if let GuestFrame::Event { event, params } = next(cfg.connect_timeout)? {
+            match GuestEvent::parse(&event, params) {
+                Ok(GuestEvent::Ready) => break,
+                // A boot step that failed (rootfs, session disk): the
+                // command may still run, but the user must hear why its
+                // world looks wrong.
+                Ok(GuestEvent::Error { message, .. }) => eprintln!("coworkvm: guest: {message}"),
+                _ => {}
             }
         }
     }
