@@ -1,0 +1,282 @@
+//! End-to-end: a bundle boots the Debian rootfs with a persistent identity
+//! and session disk (`coworkvm run --bundle`), survives a rootfs update, and
+//! keeps every synced file through ten SIGKILLs of the VMM.
+//!
+//! The images (`build/images`, made by `make build`) reach the rig on an
+//! ext4 disk (`$DISK0`, read-only) together with an "update": the same
+//! rootfs with a different `/etc/coworkvm-release`, recompressed, and its
+//! manifest. The bundle lives on a second ext4 disk (`$DISK1`), so fsync and
+//! rename behave as on a real filesystem.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use coworkvm_rootfs::manifest::{FileEntry, Manifest};
+use coworkvm_tests::{in_ci, paths_or_skip, Batch, Case};
+
+const UPDATE_RELEASE: &str = "coworkvm-e2e-update";
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn entry(path: &Path) -> FileEntry {
+    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let text = String::from_utf8_lossy(&out.stdout);
+    FileEntry {
+        sha256: text.split_whitespace().next().unwrap_or_default().to_owned(),
+        size: std::fs::metadata(path).expect("stat").len(),
+    }
+}
+
+fn ext4_image(out: &Path, tree: Option<&Path>, size_mib: u64) {
+    let _ = std::fs::remove_file(out);
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-E", "lazy_itable_init=1"]);
+    if let Some(t) = tree {
+        cmd.arg("-d").arg(t);
+    }
+    cmd.arg(out).arg(format!("{size_mib}M"));
+    sh(&mut cmd);
+}
+
+/// The images disk: the delivered files, plus `update/` with a rootfs that
+/// differs only in its release file.
+fn images_disk(images: &Path, work: &Path) -> PathBuf {
+    let tree = work.join("tree");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("update")).unwrap();
+    for f in ["vmlinuz", "initrd.img", "manifest.json", "rootfs.img.zst"] {
+        std::fs::copy(images.join(f), tree.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+    let img = work.join("update-rootfs.img");
+    std::fs::copy(images.join("rootfs.img"), &img).unwrap();
+    let rel = work.join("release");
+    std::fs::write(&rel, format!("{UPDATE_RELEASE}\n")).unwrap();
+    sh(Command::new("debugfs")
+        .args(["-w", "-R", "rm /etc/coworkvm-release"])
+        .arg(&img));
+    sh(Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} /etc/coworkvm-release", rel.display()))
+        .arg(&img));
+    let zst = tree.join("update/rootfs.img.zst");
+    sh(Command::new("zstd")
+        .args(["-q", "-f", "-T0", "--long=27", "-3", "-o"])
+        .arg(&zst)
+        .arg(&img));
+    let mut m: Manifest =
+        serde_json::from_slice(&std::fs::read(images.join("manifest.json")).unwrap()).unwrap();
+    m.rootfs_version = UPDATE_RELEASE.into();
+    m.files.insert("rootfs.img".into(), entry(&img));
+    m.files.insert("rootfs.img.zst".into(), entry(&zst));
+    std::fs::write(
+        tree.join("update/manifest.json"),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(&img);
+    let bytes: u64 = walk_size(&tree);
+    let disk = work.join("images.ext4");
+    ext4_image(&disk, Some(&tree), bytes / (1 << 20) * 11 / 10 + 64);
+    let _ = std::fs::remove_dir_all(&tree);
+    disk
+}
+
+fn walk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                walk_size(&e.path())
+            } else {
+                md.len()
+            }
+        })
+        .sum()
+}
+
+const SETUP: &str = r#"mkdir -p $TMPDIR/images /bundle
+mount -o ro $DISK0 $TMPDIR/images || exit 90
+mount $DISK1 /bundle || exit 91
+"#;
+
+const RUNB: &str =
+    "$COWORKVM run --bundle /bundle/b --images $TMPDIR/images --cpus 1 --mem 512 --";
+
+/// What a boot reports about itself.
+const PROBE: &str = r#"echo "uuid=$(cat /sys/class/dmi/id/product_uuid)"
+echo "release=$(cat /etc/coworkvm-release)"
+echo "rootfs=$(stat -f -c %T /)"
+grep -q " /sessions ext4 " /proc/mounts && echo "sessions=mounted"
+echo "keep=$(cat /sessions/keep 2>/dev/null)""#;
+
+/// Bundle state seen from L1 after a boot.
+const STATE: &str = r#"echo "ident=$(cat /bundle/b/machineIdentifier)"
+echo "mac=$(cat /bundle/b/macAddress)"
+echo "sums=$(cat /bundle/b/macAddress /bundle/b/machineIdentifier | md5sum | cut -d' ' -f1)"
+echo "files=$(ls /bundle/b | tr '\n' ' ')"
+"#;
+
+/// Each round: check every file the previous rounds saw synced, then write
+/// and sync new ones until the VMM is killed. The writer script goes into
+/// the guest as `sh -c` text: the guest sees none of L1's files.
+const KILL_ROUNDS: &str = r#"cat > $TMPDIR/writer.sh <<'EOF'
+last=$1
+mkdir -p /sessions/k
+grep -q " /sessions ext4 " /proc/mounts && echo "sessions=mounted"
+i=0
+while [ $i -le $last ]; do
+    [ "$(cat /sessions/k/f$i 2>/dev/null)" = "payload-$i" ] || echo "LOST f$i"
+    i=$((i+1))
+done
+echo "checked $last"
+while true; do
+    echo "payload-$i" > /sessions/k/f$i
+    sync
+    echo "synced $i"
+    i=$((i+1))
+done
+EOF
+last=-1
+for round in 1 2 3 4 5 6 7 8 9 10; do
+    out=$TMPDIR/round$round.out
+    $RUNB sh -c "$(cat $TMPDIR/writer.sh)" writer $last > $out 2>&1 &
+    vmm=$!
+    n=0
+    while [ $(grep -c '^synced' $out) -lt $((round % 3 + 2)) ] && [ $n -lt 1200 ]; do
+        sleep 0.1; n=$((n+1))
+    done
+    kill -9 $vmm
+    wait $vmm
+    grep -q "^checked $last" $out && echo "round $round checked $last"
+    grep -q "^sessions=mounted" $out && echo "round $round mounted"
+    grep '^LOST' $out | sed "s/^/round $round /"
+    new=$(grep '^synced' $out | tail -n 1 | cut -d' ' -f2)
+    [ -n "$new" ] && last=$new
+    [ -n "$new" ] || { echo "round $round wrote nothing:"; tail -n 20 $out; }
+done
+echo "rounds-done last=$last"
+$RUNB sh -c 'i=0; while [ -e /sessions/k/f$i ]; do i=$((i+1)); done; echo "final-count $i"' 2>&1
+"#;
+
+#[test]
+fn bundle_identity_session_disk_update_and_sigkill() {
+    let Some(paths) = paths_or_skip() else { return };
+    let images = paths.root.join("build/images");
+    if !images.join("manifest.json").exists() {
+        let why = format!("{} is missing: run `make build`", images.display());
+        assert!(!in_ci(), "CI=true: {why}");
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let work = paths.root.join("target/rig-tmp/bundle-e2e");
+    std::fs::create_dir_all(&work).unwrap();
+    let images_disk = images_disk(&images, &work);
+    let bundle_disk = work.join("bundle.ext4");
+    ext4_image(&bundle_disk, None, 3072);
+
+    let first = format!(
+        "{SETUP}mkdir -p /bundle/b\necho '{{\"diskSizeGB\": 1}}' > /bundle/b/config.json\n\
+         {RUNB} sh -c '{PROBE}; echo keep-me > /sessions/keep; sync'\necho \"rc=$?\"\n{STATE}"
+    );
+    let second = format!("{RUNB} sh -c '{PROBE}'\necho \"rc=$?\"\n{STATE}");
+    let update = format!(
+        "cp $TMPDIR/images/update/rootfs.img.zst $TMPDIR/images/update/manifest.json /bundle/b/\n\
+         {RUNB} sh -c '{PROBE}'\necho \"rc=$?\"\n{STATE}"
+    );
+    let kill = KILL_ROUNDS.replace("$RUNB", RUNB);
+    let batch = Batch {
+        cases: vec![
+            Case::new("first", &first, 400),
+            Case::new("second", &second, 300),
+            Case::new("update", &update, 400),
+            Case::new("sigkill", &kill, 900),
+        ],
+        files: vec![],
+        disks: vec![images_disk, bundle_disk],
+    };
+    let result = batch.run(&paths).expect("the rig runs");
+    let _ = std::fs::remove_dir_all(&work);
+    for c in &result.cases {
+        eprintln!("--- case {} (rc {:?}):\n{}", c.name, c.rc, c.output);
+    }
+    let ctx = |name: &str| {
+        format!(
+            "case {name}:\n{}\n--- console:\n{}",
+            result.case(name).output,
+            result.console
+        )
+    };
+    let one = |case: &str, key: &str| -> String {
+        let v = result.case(case).lines_with(key);
+        assert_eq!(v.len(), 1, "{key} in {}", ctx(case));
+        v[0].clone()
+    };
+
+    // First boot: the identity is made, the guest sees it, the rootfs is
+    // the overlay, the session disk got formatted and mounted.
+    for case in ["first", "second", "update"] {
+        assert_eq!(one(case, "rc="), "0", "{}", ctx(case));
+        assert_eq!(one(case, "rootfs="), "overlayfs", "{}", ctx(case));
+        assert_eq!(one(case, "sessions="), "mounted", "{}", ctx(case));
+        assert_eq!(
+            one(case, "uuid="),
+            one(case, "ident="),
+            "product_uuid is machineIdentifier\n{}",
+            ctx(case)
+        );
+    }
+    let ident = one("first", "ident=");
+    assert_eq!(ident.len(), 36, "{}", ctx("first"));
+    let mac = one("first", "mac=");
+    let first_octet = u8::from_str_radix(&mac[..2], 16).expect("MAC");
+    assert_eq!(first_octet & 0b11, 0b10, "locally administered unicast: {mac}");
+
+    // Second boot: same identity, the synced file is still there.
+    assert_eq!(one("second", "ident="), ident);
+    assert_eq!(one("second", "keep="), "keep-me", "{}", ctx("second"));
+    assert_eq!(one("second", "sums="), one("first", "sums="));
+
+    // Update: the new release boots; identity and session data stay; the
+    // .zst is gone once applied.
+    let old_release = one("first", "release=");
+    assert_ne!(old_release, UPDATE_RELEASE);
+    assert_eq!(one("second", "release="), old_release);
+    assert_eq!(one("update", "release="), UPDATE_RELEASE, "{}", ctx("update"));
+    assert_eq!(one("update", "keep="), "keep-me", "{}", ctx("update"));
+    assert_eq!(one("update", "sums="), one("first", "sums="));
+    let files = one("update", "files=");
+    assert!(!files.contains("rootfs.img.zst"), "{files}");
+    assert!(files.contains("rootfs.img "), "{files}");
+    assert!(files.contains("sessiondata.img"), "{files}");
+
+    // Ten SIGKILLs: every boot mounted the disk and found every file that
+    // was synced before the kill.
+    let k = result.case("sigkill");
+    assert!(k.lines_with("round ").iter().all(|l| !l.contains("LOST")), "{}", ctx("sigkill"));
+    for round in 1..=10 {
+        assert!(
+            k.has_line(&format!("round {round} mounted")),
+            "round {round}\n{}",
+            ctx("sigkill")
+        );
+        assert!(
+            k.output.contains(&format!("round {round} checked ")),
+            "round {round}\n{}",
+            ctx("sigkill")
+        );
+    }
+    let last: i64 = one("sigkill", "rounds-done last=").parse().expect("last");
+    assert!(last >= 20, "at least two syncs a round: {last}");
+    let count: i64 = one("sigkill", "final-count ").parse().expect("count");
+    assert!(count > last, "every synced file is there: {count} > {last}");
+}
