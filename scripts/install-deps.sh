@@ -6,6 +6,7 @@
 #   qemu-system-data  qboot (bios-microvm.bin) and option ROMs for microvm
 #   xz-utils, zstd    decompressing kernel modules
 #   dpkg              dpkg-deb, to unpack the kernel and busybox packages
+#   bubblewrap        the agent's sandbox test runs the real bwrap (as in the guest)
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -13,6 +14,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+[ -x /usr/bin/bwrap ] || need+=(bubblewrap)
 command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
 [ ${#need[@]} -gt 0 ] || exit 0
 

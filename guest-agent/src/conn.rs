@@ -15,13 +15,19 @@ use socket_proto::guest::{
     AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 
-use crate::procs::Procs;
+use crate::agent::Agent;
 
 /// Serialized writes of whole frames from any thread.
 #[derive(Clone)]
 pub struct Sender(Arc<Mutex<File>>);
 
 impl Sender {
+    /// A sender on any file (tests read the frames from its other end).
+    #[cfg(test)]
+    pub fn new(f: File) -> Self {
+        Sender(Arc::new(Mutex::new(f)))
+    }
+
     pub fn send(&self, frame: &GuestFrame) {
         let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = write_frame(&mut *f, frame) {
@@ -65,10 +71,12 @@ pub const CAPABILITIES: &[&str] = &[
     "readFile",
     "shutdown",
     "base64Streams",
+    // coworkvm's installSdk transfer (installSdk.chunk, installSdk.commit).
+    "sdkTransfer",
 ];
 
 /// Serves connections forever.
-pub fn serve(procs: Procs, steps: Vec<crate::StartupStep>) -> ! {
+pub fn serve(mut agent: Agent, steps: Vec<crate::StartupStep>) -> ! {
     let mut announced = false;
     loop {
         let stream = match dial(2, AGENT_VSOCK_PORT) {
@@ -89,7 +97,7 @@ pub fn serve(procs: Procs, steps: Vec<crate::StartupStep>) -> ! {
             continue;
         };
         let sender = Sender(Arc::new(Mutex::new(write_half)));
-        procs.set_sender(Some(sender.clone()));
+        agent.procs.set_sender(Some(sender.clone()));
         for s in &steps {
             let status = if s.error.is_some() {
                 "failed"
@@ -113,7 +121,7 @@ pub fn serve(procs: Procs, steps: Vec<crate::StartupStep>) -> ! {
         loop {
             match read_frame(&mut reader) {
                 Ok(Some(obj)) => match GuestFrame::parse(obj) {
-                    Ok(Some(frame)) => handle(&procs, &sender, frame),
+                    Ok(Some(frame)) => handle(&mut agent, &sender, frame),
                     Ok(None) => eprintln!("coworkvm-agent: ignoring a frame without type"),
                     Err(e) => eprintln!("coworkvm-agent: {e}"),
                 },
@@ -125,27 +133,32 @@ pub fn serve(procs: Procs, steps: Vec<crate::StartupStep>) -> ! {
                 }
             }
         }
-        procs.set_sender(None);
+        agent.procs.set_sender(None);
     }
 }
 
-fn handle(procs: &Procs, sender: &Sender, frame: GuestFrame) {
+fn handle(agent: &mut Agent, sender: &Sender, frame: GuestFrame) {
     match frame {
         GuestFrame::Request { id, method, params } => {
+            // Names only: params may carry secrets.
+            crate::debug!("request {id}: {method}");
             let reply = match GuestRequest::parse(&method, params) {
-                Ok(req) => respond(procs, sender, &id, req),
+                Ok(req) => respond(agent, sender, &id, req),
                 Err(e) => Err(e),
             };
             match reply {
                 Ok(Some(v)) => sender.send(&GuestFrame::result(id, v)),
                 Ok(None) => {}
-                Err(e) => sender.send(&GuestFrame::error(id, e)),
+                Err(e) => {
+                    crate::debug!("request {id} ({method}) failed: {}", e.message());
+                    sender.send(&GuestFrame::error(id, e))
+                }
             }
         }
         GuestFrame::Notification { method, params } => {
             let eof = params.get("eof").and_then(Value::as_bool).unwrap_or(false);
             match GuestNotification::parse(&method, params) {
-                Ok(GuestNotification::Stdin(s)) => procs.stdin(&s.id, &s.data, eof),
+                Ok(GuestNotification::Stdin(s)) => agent.procs.stdin(&s.id, &s.data, eof),
                 Ok(_) => {}
                 Err(e) => eprintln!("coworkvm-agent: notification {method}: {}", e.message()),
             }
@@ -156,71 +169,67 @@ fn handle(procs: &Procs, sender: &Sender, frame: GuestFrame) {
 
 /// `Ok(None)`: the reply was already sent (shutdown).
 fn respond(
-    procs: &Procs,
+    agent: &mut Agent,
     sender: &Sender,
     id: &FrameId,
     req: GuestRequest,
 ) -> Result<Option<Value>, GuestError> {
     let text = |s: String| GuestError::Text(s);
+    let to_json = |v: Result<Value, String>| v.map_err(text);
     Ok(Some(match req {
         GuestRequest::AgentInfo => serde_json::to_value(AgentInfo {
             agent: "coworkvm-agent".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
-            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            capabilities: agent.capabilities(),
         })
         .unwrap_or(Value::Null),
-        GuestRequest::Spawn(p) => {
-            procs.spawn(&p).map_err(text)?;
-            json!({})
-        }
+        GuestRequest::Spawn(p) => to_json(agent.spawn(&p))?,
         GuestRequest::Kill(k) => {
-            procs.kill(&k.id, k.signal.as_ref()).map_err(text)?;
+            agent.procs.kill(&k.id, k.signal.as_ref()).map_err(text)?;
             json!({})
         }
-        GuestRequest::IsProcessRunning(p) => match procs.running(&p.id) {
+        GuestRequest::IsProcessRunning(p) => match agent.procs.running(&p.id) {
             Some((running, Some(code))) => json!({"running": running, "exitCode": code}),
             Some((running, None)) => json!({ "running": running }),
             None => json!({"running": false}),
         },
         GuestRequest::ReadFile(r) => {
-            let bytes = read_session_file(&r.process_name, &r.file_path).map_err(text)?;
+            let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)
+                .map_err(text)?;
             json!({"content": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+        GuestRequest::MountPath(_) => return Err(text(crate::agent::NO_SHARING.into())),
+        GuestRequest::InstallSdk(p) => to_json(agent.install_sdk(&p))?,
+        GuestRequest::InstallSdkChunk(c) => to_json(agent.install_sdk_chunk(&c))?,
+        GuestRequest::InstallSdkCommit(c) => to_json(agent.install_sdk_commit(&c.version))?,
+        GuestRequest::AddApprovedOauthToken(t) => {
+            agent.add_oauth_token(t.token);
+            json!({})
+        }
+        GuestRequest::GetSessionsDiskInfo(_) => to_json(agent.disk_info())?,
+        GuestRequest::DeleteSessionDirs(d) => to_json(agent.delete_sessions(&d.names))?,
+        GuestRequest::PruneSessionCaches(p) => to_json(agent.prune(&p))?,
+        GuestRequest::SetDebugLogging(d) => {
+            crate::set_debug(d.enabled);
+            json!({})
         }
         GuestRequest::Shutdown => {
             sender.send(&GuestFrame::result(id.clone(), json!({})));
             crate::init::power_off();
         }
         GuestRequest::Unknown(m) => return Err(GuestError::unknown_method(&m)),
-        other => {
-            return Err(text(format!(
-                "{} is not supported by coworkvm-agent {} yet",
-                request_name(&other),
-                env!("CARGO_PKG_VERSION")
-            )))
-        }
     }))
 }
 
-fn request_name(r: &GuestRequest) -> &'static str {
-    match r {
-        GuestRequest::MountPath(_) => "mountPath",
-        GuestRequest::InstallSdk(_) => "installSdk",
-        GuestRequest::AddApprovedOauthToken(_) => "addApprovedOauthToken",
-        GuestRequest::GetSessionsDiskInfo(_) => "getSessionsDiskInfo",
-        GuestRequest::DeleteSessionDirs(_) => "deleteSessionDirs",
-        GuestRequest::PruneSessionCaches(_) => "pruneSessionCaches",
-        GuestRequest::SetDebugLogging(_) => "setDebugLogging",
-        _ => "this request",
-    }
-}
-
-/// Reads a file that lies inside `/sessions/<name>` (after resolving links).
-pub fn read_session_file(name: &str, path: &str) -> Result<Vec<u8>, String> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(format!("bad session name {name:?}"));
-    }
-    let root = std::path::Path::new("/sessions").join(name);
+/// Reads a file that lies inside `<root>/<name>` (after resolving links).
+pub fn read_session_file(
+    root: &std::path::Path,
+    name: &str,
+    path: &str,
+) -> Result<Vec<u8>, String> {
+    crate::sessions::validate_name(name)?;
+    let root = root.join(name);
     let root = root
         .canonicalize()
         .map_err(|e| format!("session {name}: {e}"))?;
@@ -228,7 +237,7 @@ pub fn read_session_file(name: &str, path: &str) -> Result<Vec<u8>, String> {
         .canonicalize()
         .map_err(|e| format!("{path}: {e}"))?;
     if !full.starts_with(&root) {
-        return Err(format!("{path} is outside /sessions/{name}"));
+        return Err(format!("{path} is outside {}", root.display()));
     }
     std::fs::read(&full).map_err(|e| format!("{path}: {e}"))
 }

@@ -1,12 +1,46 @@
 //! `coworkvm-agent`: the guest's `/init`. It mounts the pseudo filesystems,
 //! loads the initramfs's kernel modules, reaps every zombie, and serves the
 //! guest protocol to the helper over vsock: spawning, streaming, feeding
-//! and killing processes.
+//! and killing processes, each session as its own user under bubblewrap
+//! when the session disk and bwrap are there; the session disk's janitor
+//! requests; and the SDK install.
 
+mod agent;
 mod conn;
 mod init;
 mod procs;
 mod rootfs;
+mod sandbox;
+#[cfg(test)]
+mod sandbox_it;
+mod sdk;
+mod sessions;
+
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `setDebugLogging`: verbose agent logs on the console.
+pub fn set_debug(on: bool) {
+    DEBUG.store(on, std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "coworkvm-agent: debug logging {}",
+        if on { "on" } else { "off" }
+    );
+}
+
+pub fn debug_enabled() -> bool {
+    DEBUG.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Logs to the console when debug logging is on. Never pass it secrets
+/// (env, tokens, params): names and ids only.
+#[macro_export]
+macro_rules! debug {
+    ($($t:tt)*) => {
+        if $crate::debug_enabled() {
+            eprintln!("coworkvm-agent: debug: {}", format_args!($($t)*));
+        }
+    };
+}
 
 /// How one boot step went, reported to the helper before `ready`.
 #[derive(Debug, Clone)]
@@ -49,5 +83,6 @@ fn main() {
     let procs = procs::Procs::default();
     let reaper = procs.clone();
     std::thread::spawn(move || reaper.reap_forever());
-    conn::serve(procs, steps);
+    let agent = agent::Agent::detect(procs);
+    conn::serve(agent, steps);
 }

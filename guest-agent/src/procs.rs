@@ -2,7 +2,9 @@
 //! reaper that collects every child (PID 1 inherits orphans too).
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,18 @@ use crate::conn::Sender;
 
 struct Proc {
     id: String,
+    /// The session (`spawn`'s `name`).
+    session: String,
+    /// The process group the agent made (the child called setsid or got
+    /// process_group(0)): the direct child and, when not sandboxed, its tree.
     pgid: i32,
+    /// Sandboxed: the sandbox's own process group (bwrap `--new-session`),
+    /// once bwrap has reported it on its info fd.
+    sandbox_pgid: Option<i32>,
+    sandboxed: bool,
+    /// The last signal `kill` sent: a sandbox that ends with 128+n after
+    /// signal n is reported as ended by that signal.
+    last_signal: Option<i32>,
     stdin: Option<ChildStdin>,
     exit: Option<(Option<i32>, Option<i32>)>,
     /// stdout and stderr pumps still running; the exit event waits for both.
@@ -70,6 +83,20 @@ fn signal_name(n: i32) -> String {
     }
 }
 
+/// (code, signal) to report. bwrap ends with 128+n when the command died
+/// of signal n; after a `kill` with n, that is reported as signal n.
+pub fn exit_of(
+    sandboxed: bool,
+    last_signal: Option<i32>,
+    code: Option<i32>,
+    signal: Option<i32>,
+) -> (Option<i32>, Option<i32>) {
+    match (sandboxed, last_signal, code) {
+        (true, Some(s), Some(c)) if c == 128 + s => (None, Some(s)),
+        _ => (code, signal),
+    }
+}
+
 impl Procs {
     pub fn set_sender(&self, s: Option<Sender>) {
         self.inner.lock().unwrap().sender = s;
@@ -96,11 +123,11 @@ impl Procs {
         }
     }
 
-    pub fn spawn(&self, p: &SpawnParams) -> Result<(), String> {
-        if self.inner.lock().unwrap().pid_of.contains_key(&p.id) {
-            return Err(format!("process id {} is already in use", p.id));
-        }
-        let mut cmd = Command::new(&p.command);
+    /// The unsandboxed command of a spawn (no session disk or no bwrap):
+    /// as root, in `/` unless `cwd` says otherwise, in its own process
+    /// group, with the agent's environment plus the spawn's `env`.
+    pub fn direct_command(p: &SpawnParams, program: &str) -> Command {
+        let mut cmd = Command::new(program);
         cmd.args(&p.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -112,21 +139,60 @@ impl Procs {
         if let Some(env) = &p.env {
             cmd.envs(env.expose());
         }
-        let encoding = p.encoding.unwrap_or_default();
+        cmd
+    }
+
+    pub fn is_in_use(&self, id: &str) -> bool {
+        self.inner.lock().unwrap().pid_of.contains_key(id)
+    }
+
+    /// Sessions with a process that has not exited.
+    pub fn running_sessions(&self) -> HashSet<String> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .by_pid
+            .values()
+            .filter(|p| p.exit.is_none())
+            .map(|p| p.session.clone())
+            .collect()
+    }
+
+    /// Starts `cmd` (stdio piped; a new process group or session made by
+    /// the command itself) as process `id` of `session`. `info`: the read
+    /// end of a sandbox's bwrap `--info-fd` pipe.
+    pub fn spawn(
+        &self,
+        id: &str,
+        session: &str,
+        mut cmd: Command,
+        encoding: StreamEncoding,
+        info: Option<OwnedFd>,
+        label: &str,
+    ) -> Result<(), String> {
+        if self.is_in_use(id) {
+            return Err(format!("process id {id} is already in use"));
+        }
+        let sandboxed = info.is_some();
         // Hold the lock across spawn so the reaper cannot see the pid first.
         let mut inner = self.inner.lock().unwrap();
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", p.command))?;
+            .map_err(|e| format!("cannot run {label}: {e}"))?;
+        // The write end of the info pipe (if any) lives in `cmd`'s caller
+        // and is closed there; the child holds its own copy.
         let pid = child.id() as i32;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
-        inner.pid_of.insert(p.id.clone(), pid);
+        inner.pid_of.insert(id.to_owned(), pid);
         inner.by_pid.insert(
             pid,
             Proc {
-                id: p.id.clone(),
+                id: id.to_owned(),
+                session: session.to_owned(),
                 pgid: pid,
+                sandbox_pgid: None,
+                sandboxed,
+                last_signal: None,
                 stdin: child.stdin.take(),
                 exit: None,
                 open_pipes: 2,
@@ -135,6 +201,17 @@ impl Procs {
             },
         );
         drop(inner);
+        if let Some(info) = info {
+            let procs = self.clone();
+            std::thread::spawn(move || {
+                if let Some(child_pid) = crate::sandbox::read_child_pid(info) {
+                    let mut inner = procs.inner.lock().unwrap();
+                    if let Some(p) = inner.by_pid.get_mut(&pid) {
+                        p.sandbox_pgid = Some(child_pid);
+                    }
+                }
+            });
+        }
         // The reaper waits for it; Child is not waited on here.
         std::mem::forget(child);
         for (pipe, is_err) in [
@@ -142,7 +219,7 @@ impl Procs {
             (stderr.map(|s| Box::new(s) as Box<dyn Read + Send>), true),
         ] {
             let procs = self.clone();
-            let id = p.id.clone();
+            let id = id.to_owned();
             std::thread::spawn(move || procs.pump(pid, id, pipe, is_err, encoding));
         }
         Ok(())
@@ -255,11 +332,25 @@ impl Procs {
 
     pub fn kill(&self, id: &str, signal: Option<&Signal>) -> Result<(), String> {
         let sig = signal_number(signal)?;
-        let inner = self.inner.lock().unwrap();
-        let pid = inner.pid_of.get(id).ok_or(format!("no process {id}"))?;
-        let p = inner.by_pid.get(pid).ok_or(format!("no process {id}"))?;
+        let mut inner = self.inner.lock().unwrap();
+        let pid = *inner.pid_of.get(id).ok_or(format!("no process {id}"))?;
+        let p = inner
+            .by_pid
+            .get_mut(&pid)
+            .ok_or(format!("no process {id}"))?;
         if p.exit.is_some() {
             return Ok(());
+        }
+        p.last_signal = Some(sig);
+        // A sandbox: its own group (the command and everything below it,
+        // not the outer bwrap, so a handled signal is just that).
+        if let Some(g) = p.sandbox_pgid {
+            // SAFETY: kill(2) on a process group; no memory involved.
+            if unsafe { libc::kill(-g, sig) } == 0 {
+                return Ok(());
+            }
+            // ESRCH: the sandbox's group is gone or not made yet; the
+            // outer group below still reaches it.
         }
         // SAFETY: kill(2) on the process group we created; no memory involved.
         if unsafe { libc::kill(-p.pgid, sig) } != 0 {
@@ -292,7 +383,7 @@ impl Procs {
             let es = std::process::ExitStatus::from_raw(status);
             let mut inner = self.inner.lock().unwrap();
             if let Some(p) = inner.by_pid.get_mut(&pid) {
-                p.exit = Some((es.code(), es.signal()));
+                p.exit = Some(exit_of(p.sandboxed, p.last_signal, es.code(), es.signal()));
                 Self::maybe_finish(&mut inner, pid);
                 // A background grandchild may hold the pipes open for ever:
                 // give the output a moment to drain, then report the exit.
@@ -307,5 +398,22 @@ impl Procs {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_exit_after_kill_is_the_signal() {
+        // bwrap's 128+n after our SIGTERM: the signal.
+        assert_eq!(exit_of(true, Some(15), Some(143), None), (None, Some(15)));
+        // Without a kill, or another signal, or unsandboxed: as it is.
+        assert_eq!(exit_of(true, None, Some(143), None), (Some(143), None));
+        assert_eq!(exit_of(true, Some(9), Some(143), None), (Some(143), None));
+        assert_eq!(exit_of(false, Some(15), Some(143), None), (Some(143), None));
+        assert_eq!(exit_of(true, Some(9), None, Some(9)), (None, Some(9)));
+        assert_eq!(exit_of(true, Some(15), Some(0), None), (Some(0), None));
     }
 }

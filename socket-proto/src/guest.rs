@@ -45,6 +45,7 @@ use crate::host::{
 };
 use crate::params::{decode_params, ParamsError};
 use crate::redact::redacted_debug;
+use crate::sdk::{InstallSdkChunkParams, InstallSdkCommitParams};
 
 /// The vsock port the agent dials on the host (CID 2).
 pub const AGENT_VSOCK_PORT: u32 = 51234;
@@ -76,6 +77,10 @@ pub const GUEST_METHODS: &[&str] = &[
     "setDebugLogging",
     "shutdown",
 ];
+
+/// coworkvm's own host-to-guest request methods, beyond the protocol's
+/// ([`crate::sdk`]: the SDK transfer).
+pub const COWORKVM_GUEST_METHODS: &[&str] = &[crate::sdk::METHOD_CHUNK, crate::sdk::METHOD_COMMIT];
 
 /// Every guest-to-host event.
 pub const GUEST_EVENTS: &[&str] = &[
@@ -525,6 +530,10 @@ pub enum GuestRequest {
     MountPath(MountPathParams),
     /// `installSdk`
     InstallSdk(InstallSdkParams),
+    /// `installSdk.chunk` (coworkvm extension, [`crate::sdk`])
+    InstallSdkChunk(InstallSdkChunkParams),
+    /// `installSdk.commit` (coworkvm extension, [`crate::sdk`])
+    InstallSdkCommit(InstallSdkCommitParams),
     /// `addApprovedOauthToken`
     AddApprovedOauthToken(AddApprovedOauthTokenParams),
     /// `getSessionsDiskInfo`
@@ -562,6 +571,8 @@ impl GuestRequest {
             "readFile" => Self::ReadFile(params(method, p)?),
             "mountPath" => Self::MountPath(params(method, p)?),
             "installSdk" => Self::InstallSdk(params(method, p)?),
+            "installSdk.chunk" => Self::InstallSdkChunk(params(method, p)?),
+            "installSdk.commit" => Self::InstallSdkCommit(params(method, p)?),
             "addApprovedOauthToken" => Self::AddApprovedOauthToken(params(method, p)?),
             "getSessionsDiskInfo" => Self::GetSessionsDiskInfo(params(method, p)?),
             "deleteSessionDirs" => Self::DeleteSessionDirs(params(method, p)?),
@@ -582,6 +593,8 @@ impl GuestRequest {
             Self::ReadFile(_) => "readFile",
             Self::MountPath(_) => "mountPath",
             Self::InstallSdk(_) => "installSdk",
+            Self::InstallSdkChunk(_) => crate::sdk::METHOD_CHUNK,
+            Self::InstallSdkCommit(_) => crate::sdk::METHOD_COMMIT,
             Self::AddApprovedOauthToken(_) => "addApprovedOauthToken",
             Self::GetSessionsDiskInfo(_) => "getSessionsDiskInfo",
             Self::DeleteSessionDirs(_) => "deleteSessionDirs",
@@ -601,6 +614,8 @@ impl GuestRequest {
             Self::ReadFile(x) => to_value(x),
             Self::MountPath(x) => to_value(x),
             Self::InstallSdk(x) => to_value(x),
+            Self::InstallSdkChunk(x) => to_value(x),
+            Self::InstallSdkCommit(x) => to_value(x),
             Self::AddApprovedOauthToken(x) => to_value(x),
             Self::GetSessionsDiskInfo(x) => to_value(x),
             Self::DeleteSessionDirs(x) => to_value(x),

@@ -557,14 +557,22 @@ pub struct PruneSessionCachesParams {
     pub session_tmp_older_than_seconds: Option<u64>,
 }
 
-/// `installSdk {sdkSubpath, version}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `installSdk {sdkSubpath, version}`; coworkvm's transfer extension adds
+/// `sha256` and `size` on the guest connection (see [`crate::sdk`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InstallSdkParams {
     /// Relative to the user's home.
     pub sdk_subpath: String,
     /// The version directory under it.
     pub version: String,
+    /// coworkvm extension, helper to agent: lowercase hex SHA-256 of the
+    /// binary the helper is about to send. The client never sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// coworkvm extension, helper to agent: the binary's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// `addApprovedOauthToken {token}`; the token is a [`Secret`].

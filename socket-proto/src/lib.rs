@@ -13,6 +13,8 @@
 //!   `request`, `response`, `notification` and `event` ([`GuestFrame`]), and
 //!   the conversions between the two protocols.
 //! - [`params`]: typed decoding with errors that name the field.
+//! - [`sdk`]: coworkvm's SDK transfer extension (`installSdk.chunk`,
+//!   `installSdk.commit`) and [`sdk::upload_sdk`], the helper's side of it.
 //! - [`redact`]: secrets (`env`, `oauthToken`, `token`) never reach a log.
 //!
 //! Features: `tokio` (on by default) adds `frame::FrameCodec`. The agent
@@ -66,6 +68,7 @@ pub mod guest;
 pub mod host;
 pub mod params;
 pub mod redact;
+pub mod sdk;
 
 #[cfg(feature = "tokio")]
 pub use frame::FrameCodec;

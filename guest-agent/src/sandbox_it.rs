@@ -1,0 +1,370 @@
+//! The sandbox for real: the agent's spawn path (session user, bwrap
+//! arguments, kill, exit reporting) run on this machine's bubblewrap, with
+//! a temporary directory as the session disk. Needs root (to become the
+//! session user) and `/usr/bin/bwrap`; skipped without them, except under
+//! `CI=true`, where that is a failure.
+
+use std::collections::HashMap;
+use std::io::BufReader;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use socket_proto::frame::read_frame;
+use socket_proto::guest::{GuestEvent, GuestFrame};
+use socket_proto::host::SpawnParams;
+
+use crate::agent::{Agent, Sandbox};
+use crate::conn::Sender;
+use crate::procs::Procs;
+use crate::sandbox::{scan_system, BWRAP};
+use crate::sessions::Sessions;
+
+fn available() -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let have = Path::new(BWRAP).is_file();
+    if root && have {
+        return true;
+    }
+    let why = if have {
+        "not root"
+    } else {
+        "no /usr/bin/bwrap (apt-get install bubblewrap)"
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the bwrap sandbox test cannot run on CI: {why}");
+    }
+    eprintln!("SKIPPED: the bwrap sandbox test: {why}");
+    false
+}
+
+struct Rig {
+    agent: Agent,
+    events: Receiver<GuestEvent>,
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+}
+
+#[derive(Default, Debug)]
+struct Outcome {
+    stdout: String,
+    stderr: String,
+    code: Option<i32>,
+    signal: Option<Value>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // The session user must be able to reach its directory.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = dir.path().join("sessions");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        let sessions = Sessions::open(&root, &dir.path().join("etc")).unwrap();
+        let root = sessions.root().to_owned();
+        // In the guest the agent is PID 1 and inherits bwrap's orphaned
+        // pid-namespace init (the outer bwrap exits without waiting for
+        // it); here this process stands in as their subreaper.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let procs = Procs::default();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        procs.set_sender(Some(Sender::new(std::fs::File::from(
+            std::os::fd::OwnedFd::from(theirs),
+        ))));
+        let reaper = procs.clone();
+        std::thread::spawn(move || reaper.reap_forever());
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(ours);
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                if let Ok(Some(GuestFrame::Event { event, params })) = GuestFrame::parse(obj) {
+                    if let Ok(ev) = GuestEvent::parse(&event, params) {
+                        let _ = tx.send(ev);
+                    }
+                }
+            }
+        });
+        let sandbox = Sandbox {
+            bwrap: BWRAP.into(),
+            system: scan_system(Path::new("/")),
+        };
+        let agent = Agent::new(procs, root.clone(), Some(sessions), Some(sandbox));
+        Rig {
+            agent,
+            events,
+            _dir: dir,
+            root,
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        id: &str,
+        name: &str,
+        script: &str,
+        cwd: Option<&str>,
+    ) -> Result<Value, String> {
+        let p: SpawnParams = serde_json::from_value(json!({
+            "id": id, "name": name, "command": "sh", "args": ["-c", script],
+            "isResume": false, "cwd": cwd,
+        }))
+        .unwrap();
+        self.agent.spawn(&p)
+    }
+
+    /// Events until `id` exits.
+    fn wait(&mut self, id: &str, seen: &mut HashMap<String, Outcome>) -> Outcome {
+        loop {
+            if seen
+                .get(id)
+                .is_some_and(|o| o.code.is_some() || o.signal.is_some())
+            {
+                return seen.remove(id).unwrap();
+            }
+            let ev = self
+                .events
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no exit of {id}; so far {seen:?}"));
+            match ev {
+                GuestEvent::Stdout { id, data } => {
+                    seen.entry(id).or_default().stdout.push_str(&data)
+                }
+                GuestEvent::Stderr { id, data } => {
+                    seen.entry(id).or_default().stderr.push_str(&data)
+                }
+                GuestEvent::Exit {
+                    id, code, signal, ..
+                } => {
+                    let o = seen.entry(id).or_default();
+                    o.code = code;
+                    o.signal = signal.filter(|s| !s.is_null());
+                    if o.code.is_none() && o.signal.is_none() {
+                        o.code = Some(-1000);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn run(&mut self, name: &str, script: &str) -> Outcome {
+        let id = format!("run-{}", rand_id());
+        self.spawn(&id, name, script, None).unwrap();
+        let mut seen = HashMap::new();
+        self.wait(&id, &mut seen)
+    }
+
+    /// Waits for the first stdout of `id`.
+    fn first_stdout(&mut self, id: &str, seen: &mut HashMap<String, Outcome>) {
+        while seen.get(id).is_none_or(|o| o.stdout.is_empty()) {
+            match self
+                .events
+                .recv_timeout(Duration::from_secs(30))
+                .expect("output")
+            {
+                GuestEvent::Stdout { id, data } => {
+                    seen.entry(id).or_default().stdout.push_str(&data)
+                }
+                GuestEvent::Stderr { id, data } => {
+                    seen.entry(id).or_default().stderr.push_str(&data)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn uid_processes(uid: u32) -> usize {
+    let mut n = 0;
+
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("status")) {
+            if s.lines().any(|l| {
+                l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+            }) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn sessions_run_in_bwrap_as_their_own_users() {
+    if !available() {
+        return;
+    }
+    let mut rig = Rig::new();
+
+    // Identity, pid namespace, privileges, network, the view of the disk.
+    let o = rig.run(
+        "alpha",
+        r#"echo "pid=$$"; echo "uid=$(id -u) gid=$(id -g) groups=$(id -G)"
+           echo "procs=$(ls /proc | grep -c '^[0-9]')"
+           grep -E '^(NoNewPrivs|CapEff|CapBnd):' /proc/self/status
+           echo "netdevs=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,)"
+           echo "home=$HOME pwd=$(pwd)"
+           echo "sessions=$(ls -A /sessions 2>&1 | tr '\n' ,) $(ls -A "$(dirname "$HOME")" | tr '\n' ,)"
+           echo hi > "$HOME/written" && echo "home-write=ok"
+           touch /usr/x 2>/dev/null && echo "usr-write=yes" || echo "usr-write=no"
+           touch /etc/x 2>/dev/null && echo "etc-write=yes" || echo "etc-write=no"
+           touch /tmp/x && echo "tmp-write=ok"
+           exit 7"#,
+    );
+    let out = &o.stdout;
+    assert_eq!(o.code, Some(7), "the inner command's exit code: {o:?}");
+    let uid = crate::sessions::FIRST_UID;
+    assert!(out.contains("pid=2\n"), "own pid namespace: {o:?}");
+    assert!(
+        out.contains(&format!("uid={uid} gid={uid} groups={uid}\n")),
+        "{o:?}"
+    );
+    let procs: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(procs <= 6, "few processes in the namespace: {o:?}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{o:?}");
+    assert!(out.contains("CapEff:\t0000000000000000"), "{o:?}");
+    assert!(out.contains("CapBnd:\t0000000000000000"), "{o:?}");
+    assert!(out.contains("netdevs=lo,\n"), "only loopback: {o:?}");
+    let home = rig.root.join("alpha");
+    assert!(
+        out.contains(&format!("home={0} pwd={0}\n", home.display())),
+        "{o:?}"
+    );
+    assert!(out.contains("home-write=ok"), "{o:?}");
+    assert!(out.contains("usr-write=no"), "{o:?}");
+    assert!(out.contains("etc-write=no"), "{o:?}");
+    assert!(out.contains("tmp-write=ok"), "{o:?}");
+    // Only its own directory of the session disk.
+    assert!(out.contains("alpha,\n") || out.contains(" alpha,"), "{o:?}");
+    assert!(!out.contains(".coworkvm"), "{o:?}");
+    assert_eq!(
+        std::fs::read_to_string(home.join("written")).unwrap(),
+        "hi\n"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(home.join("written")).unwrap().uid(), uid);
+
+    // A second session: the next uid, and the first one's home is not there.
+    let o = rig.run(
+        "beta",
+        &format!(
+            "id -u; cat {}/written 2>&1 || echo unreachable",
+            home.display()
+        ),
+    );
+    assert!(o.stdout.starts_with(&format!("{}\n", uid + 1)), "{o:?}");
+    assert!(o.stdout.contains("unreachable"), "{o:?}");
+    assert_eq!(o.code, Some(0));
+
+    // cwd: inside works (and is made), outside is refused.
+    let sub = home.join("work/deep");
+    let id = "cwd";
+    rig.spawn(id, "alpha", "pwd", Some(sub.to_str().unwrap()))
+        .unwrap();
+    let o = rig.wait(id, &mut HashMap::new());
+    assert_eq!(o.stdout.trim(), sub.to_str().unwrap());
+    for bad in ["/etc", "/", "../beta"] {
+        let e = rig.spawn("bad-cwd", "alpha", "pwd", Some(bad)).unwrap_err();
+        assert!(e.contains("outside the session"), "{bad}: {e}");
+    }
+    assert!(rig.spawn("x", "../etc", "true", None).is_err());
+
+    // stdin reaches the command through bwrap.
+    rig.spawn("cat", "alpha", "cat; echo done", None).unwrap();
+    rig.agent.procs.stdin("cat", "hello\n", true);
+    let o = rig.wait("cat", &mut HashMap::new());
+    assert_eq!(o.stdout, "hello\ndone\n");
+    assert_eq!(o.code, Some(0));
+
+    // A handled SIGTERM is just that: the command handles it and exits.
+    let mut seen = HashMap::new();
+    rig.spawn(
+        "trap",
+        "alpha",
+        "trap 'echo caught; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
+        None,
+    )
+    .unwrap();
+    rig.first_stdout("trap", &mut seen);
+    // bwrap reports the sandbox's group on its info pipe; give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    rig.agent
+        .procs
+        .kill(
+            "trap",
+            Some(&socket_proto::host::Signal::Name("SIGTERM".into())),
+        )
+        .unwrap();
+    let o = rig.wait("trap", &mut seen);
+    assert_eq!(o.stdout, "ready\ncaught\n", "{o:?}");
+    assert_eq!(o.code, Some(3), "{o:?}");
+
+    // An unhandled one ends it, reported as the signal; kill reaches the
+    // whole tree, background children included.
+    rig.spawn(
+        "tree",
+        "alpha",
+        "sleep 1000 & sleep 1000 & echo started; wait",
+        None,
+    )
+    .unwrap();
+    rig.first_stdout("tree", &mut seen);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(uid_processes(uid) >= 3, "the tree runs as the session user");
+    rig.agent
+        .procs
+        .kill(
+            "tree",
+            Some(&socket_proto::host::Signal::Name("SIGKILL".into())),
+        )
+        .unwrap();
+    let o = rig.wait("tree", &mut seen);
+    assert_eq!(o.signal, Some(json!("SIGKILL")), "{o:?}");
+    assert_eq!(o.code, None, "{o:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(uid_processes(uid), 0, "nothing of the session is left");
+    assert!(!rig.agent.procs.running_sessions().contains("alpha"));
+
+    // A session with a running process is not deleted; an idle one is.
+    rig.spawn("busy", "beta", "echo up; sleep 1000", None)
+        .unwrap();
+    rig.first_stdout("busy", &mut seen);
+    let r = rig
+        .agent
+        .delete_sessions(&["alpha".into(), "beta".into()])
+        .unwrap();
+    assert_eq!(r["deleted"], json!(["alpha"]), "{r}");
+    assert!(
+        r["errors"]["beta"].as_str().unwrap().contains("running"),
+        "{r}"
+    );
+    assert!(!home.exists());
+    assert!(rig.root.join("beta").exists());
+    rig.agent.procs.kill("busy", None).unwrap();
+    let o = rig.wait("busy", &mut seen);
+    assert_eq!(o.signal, Some(json!("SIGTERM")), "{o:?}");
+
+    // A command that is not there is an error, as outside the sandbox.
+    let p: SpawnParams = serde_json::from_value(json!({
+        "id": "nope", "name": "beta", "command": "no-such-command-xyz", "isResume": false,
+    }))
+    .unwrap();
+    assert!(rig.agent.spawn(&p).unwrap_err().contains("not found"));
+}
