@@ -170,8 +170,9 @@ impl Agent {
         let failed_mounts = failed_mounts(p.additional_mounts.as_ref());
         let (program, sdk_dir) = self.resolve_program(&p.command);
         let encoding = p.encoding.unwrap_or_default();
+        let wants_sandbox = p.sandbox != Some(false);
         match (&self.sessions, &self.sandbox) {
-            (Some(sessions), Some(sb)) => {
+            (Some(sessions), Some(sb)) if wants_sandbox => {
                 let sd = sessions.prepare(&p.name)?;
                 let cwd = sessions.resolve_cwd(&sd, p.cwd.as_deref())?;
                 let env: BTreeMap<String, String> = p

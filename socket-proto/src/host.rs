@@ -425,6 +425,11 @@ pub struct SpawnParams {
     /// client never sends it and gets UTF-8 text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<StreamEncoding>,
+    /// coworkvm extension: `false` runs the command as root in the guest's
+    /// own root, outside any session sandbox (`coworkvm run`'s default: it
+    /// is `ssh host CMD` for the VM's owner). Absent or `true`: a session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<bool>,
 }
 
 /// How stream `data` is carried in JSON.

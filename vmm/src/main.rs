@@ -91,6 +91,11 @@ struct RunArgs {
     /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
     #[arg(long, value_parser = parse_uuid)]
     uuid: Option<MachineUuid>,
+    /// Run CMD sandboxed as session NAME (its own user under bubblewrap,
+    /// home /sessions/NAME), as the desktop client's processes run.
+    /// Default: as root in the guest, like `ssh root@vm CMD`.
+    #[arg(long, value_name = "NAME")]
+    session: Option<String>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     command: Vec<String>,
@@ -125,6 +130,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         machine,
         command: args.command,
         connect_timeout: std::time::Duration::from_secs(180),
+        session: args.session,
     })?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

@@ -33,6 +33,9 @@ pub struct RunConfig {
     pub machine: MachineConfig,
     pub command: Vec<String>,
     pub connect_timeout: Duration,
+    /// Run CMD in this session's sandbox (its own user, bubblewrap,
+    /// `/sessions/NAME` as home) instead of as root in the guest.
+    pub session: Option<String>,
 }
 
 const PROCESS_ID: &str = "run";
@@ -167,8 +170,9 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
         &GuestFrame::request(
             "spawn-1",
             "spawn",
-            json!({"id": PROCESS_ID, "name": "run", "command": program, "args": args,
-                   "isResume": false, "encoding": "base64"}),
+            json!({"id": PROCESS_ID, "name": cfg.session.as_deref().unwrap_or("run"),
+                   "command": program, "args": args, "isResume": false,
+                   "encoding": "base64", "sandbox": cfg.session.is_some()}),
         ),
     )?;
 
