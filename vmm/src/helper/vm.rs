@@ -487,7 +487,12 @@ impl VmManager {
             .map(|g| g.saturating_mul(1024))
             .or(sizing.mem_mib)
             .unwrap_or(DEFAULT_MEM_MIB);
-        let cpus = p.cpu_count.or(sizing.cpus).unwrap_or(DEFAULT_CPUS);
+        // `coworkvm boot --cpus` takes 1..=255.
+        let cpus = p
+            .cpu_count
+            .or(sizing.cpus)
+            .unwrap_or(DEFAULT_CPUS)
+            .clamp(1, 255);
         let dir = &self.run_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -613,13 +618,21 @@ impl VmManager {
                 .request(&GuestRequest::Shutdown, Duration::from_secs(5))
                 .await
             {
-                Ok(_) => tracing::info!("stopVM: the guest is shutting down"),
-                Err(e) => tracing::warn!("stopVM: shutdown request: {e}"),
+                Ok(_) => {
+                    tracing::info!("stopVM: the guest is shutting down");
+                    if wait(SHUTDOWN_GRACE).await {
+                        return Ok(());
+                    }
+                    tracing::warn!("stopVM: the guest did not power off in {SHUTDOWN_GRACE:?}");
+                }
+                // The agent's connection may drop as the guest powers off.
+                Err(e) => {
+                    tracing::warn!("stopVM: shutdown request: {e}");
+                    if wait(Duration::from_secs(2)).await {
+                        return Ok(());
+                    }
+                }
             }
-            if wait(SHUTDOWN_GRACE).await {
-                return Ok(());
-            }
-            tracing::warn!("stopVM: the guest did not power off in {SHUTDOWN_GRACE:?}");
         }
         let _ = inst.control.send(VmSignal::Terminate);
         if wait(TERM_GRACE).await {
