@@ -7,5 +7,6 @@ pub mod builder;
 pub mod device_manager;
 pub mod devices;
 pub mod doctor;
+pub mod helper;
 pub mod run;
 pub mod vstate;

@@ -26,6 +26,13 @@ enum Command {
     Boot(BootArgs),
     /// Boot a VM with the guest agent and run CMD in it, like `ssh host CMD`.
     Run(RunArgs),
+    /// Serve the desktop client's helper protocol on a Unix socket (also
+    /// what `coworkvm -socket PATH` does, as the client starts its helper).
+    Serve {
+        /// The socket [default: $XDG_RUNTIME_DIR/claude-cowork-vm.sock].
+        #[arg(long = "socket", value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Check that this host can run coworkvm VMs.
     Doctor {
         /// Print one JSON object instead of text.
@@ -135,14 +142,63 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
+/// The log filter: `RUST_LOG` when set, else `default`.
+fn base_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+}
+
+/// One readable line per event on stderr. Returns the switch that
+/// `setDebugLogging` flips (debug on, or back to the base filter).
+fn init_logging(default: &'static str) -> coworkvm::helper::DebugSwitch {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(base_filter(default));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false),
+        )
         .init();
+    std::sync::Arc::new(move |debug: bool| {
+        let f = if debug {
+            tracing_subscriber::EnvFilter::new("debug")
+        } else {
+            base_filter(default)
+        };
+        if let Err(e) = handle.reload(f) {
+            eprintln!("coworkvm: cannot change the log filter: {e}");
+        }
+    })
+}
+
+/// The client starts its helper as `HELPER -socket PATH`, with no
+/// subcommand: that (and `--socket PATH`) means `serve --socket PATH`. A
+/// single-dash `-socket` is accepted after `serve` too.
+fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let is_socket_flag = |a: &std::ffi::OsString| {
+        let s = a.to_string_lossy();
+        s == "-socket" || s == "--socket" || s.starts_with("-socket=") || s.starts_with("--socket=")
+    };
+    if args.get(1).is_some_and(is_socket_flag) {
+        args.insert(1, "serve".into());
+    }
+    if args.get(1).is_some_and(|a| a == "serve") {
+        for a in args.iter_mut().skip(2) {
+            let s = a.to_string_lossy().into_owned();
+            if let Some(rest) = s.strip_prefix("-socket") {
+                if rest.is_empty() || rest.starts_with('=') {
+                    *a = format!("--socket{rest}").into();
+                }
+            }
+        }
+    }
+    args
 }
 
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
@@ -186,9 +242,16 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    init_logging();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
+    let debug_switch = init_logging(match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
+        Command::Serve { socket } => {
+            let socket = socket.unwrap_or_else(coworkvm::helper::default_socket_path);
+            coworkvm::helper::serve(&socket, Some(debug_switch)).map(|()| ExitCode::SUCCESS)
+        }
         Command::Boot(args) => boot(args),
         Command::Run(args) => run(args),
         Command::Doctor { json } => {
@@ -217,5 +280,44 @@ fn main() -> ExitCode {
             eprintln!("coworkvm: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(Into::into).collect())
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_clients_helper_command_line_serves() {
+        assert_eq!(
+            norm(&["/x/helper", "-socket", "/run/s"]),
+            ["/x/helper", "serve", "--socket", "/run/s"]
+        );
+        assert_eq!(
+            norm(&["coworkvm", "--socket=/run/s"]),
+            ["coworkvm", "serve", "--socket=/run/s"]
+        );
+        assert_eq!(
+            norm(&["coworkvm", "serve", "-socket", "/s"]),
+            ["coworkvm", "serve", "--socket", "/s"]
+        );
+        // Other subcommands are left alone.
+        assert_eq!(
+            norm(&["coworkvm", "run", "-socket"]),
+            ["coworkvm", "run", "-socket"]
+        );
+        let cli = Cli::parse_from(norm(&["helper", "-socket", "/run/s"]));
+        assert!(
+            matches!(cli.command, Command::Serve { socket: Some(p) } if p == std::path::Path::new("/run/s"))
+        );
+        let cli = Cli::parse_from(norm(&["coworkvm", "serve"]));
+        assert!(matches!(cli.command, Command::Serve { socket: None }));
     }
 }

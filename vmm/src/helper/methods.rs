@@ -1,0 +1,370 @@
+//! Method dispatch: one decoded request in, one response out.
+//!
+//! `subscribeEvents` is not here: it changes what the connection does, so
+//! the server handles it.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::Value;
+use socket_proto::guest::{GuestFrame, GuestNotification};
+use socket_proto::host::{
+    ConnectedResult, HostMethod, HostRequest, InstallSdkParams, NetworkDrivesResult,
+    ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
+};
+use socket_proto::redact::Redacted;
+use socket_proto::Response;
+
+use super::agent::{Agent, AgentError, REQUEST_TIMEOUT};
+use super::vm::Sizing;
+use super::Helper;
+
+/// The reason every `additionalMounts` entry fails for now.
+pub const NO_FOLDER_SHARING: &str = "folder sharing is not available yet";
+/// What `installSdk` answers until the guest upload exists.
+pub const NO_SDK_UPLOAD: &str = "installSdk: guest upload not available yet";
+
+/// Why `installSdk` could not find a usable SDK on the host.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SdkError {
+    /// No home directory to resolve `sdkSubpath` against.
+    #[error("installSdk: no home directory (HOME is unset)")]
+    NoHome,
+    /// `sdkSubpath` or `version` would leave the home directory.
+    #[error("installSdk: {0:?} must be a path inside the home directory")]
+    OutsideHome(String),
+    /// The download is not complete: no `.verified` beside the binary.
+    #[error("SDK version {version} not verified at {}", .dir.display())]
+    NotVerified {
+        /// The requested version.
+        version: String,
+        /// The version directory that lacks `.verified`.
+        dir: PathBuf,
+    },
+    /// `.verified` but no binary.
+    #[error("SDK version {version}: no binary at {}", .path.display())]
+    NoBinary {
+        /// The requested version.
+        version: String,
+        /// Where the binary should be.
+        path: PathBuf,
+    },
+}
+
+fn plain_relative(p: &Path) -> bool {
+    p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// `$HOME/<sdkSubpath>/<version>/claude`, checked: `sdkSubpath` is relative
+/// to home (an absolute path already inside home is taken as is), and the
+/// `.verified` file must lie beside the binary.
+pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf, SdkError> {
+    let home = home.ok_or(SdkError::NoHome)?;
+    let sub = Path::new(&p.sdk_subpath);
+    let base = if sub.is_absolute() {
+        match sub.strip_prefix(home) {
+            Ok(rest) if plain_relative(rest) => sub.to_owned(),
+            _ => return Err(SdkError::OutsideHome(p.sdk_subpath.clone())),
+        }
+    } else if plain_relative(sub) {
+        home.join(sub)
+    } else {
+        return Err(SdkError::OutsideHome(p.sdk_subpath.clone()));
+    };
+    let version = Path::new(&p.version);
+    if p.version.is_empty() || !plain_relative(version) || version.components().count() != 1 {
+        return Err(SdkError::OutsideHome(p.version.clone()));
+    }
+    let dir = base.join(version);
+    if !dir.join(".verified").is_file() {
+        return Err(SdkError::NotVerified {
+            version: p.version.clone(),
+            dir,
+        });
+    }
+    let bin = dir.join("claude");
+    if !bin.is_file() {
+        return Err(SdkError::NoBinary {
+            version: p.version.clone(),
+            path: bin,
+        });
+    }
+    Ok(bin)
+}
+
+/// Puts the verified SDK binary at `path` into the guest as `version`.
+///
+/// The transfer is being designed on the agent side; until it lands this
+/// answers [`NO_SDK_UPLOAD`]. The lead wires the real upload in here.
+pub async fn upload_sdk(_agent: &Agent, path: &Path, version: &str) -> Result<(), String> {
+    tracing::warn!(
+        "installSdk: would upload {} as version {version}, but the guest upload is not available yet",
+        path.display()
+    );
+    Err(NO_SDK_UPLOAD.into())
+}
+
+fn from_agent(req: &HostRequest, r: Result<Value, AgentError>) -> Response {
+    match r {
+        Ok(Value::Null) => req.ok(),
+        Ok(v) if v.as_object().is_some_and(|m| m.is_empty()) => req.ok(),
+        Ok(v) => Response::ok(req.id.clone(), Some(v)),
+        Err(e) => req.err(e.to_string()),
+    }
+}
+
+/// The `failedMounts` entry for each `additionalMounts` entry: the entry's
+/// own fields (an object entry, or `{mountName: KEY, ...}` for a map) plus
+/// `reason`.
+pub fn failed_mounts(additional: &Value) -> Vec<Value> {
+    let with_reason = |name: Option<&str>, entry: &Value| {
+        let mut m = match entry {
+            Value::Object(m) => m.clone(),
+            Value::Null => serde_json::Map::new(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("path".into(), other.clone());
+                m
+            }
+        };
+        if let Some(n) = name {
+            m.entry("mountName")
+                .or_insert_with(|| Value::String(n.into()));
+        }
+        m.insert("reason".into(), Value::String(NO_FOLDER_SHARING.into()));
+        Value::Object(m)
+    };
+    match additional {
+        Value::Array(a) => a.iter().map(|e| with_reason(None, e)).collect(),
+        Value::Object(m) => m.iter().map(|(k, e)| with_reason(Some(k), e)).collect(),
+        Value::Null => vec![],
+        other => vec![with_reason(None, other)],
+    }
+}
+
+async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response {
+    let Some(agent) = helper.vm.agent() else {
+        return req.err(AgentError::NotConnected.to_string());
+    };
+    let mut ours = p
+        .additional_mounts
+        .as_ref()
+        .map(failed_mounts)
+        .unwrap_or_default();
+    // The guest cannot see host folders yet: do not ask it to mount them.
+    let mut forwarded = p.clone();
+    forwarded.additional_mounts = None;
+    tracing::info!(
+        "spawn {} in session {}: {} ({} args)",
+        p.id,
+        p.name,
+        p.command,
+        p.args.len()
+    );
+    let guest = socket_proto::GuestRequest::Spawn(Box::new(forwarded));
+    match agent.request(&guest, REQUEST_TIMEOUT).await {
+        Ok(v) => {
+            agent.process_started(&p.id);
+            let theirs: SpawnResult = serde_json::from_value(v).unwrap_or_default();
+            ours.extend(theirs.failed_mounts.unwrap_or_default());
+            let result = SpawnResult {
+                failed_mounts: (!ours.is_empty()).then_some(ours),
+            };
+            req.ok_with(&result)
+        }
+        Err(e) => {
+            tracing::warn!("spawn {}: {e}", p.id);
+            req.err(e.to_string())
+        }
+    }
+}
+
+/// Answers one request (anything but `subscribeEvents`).
+pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
+    tracing::debug!("request {}", Redacted(&req));
+    let vm = &helper.vm;
+    match &req.method {
+        HostMethod::Configure(c) => {
+            vm.set_sizing(Sizing {
+                mem_mib: c.memory_mb,
+                cpus: c.cpu_count,
+            });
+            tracing::info!(
+                "configure: profile {} at {}",
+                c.user_data_name,
+                c.user_data_root
+            );
+            *helper.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+            req.ok()
+        }
+        HostMethod::SubscribeEvents(_) => req.err("subscribeEvents is handled by the connection"),
+        HostMethod::CreateVm(p) => match vm.create_vm(p.clone()).await {
+            Ok(()) => req.ok(),
+            Err(e) => req.err(e.to_string()),
+        },
+        HostMethod::StartVm(p) => match vm.start_vm(p.clone()).await {
+            Ok(()) => req.ok(),
+            Err(e) => req.err(e.to_string()),
+        },
+        HostMethod::StopVm => match vm.stop_vm().await {
+            Ok(()) => req.ok(),
+            Err(e) => req.err(e.to_string()),
+        },
+        HostMethod::IsRunning => req.ok_with(&RunningResult {
+            running: vm.is_running(),
+        }),
+        HostMethod::IsGuestConnected => req.ok_with(&ConnectedResult {
+            connected: vm.is_guest_connected(),
+        }),
+        HostMethod::Spawn(p) => spawn(helper, &req, p).await,
+        HostMethod::WriteStdin(p) => match vm.agent() {
+            Some(agent) => match agent.notify(&GuestNotification::from(p)).await {
+                Ok(()) => req.ok(),
+                Err(e) => req.err(e.to_string()),
+            },
+            None => req.err(AgentError::NotConnected.to_string()),
+        },
+        HostMethod::IsProcessRunning(p) => match vm.agent() {
+            // No VM: nothing runs. Safe to repeat either way.
+            None => req.ok_with(&ProcessRunningResult {
+                running: false,
+                exit_code: None,
+            }),
+            Some(agent) => {
+                let guest = req.method.to_guest_request();
+                match guest {
+                    Some(g) => from_agent(&req, agent.request(&g, REQUEST_TIMEOUT).await),
+                    None => req.err(format!("isProcessRunning {}: not forwardable", p.id)),
+                }
+            }
+        },
+        HostMethod::SendGuestResponse(p) => match vm.agent() {
+            Some(agent) => match agent.send_frame(&GuestFrame::from(p)).await {
+                Ok(()) => req.ok(),
+                Err(e) => req.err(e.to_string()),
+            },
+            None => req.err(AgentError::NotConnected.to_string()),
+        },
+        HostMethod::SetDebugLogging(p) => {
+            if let Some(switch) = &helper.debug_switch {
+                switch(p.enabled);
+            }
+            tracing::info!("debug logging {}", if p.enabled { "on" } else { "off" });
+            if let Some(agent) = vm.agent().filter(|a| a.is_connected()) {
+                if let Some(g) = req.method.to_guest_request() {
+                    // An agent without debug logging is no reason to fail.
+                    if let Err(e) = agent.request(&g, REQUEST_TIMEOUT).await {
+                        tracing::debug!("setDebugLogging in the guest: {e}");
+                    }
+                }
+            }
+            req.ok()
+        }
+        HostMethod::InstallSdk(p) => {
+            let bin = match resolve_sdk(helper.home.as_deref(), p) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    return req.err(e.to_string());
+                }
+            };
+            let Some(agent) = vm.agent() else {
+                return req.err(AgentError::NotConnected.to_string());
+            };
+            match upload_sdk(&agent, &bin, &p.version).await {
+                Ok(()) => req.ok(),
+                Err(e) => req.err(e),
+            }
+        }
+        HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),
+        HostMethod::Unknown(name) => {
+            tracing::warn!("unknown method {name:?}");
+            req.unknown_method()
+        }
+        // kill, readFile, mountPath, addApprovedOauthToken and the
+        // session-disk methods: to the agent as they are.
+        m => match (m.to_guest_request(), vm.agent()) {
+            (Some(g), Some(agent)) => {
+                if let HostMethod::Kill(k) = m {
+                    tracing::info!("kill {} ({:?})", k.id, k.signal);
+                }
+                from_agent(&req, agent.request(&g, REQUEST_TIMEOUT).await)
+            }
+            (Some(_), None) => req.err(AgentError::NotConnected.to_string()),
+            (None, _) => req.err(format!("{} is not served by this helper", m.name())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sdk(sub: &str, version: &str) -> InstallSdkParams {
+        InstallSdkParams {
+            sdk_subpath: sub.into(),
+            version: version.into(),
+        }
+    }
+
+    #[test]
+    fn sdk_paths_resolve_inside_home_and_need_verified() {
+        let home = std::env::temp_dir().join(format!("coworkvm-home-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        let vdir = home.join(".local/sdk/1.2.3");
+        std::fs::create_dir_all(&vdir).unwrap();
+        std::fs::write(vdir.join("claude"), b"bin").unwrap();
+
+        let e = resolve_sdk(Some(&home), &sdk(".local/sdk", "1.2.3")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("SDK version 1.2.3 not verified at {}", vdir.display())
+        );
+        std::fs::write(vdir.join(".verified"), b"").unwrap();
+        let want = vdir.join("claude");
+        assert_eq!(
+            resolve_sdk(Some(&home), &sdk(".local/sdk", "1.2.3")).unwrap(),
+            want
+        );
+        // Already inside home: taken as is.
+        let abs = home.join(".local/sdk");
+        assert_eq!(
+            resolve_sdk(Some(&home), &sdk(abs.to_str().unwrap(), "1.2.3")).unwrap(),
+            want
+        );
+        for (sub, v) in [
+            ("/etc", "1.2.3"),
+            ("../x", "1.2.3"),
+            (".local/sdk", "../1.2.3"),
+            (".local/sdk", ""),
+        ] {
+            assert!(
+                matches!(
+                    resolve_sdk(Some(&home), &sdk(sub, v)),
+                    Err(SdkError::OutsideHome(_))
+                ),
+                "{sub} {v}"
+            );
+        }
+        assert_eq!(
+            resolve_sdk(None, &sdk(".local/sdk", "1.2.3")),
+            Err(SdkError::NoHome)
+        );
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn every_additional_mount_fails_with_a_reason() {
+        let arr = failed_mounts(&json!([{"mountName": "a", "path": "/x"}, {"mountName": "b"}]));
+        assert_eq!(arr.len(), 2);
+        assert_eq!(arr[0]["mountName"], "a");
+        assert_eq!(arr[0]["path"], "/x");
+        assert_eq!(arr[1]["reason"], NO_FOLDER_SHARING);
+        let map = failed_mounts(&json!({"docs": {"path": "/home/u/docs", "mode": "ro"}}));
+        assert_eq!(map.len(), 1);
+        assert_eq!(map[0]["mountName"], "docs");
+        assert_eq!(map[0]["mode"], "ro");
+        assert_eq!(map[0]["reason"], NO_FOLDER_SHARING);
+        assert!(failed_mounts(&Value::Null).is_empty());
+    }
+}

@@ -1,0 +1,322 @@
+//! The client socket: binding it safely, accepting connections, and the
+//! three kinds of connection (one-shot, persistent pipe, event stream).
+//!
+//! Every connection is handled the same way: frames are read one at a time;
+//! each request runs as its own task (so a slow `startVM` never holds up an
+//! `isRunning` on the same pipe) and its reply goes out through the
+//! connection's writer task, under the request's `id` when it had one. A
+//! `subscribeEvents` request is acknowledged and turns the connection into
+//! an event stream as well. At end of input the connection finishes the
+//! replies in flight, then closes (a one-shot client half-closes after its
+//! request and still gets its reply).
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket_proto::frame::{encode_frame, FrameError};
+use socket_proto::host::{HostMethod, HostRequest};
+use socket_proto::Response;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::task::JoinSet;
+
+use super::events::EventFrame;
+use super::{euid, Helper};
+
+/// Connections served at once; more are closed on arrival.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Requests in flight per connection before the helper stops reading it.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Frames queued for one connection's writer.
+const WRITE_QUEUE: usize = 64;
+
+/// Why the helper cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A live helper answers on the socket already.
+    #[error("another helper is serving {0}")]
+    AlreadyServing(PathBuf),
+    /// Something that is not a socket sits at the path.
+    #[error("{0} exists and is not a socket; not replacing it")]
+    NotASocket(PathBuf),
+    /// The socket's directory belongs to someone else.
+    #[error("the socket directory {0} is not owned by uid {1}")]
+    ForeignDirectory(PathBuf, u32),
+    /// A file operation failed.
+    #[error("{0} {1}: {2}")]
+    Io(&'static str, PathBuf, #[source] io::Error),
+}
+
+/// The bound client socket. Dropping it does not remove the file; use
+/// [`Listener::remove`].
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+/// Binds `path`: its directory is created 0700 when missing (and must be
+/// ours), a stale socket (nobody answers a connect) is replaced, a live one
+/// is refused ([`ServeError::AlreadyServing`]), and the socket is made 0600.
+/// Must be called inside a tokio runtime.
+pub fn bind(path: &Path) -> Result<Listener, ServeError> {
+    fn io<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> ServeError + 'a {
+        move |e| ServeError::Io(what, p.to_owned(), e)
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io("creating", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("securing", &dir))?;
+    }
+    let meta = std::fs::metadata(&dir).map_err(io("inspecting", &dir))?;
+    let uid = euid();
+    if meta.uid() != uid {
+        return Err(ServeError::ForeignDirectory(dir, uid));
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(
+            "the socket directory {} is mode {:o}; the client expects 0700",
+            dir.display(),
+            meta.mode() & 0o777
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServeError::AlreadyServing(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing the stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(io("removing the stale socket", path))?;
+            }
+            Err(e) => return Err(ServeError::Io("probing", path.to_owned(), e)),
+        },
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ServeError::Io("inspecting", path.to_owned(), e)),
+    }
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        // Another helper bound it between our check and our bind.
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(ServeError::AlreadyServing(path.to_owned()))
+        }
+        Err(e) => return Err(ServeError::Io("binding", path.to_owned(), e)),
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("securing", path))?;
+    let ino = std::fs::metadata(path)
+        .map_err(io("inspecting", path))?
+        .ino();
+    Ok(Listener {
+        listener,
+        path: path.to_owned(),
+        ino,
+    })
+}
+
+impl Listener {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file, if it still is the one this helper bound.
+    pub fn remove(&self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Serves connections until `shutdown` resolves; then stops the VM and
+    /// removes the socket file.
+    pub async fn run(self, helper: Arc<Helper>, shutdown: impl Future<Output = ()>) {
+        tracing::info!("serving {}", self.path.display());
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let uid = euid();
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut shutdown => break,
+                a = self.listener.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and the like: back off instead of spinning.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == uid => {}
+                Ok(c) => {
+                    tracing::warn!(
+                        "refused a connection from uid {} (pid {:?}): only uid {uid} may use this helper",
+                        c.uid(),
+                        c.pid()
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("refused a connection without peer credentials: {e}");
+                    continue;
+                }
+            }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!("refused a connection: {MAX_CONNECTIONS} already open");
+                continue;
+            };
+            let helper = helper.clone();
+            tokio::spawn(async move {
+                serve_connection(helper, stream).await;
+                drop(slot);
+            });
+        }
+        tracing::info!("shutting down");
+        if let Err(e) = helper.vm.stop_vm().await {
+            tracing::error!("stopping the VM: {e}");
+        }
+        self.remove();
+    }
+}
+
+enum Out {
+    Frame(Vec<u8>),
+    Event(EventFrame),
+    /// Close the connection for writing (a subscriber that lagged).
+    Close,
+}
+
+fn encode_response(r: &Response) -> Vec<u8> {
+    encode_frame(r).unwrap_or_else(|e| {
+        // A result over the frame limit (a huge readFile): say so instead.
+        let fallback = Response::err(r.id.clone(), format!("the reply cannot be sent: {e}"));
+        encode_frame(&fallback).unwrap_or_default()
+    })
+}
+
+/// One client connection, whatever its kind.
+pub async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (out, mut out_rx) = mpsc::channel::<Out>(WRITE_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            let r = match &o {
+                Out::Frame(b) => wr.write_all(b).await,
+                Out::Event(b) => wr.write_all(b).await,
+                Out::Close => break,
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    let mut events: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        let obj = match super::wire::read_frame(&mut rd).await {
+            Ok(Some(obj)) => obj,
+            Ok(None) => break,
+            Err(e) => {
+                let fatal = !e.is_recoverable();
+                if !matches!(e, FrameError::Truncated | FrameError::Io(_)) {
+                    tracing::debug!("bad frame from a client: {e}");
+                    let _ = out
+                        .send(Out::Frame(encode_response(&Response::err(
+                            None,
+                            e.to_string(),
+                        ))))
+                        .await;
+                }
+                if fatal {
+                    break;
+                }
+                continue;
+            }
+        };
+        let req = match HostRequest::from_object(obj) {
+            Ok(r) => r,
+            Err(bad) => {
+                tracing::debug!("bad request: {bad}");
+                let _ = out
+                    .send(Out::Frame(encode_response(&bad.to_response())))
+                    .await;
+                continue;
+            }
+        };
+        if let HostMethod::SubscribeEvents(p) = &req.method {
+            if events.is_none() {
+                tracing::info!(
+                    "event subscriber connected ({})",
+                    p.user_data_name.as_deref().unwrap_or("no profile")
+                );
+                // Ack first, then the current state, then every event.
+                let (snapshot, rx) = helper.events.subscribe();
+                let _ = out.send(Out::Frame(encode_response(&req.ok()))).await;
+                for f in snapshot {
+                    let _ = out.send(Out::Event(f)).await;
+                }
+                events = Some(tokio::spawn(forward_events(rx, out.clone())));
+            } else {
+                let _ = out.send(Out::Frame(encode_response(&req.ok()))).await;
+            }
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let helper = helper.clone();
+        let out = out.clone();
+        tasks.spawn(async move {
+            let reply = super::methods::dispatch(&helper, req).await;
+            let _ = out.send(Out::Frame(encode_response(&reply))).await;
+            drop(permit);
+        });
+        // Reap finished tasks so a long pipe does not accumulate them.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Some(ev) = events {
+        // The client closed its side: it is gone (the client never
+        // half-closes an event stream).
+        ev.abort();
+        tracing::info!("event subscriber disconnected");
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+async fn forward_events(mut rx: broadcast::Receiver<EventFrame>, out: mpsc::Sender<Out>) {
+    loop {
+        match rx.recv().await {
+            Ok(f) => {
+                if out.send(Out::Event(f)).await.is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    "an event subscriber fell {n} events behind; closing it so that it resubscribes"
+                );
+                let _ = out.send(Out::Close).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

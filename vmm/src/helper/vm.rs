@@ -1,0 +1,752 @@
+//! VM lifecycle: `createVM`, `startVM`, `stopVM`, `isRunning`,
+//! `isGuestConnected`.
+//!
+//! The VMM runs as a child process (`coworkvm boot ...`, [`ProcessLauncher`])
+//! that dies with the helper (`PR_SET_PDEATHSIG(SIGKILL)`). Two seams keep
+//! this module testable and let the bundle code slot in:
+//!
+//! - [`ImageSource`]: turns the client's `bundlePath` into the files a VM
+//!   boots from ([`VmImages`]). [`BundleDirImages`] takes them straight from
+//!   the bundle directory until the bundle module lands.
+//! - [`VmLauncher`]: starts the VMM for a [`LaunchSpec`] and reports its
+//!   end. Production uses [`ProcessLauncher`]; tests use a double.
+
+use std::ffi::OsString;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use socket_proto::guest::{GuestRequest, HostProxyConfig, AGENT_VSOCK_PORT};
+use socket_proto::host::{CreateVmParams, StartVmParams};
+use socket_proto::ClientEvent;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::agent::Agent;
+use super::events::{EventHub, NOT_CONNECTED};
+use crate::arch::x86_64::smbios::MachineUuid;
+
+/// Session disk size when neither `createVM` nor the bundle says.
+pub const DEFAULT_SESSION_DISK_GB: u64 = 10;
+/// Guest memory when neither `startVM` nor `configure` says.
+pub const DEFAULT_MEM_MIB: u64 = 2048;
+/// vCPUs when neither `startVM` nor `configure` says.
+pub const DEFAULT_CPUS: u32 = 2;
+/// Kernel parameters the agent reads to find its disks.
+pub const GUEST_CMDLINE: &str = "quiet coworkvm.rootfs=vda coworkvm.sessions=vdb";
+
+/// `stopVM`: how long the guest may take to sync and power off after
+/// `shutdown`, then how long the VMM gets after SIGTERM, then after SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// See [`SHUTDOWN_GRACE`].
+pub const TERM_GRACE: Duration = Duration::from_secs(5);
+/// See [`SHUTDOWN_GRACE`].
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a VM operation failed; the text goes to the client as the error.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The bundle lacks a file the VM needs.
+    #[error("the VM bundle {bundle} has no {file}")]
+    MissingFile {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// The file it lacks.
+        file: &'static str,
+    },
+    /// A file operation on the bundle or run directory failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// To which path.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The bundle's machine identity is not a UUID.
+    #[error("the machine identifier in {0} is not a UUID: {1}")]
+    BadIdentity(PathBuf, String),
+    /// The VMM could not be started.
+    #[error("cannot start the VMM: {0}")]
+    Launch(String),
+    /// The VMM did not exit even after SIGKILL.
+    #[error("the VMM did not exit after SIGKILL")]
+    WontDie,
+    /// `startVM` without a bundle.
+    #[error("startVM needs a bundlePath")]
+    NoBundle,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
+    move |source| VmError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What a VM boots from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmImages {
+    /// The guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// The initramfs with `coworkvm-agent` as `/init`.
+    pub initrd: PathBuf,
+    /// The OS disk, attached read-only as vda.
+    pub rootfs: PathBuf,
+    /// The session disk, read-write as vdb.
+    pub session_disk: PathBuf,
+    /// The machine UUID (SMBIOS), when the bundle has one.
+    pub machine_uuid: Option<MachineUuid>,
+}
+
+/// Turns a bundle directory into [`VmImages`]. The bundle module
+/// (`Bundle::open(dir)?.prepare(disk_gb)`) plugs in here.
+pub trait ImageSource: Send + Sync {
+    /// Makes the bundle ready to boot (expanding, creating the session disk
+    /// when missing) and names its files. Blocking; called off the async
+    /// threads.
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError>;
+}
+
+/// Interim [`ImageSource`]: `vmlinuz`, `initrd.img`, `rootfs.img` and
+/// `sessiondata.img` straight from the bundle directory; a missing
+/// `sessiondata.img` is created sparse (the agent formats it on first
+/// boot); `machineIdentifier`, when present, gives the machine UUID.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BundleDirImages;
+
+impl ImageSource for BundleDirImages {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+        let need = |file: &'static str| {
+            let p = bundle.join(file);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(VmError::MissingFile {
+                    bundle: bundle.to_owned(),
+                    file,
+                })
+            }
+        };
+        let kernel = need("vmlinuz")?;
+        let initrd = need("initrd.img")?;
+        let rootfs = need("rootfs.img")?;
+        let session_disk = bundle.join("sessiondata.img");
+        if !session_disk.exists() {
+            create_sparse(
+                &session_disk,
+                disk_gb.unwrap_or(DEFAULT_SESSION_DISK_GB) << 30,
+            )?;
+        }
+        let id_path = bundle.join("machineIdentifier");
+        let machine_uuid = match std::fs::read_to_string(&id_path) {
+            Ok(text) => Some(
+                MachineUuid::parse(text.trim())
+                    .map_err(|e| VmError::BadIdentity(id_path.clone(), e.to_string()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("reading", &id_path)(e)),
+        };
+        Ok(VmImages {
+            kernel,
+            initrd,
+            rootfs,
+            session_disk,
+            machine_uuid,
+        })
+    }
+}
+
+/// Creates a sparse file of `bytes` under a temporary name, then renames
+/// it into place (a crash never leaves a half-made disk behind).
+pub fn create_sparse(path: &Path, bytes: u64) -> Result<(), VmError> {
+    let tmp = path.with_extension("img.tmp");
+    let f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.set_len(bytes).map_err(io_err("sizing", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
+    tracing::info!(
+        "created the session disk {} ({bytes} bytes, sparse)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Everything the VMM needs for one boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    /// Disks, kernel and identity.
+    pub images: VmImages,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// The VM's private directory (0700).
+    pub run_dir: PathBuf,
+    /// The hybrid vsock's socket; the agent reaches `<vsock>_51234`.
+    pub vsock: PathBuf,
+    /// Where the guest console goes.
+    pub console: PathBuf,
+}
+
+/// What the supervisor may ask of a running VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSignal {
+    /// SIGTERM.
+    Terminate,
+    /// SIGKILL.
+    Kill,
+}
+
+/// A started VMM: a way to signal it and word of its end.
+pub struct LaunchedVm {
+    /// What to call it in logs (`pid 1234`).
+    pub name: String,
+    /// Signals for the VMM.
+    pub control: mpsc::UnboundedSender<VmSignal>,
+    /// Resolves when the VMM has exited, with how it ended.
+    pub exited: oneshot::Receiver<String>,
+}
+
+/// Starts VMMs.
+pub trait VmLauncher: Send + Sync {
+    /// Starts a VMM for `spec`; must be called inside the helper's runtime.
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError>;
+}
+
+/// The `coworkvm boot` arguments for `spec`.
+pub fn boot_args(spec: &LaunchSpec) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec!["boot".into(), "--kernel".into()];
+    a.push(spec.images.kernel.clone().into());
+    a.push("--initrd".into());
+    a.push(spec.images.initrd.clone().into());
+    let mut ro = spec.images.rootfs.clone().into_os_string();
+    ro.push(",ro");
+    a.extend(["--disk".into(), ro, "--disk".into()]);
+    a.push(spec.images.session_disk.clone().into());
+    a.push("--vsock".into());
+    a.push(spec.vsock.clone().into());
+    if let Some(u) = &spec.images.machine_uuid {
+        a.push("--uuid".into());
+        a.push(u.to_string().into());
+    }
+    a.extend([
+        "--cpus".into(),
+        spec.cpus.to_string().into(),
+        "--mem".into(),
+        spec.mem_mib.to_string().into(),
+        "--cmdline".into(),
+        GUEST_CMDLINE.into(),
+        "--console".into(),
+    ]);
+    a.push(spec.console.clone().into());
+    a
+}
+
+/// Runs the VMM as a child process: `EXE boot ...` ([`boot_args`]).
+///
+/// The child gets `PR_SET_PDEATHSIG(SIGKILL)`. The kernel sends it when the
+/// *thread* that forked exits, so `launch` must run on a thread that lives
+/// as long as the helper: `coworkvm serve` runs a current-thread runtime on
+/// its main thread, where every task (and so every launch) runs.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncher {
+    /// The `coworkvm` binary (`std::env::current_exe()`).
+    pub exe: PathBuf,
+}
+
+impl VmLauncher for ProcessLauncher {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+        use tokio::io::AsyncBufReadExt;
+
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(boot_args(spec))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(false);
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The helper died between fork and prctl: nobody would kill us.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("the helper is gone"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| VmError::Launch(format!("{}: {e}", self.exe.display())))?;
+        let pid = child.id().unwrap_or(0);
+        let name = format!("VMM pid {pid}");
+        if let Some(stderr) = child.stderr.take() {
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!("{name}: {line}");
+                }
+            });
+        }
+        let (control, mut signals) = mpsc::unbounded_channel();
+        let (exit_tx, exited) = oneshot::channel();
+        tokio::spawn(async move {
+            // The child is reaped only by `wait` below, in this task, so the
+            // pid cannot be reused while a signal is sent to it.
+            let status = loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    Some(sig) = signals.recv() => match sig {
+                        VmSignal::Terminate => {
+                            // SAFETY: kill(2) on our unreaped child's pid.
+                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        }
+                        VmSignal::Kill => {
+                            let _ = child.start_kill();
+                        }
+                    },
+                }
+            };
+            let how = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let _ = exit_tx.send(how);
+        });
+        Ok(LaunchedVm {
+            name,
+            control,
+            exited,
+        })
+    }
+}
+
+/// One running VM.
+struct Instance {
+    name: String,
+    agent: Arc<Agent>,
+    control: mpsc::UnboundedSender<VmSignal>,
+    /// `Some(how)` once the VMM has exited and the helper cleaned up.
+    ended: watch::Receiver<Option<String>>,
+    stopping: AtomicBool,
+    accept: JoinHandle<()>,
+    console: PathBuf,
+}
+
+/// Sizing defaults from `configure`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sizing {
+    /// `configure.memoryMB`.
+    pub mem_mib: Option<u64>,
+    /// `configure.cpuCount`.
+    pub cpus: Option<u32>,
+}
+
+/// The helper's VM (one per helper).
+pub struct VmManager {
+    images: Arc<dyn ImageSource>,
+    launcher: Arc<dyn VmLauncher>,
+    events: Arc<EventHub>,
+    run_dir: PathBuf,
+    /// Serializes createVM, startVM and stopVM; queries never take it.
+    lifecycle: tokio::sync::Mutex<()>,
+    current: Mutex<Option<Arc<Instance>>>,
+    created: Mutex<Option<CreateVmParams>>,
+    sizing: Mutex<Sizing>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VmManager {
+    /// A manager whose VMs live under `run_dir` (created 0700).
+    pub fn new(
+        images: Arc<dyn ImageSource>,
+        launcher: Arc<dyn VmLauncher>,
+        events: Arc<EventHub>,
+        run_dir: PathBuf,
+    ) -> Self {
+        Self {
+            images,
+            launcher,
+            events,
+            run_dir,
+            lifecycle: tokio::sync::Mutex::new(()),
+            current: Mutex::new(None),
+            created: Mutex::new(None),
+            sizing: Mutex::new(Sizing::default()),
+        }
+    }
+
+    /// Remembers `configure`'s sizing for later boots.
+    pub fn set_sizing(&self, s: Sizing) {
+        let mut cur = lock(&self.sizing);
+        if s.mem_mib.is_some() {
+            cur.mem_mib = s.mem_mib;
+        }
+        if s.cpus.is_some() {
+            cur.cpus = s.cpus;
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Instance>> {
+        lock(&self.current).clone()
+    }
+
+    /// `isRunning`.
+    pub fn is_running(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// `isGuestConnected`.
+    pub fn is_guest_connected(&self) -> bool {
+        self.current().is_some_and(|i| i.agent.is_connected())
+    }
+
+    /// The running VM's agent, if any.
+    pub fn agent(&self) -> Option<Arc<Agent>> {
+        self.current().map(|i| i.agent.clone())
+    }
+
+    /// `createVM {bundlePath, diskSizeGB}`: prepares the bundle's images
+    /// (creating the session disk when missing) and remembers the size.
+    pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmError> {
+        let _guard = self.lifecycle.lock().await;
+        let images = self.images.clone();
+        let bundle = PathBuf::from(&p.bundle_path);
+        let disk = p.disk_size_gb;
+        run_blocking(move || images.prepare(&bundle, disk)).await?;
+        tracing::info!("createVM: bundle {} ready", p.bundle_path);
+        *lock(&self.created) = Some(p);
+        Ok(())
+    }
+
+    fn step(&self, step: &str, status: &str) {
+        self.events.publish_event(&ClientEvent::StartupStep {
+            step: step.into(),
+            status: status.into(),
+        });
+    }
+
+    /// `startVM`: returns once the VMM runs (the agent connects later; the
+    /// client polls `isGuestConnected`). Already running: does nothing.
+    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmError> {
+        let _guard = self.lifecycle.lock().await;
+        if self.is_running() {
+            tracing::info!("startVM: the VM already runs");
+            return Ok(());
+        }
+        if p.bundle_path.is_empty() {
+            return Err(VmError::NoBundle);
+        }
+        let bundle = PathBuf::from(&p.bundle_path);
+        let disk_gb = lock(&self.created)
+            .as_ref()
+            .filter(|c| c.bundle_path == p.bundle_path)
+            .and_then(|c| c.disk_size_gb);
+        tracing::info!("startVM: preparing bundle {}", bundle.display());
+        self.step("prepareBundle", "running");
+        let images = self.images.clone();
+        let prepared = run_blocking(move || images.prepare(&bundle, disk_gb)).await;
+        let images = match prepared {
+            Ok(i) => i,
+            Err(e) => {
+                self.step("prepareBundle", "failed");
+                tracing::error!("startVM: {e}");
+                return Err(e);
+            }
+        };
+        self.step("prepareBundle", "completed");
+
+        self.step("bootVM", "running");
+        match self.launch(images, &p) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.step("bootVM", "failed");
+                tracing::error!("startVM: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmError> {
+        let sizing = *lock(&self.sizing);
+        let mem_mib = p
+            .memory_gb
+            .map(|g| g.saturating_mul(1024))
+            .or(sizing.mem_mib)
+            .unwrap_or(DEFAULT_MEM_MIB);
+        // `coworkvm boot --cpus` takes 1..=255.
+        let cpus = p
+            .cpu_count
+            .or(sizing.cpus)
+            .unwrap_or(DEFAULT_CPUS)
+            .clamp(1, 255);
+        let dir = &self.run_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err("creating the run directory", dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("securing the run directory", dir))?;
+        let vsock = dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&vsock);
+        let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
+        let listener = Agent::listen(&agent_path)
+            .map_err(io_err("listening for the guest agent on", &agent_path))?;
+        let proxy = p.api_probe_url.as_ref().map(|u| HostProxyConfig {
+            api_probe_url: Some(u.clone()),
+            ..Default::default()
+        });
+        let agent = Agent::new(self.events.clone(), proxy);
+        let accept = agent.serve(listener);
+        let spec = LaunchSpec {
+            images,
+            cpus,
+            mem_mib,
+            run_dir: dir.clone(),
+            vsock,
+            console: dir.join("console.log"),
+        };
+        let launched = match self.launcher.launch(&spec) {
+            Ok(l) => l,
+            Err(e) => {
+                accept.abort();
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "startVM: {} booting ({cpus} vCPUs, {mem_mib} MiB, console {})",
+            launched.name,
+            spec.console.display()
+        );
+        let (ended_tx, ended) = watch::channel(None);
+        let inst = Arc::new(Instance {
+            name: launched.name,
+            agent,
+            control: launched.control,
+            ended,
+            stopping: AtomicBool::new(false),
+            accept,
+            console: spec.console,
+        });
+        *lock(&self.current) = Some(inst.clone());
+        let me = self.clone();
+        let exited = launched.exited;
+        tokio::spawn(async move { me.supervise(inst, exited, ended_tx).await });
+        Ok(())
+    }
+
+    async fn supervise(
+        self: Arc<Self>,
+        inst: Arc<Instance>,
+        exited: oneshot::Receiver<String>,
+        ended_tx: watch::Sender<Option<String>>,
+    ) {
+        let ready = {
+            let agent = inst.agent.clone();
+            let me = self.clone();
+            tokio::spawn(async move {
+                if agent.wait_ready(Duration::from_secs(24 * 3600)).await {
+                    me.step("bootVM", "completed");
+                }
+            })
+        };
+        let how = exited
+            .await
+            .unwrap_or_else(|_| "its supervisor went away".into());
+        ready.abort();
+        inst.accept.abort();
+        let was_ready = inst.agent.is_connected();
+        inst.agent.disconnect();
+        let expected = inst.stopping.load(Ordering::SeqCst);
+        if expected {
+            tracing::info!("{} exited ({how})", inst.name);
+            inst.agent.report_lost_processes("the VM was stopped");
+        } else {
+            tracing::error!("{} exited unexpectedly ({how})", inst.name);
+            log_console_tail(&inst.console);
+            if !was_ready {
+                self.step("bootVM", "failed");
+            }
+            inst.agent
+                .report_lost_processes("the VM stopped unexpectedly");
+        }
+        self.events.set_network_status(NOT_CONNECTED);
+        {
+            let mut cur = lock(&self.current);
+            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &inst)) {
+                *cur = None;
+            }
+        }
+        let _ = ended_tx.send(Some(how));
+    }
+
+    /// `stopVM`: asks the agent to shut down, waits for the VMM, then
+    /// SIGTERM, then SIGKILL. Nothing running: does nothing.
+    pub async fn stop_vm(&self) -> Result<(), VmError> {
+        let _guard = self.lifecycle.lock().await;
+        let Some(inst) = self.current() else {
+            return Ok(());
+        };
+        inst.stopping.store(true, Ordering::SeqCst);
+        tracing::info!("stopVM: stopping {}", inst.name);
+        let ended = inst.ended.clone();
+        let wait = |t: Duration| {
+            let mut e = ended.clone();
+            async move {
+                tokio::time::timeout(t, e.wait_for(|v| v.is_some()))
+                    .await
+                    .is_ok()
+            }
+        };
+        if inst.agent.is_connected() {
+            match inst
+                .agent
+                .request(&GuestRequest::Shutdown, Duration::from_secs(5))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!("stopVM: the guest is shutting down");
+                    if wait(SHUTDOWN_GRACE).await {
+                        return Ok(());
+                    }
+                    tracing::warn!("stopVM: the guest did not power off in {SHUTDOWN_GRACE:?}");
+                }
+                // The agent's connection may drop as the guest powers off.
+                Err(e) => {
+                    tracing::warn!("stopVM: shutdown request: {e}");
+                    if wait(Duration::from_secs(2)).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let _ = inst.control.send(VmSignal::Terminate);
+        if wait(TERM_GRACE).await {
+            return Ok(());
+        }
+        tracing::warn!("stopVM: {} ignored SIGTERM; killing it", inst.name);
+        let _ = inst.control.send(VmSignal::Kill);
+        if wait(KILL_GRACE).await {
+            return Ok(());
+        }
+        Err(VmError::WontDie)
+    }
+
+    /// The running processes that the helper knows of.
+    pub fn running_processes(&self) -> Vec<String> {
+        self.agent()
+            .map(|a| a.running_processes())
+            .unwrap_or_default()
+    }
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
+) -> Result<T, VmError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(VmError::Launch(format!("a preparation task failed: {e}"))))
+}
+
+fn log_console_tail(console: &Path) {
+    let Ok(text) = std::fs::read(console) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(20);
+    for line in &lines[from..] {
+        tracing::error!("  console | {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_args_match_the_vmm_cli() {
+        let spec = LaunchSpec {
+            images: VmImages {
+                kernel: "/b/vmlinuz".into(),
+                initrd: "/b/initrd.img".into(),
+                rootfs: "/b/rootfs.img".into(),
+                session_disk: "/b/sessiondata.img".into(),
+                machine_uuid: Some(
+                    MachineUuid::parse("12345678-9abc-def0-1234-56789abcdef0").unwrap(),
+                ),
+            },
+            cpus: 2,
+            mem_mib: 2048,
+            run_dir: "/r".into(),
+            vsock: "/r/vsock.sock".into(),
+            console: "/r/console.log".into(),
+        };
+        let args: Vec<String> = boot_args(&spec)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args.join(" "),
+            "boot --kernel /b/vmlinuz --initrd /b/initrd.img --disk /b/rootfs.img,ro \
+             --disk /b/sessiondata.img --vsock /r/vsock.sock \
+             --uuid 12345678-9abc-def0-1234-56789abcdef0 --cpus 2 --mem 2048 \
+             --cmdline quiet coworkvm.rootfs=vda coworkvm.sessions=vdb --console /r/console.log"
+        );
+    }
+
+    #[test]
+    fn bundle_dir_images_need_the_files_and_make_a_sparse_session_disk() {
+        let dir = std::env::temp_dir().join(format!("coworkvm-bundle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = BundleDirImages.prepare(&dir, None).unwrap_err();
+        assert!(e.to_string().contains("has no vmlinuz"), "{e}");
+        for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let imgs = BundleDirImages.prepare(&dir, Some(3)).unwrap();
+        let meta = std::fs::metadata(&imgs.session_disk).unwrap();
+        assert_eq!(meta.len(), 3 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() < 64, "the session disk is sparse");
+        assert_eq!(imgs.machine_uuid, None);
+        // An existing session disk is never replaced.
+        let imgs = BundleDirImages.prepare(&dir, Some(5)).unwrap();
+        assert_eq!(
+            std::fs::metadata(&imgs.session_disk).unwrap().len(),
+            3 << 30
+        );
+
+        std::fs::write(
+            dir.join("machineIdentifier"),
+            "12345678-9ABC-DEF0-1234-56789ABCDEF0\n",
+        )
+        .unwrap();
+        let imgs = BundleDirImages.prepare(&dir, None).unwrap();
+        assert_eq!(
+            imgs.machine_uuid.unwrap().to_string(),
+            "12345678-9abc-def0-1234-56789abcdef0"
+        );
+        std::fs::write(dir.join("machineIdentifier"), "nope").unwrap();
+        assert!(matches!(
+            BundleDirImages.prepare(&dir, None),
+            Err(VmError::BadIdentity(..))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

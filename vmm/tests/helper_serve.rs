@@ -1,0 +1,1276 @@
+//! `coworkvm serve` driven over its socket exactly as the desktop client
+//! drives it, with a test double of the VMM: a "VM" that is a thread playing
+//! the guest agent on `RUNDIR/vsock.sock_51234` (guest protocol, real
+//! framing). No KVM needed.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use coworkvm::helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
+use coworkvm::helper::{bind, BundleDirImages, Helper, HelperConfig, Listener};
+use serde_json::{json, Value};
+use socket_proto::frame::{encode_frame, read_frame, write_frame};
+use socket_proto::guest::AGENT_VSOCK_PORT;
+
+// ---------------------------------------------------------------------------
+// Log capture: secrets must never reach a log line.
+
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> &'static LogBuf {
+    static LOGS: std::sync::OnceLock<LogBuf> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = LogBuf::default();
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .try_init();
+        buf
+    })
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The fake VM: a thread that dials the agent socket and plays the agent.
+
+#[derive(Default)]
+struct FakeVm {
+    /// Guest requests received, as frames.
+    requests: Mutex<Vec<Value>>,
+    /// Responses from the host (to the fake's own requests).
+    responses: Mutex<Vec<Value>>,
+    exit: Mutex<Option<tokio::sync::oneshot::Sender<String>>>,
+    conn: Mutex<Option<UnixStream>>,
+    powered_off: AtomicBool,
+    /// While set, the fake agent does not redial.
+    hold_redial: AtomicBool,
+    running: Mutex<BTreeSet<String>>,
+    ignore_term: bool,
+    no_agent: bool,
+}
+
+impl FakeVm {
+    fn power_off(&self, how: &str) {
+        self.powered_off.store(true, Ordering::SeqCst);
+        self.drop_connection();
+        if let Some(tx) = self.exit.lock().unwrap().take() {
+            let _ = tx.send(how.to_string());
+        }
+    }
+
+    fn drop_connection(&self) {
+        if let Some(c) = self.conn.lock().unwrap().take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn methods(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r["method"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    fn agent_loop(self: Arc<Self>, path: PathBuf) {
+        while !self.powered_off.load(Ordering::SeqCst) {
+            if self.hold_redial.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let Ok(s) = UnixStream::connect(&path) else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            *self.conn.lock().unwrap() = Some(s.try_clone().unwrap());
+            let w = Arc::new(Mutex::new(s.try_clone().unwrap()));
+            let send = |f: Value| {
+                let _ = write_frame(&mut *w.lock().unwrap(), &f);
+            };
+            send(json!({"type": "event", "event": "startupStep",
+                        "params": {"step": "mountSessions", "status": "completed"}}));
+            send(json!({"type": "event", "event": "ready"}));
+            let mut r = std::io::BufReader::new(s);
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                let f = Value::Object(obj);
+                self.handle(&f, &send, &w);
+            }
+        }
+    }
+
+    fn handle(&self, f: &Value, send: &dyn Fn(Value), w: &Arc<Mutex<UnixStream>>) {
+        let event =
+            |name: &str, params: Value| json!({"type": "event", "event": name, "params": params});
+        match f["type"].as_str() {
+            Some("notification") if f["method"] == "stdin" => {
+                let id = f["params"]["id"].as_str().unwrap_or("");
+                let data = f["params"]["data"].as_str().unwrap_or("");
+                send(event(
+                    "stdout",
+                    json!({"id": id, "data": format!("echo:{data}")}),
+                ));
+            }
+            Some("response") => self.responses.lock().unwrap().push(f.clone()),
+            Some("request") => {
+                self.requests.lock().unwrap().push(f.clone());
+                let id = f["id"].clone();
+                let p = &f["params"];
+                let reply = |result: Value| json!({"type": "response", "id": id, "result": result});
+                match f["method"].as_str().unwrap_or("") {
+                    "agent.info" => send(reply(json!({"agent": "fake-agent", "version": "0",
+                                                      "protocol": 1, "capabilities": []}))),
+                    "spawn" => {
+                        let pid = p["id"].as_str().unwrap_or("").to_string();
+                        let cmd = p["command"].as_str().unwrap_or("");
+                        if cmd == "askhost" {
+                            send(reply(json!({})));
+                            send(json!({"type": "request", "id": "g1", "method": "openUrl",
+                                        "params": {"url": "https://example.invalid/"}}));
+                            return;
+                        }
+                        if cmd == "slow" {
+                            // Answer later, from another thread.
+                            let w = w.clone();
+                            let r = reply(json!({}));
+                            std::thread::spawn(move || {
+                                std::thread::sleep(Duration::from_millis(800));
+                                let _ = write_frame(&mut *w.lock().unwrap(), &r);
+                            });
+                            return;
+                        }
+                        send(reply(
+                            json!({"failedMounts": [{"mountName": "guest-side", "reason": "r"}]}),
+                        ));
+                        self.running.lock().unwrap().insert(pid.clone());
+                        send(event(
+                            "stdout",
+                            json!({"id": pid, "data": format!("hello from {cmd}\n")}),
+                        ));
+                        if cmd == "echo" {
+                            self.running.lock().unwrap().remove(&pid);
+                            send(event(
+                                "exit",
+                                json!({"id": pid, "code": 0, "signal": null, "oomKillCount": 0}),
+                            ));
+                        }
+                    }
+                    "kill" => {
+                        let pid = p["id"].as_str().unwrap_or("").to_string();
+                        send(reply(json!({})));
+                        if self.running.lock().unwrap().remove(&pid) {
+                            send(event(
+                                "exit",
+                                json!({"id": pid, "code": null, "signal": p["signal"].clone(), "oomKillCount": 0}),
+                            ));
+                        }
+                    }
+                    "isProcessRunning" => {
+                        let running = self
+                            .running
+                            .lock()
+                            .unwrap()
+                            .contains(p["id"].as_str().unwrap_or(""));
+                        send(reply(json!({ "running": running })));
+                    }
+                    "readFile" => {
+                        let text = format!("contents of {}", p["filePath"].as_str().unwrap_or(""));
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+                        send(reply(json!({ "content": b64 })));
+                    }
+                    "shutdown" => {
+                        send(reply(json!({})));
+                        self.power_off("exit status: 0");
+                    }
+                    other => send(json!({"type": "response", "id": id,
+                        "error": {"code": -32601, "message": format!("unknown method: {other}")}})),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeLauncher {
+    vms: Mutex<Vec<Arc<FakeVm>>>,
+    specs: Mutex<Vec<LaunchSpec>>,
+    ignore_term: AtomicBool,
+    no_agent: AtomicBool,
+}
+
+impl FakeLauncher {
+    fn launches(&self) -> usize {
+        self.vms.lock().unwrap().len()
+    }
+    fn last(&self) -> Arc<FakeVm> {
+        self.vms.lock().unwrap().last().unwrap().clone()
+    }
+}
+
+impl VmLauncher for FakeLauncher {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+        let (exit_tx, exited) = tokio::sync::oneshot::channel();
+        let (control, mut signals) = tokio::sync::mpsc::unbounded_channel();
+        let vm = Arc::new(FakeVm {
+            exit: Mutex::new(Some(exit_tx)),
+            ignore_term: self.ignore_term.load(Ordering::SeqCst),
+            no_agent: self.no_agent.load(Ordering::SeqCst),
+            ..Default::default()
+        });
+        let path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
+        if !vm.no_agent {
+            let v = vm.clone();
+            std::thread::spawn(move || v.agent_loop(path));
+        }
+        let v = vm.clone();
+        std::thread::spawn(move || {
+            while let Some(sig) = signals.blocking_recv() {
+                match sig {
+                    VmSignal::Terminate if v.ignore_term => {}
+                    VmSignal::Terminate => v.power_off("signal: 15 (SIGTERM)"),
+                    VmSignal::Kill => v.power_off("signal: 9 (SIGKILL)"),
+                }
+            }
+        });
+        self.vms.lock().unwrap().push(vm);
+        self.specs.lock().unwrap().push(spec.clone());
+        Ok(LaunchedVm {
+            name: "fake VM".into(),
+            control,
+            exited,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The helper under test, on its own runtime thread.
+
+struct Served {
+    socket: PathBuf,
+    dir: PathBuf,
+    bundle: PathBuf,
+    launcher: Arc<FakeLauncher>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "cvm-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn make_bundle(dir: &Path) -> PathBuf {
+    let b = dir.join("bundle");
+    std::fs::create_dir_all(&b).unwrap();
+    for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+        std::fs::write(b.join(f), b"x").unwrap();
+    }
+    b
+}
+
+/// Binds in the runtime thread; the result of the bind comes back.
+fn try_serve(
+    socket: &Path,
+    launcher: Arc<FakeLauncher>,
+    home: Option<PathBuf>,
+) -> Result<Served, String> {
+    logs();
+    let dir = socket.parent().unwrap().to_owned();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sock = socket.to_owned();
+    let l = launcher.clone();
+    let run_dir = dir.join("run");
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener: Listener = match bind(&sock) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let helper = Helper::new(HelperConfig {
+                images: Arc::new(BundleDirImages),
+                launcher: l,
+                run_dir,
+                home,
+                debug_switch: None,
+            });
+            let _ = tx.send(Ok(()));
+            listener
+                .run(helper, async move {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+    });
+    match rx.recv().unwrap() {
+        Ok(()) => Ok(Served {
+            socket: socket.to_owned(),
+            bundle: make_bundle(&dir),
+            dir,
+            launcher,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
+fn serve(tag: &str) -> Served {
+    let dir = temp_dir(tag);
+    try_serve(&dir.join("helper.sock"), Arc::default(), None).unwrap()
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients, as the desktop client behaves.
+
+fn connect(socket: &Path) -> UnixStream {
+    let s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn recv(s: &mut UnixStream) -> Option<Value> {
+    read_frame(s).ok().flatten().map(Value::Object)
+}
+
+/// A one-shot request: no id, half-close, one reply, then EOF.
+fn one_shot(socket: &Path, method: &str, params: Value) -> Value {
+    let mut s = connect(socket);
+    write_frame(&mut s, &json!({"method": method, "params": params})).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let reply = recv(&mut s).expect("a reply");
+    assert!(
+        reply.get("id").is_none(),
+        "one-shot replies carry no id: {reply}"
+    );
+    assert!(
+        recv(&mut s).is_none(),
+        "the helper closes after a one-shot reply"
+    );
+    reply
+}
+
+struct Pipe {
+    s: UnixStream,
+    next: u64,
+    stash: VecDeque<Value>,
+}
+
+impl Pipe {
+    fn open(socket: &Path) -> Self {
+        Pipe {
+            s: connect(socket),
+            next: 1,
+            stash: VecDeque::new(),
+        }
+    }
+    fn send(&mut self, method: &str, params: Value) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        write_frame(
+            &mut self.s,
+            &json!({"method": method, "id": id, "params": params}),
+        )
+        .unwrap();
+        id
+    }
+    fn wait(&mut self, id: u64) -> Value {
+        if let Some(i) = self.stash.iter().position(|r| r["id"] == id) {
+            return self.stash.remove(i).unwrap();
+        }
+        loop {
+            let r = recv(&mut self.s).expect("a reply on the pipe");
+            if r["id"] == id {
+                return r;
+            }
+            self.stash.push_back(r);
+        }
+    }
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.send(method, params);
+        self.wait(id)
+    }
+    fn ok(&mut self, method: &str, params: Value) -> Value {
+        let r = self.call(method, params);
+        assert_eq!(r["success"], true, "{method}: {r}");
+        r.get("result").cloned().unwrap_or(Value::Null)
+    }
+}
+
+struct Subscriber {
+    s: UnixStream,
+    seen: Vec<Value>,
+}
+
+impl Subscriber {
+    fn open(socket: &Path) -> Self {
+        let mut s = connect(socket);
+        write_frame(
+            &mut s,
+            &json!({"method": "subscribeEvents", "params": {"userDataName": "t", "userDataRoot": "/t"}}),
+        )
+        .unwrap();
+        let ack = recv(&mut s).unwrap();
+        assert_eq!(ack, json!({"success": true}));
+        Subscriber { s, seen: vec![] }
+    }
+    fn next(&mut self) -> Value {
+        let e = recv(&mut self.s).expect("an event");
+        self.seen.push(e.clone());
+        e
+    }
+    fn until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let e = self.next();
+            if pred(&e) {
+                return e;
+            }
+        }
+        panic!("no {what} event; saw {:?}", self.seen);
+    }
+}
+
+fn poll_connected(socket: &Path, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = one_shot(socket, "isGuestConnected", json!({}));
+        if r["result"]["connected"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "isGuestConnected never became {want}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_running(socket: &Path) -> bool {
+    one_shot(socket, "isRunning", json!({}))["result"]["running"]
+        .as_bool()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_clients_boot_sequence_spawn_streams_and_stop() {
+    let h = serve("flow");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    pipe.ok("configure", json!({"userDataName": "default", "userDataRoot": "/home/u/.config/Claude", "sessionOnly": true}));
+    pipe.ok("stopVM", json!({})); // the client's clean-up: a no-op
+
+    let mut sub = Subscriber::open(sock);
+    assert_eq!(
+        sub.next(),
+        json!({"type": "networkStatus", "status": "NOT_CONNECTED"})
+    );
+    assert_eq!(
+        sub.next(),
+        json!({"type": "apiReachability", "status": "UNKNOWN"})
+    );
+    assert!(!is_running(sock));
+    assert_eq!(
+        one_shot(sock, "isGuestConnected", json!({}))["result"]["connected"],
+        false
+    );
+
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    pipe.ok(
+        "startVM",
+        json!({"bundlePath": bundle, "memoryGB": 3, "cpuCount": 4}),
+    );
+    assert!(is_running(sock));
+    poll_connected(sock, true);
+    let spec = h.launcher.specs.lock().unwrap()[0].clone();
+    assert_eq!((spec.cpus, spec.mem_mib), (4, 3072));
+    assert!(
+        h.bundle.join("sessiondata.img").exists(),
+        "session disk made"
+    );
+    sub.until("startupStep", |e| {
+        e["type"] == "startupStep" && e["step"] == "mountSessions"
+    });
+    sub.until("networkStatus CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "CONNECTED"
+    });
+    // startVM again: nothing new starts.
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    assert_eq!(h.launcher.launches(), 1);
+
+    // A second subscriber is told the current state first.
+    let mut sub2 = Subscriber::open(sock);
+    assert_eq!(
+        sub2.next(),
+        json!({"type": "networkStatus", "status": "CONNECTED"})
+    );
+    assert_eq!(sub2.next()["type"], "apiReachability");
+
+    // spawn: output and exit reach every subscriber, exit with exitCode.
+    let r = pipe.call(
+        "addApprovedOauthToken",
+        json!({"token": "sk-ant-oat-SECRET1"}),
+    );
+    assert_eq!(
+        r["error"], "unknown method: addApprovedOauthToken",
+        "forwarded to the agent"
+    );
+    let r = pipe.ok(
+        "spawn",
+        json!({"id": "p1", "name": "s1", "command": "echo", "args": ["hi"], "isResume": false,
+               "env": {"ANTHROPIC_API_KEY": "sk-SECRET2"}, "oauthToken": "sk-SECRET3",
+               "additionalMounts": [{"mountName": "docs", "path": "/home/u/docs", "mode": "rw"}]}),
+    );
+    let failed = r["failedMounts"].as_array().unwrap();
+    assert_eq!(failed.len(), 2, "{r}");
+    assert_eq!(failed[0]["mountName"], "docs");
+    assert_eq!(failed[0]["reason"], "folder sharing is not available yet");
+    assert_eq!(
+        failed[1]["mountName"], "guest-side",
+        "the agent's own are merged"
+    );
+    for s in [&mut sub, &mut sub2] {
+        let out = s.until("stdout", |e| e["type"] == "stdout");
+        assert_eq!(
+            out,
+            json!({"type": "stdout", "id": "p1", "data": "hello from echo\n"})
+        );
+        let exit = s.until("exit", |e| e["type"] == "exit");
+        assert_eq!(
+            exit,
+            json!({"type": "exit", "id": "p1", "exitCode": 0, "oomKillCount": 0})
+        );
+    }
+    let vm = h.launcher.last();
+    let spawned = vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "spawn")
+        .cloned()
+        .unwrap();
+    assert!(
+        spawned["params"].get("additionalMounts").is_none(),
+        "{spawned}"
+    );
+    assert_eq!(
+        spawned["params"]["env"]["ANTHROPIC_API_KEY"], "sk-SECRET2",
+        "secrets reach the guest"
+    );
+
+    // A long-running process: stdin, isProcessRunning, kill.
+    pipe.ok(
+        "spawn",
+        json!({"id": "p2", "name": "s1", "command": "cat", "args": [], "isResume": false}),
+    );
+    sub.until("stdout p2", |e| e["type"] == "stdout" && e["id"] == "p2");
+    pipe.ok("writeStdin", json!({"id": "p2", "data": "ping\n"}));
+    let echo = sub.until("stdin echo", |e| e["type"] == "stdout" && e["id"] == "p2");
+    assert_eq!(echo["data"], "echo:ping\n");
+    assert_eq!(
+        pipe.ok("isProcessRunning", json!({"id": "p2"})),
+        json!({"running": true})
+    );
+    pipe.ok("kill", json!({"id": "p2", "signal": "SIGTERM"}));
+    let exit = sub.until("exit p2", |e| e["type"] == "exit" && e["id"] == "p2");
+    assert_eq!(exit["signal"], "SIGTERM");
+    assert!(exit.get("exitCode").is_none(), "{exit}");
+    assert_eq!(
+        pipe.ok("isProcessRunning", json!({"id": "p2"})),
+        json!({"running": false})
+    );
+
+    // readFile through the agent, base64 as the client expects.
+    let rf = pipe.ok(
+        "readFile",
+        json!({"processName": "s1", "filePath": "/sessions/s1/a.txt"}),
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(rf["content"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes, b"contents of /sessions/s1/a.txt");
+    // A guest error comes back as the client's error text.
+    let r = pipe.call("getSessionsDiskInfo", json!({"lowWaterBytes": 1}));
+    assert_eq!(r["success"], false);
+    assert_eq!(r["error"], "unknown method: getSessionsDiskInfo");
+
+    // Out of order on one pipe: a slow spawn does not hold up isRunning.
+    let slow = pipe.send(
+        "spawn",
+        json!({"id": "p3", "name": "s1", "command": "slow", "isResume": false}),
+    );
+    let quick = pipe.send("isRunning", json!({}));
+    let first = recv(&mut pipe.s).unwrap();
+    assert_eq!(first["id"], quick, "the quick reply comes first: {first}");
+    assert_eq!(pipe.wait(slow)["success"], true);
+
+    assert_eq!(
+        pipe.ok("getNetworkDrives", json!({})),
+        json!({"drives": []})
+    );
+    let r = pipe.call("frobnicate", json!({}));
+    assert_eq!(
+        r,
+        json!({"success": false, "error": "Unknown method: frobnicate", "id": r["id"]})
+    );
+    let r = pipe.call("kill", json!({"signal": 9}));
+    assert_eq!(r["error"], "bad params for kill: missing field `id`");
+
+    // A guest request reaches the client as a `request` event; the
+    // client's sendGuestResponse goes back as a response frame.
+    pipe.ok(
+        "spawn",
+        json!({"id": "p4", "name": "s1", "command": "askhost", "isResume": false}),
+    );
+    let req = sub.until("request", |e| e["type"] == "request");
+    assert_eq!(
+        req,
+        json!({"type": "request", "id": "g1", "method": "openUrl",
+               "params": {"url": "https://example.invalid/"}})
+    );
+    pipe.ok(
+        "sendGuestResponse",
+        json!({"id": "g1", "resultJson": "{\"ok\":true}"}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.responses.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no response reached the guest");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        vm.responses.lock().unwrap()[0],
+        json!({"type": "response", "id": "g1", "result": {"ok": true}})
+    );
+
+    // stopVM: shutdown to the agent, the VMM exits, everything reports it.
+    pipe.ok("stopVM", json!({}));
+    assert!(
+        vm.methods().contains(&"shutdown".to_string()),
+        "{:?}",
+        vm.methods()
+    );
+    assert!(!is_running(sock));
+    assert_eq!(
+        one_shot(sock, "isGuestConnected", json!({}))["result"]["connected"],
+        false
+    );
+    sub.until("NOT_CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED"
+    });
+    pipe.ok("stopVM", json!({}));
+    assert_eq!(h.launcher.launches(), 1);
+    assert_eq!(
+        pipe.ok("isProcessRunning", json!({"id": "p2"})),
+        json!({"running": false})
+    );
+
+    // No secret reached a log line, though the requests were logged.
+    let text = log_text();
+    assert!(text.contains("spawn p1 in session s1"), "spawns are logged");
+    for secret in ["sk-ant-oat-SECRET1", "sk-SECRET2", "sk-SECRET3"] {
+        assert!(!text.contains(secret), "{secret} leaked into the log");
+    }
+}
+
+#[test]
+fn a_vmm_crash_ends_everything_and_start_works_again() {
+    let h = serve("crash");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let mut sub = Subscriber::open(sock);
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    poll_connected(sock, true);
+    pipe.ok(
+        "spawn",
+        json!({"id": "long", "name": "s", "command": "cat", "isResume": false}),
+    );
+    sub.until("stdout", |e| e["type"] == "stdout" && e["id"] == "long");
+
+    // The agent's connection drops: not connected at once, still running;
+    // the agent redials and is connected again.
+    let vm = h.launcher.last();
+    vm.hold_redial.store(true, Ordering::SeqCst);
+    vm.drop_connection();
+    poll_connected(sock, false);
+    assert!(is_running(sock));
+    sub.until("NOT_CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED"
+    });
+    vm.hold_redial.store(false, Ordering::SeqCst);
+    poll_connected(sock, true);
+    sub.until("CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "CONNECTED"
+    });
+
+    // The VMM dies.
+    vm.power_off("signal: 11 (SIGSEGV) (core dumped)");
+    let mark = sub.seen.len();
+    let exit = sub.until("exit for the lost process", |e| {
+        e["type"] == "exit" && e["id"] == "long"
+    });
+    assert_eq!(exit["signal"], "SIGKILL");
+    // The agent's connection drops with the VM: NOT_CONNECTED comes before
+    // or after the exit.
+    let not_connected = |e: &Value| e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED";
+    if !sub.seen[mark..].iter().any(not_connected) {
+        sub.until("NOT_CONNECTED", not_connected);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while is_running(sock) {
+        assert!(
+            Instant::now() < deadline,
+            "isRunning stays true after the crash"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        one_shot(sock, "isGuestConnected", json!({}))["result"]["connected"],
+        false
+    );
+    let r = pipe.call("writeStdin", json!({"id": "long", "data": "x"}));
+    assert_eq!(r["error"], "the guest is not connected");
+    assert!(log_text().contains("exited unexpectedly"));
+
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    assert_eq!(h.launcher.launches(), 2);
+    poll_connected(sock, true);
+    pipe.ok("stopVM", json!({}));
+}
+
+#[test]
+fn stop_escalates_to_sigterm_and_sigkill() {
+    let h = serve("escalate");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    // No agent ever connects: stopVM cannot ask the guest, so SIGTERM; the
+    // VMM ignores it, so SIGKILL after the grace period.
+    h.launcher.no_agent.store(true, Ordering::SeqCst);
+    h.launcher.ignore_term.store(true, Ordering::SeqCst);
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    assert!(is_running(sock));
+    let t = Instant::now();
+    pipe.ok("stopVM", json!({}));
+    assert!(
+        t.elapsed() >= coworkvm::helper::vm::TERM_GRACE,
+        "SIGTERM was given its grace"
+    );
+    assert!(!is_running(sock));
+    let text = log_text();
+    assert!(text.contains("ignored SIGTERM; killing it"), "{text}");
+}
+
+#[test]
+fn start_errors_reach_the_client() {
+    let h = serve("starterr");
+    let empty = h.dir.join("empty-bundle");
+    std::fs::create_dir_all(&empty).unwrap();
+    let r = one_shot(&h.socket, "startVM", json!({"bundlePath": empty}));
+    assert_eq!(r["success"], false);
+    assert!(
+        r["error"].as_str().unwrap().contains("has no vmlinuz"),
+        "{r}"
+    );
+    assert!(!is_running(&h.socket));
+    let r = one_shot(&h.socket, "startVM", json!({}));
+    assert_eq!(
+        r["error"],
+        "bad params for startVM: missing field `bundlePath`"
+    );
+    let r = one_shot(
+        &h.socket,
+        "spawn",
+        json!({"id": "p", "name": "n", "command": "c"}),
+    );
+    assert_eq!(r["error"], "the guest is not connected");
+}
+
+#[test]
+fn install_sdk_checks_the_host_binary_then_reports_no_upload() {
+    let dir = temp_dir("sdk");
+    let home = dir.join("home");
+    let vdir = home.join(".config/Claude/claude-code-vm/2.0.1");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::write(vdir.join("claude"), b"bin").unwrap();
+    let h = try_serve(&dir.join("helper.sock"), Arc::default(), Some(home.clone())).unwrap();
+    let mut pipe = Pipe::open(&h.socket);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(&h.socket, true);
+    let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.1"});
+    let r = pipe.call("installSdk", params.clone());
+    assert_eq!(
+        r["error"],
+        format!("SDK version 2.0.1 not verified at {}", vdir.display())
+    );
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let r = pipe.call("installSdk", params);
+    assert_eq!(r["error"], "installSdk: guest upload not available yet");
+    pipe.ok("stopVM", json!({}));
+}
+
+fn vm_rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// splitmix64: a seeded, reproducible stream.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn random_value(rng: &mut Rng, depth: u32) -> Value {
+    match rng.below(if depth > 2 { 5 } else { 7 }) {
+        0 => Value::Null,
+        1 => Value::Bool(rng.below(2) == 1),
+        2 => json!(rng.next() as i64),
+        3 => json!(-(rng.below(1000) as i64)),
+        4 => {
+            let n = rng.below(20) as usize;
+            Value::String(String::from_utf8_lossy(&rng.bytes(n)).into_owned())
+        }
+        5 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| random_value(rng, depth + 1))
+                .collect(),
+        ),
+        _ => {
+            let keys = [
+                "id",
+                "name",
+                "command",
+                "args",
+                "data",
+                "signal",
+                "filePath",
+                "processName",
+                "x",
+            ];
+            Value::Object(
+                (0..rng.below(5))
+                    .map(|_| {
+                        (
+                            keys[rng.below(keys.len() as u64) as usize].to_string(),
+                            random_value(rng, depth + 1),
+                        )
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// One random frame body, with a valid length prefix: every one of these
+/// must get exactly one reply.
+fn random_frame(rng: &mut Rng) -> Vec<u8> {
+    // Methods safe to throw junk at (nothing that starts, stops or creates
+    // a VM on disk, and no subscribeEvents, which turns the stream).
+    const METHODS: &[&str] = &[
+        "isRunning",
+        "isGuestConnected",
+        "spawn",
+        "kill",
+        "writeStdin",
+        "isProcessRunning",
+        "readFile",
+        "mountPath",
+        "sendGuestResponse",
+        "getNetworkDrives",
+        "configure",
+        "getSessionsDiskInfo",
+        "deleteSessionDirs",
+        "pruneSessionCaches",
+        "addApprovedOauthToken",
+        "nope",
+        "",
+    ];
+    let body: Vec<u8> = match rng.below(6) {
+        0 => {
+            let n = 1 + rng.below(64) as usize;
+            rng.bytes(n) // junk bytes
+        }
+        1 => serde_json::to_vec(&random_value(rng, 3)).unwrap(), // JSON, mostly not an object
+        2 => {
+            let mut b = serde_json::to_vec(&json!({"method": "isRunning"})).unwrap();
+            b.truncate(rng.below(b.len() as u64) as usize + 1); // cut JSON
+            b
+        }
+        _ => {
+            let mut obj = serde_json::Map::new();
+            if rng.below(8) != 0 {
+                let m = METHODS[rng.below(METHODS.len() as u64) as usize];
+                obj.insert(
+                    "method".into(),
+                    if rng.below(10) == 0 {
+                        json!(5)
+                    } else {
+                        json!(m)
+                    },
+                );
+            }
+            if rng.below(2) == 0 {
+                obj.insert("id".into(), random_value(rng, 3));
+            }
+            if rng.below(4) != 0 {
+                obj.insert("params".into(), random_value(rng, 1));
+            }
+            serde_json::to_vec(&Value::Object(obj)).unwrap()
+        }
+    };
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f
+}
+
+#[test]
+fn malformed_input_floods_and_hostile_clients_cost_nothing_lasting() {
+    let h = serve("robust");
+    let sock = h.socket.clone();
+    // Warm up (first connections, runtime growth) before measuring.
+    for _ in 0..20 {
+        assert!(!is_running(&sock));
+    }
+    let rss_before = vm_rss_kib();
+
+    // 10,000 random frames over 10 connections; each gets exactly one
+    // well-formed reply and the connection goes on.
+    let mut rng = Rng(0x00C0_FFEE_2025);
+    let mut replies_total = 0;
+    for _conn in 0..10 {
+        let frames: Vec<Vec<u8>> = (0..1000).map(|_| random_frame(&mut rng)).collect();
+        let mut s = connect(&sock);
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                assert!(obj.get("success").is_some_and(Value::is_boolean), "{obj:?}");
+                if obj["success"] == false {
+                    assert!(
+                        obj["error"].as_str().is_some_and(|e| !e.is_empty()),
+                        "{obj:?}"
+                    );
+                }
+                n += 1;
+            }
+            n
+        });
+        for f in &frames {
+            s.write_all(f).unwrap();
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let n = reader.join().unwrap();
+        assert_eq!(n, 1000, "every frame is answered once");
+        replies_total += n;
+    }
+    assert_eq!(replies_total, 10_000);
+
+    // An announced 4 GiB: an error reply, then the connection closes.
+    let mut s = connect(&sock);
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    s.write_all(b"{\"method\":").unwrap();
+    let r = recv(&mut s).expect("an error frame");
+    assert_eq!(r["success"], false);
+    assert!(r["error"].as_str().unwrap().contains("exceeds"), "{r}");
+    assert!(recv(&mut s).is_none(), "closed after a bad length");
+    // A zero length: the same.
+    let mut s = connect(&sock);
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    assert_eq!(recv(&mut s).unwrap()["error"], "frame length is zero");
+
+    // Half a frame, then gone (a few hundred times).
+    for _ in 0..300 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let full = encode_frame(&json!({"method": "isRunning", "id": 1})).unwrap();
+        s.write_all(&full[..full.len() / 2]).unwrap();
+        // Also: a 10 MiB frame announced, a few bytes sent, then gone.
+        let mut s2 = UnixStream::connect(&sock).unwrap();
+        s2.write_all(&(10u32 << 20).to_be_bytes()).unwrap();
+        s2.write_all(b"{\"a\":").unwrap();
+    }
+
+    // 200 concurrent connections, each a one-shot isRunning and an unknown
+    // method on a pipe, all open at once.
+    let mut conns: Vec<UnixStream> = (0..200).map(|_| connect(&sock)).collect();
+    for (i, s) in conns.iter_mut().enumerate() {
+        write_frame(s, &json!({"method": "isRunning", "id": i})).unwrap();
+        write_frame(s, &json!({"method": "noSuchThing", "id": i + 1000})).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut got = [recv(s).unwrap(), recv(s).unwrap()];
+        got.sort_by_key(|r| r["id"].as_u64());
+        assert_eq!(
+            got[0],
+            json!({"success": true, "result": {"running": false}, "id": i})
+        );
+        assert_eq!(
+            got[1],
+            json!({"success": false, "error": "Unknown method: noSuchThing", "id": i + 1000})
+        );
+    }
+    drop(conns);
+
+    // Still serving, and nothing piled up.
+    assert!(!is_running(&sock));
+    let r = one_shot(&sock, "frobnicate", json!({}));
+    assert_eq!(
+        r,
+        json!({"success": false, "error": "Unknown method: frobnicate"})
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_after = vm_rss_kib();
+    println!(
+        "helper RSS: before {rss_before} KiB, after {rss_after} KiB (+{} KiB)",
+        rss_after.saturating_sub(rss_before)
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
+
+#[test]
+fn stale_socket_is_replaced_and_a_live_helper_is_not() {
+    let dir = temp_dir("stale");
+    let sock = dir.join("helper.sock");
+    // A socket file nobody listens on (a helper that died).
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let h = try_serve(&sock, Arc::default(), None).expect("a stale socket is replaced");
+    assert!(!is_running(&sock));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let err = try_serve(&sock, Arc::default(), None)
+        .err()
+        .expect("refused");
+    assert_eq!(err, format!("another helper is serving {}", sock.display()));
+    // The first helper is untouched.
+    assert!(!is_running(&sock));
+
+    // A regular file is never deleted.
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = try_serve(&file, Arc::default(), None).err().unwrap();
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    drop(h);
+    assert!(
+        !sock.exists(),
+        "the helper removes its socket when it stops"
+    );
+
+    // A missing directory is created 0700.
+    let deep = temp_dir("mkdir").join("a/b");
+    let h = try_serve(&deep.join("s.sock"), Arc::default(), None).unwrap();
+    assert_eq!(
+        std::fs::metadata(&deep).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    drop(h);
+}
+
+#[test]
+fn a_peer_with_another_uid_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("this test needs root (to connect as another uid), and CI=true");
+        }
+        eprintln!("skipping a_peer_with_another_uid_is_refused: needs root");
+        return;
+    }
+    let h = serve("peercred");
+    use std::os::unix::fs::PermissionsExt;
+    // Open the path up so that only SO_PEERCRED stands in the way.
+    std::fs::set_permissions(&h.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&h.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    // Everything the child needs is made before fork (no allocation after).
+    let path = std::ffi::CString::new(h.socket.to_str().unwrap()).unwrap();
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_bytes_with_nul()) {
+        *d = *s as libc::c_char;
+    }
+    let frame = encode_frame(&json!({"method": "isRunning"})).unwrap();
+    let nobody = 65534;
+    // SAFETY: the child only makes raw syscalls on data prepared above, then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only; the process ends in _exit.
+        unsafe {
+            let code = (|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(nobody) != 0
+                    || libc::setuid(nobody) != 0
+                {
+                    return 10;
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if fd < 0 {
+                    return 11;
+                }
+                let tv = libc::timeval {
+                    tv_sec: 5,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                if libc::connect(
+                    fd,
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_un>() as u32,
+                ) != 0
+                {
+                    return 12; // could not even connect: not what this test is about
+                }
+                libc::write(fd, frame.as_ptr() as *const libc::c_void, frame.len());
+                let mut buf = [0u8; 64];
+                let n = libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
+                if n <= 0 {
+                    0
+                } else {
+                    13
+                } // 0: closed without a reply
+            })();
+            libc::_exit(code);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status));
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "the other uid got a reply (13) or could not connect (12)"
+    );
+    assert!(log_text().contains("refused a connection from uid 65534"));
+    // Still serving its own uid.
+    assert!(!is_running(&h.socket));
+}
+
+#[test]
+fn the_binary_serves_as_the_client_starts_it_and_stops_on_sigterm() {
+    let dir = temp_dir("bin");
+    let sock = dir.join("run/claude-cowork-vm.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coworkvm"))
+        .args(["-socket", sock.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the helper never bound its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_running(&sock));
+    let empty = dir.join("bundle");
+    std::fs::create_dir_all(&empty).unwrap();
+    let r = one_shot(&sock, "startVM", json!({"bundlePath": empty}));
+    assert!(
+        r["error"].as_str().unwrap().contains("has no vmlinuz"),
+        "{r}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "socket removed on exit");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("serving"), "{err}");
+    assert!(err.contains("SIGTERM: stopping"), "{err}");
+    assert!(!err.contains('\x1b'), "no colour codes in the client's log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
