@@ -26,10 +26,17 @@ fn sh(cmd: &mut Command) {
 }
 
 fn entry(path: &Path) -> FileEntry {
-    let out = Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
     let text = String::from_utf8_lossy(&out.stdout);
     FileEntry {
-        sha256: text.split_whitespace().next().unwrap_or_default().to_owned(),
+        sha256: text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
         size: std::fs::metadata(path).expect("stat").len(),
     }
 }
@@ -109,8 +116,7 @@ mount -o ro $DISK0 $TMPDIR/images || exit 90
 mount $DISK1 /bundle || exit 91
 "#;
 
-const RUNB: &str =
-    "$COWORKVM run --bundle /bundle/b --images $TMPDIR/images --cpus 1 --mem 512 --";
+const RUNB: &str = "$COWORKVM run --bundle /bundle/b --images $TMPDIR/images --cpus 1 --mem 512 --";
 
 /// What a boot reports about itself.
 const PROBE: &str = r#"echo "uuid=$(cat /sys/class/dmi/id/product_uuid)"
@@ -239,7 +245,11 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     assert_eq!(ident.len(), 36, "{}", ctx("first"));
     let mac = one("first", "mac=");
     let first_octet = u8::from_str_radix(&mac[..2], 16).expect("MAC");
-    assert_eq!(first_octet & 0b11, 0b10, "locally administered unicast: {mac}");
+    assert_eq!(
+        first_octet & 0b11,
+        0b10,
+        "locally administered unicast: {mac}"
+    );
 
     // Second boot: same identity, the synced file is still there.
     assert_eq!(one("second", "ident="), ident);
@@ -251,7 +261,12 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     let old_release = one("first", "release=");
     assert_ne!(old_release, UPDATE_RELEASE);
     assert_eq!(one("second", "release="), old_release);
-    assert_eq!(one("update", "release="), UPDATE_RELEASE, "{}", ctx("update"));
+    assert_eq!(
+        one("update", "release="),
+        UPDATE_RELEASE,
+        "{}",
+        ctx("update")
+    );
     assert_eq!(one("update", "keep="), "keep-me", "{}", ctx("update"));
     assert_eq!(one("update", "sums="), one("first", "sums="));
     let files = one("update", "files=");
@@ -262,7 +277,11 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     // Ten SIGKILLs: every boot mounted the disk and found every file that
     // was synced before the kill.
     let k = result.case("sigkill");
-    assert!(k.lines_with("round ").iter().all(|l| !l.contains("LOST")), "{}", ctx("sigkill"));
+    assert!(
+        k.lines_with("round ").iter().all(|l| !l.contains("LOST")),
+        "{}",
+        ctx("sigkill")
+    );
     for round in 1..=10 {
         assert!(
             k.has_line(&format!("round {round} mounted")),

@@ -67,6 +67,8 @@ struct FakeVm {
     /// While set, the fake agent does not redial.
     hold_redial: AtomicBool,
     running: Mutex<BTreeSet<String>>,
+    /// The SDK transfer: the announced sha256, and the bytes received.
+    sdk: Mutex<(Value, Vec<u8>)>,
     ignore_term: bool,
     no_agent: bool,
 }
@@ -199,6 +201,25 @@ impl FakeVm {
                         let text = format!("contents of {}", p["filePath"].as_str().unwrap_or(""));
                         let b64 = base64::engine::general_purpose::STANDARD.encode(text);
                         send(reply(json!({ "content": b64 })));
+                    }
+                    "installSdk" => {
+                        *self.sdk.lock().unwrap() = (p["sha256"].clone(), Vec::new());
+                        send(reply(json!({"cached": false})));
+                    }
+                    "installSdk.chunk" => {
+                        let data = base64::engine::general_purpose::STANDARD
+                            .decode(p["data"].as_str().unwrap_or(""))
+                            .unwrap();
+                        let mut sdk = self.sdk.lock().unwrap();
+                        assert_eq!(p["offset"].as_u64(), Some(sdk.1.len() as u64));
+                        sdk.1.extend_from_slice(&data);
+                        send(reply(json!({"received": sdk.1.len()})));
+                    }
+                    "installSdk.commit" => {
+                        let v = p["version"].as_str().unwrap_or("");
+                        send(reply(
+                            json!({"path": format!("/sessions/.coworkvm/sdk/{v}/claude")}),
+                        ));
                     }
                     "shutdown" => {
                         send(reply(json!({})));
@@ -842,13 +863,19 @@ fn start_errors_reach_the_client() {
 }
 
 #[test]
-fn install_sdk_checks_the_host_binary_then_reports_no_upload() {
+fn install_sdk_checks_the_host_binary_then_copies_it_into_the_guest() {
     let dir = temp_dir("sdk");
     let home = dir.join("home");
     let vdir = home.join(".config/Claude/claude-code-vm/2.0.1");
     std::fs::create_dir_all(&vdir).unwrap();
     std::fs::write(vdir.join("claude"), b"bin").unwrap();
-    let h = try_serve(&dir.join("helper.sock"), Arc::default(), Some(home.clone())).unwrap();
+    let launcher = Arc::new(FakeLauncher::default());
+    let h = try_serve(
+        &dir.join("helper.sock"),
+        launcher.clone(),
+        Some(home.clone()),
+    )
+    .unwrap();
     let mut pipe = Pipe::open(&h.socket);
     pipe.ok("startVM", json!({"bundlePath": h.bundle}));
     poll_connected(&h.socket, true);
@@ -860,7 +887,14 @@ fn install_sdk_checks_the_host_binary_then_reports_no_upload() {
     );
     std::fs::write(vdir.join(".verified"), b"").unwrap();
     let r = pipe.call("installSdk", params);
-    assert_eq!(r["error"], "installSdk: guest upload not available yet");
+    assert!(r.get("error").is_none(), "{r}");
+    // The agent got the file's bytes, in order, announced with its hash.
+    let (sha, bytes) = launcher.last().sdk.lock().unwrap().clone();
+    assert_eq!(bytes, b"bin");
+    assert_eq!(
+        sha,
+        "51a1f05af85e342e3c849b47d387086476282d5f50dc240c19216d6edfb1eb5a"
+    );
     pipe.ok("stopVM", json!({}));
 }
 

@@ -6,7 +6,9 @@
 use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
-use socket_proto::guest::{GuestFrame, GuestNotification};
+use std::sync::Arc;
+
+use socket_proto::guest::{GuestError, GuestFrame, GuestNotification};
 use socket_proto::host::{
     ConnectedResult, HostMethod, HostRequest, InstallSdkParams, NetworkDrivesResult,
     ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
@@ -20,8 +22,6 @@ use super::Helper;
 
 /// The reason every `additionalMounts` entry fails for now.
 pub const NO_FOLDER_SHARING: &str = "folder sharing is not available yet";
-/// What `installSdk` answers until the guest upload exists.
-pub const NO_SDK_UPLOAD: &str = "installSdk: guest upload not available yet";
 
 /// Why `installSdk` could not find a usable SDK on the host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,16 +91,46 @@ pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf,
     Ok(bin)
 }
 
-/// Puts the verified SDK binary at `path` into the guest as `version`.
-///
-/// The transfer is being designed on the agent side; until it lands this
-/// answers [`NO_SDK_UPLOAD`]. The lead wires the real upload in here.
-pub async fn upload_sdk(_agent: &Agent, path: &Path, version: &str) -> Result<(), String> {
-    tracing::warn!(
-        "installSdk: would upload {} as version {version}, but the guest upload is not available yet",
-        path.display()
-    );
-    Err(NO_SDK_UPLOAD.into())
+/// Puts the verified SDK binary at `path` into the guest as `version`,
+/// through the agent's SDK transfer extension (`installSdk` with its hash
+/// and size, then `installSdk.chunk`s, then `installSdk.commit`; see
+/// `socket_proto::sdk`). The file is read and hashed on a blocking thread;
+/// each request goes through the agent connection like any other.
+pub async fn upload_sdk(
+    agent: Arc<Agent>,
+    path: &Path,
+    sdk_subpath: &str,
+    version: &str,
+) -> Result<(), String> {
+    let handle = tokio::runtime::Handle::current();
+    let (file, sub, ver) = (path.to_owned(), sdk_subpath.to_owned(), version.to_owned());
+    let outcome = tokio::task::spawn_blocking(move || {
+        socket_proto::sdk::upload_sdk(&file, &sub, &ver, |req| {
+            handle
+                .block_on(agent.request(&req, REQUEST_TIMEOUT))
+                .map_err(|e| match e {
+                    AgentError::Guest(g) => g,
+                    other => GuestError::Text(other.to_string()),
+                })
+        })
+    })
+    .await
+    .map_err(|e| format!("installSdk: {e}"))?
+    .map_err(|e| format!("installSdk: {e}"))?;
+    if outcome.cached {
+        tracing::info!(
+            "installSdk: version {version} already in the guest at {}",
+            outcome.guest_path
+        );
+    } else {
+        tracing::info!(
+            "installSdk: version {version} copied into the guest ({} bytes in {} chunks) at {}",
+            outcome.bytes_sent,
+            outcome.chunks,
+            outcome.guest_path
+        );
+    }
+    Ok(())
 }
 
 fn from_agent(req: &HostRequest, r: Result<Value, AgentError>) -> Response {
@@ -270,7 +300,7 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             let Some(agent) = vm.agent() else {
                 return req.err(AgentError::NotConnected.to_string());
             };
-            match upload_sdk(&agent, &bin, &p.version).await {
+            match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version).await {
                 Ok(()) => req.ok(),
                 Err(e) => req.err(e),
             }
