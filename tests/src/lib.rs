@@ -6,7 +6,7 @@
 //! A case is a POSIX shell script. It finds what it needs in environment
 //! variables, the same in both modes:
 //! - the tools of [`Paths::tools`]: `COWORKVM` (the coworkvm binary),
-//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`;
+//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`;
 //! - `KERNEL`: the guest kernel; `P`: the directory of payload files;
 //! - `DISK0`, `DISK1`, ...: the batch's disks (host files in direct mode,
 //!   L1's virtio disks in the rig, so the host can check them afterwards);
@@ -42,6 +42,7 @@ use anyhow::{bail, Context, Result};
 use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 pub mod bench;
+pub mod images;
 pub mod l1;
 pub mod process;
 pub mod qemu;
@@ -66,6 +67,7 @@ pub struct Paths {
     pub vmm_timer: PathBuf,
     pub vsock_probe: PathBuf,
     pub agent_probe: PathBuf,
+    pub client_probe: PathBuf,
     /// Initramfs with coworkvm-agent as /init.
     pub agent_initrd: PathBuf,
 }
@@ -112,6 +114,7 @@ impl Paths {
             vmm_timer: release_dir.join("vmm-timer"),
             vsock_probe: release_dir.join("vsock-probe"),
             agent_probe: release_dir.join("agent-probe"),
+            client_probe: release_dir.join("client-probe"),
             agent_initrd: build.join("agent-initrd.cpio.zst"),
             kernel_release,
             coworkvm,
@@ -134,6 +137,7 @@ impl Paths {
             ("VMM_TIMER", &self.vmm_timer, "/bin/vmm-timer"),
             ("VSOCK_PROBE", &self.vsock_probe, "/bin/vsock-probe"),
             ("AGENT_PROBE", &self.agent_probe, "/bin/agent-probe"),
+            ("CLIENT_PROBE", &self.client_probe, "/bin/client-probe"),
         ]
     }
 
@@ -673,6 +677,7 @@ mod tests {
             vmm_timer: fake("vmm-timer"),
             vsock_probe: fake("vsock-probe"),
             agent_probe: fake("agent-probe"),
+            client_probe: fake("client-probe"),
             agent_initrd: fake("agent.cpio.zst"),
         };
         let batch = Batch {

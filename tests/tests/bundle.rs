@@ -8,108 +8,8 @@
 //! manifest. The bundle lives on a second ext4 disk (`$DISK1`), so fsync and
 //! rename behave as on a real filesystem.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use coworkvm_rootfs::manifest::{FileEntry, Manifest};
+use coworkvm_tests::images::{self, UPDATE_RELEASE};
 use coworkvm_tests::{in_ci, paths_or_skip, Batch, Case};
-
-const UPDATE_RELEASE: &str = "coworkvm-e2e-update";
-
-fn sh(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn entry(path: &Path) -> FileEntry {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    let text = String::from_utf8_lossy(&out.stdout);
-    FileEntry {
-        sha256: text
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-        size: std::fs::metadata(path).expect("stat").len(),
-    }
-}
-
-fn ext4_image(out: &Path, tree: Option<&Path>, size_mib: u64) {
-    let _ = std::fs::remove_file(out);
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-E", "lazy_itable_init=1"]);
-    if let Some(t) = tree {
-        cmd.arg("-d").arg(t);
-    }
-    cmd.arg(out).arg(format!("{size_mib}M"));
-    sh(&mut cmd);
-}
-
-/// The images disk: the delivered files, plus `update/` with a rootfs that
-/// differs only in its release file.
-fn images_disk(images: &Path, work: &Path) -> PathBuf {
-    let tree = work.join("tree");
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("update")).unwrap();
-    for f in ["vmlinuz", "initrd.img", "manifest.json", "rootfs.img.zst"] {
-        std::fs::copy(images.join(f), tree.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-    }
-    let img = work.join("update-rootfs.img");
-    std::fs::copy(images.join("rootfs.img"), &img).unwrap();
-    let rel = work.join("release");
-    std::fs::write(&rel, format!("{UPDATE_RELEASE}\n")).unwrap();
-    sh(Command::new("debugfs")
-        .args(["-w", "-R", "rm /etc/coworkvm-release"])
-        .arg(&img));
-    sh(Command::new("debugfs")
-        .arg("-w")
-        .arg("-R")
-        .arg(format!("write {} /etc/coworkvm-release", rel.display()))
-        .arg(&img));
-    let zst = tree.join("update/rootfs.img.zst");
-    sh(Command::new("zstd")
-        .args(["-q", "-f", "-T0", "--long=27", "-3", "-o"])
-        .arg(&zst)
-        .arg(&img));
-    let mut m: Manifest =
-        serde_json::from_slice(&std::fs::read(images.join("manifest.json")).unwrap()).unwrap();
-    m.rootfs_version = UPDATE_RELEASE.into();
-    m.files.insert("rootfs.img".into(), entry(&img));
-    m.files.insert("rootfs.img.zst".into(), entry(&zst));
-    std::fs::write(
-        tree.join("update/manifest.json"),
-        serde_json::to_vec_pretty(&m).unwrap(),
-    )
-    .unwrap();
-    let _ = std::fs::remove_file(&img);
-    let bytes: u64 = walk_size(&tree);
-    let disk = work.join("images.ext4");
-    ext4_image(&disk, Some(&tree), bytes / (1 << 20) * 11 / 10 + 64);
-    let _ = std::fs::remove_dir_all(&tree);
-    disk
-}
-
-fn walk_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let md = e.metadata().unwrap();
-            if md.is_dir() {
-                walk_size(&e.path())
-            } else {
-                md.len()
-            }
-        })
-        .sum()
-}
 
 const SETUP: &str = r#"mkdir -p $TMPDIR/images /bundle
 mount -o ro $DISK0 $TMPDIR/images || exit 90
@@ -177,18 +77,19 @@ $RUNB sh -c 'i=0; while [ -e /sessions/k/f$i ]; do i=$((i+1)); done; echo "final
 #[test]
 fn bundle_identity_session_disk_update_and_sigkill() {
     let Some(paths) = paths_or_skip() else { return };
-    let images = paths.root.join("build/images");
-    if !images.join("manifest.json").exists() {
-        let why = format!("{} is missing: run `make build`", images.display());
-        assert!(!in_ci(), "CI=true: {why}");
-        eprintln!("skipping: {why}");
-        return;
-    }
+    let images = match images::images_dir(&paths.root) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(!in_ci(), "CI=true: {e:#}");
+            eprintln!("skipping: {e:#}");
+            return;
+        }
+    };
     let work = paths.root.join("target/rig-tmp/bundle-e2e");
     std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images_disk(&images, &work);
+    let images_disk = images::images_disk(&images, &work, true).expect("images disk");
     let bundle_disk = work.join("bundle.ext4");
-    ext4_image(&bundle_disk, None, 3072);
+    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
 
     let first = format!(
         "{SETUP}mkdir -p /bundle/b\necho '{{\"diskSizeGB\": 1}}' > /bundle/b/config.json\n\

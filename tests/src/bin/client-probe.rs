@@ -1,0 +1,512 @@
+//! Drives `coworkvm serve` over its Unix socket exactly as the desktop
+//! client does (see docs/protocol.md): `configure` on a persistent pipe, a
+//! clean-up `stopVM`, `subscribeEvents`, `startVM`, polling
+//! `isGuestConnected`, `installSdk`, `addApprovedOauthToken`, spawns with
+//! their events, `writeStdin` after the first output, `kill`, `readFile`,
+//! the session-disk methods, `stopVM`; then a VMM killed under load and a
+//! restart. Each check prints `@@CLIENT pass WHAT` or `@@CLIENT fail WHAT:
+//! DETAIL`; numbers print as `@@CLIENT NAME VALUE`. Exit status 1 when a
+//! check failed.
+//!
+//! usage: client-probe SOCKET BUNDLE_DIR
+//! (HOME must hold the fake SDK that the case script made.)
+//!        client-probe --start SOCKET BUNDLE_DIR
+//! only starts the VM and waits until the guest is connected.
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use socket_proto::frame::{read_frame, write_frame};
+
+const SDK_SUBPATH: &str = ".config/Claude/claude-code-vm";
+const SDK_VERSION: &str = "9.9.9";
+const TOKEN: &str = "oauth-secret-e2e-7f3a";
+
+fn to_obj(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("frames are objects"),
+    }
+}
+
+/// A persistent pipe: numbered requests, replies matched by id.
+struct Pipe {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    next: u64,
+}
+
+impl Pipe {
+    fn open(socket: &str) -> Pipe {
+        let s = UnixStream::connect(socket).expect("connect to the helper");
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        Pipe {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+            next: 0,
+        }
+    }
+
+    /// The reply frame (`success`, `result` or `error`).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let frame = to_obj(json!({"method": method, "id": id, "params": params}));
+        write_frame(&mut self.w, &frame).expect("write");
+        loop {
+            match read_frame(&mut self.r) {
+                Ok(Some(obj)) => {
+                    let v = Value::Object(obj);
+                    if v["id"] == json!(id) {
+                        return v;
+                    }
+                }
+                other => return json!({"success": false, "error": format!("pipe: {other:?}")}),
+            }
+        }
+    }
+}
+
+/// The event stream, collected by a thread.
+#[derive(Default)]
+struct Events {
+    seen: Mutex<Vec<(Instant, Value)>>,
+    cv: Condvar,
+}
+
+impl Events {
+    fn subscribe(socket: &str) -> (Arc<Events>, Value) {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        let frame = to_obj(json!({"method": "subscribeEvents",
+            "params": {"userDataName": "e2e", "userDataRoot": "/tmp/e2e"}}));
+        write_frame(&mut s, &frame).expect("write");
+        let mut r = BufReader::new(s);
+        let ack = read_frame(&mut r).ok().flatten().map(Value::Object);
+        let ev = Arc::new(Events::default());
+        let e = ev.clone();
+        std::thread::spawn(move || {
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                e.seen
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), Value::Object(obj)));
+                e.cv.notify_all();
+            }
+        });
+        (ev, ack.unwrap_or(Value::Null))
+    }
+
+    /// Waits for the first event after index `from` that `pred` accepts.
+    fn wait(&self, from: usize, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = self.seen.lock().unwrap();
+        loop {
+            if let Some((_, v)) = seen.iter().skip(from).find(|(_, v)| pred(v)) {
+                return Some(v.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            seen = self.cv.wait_timeout(seen, deadline - now).unwrap().0;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// All stdout data of process `id` so far.
+    fn stdout(&self, id: &str) -> String {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v["type"] == "stdout" && v["id"] == id)
+            .map(|(_, v)| v["data"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    fn wait_stdout(&self, id: &str, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stdout(id).contains(needle) {
+                return true;
+            }
+            let seen = self.seen.lock().unwrap();
+            let _ = self.cv.wait_timeout(seen, Duration::from_millis(200));
+        }
+        false
+    }
+
+    fn exit_of(&self, id: &str, timeout: Duration) -> Option<Value> {
+        self.wait(0, timeout, |v| v["type"] == "exit" && v["id"] == id)
+    }
+}
+
+struct Probe {
+    failed: bool,
+}
+
+impl Probe {
+    fn check(&mut self, what: &str, ok: bool, detail: impl std::fmt::Display) {
+        if ok {
+            println!("@@CLIENT pass {what}");
+        } else {
+            println!("@@CLIENT fail {what}: {detail}");
+            self.failed = true;
+        }
+    }
+}
+
+fn ok(v: &Value) -> bool {
+    v["success"] == true
+}
+
+fn one_shot(socket: &str, method: &str) -> Value {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return Value::Null;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let frame = to_obj(json!({"method": method, "params": {}}));
+    if write_frame(&mut s, &frame).is_err() {
+        return Value::Null;
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut r = BufReader::new(s);
+    read_frame(&mut r)
+        .ok()
+        .flatten()
+        .map(Value::Object)
+        .unwrap_or(Value::Null)
+}
+
+fn connected(socket: &str) -> bool {
+    one_shot(socket, "isGuestConnected")["result"]["connected"] == true
+}
+
+fn running(socket: &str) -> bool {
+    one_shot(socket, "isRunning")["result"]["running"] == true
+}
+
+/// Polls `isGuestConnected` as the client does, a few times a second.
+fn poll_connected(socket: &str, timeout: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if connected(socket) {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+/// The VMM child of the helper: a `coworkvm boot` whose command line names
+/// the bundle's rootfs.
+fn vmm_pid(bundle: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let mut cmdline = String::new();
+        if let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/cmdline")) {
+            let _ = f.read_to_string(&mut cmdline);
+        }
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        if args.contains(&"boot") && cmdline.contains(bundle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn spawn(pipe: &mut Pipe, id: &str, name: &str, command: &str, args: &[&str]) -> Value {
+    pipe.call(
+        "spawn",
+        json!({"id": id, "name": name, "command": command, "args": args, "isResume": false,
+               "env": {"E2E_SECRET": TOKEN}, "oauthToken": TOKEN}),
+    )
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if let [_, flag, socket, bundle] = argv.as_slice() {
+        if flag == "--start" {
+            let mut pipe = Pipe::open(socket);
+            let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
+            let up = ok(&r) && poll_connected(socket, Duration::from_secs(240)).is_some();
+            println!("@@CLIENT started {up}");
+            std::process::exit(i32::from(!up));
+        }
+    }
+    let (socket, bundle) = match argv.as_slice() {
+        [_, s, b] => (s.as_str(), b.as_str()),
+        _ => {
+            eprintln!("usage: client-probe SOCKET BUNDLE_DIR");
+            std::process::exit(2)
+        }
+    };
+    let mut p = Probe { failed: false };
+    let long = Duration::from_secs(240);
+    let short = Duration::from_secs(60);
+
+    // 1. The client's opening: configure on the pipe, clean-up stopVM,
+    // then the event stream.
+    let mut pipe = Pipe::open(socket);
+    let r = pipe.call(
+        "configure",
+        json!({"userDataName": "e2e", "userDataRoot": "/tmp/e2e", "sessionOnly": true}),
+    );
+    p.check("configure", ok(&r), &r);
+    let r = pipe.call("stopVM", json!({}));
+    p.check("stopVM when nothing runs", ok(&r), &r);
+    let (ev, ack) = Events::subscribe(socket);
+    p.check("subscribeEvents acknowledged", ok(&ack), &ack);
+    let first = ev.wait(0, short, |v| v["type"] == "apiReachability");
+    let net = ev.wait(0, short, |v| v["type"] == "networkStatus");
+    p.check(
+        "a new subscriber gets networkStatus and apiReachability",
+        first.is_some() && net.is_some(),
+        format!("{first:?} {net:?}"),
+    );
+
+    // 2. startVM, then poll isGuestConnected.
+    let t0 = Instant::now();
+    let r = pipe.call(
+        "startVM",
+        json!({"bundlePath": bundle, "memoryGB": 1, "cpuCount": 1}),
+    );
+    p.check("startVM", ok(&r), &r);
+    let up = poll_connected(socket, long);
+    p.check("isGuestConnected turns true", up.is_some(), "timed out");
+    if let Some(_d) = up {
+        println!(
+            "@@CLIENT start-to-connected-ms {}",
+            t0.elapsed().as_millis()
+        );
+    }
+    let steps = ev.wait(0, short, |v| v["type"] == "startupStep");
+    p.check("startupStep events", steps.is_some(), "none");
+    let r = pipe.call("startVM", json!({"bundlePath": bundle}));
+    p.check("startVM again is a no-op", ok(&r) && connected(socket), &r);
+
+    // 3. The SDK and the token.
+    let r = pipe.call(
+        "installSdk",
+        json!({"sdkSubpath": SDK_SUBPATH, "version": SDK_VERSION}),
+    );
+    p.check("installSdk", ok(&r), &r);
+    let r = pipe.call("addApprovedOauthToken", json!({"token": TOKEN}));
+    p.check("addApprovedOauthToken", ok(&r), &r);
+
+    // 4. A session runs the SDK as its own user, in its own directory.
+    let r = spawn(&mut pipe, "p1", "sess1", "claude", &["hello"]);
+    p.check("spawn the SDK", ok(&r), &r);
+    let exit = ev.exit_of("p1", short);
+    let out = ev.stdout("p1");
+    p.check(
+        "the SDK runs and exits 0 (exitCode)",
+        exit.as_ref().is_some_and(|e| e["exitCode"] == 0) && out.contains("sdk-ok hello"),
+        format!("{exit:?} stdout={out:?}"),
+    );
+    let uid: Option<u32> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("uid="))
+        .and_then(|u| u.trim().parse().ok());
+    p.check(
+        "the session runs as its own unprivileged user",
+        uid.is_some_and(|u| u >= 1001),
+        &out,
+    );
+    p.check(
+        "its cwd is /sessions/<name>",
+        out.lines().any(|l| l.trim() == "cwd=/sessions/sess1"),
+        &out,
+    );
+
+    // 5. stdin after the first output; readFile of what it wrote.
+    let r = spawn(
+        &mut pipe,
+        "p2",
+        "sess1",
+        "sh",
+        &[
+            "-c",
+            "echo first; read line; echo got:$line; echo $line > /sessions/sess1/note.txt",
+        ],
+    );
+    p.check("spawn sh", ok(&r), &r);
+    let first_out = ev.wait_stdout("p2", "first", short);
+    p.check("first stdout event", first_out, ev.stdout("p2"));
+    let r = pipe.call("writeStdin", json!({"id": "p2", "data": "hi-there\n"}));
+    p.check("writeStdin", ok(&r), &r);
+    let exit = ev.exit_of("p2", short);
+    p.check(
+        "stdin reached the process",
+        ev.stdout("p2").contains("got:hi-there") && exit.is_some_and(|e| e["exitCode"] == 0),
+        ev.stdout("p2"),
+    );
+    let r = pipe.call(
+        "readFile",
+        json!({"processName": "sess1", "filePath": "/sessions/sess1/note.txt"}),
+    );
+    let content = r["result"]["content"]
+        .as_str()
+        .and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok());
+    p.check(
+        "readFile returns the file's bytes in base64",
+        content.as_deref() == Some(b"hi-there\n".as_slice()),
+        &r,
+    );
+
+    // 6. kill.
+    let r = spawn(
+        &mut pipe,
+        "p3",
+        "sess2",
+        "sh",
+        &["-c", "echo started; sleep 1000"],
+    );
+    p.check("spawn sleep", ok(&r), &r);
+    ev.wait_stdout("p3", "started", short);
+    let r = pipe.call("isProcessRunning", json!({"id": "p3"}));
+    p.check(
+        "isProcessRunning: running",
+        r["result"]["running"] == true,
+        &r,
+    );
+    let r = pipe.call("kill", json!({"id": "p3", "signal": "SIGTERM"}));
+    p.check("kill", ok(&r), &r);
+    let exit = ev.exit_of("p3", short);
+    p.check(
+        "kill ends it with the signal reported",
+        exit.as_ref().is_some_and(|e| !e["signal"].is_null()),
+        format!("{exit:?}"),
+    );
+    let r = pipe.call("isProcessRunning", json!({"id": "p3"}));
+    p.check(
+        "isProcessRunning: not running",
+        r["result"]["running"] == false,
+        &r,
+    );
+
+    // 7. The session disk.
+    let r = pipe.call("getSessionsDiskInfo", json!({"lowWaterBytes": 0}));
+    let names: Vec<&str> = r["result"]["sessions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    p.check(
+        "getSessionsDiskInfo",
+        r["result"]["totalBytes"].as_u64().is_some_and(|t| t > 0) && names.contains(&"sess1"),
+        &r,
+    );
+    let r = pipe.call(
+        "pruneSessionCaches",
+        json!({"onlyIfFreeBytesBelow": u64::MAX / 2, "includeSessionTmp": true,
+               "sessionTmpOlderThanSeconds": 0}),
+    );
+    p.check(
+        "pruneSessionCaches",
+        r["result"]["prunedSessions"].is_array() && r["result"]["freedBytes"].is_u64(),
+        &r,
+    );
+    let r = pipe.call("deleteSessionDirs", json!({"names": ["sess2"]}));
+    let deleted = r["result"]["deleted"]
+        .as_array()
+        .is_some_and(|d| d.iter().any(|n| n == "sess2"));
+    p.check("deleteSessionDirs", deleted, &r);
+    let r = pipe.call("getSessionsDiskInfo", json!({"lowWaterBytes": 0}));
+    p.check(
+        "a deleted session is gone",
+        !r.to_string().contains("\"sess2\""),
+        &r,
+    );
+    let r = pipe.call("noSuchMethod", json!({}));
+    p.check(
+        "unknown method",
+        r["error"] == "Unknown method: noSuchMethod",
+        &r,
+    );
+
+    // 8. stopVM.
+    let r = pipe.call("stopVM", json!({}));
+    p.check("stopVM", ok(&r), &r);
+    p.check(
+        "not running, not connected after stopVM",
+        !running(socket) && !connected(socket),
+        "",
+    );
+
+    // 9. A VMM killed under load, then a restart.
+    let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
+    p.check("startVM after stopVM", ok(&r), &r);
+    let up = poll_connected(socket, long);
+    p.check("connected again", up.is_some(), "timed out");
+    let r = spawn(
+        &mut pipe,
+        "p4",
+        "sess1",
+        "sh",
+        &["-c", "echo loading; while :; do :; done"],
+    );
+    p.check("spawn a busy loop", ok(&r), &r);
+    ev.wait_stdout("p4", "loading", short);
+    let mark = ev.len();
+    match vmm_pid(bundle) {
+        Some(pid) => {
+            // SAFETY: kill(2) with a pid and a signal number.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let t = Instant::now();
+            let gone = ev.wait(mark, short, |v| {
+                v["type"] == "networkStatus" && v["status"] == "NOT_CONNECTED"
+            });
+            p.check(
+                "NOT_CONNECTED after the VMM died",
+                gone.is_some(),
+                "no event",
+            );
+            println!("@@CLIENT crash-seen-ms {}", t.elapsed().as_millis());
+            let lost = ev.wait(mark, short, |v| {
+                (v["type"] == "exit" || (v["type"] == "error" && v["fatal"] == true))
+                    && v["id"] == "p4"
+            });
+            p.check(
+                "the running process is reported ended",
+                lost.is_some(),
+                "none",
+            );
+            p.check(
+                "isRunning and isGuestConnected false after the crash",
+                !running(socket) && !connected(socket),
+                "",
+            );
+        }
+        None => p.check("found the VMM process", false, "no coworkvm boot child"),
+    }
+    let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
+    p.check("startVM after the crash", ok(&r), &r);
+    let up = poll_connected(socket, long);
+    p.check("connected after the crash", up.is_some(), "timed out");
+    let r = spawn(
+        &mut pipe,
+        "p5",
+        "sess1",
+        "cat",
+        &["/sessions/sess1/note.txt"],
+    );
+    let exit = ev.exit_of("p5", short);
+    p.check(
+        "the session disk survived the crash",
+        ok(&r) && ev.stdout("p5").contains("hi-there") && exit.is_some(),
+        ev.stdout("p5"),
+    );
+    let r = pipe.call("stopVM", json!({}));
+    p.check("final stopVM", ok(&r), &r);
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(p.failed));
+}
