@@ -4,6 +4,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod bundle;
 pub mod device_manager;
 pub mod devices;
 pub mod doctor;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coworkvm::arch::x86_64::smbios::MachineUuid;
 use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
+use coworkvm::bundle::{Bundle, SeedOutcome};
 use coworkvm::doctor;
 
 #[derive(Parser)]
@@ -33,11 +34,41 @@ enum Command {
         #[arg(long = "socket", value_name = "PATH")]
         socket: Option<PathBuf>,
     },
+    /// Inspect or prepare a VM bundle (images, identity, session disk).
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// Check that this host can run coworkvm VMs.
     Doctor {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Show a bundle's identity, rootfs versions and disk usage; creates nothing.
+    Status {
+        /// Bundle directory [default: $XDG_DATA_HOME/coworkvm/bundle].
+        dir: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a bundle ready to boot: seed it from the images, expand a pending
+    /// rootfs, create its identity and session disk.
+    Prepare {
+        /// Bundle directory [default: $XDG_DATA_HOME/coworkvm/bundle].
+        dir: Option<PathBuf>,
+        /// Images directory to seed from [default for the default bundle:
+        /// $COWORKVM_IMAGES, /usr/lib/coworkvm/images or build/images].
+        #[arg(long)]
+        images: Option<PathBuf>,
+        /// Size of the session disk when it is created (GiB).
+        #[arg(long)]
+        disk_size_gb: Option<u64>,
     },
 }
 
@@ -241,6 +272,115 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code as u8))
 }
 
+fn bundle_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(dir) => Ok(dir),
+        None => Bundle::default_dir()
+            .context("no bundle directory given, and neither XDG_DATA_HOME nor HOME is set"),
+    }
+}
+
+fn bytes_text(n: Option<u64>) -> String {
+    match n {
+        None => "absent".into(),
+        Some(n) if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        Some(n) if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        Some(n) => format!("{n} bytes"),
+    }
+}
+
+fn bundle(command: BundleCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BundleCommand::Status { dir, json } => {
+            let dir = bundle_dir(dir)?;
+            let status = Bundle::open_existing(&dir)?.status();
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                let or_not_yet =
+                    |v: &Option<String>| v.clone().unwrap_or_else(|| "not created yet".into());
+                let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+                println!("bundle:          {}", status.dir.display());
+                println!("MAC address:     {}", or_not_yet(&status.mac));
+                println!("machine id:      {}", or_not_yet(&status.machine_id));
+                println!(
+                    "rootfs applied:  {}",
+                    or_none(&status.applied_rootfs_version)
+                );
+                println!(
+                    "rootfs pending:  {}",
+                    or_none(&status.pending_rootfs_version)
+                );
+                println!("kernel:          {}", or_none(&status.kernel_version));
+                for file in &status.files {
+                    let allocated = match file.allocated {
+                        Some(a) if file.size.is_some() => {
+                            format!(" ({} allocated)", bytes_text(Some(a)))
+                        }
+                        _ => String::new(),
+                    };
+                    println!("{:<16} {}{allocated}", file.name, bytes_text(file.size));
+                }
+                for problem in &status.problems {
+                    println!("problem:         {problem}");
+                }
+            }
+            Ok(if status.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        BundleCommand::Prepare {
+            dir,
+            images,
+            disk_size_gb,
+        } => {
+            let default_bundle = dir.is_none();
+            let bundle = Bundle::open(bundle_dir(dir)?)?;
+            // Only the default bundle follows the installed images on its
+            // own; another bundle is seeded when asked.
+            // A default images directory that holds no images (a source
+            // checkout before `make`) is no error: the bundle may be seeded.
+            let images = images.or_else(|| {
+                default_bundle
+                    .then(Bundle::default_images_dir)
+                    .filter(|d| d.join("manifest.json").is_file())
+            });
+            if let Some(images) = images {
+                match bundle.seed_from(&images) {
+                    Ok(SeedOutcome::Seeded {
+                        rootfs_version,
+                        previous,
+                    }) => eprintln!(
+                        "coworkvm: seeded rootfs {rootfs_version} from {} (was {})",
+                        images.display(),
+                        previous.as_deref().unwrap_or("none")
+                    ),
+                    Ok(SeedOutcome::UpToDate { .. }) => {}
+                    Err(e) => return Err(e).context("cannot seed the bundle"),
+                }
+            }
+            let prepared = bundle.prepare(disk_size_gb)?;
+            if let Some(expanded) = &prepared.expanded {
+                eprintln!(
+                    "coworkvm: applied rootfs {} ({:.0} MB in {:.1} s)",
+                    expanded.rootfs_version,
+                    expanded.size as f64 / 1e6,
+                    expanded.seconds
+                );
+            }
+            println!("kernel:       {}", prepared.kernel.display());
+            println!("initrd:       {}", prepared.initrd.display());
+            println!("rootfs:       {}", prepared.rootfs.display());
+            println!("session disk: {}", prepared.session_disk.display());
+            println!("MAC address:  {}", prepared.identity.mac);
+            println!("machine id:   {}", prepared.identity.machine_id);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
     let debug_switch = init_logging(match cli.command {
@@ -254,6 +394,7 @@ fn main() -> ExitCode {
         }
         Command::Boot(args) => boot(args),
         Command::Run(args) => run(args),
+        Command::Bundle { command } => bundle(command),
         Command::Doctor { json } => {
             let report = doctor::run_doctor();
             if json {

@@ -1,0 +1,229 @@
+//! Durable-file helpers shared by the bundle modules: every file a bundle
+//! gains is written under a temporary name, fsynced, renamed into place and
+//! its directory fsynced, so a crash leaves either the old file or the whole
+//! new one, never a torn one.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+/// Makes a directory's entries (creations, renames, removals) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // slice; getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// A name for a temporary sibling of `name` that no other thread or process
+/// will pick: pid, a per-process counter and random bits. Dot-prefixed so it
+/// never looks like a bundle file.
+pub fn unique_temp_name(name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut salt = [0u8; 4];
+    // Why tolerate failure: pid + counter already make the name unique
+    // within this host; the random part only guards against pid reuse.
+    let _ = random_bytes(&mut salt);
+    format!(
+        ".{name}.tmp.{}.{}.{:08x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        u32::from_le_bytes(salt)
+    )
+}
+
+/// Creates `path` fresh (O_CREAT|O_EXCL): it never reuses a file that an
+/// earlier run or another process left there.
+pub fn create_exclusive(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+}
+
+fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Moves `from` to `to` unless `to` exists (then `AlreadyExists`, `from`
+/// left in place). `renameat2(RENAME_NOREPLACE)`, or `link` + `unlink` on
+/// file systems without it; both are atomic against a concurrent creator.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from_c = cstring(from)?;
+    let to_c = cstring(to)?;
+    // SAFETY: both strings are NUL-terminated and live for the call;
+    // renameat2 only reads them. Called through syscall() because older
+    // C libraries lack the wrapper.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // The kernel or this file system has no RENAME_NOREPLACE.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Removes a temporary file on drop unless `keep` was called: every early
+/// return of a writer cleans up after itself.
+pub struct TempFileGuard {
+    path: Option<PathBuf>,
+}
+
+impl TempFileGuard {
+    pub fn new(path: PathBuf) -> Self {
+        TempFileGuard { path: Some(path) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// The file has been renamed away: nothing to remove any more.
+    pub fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for TempFileGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Writes `bytes` as `dir/name` durably, replacing any previous file.
+pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let temp = TempFileGuard::new(dir.join(unique_temp_name(name)));
+    let mut file = create_exclusive(temp.path(), mode)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(temp.path(), dir.join(name))?;
+    temp.keep();
+    fsync_dir(dir)
+}
+
+/// Size and lowercase-hex SHA-256 of what was copied.
+pub struct Copied {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Copies `src` to `dir/name` durably (temp + fsync + rename + fsync dir),
+/// hashing the bytes on the way; `check` sees the size and hash before the
+/// rename and can refuse the copy, which then leaves `dir/name` untouched.
+pub fn copy_file_atomic(
+    src: &Path,
+    dir: &Path,
+    name: &str,
+    check: impl FnOnce(&Copied) -> io::Result<()>,
+) -> io::Result<Copied> {
+    let mut input = File::open(src)?;
+    let temp = TempFileGuard::new(dir.join(unique_temp_name(name)));
+    let mut output = create_exclusive(temp.path(), 0o644)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    output.sync_all()?;
+    drop(output);
+    let copied = Copied {
+        size,
+        sha256: hex(&hasher.finalize()),
+    };
+    check(&copied)?;
+    std::fs::rename(temp.path(), dir.join(name))?;
+    temp.keep();
+    fsync_dir(dir)?;
+    Ok(copied)
+}
+
+/// Lowercase hex, the form `manifest.json` stores hashes in.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `dir`'s entries that look like leftovers of an interrupted write of
+/// `name` (see [`unique_temp_name`]).
+pub fn stale_temp_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!(".{name}.tmp.");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lowercase_and_padded() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
+    }
+
+    #[test]
+    fn temp_names_differ() {
+        assert_ne!(unique_temp_name("x"), unique_temp_name("x"));
+        assert!(unique_temp_name("macAddress").starts_with(".macAddress.tmp."));
+    }
+}
