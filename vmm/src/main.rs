@@ -9,6 +9,8 @@ use coworkvm::arch::x86_64::smbios::MachineUuid;
 use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
 use coworkvm::bundle::{Bundle, SeedOutcome};
 use coworkvm::doctor;
+use coworkvm::helper::vm::GUEST_CMDLINE;
+use coworkvm_rootfs::manifest::MANIFEST_FILE;
 
 #[derive(Parser)]
 #[command(
@@ -126,9 +128,23 @@ struct RunArgs {
     /// Keep the guest console here (default: a temporary file).
     #[arg(long)]
     console: Option<PathBuf>,
-    /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
+    /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid
+    /// [default: the bundle's machineIdentifier].
     #[arg(long, value_parser = parse_uuid)]
     uuid: Option<MachineUuid>,
+    /// Boot this bundle (Debian rootfs, session disk, identity) [default:
+    /// $XDG_DATA_HOME/coworkvm/bundle, unless --kernel or --initrd boot a
+    /// bare kernel and initramfs].
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd"])]
+    bundle: Option<PathBuf>,
+    /// coworkvm's images to seed the bundle from [default: $COWORKVM_IMAGES,
+    /// /usr/lib/coworkvm/images, or build/images].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Size of a new session disk in GiB [default: the bundle's
+    /// config.json, else 10].
+    #[arg(long)]
+    disk_size_gb: Option<u64>,
     /// Run CMD sandboxed as session NAME (its own user under bubblewrap,
     /// home /sessions/NAME), as the desktop client's processes run.
     /// Default: as root in the guest, like `ssh root@vm CMD`.
@@ -149,20 +165,63 @@ fn default_path(flag: Option<PathBuf>, env: &str, fallback: &str) -> PathBuf {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let machine = MachineConfig {
-        kernel: default_path(args.kernel, "COWORKVM_KERNEL", "build/kernel/vmlinuz"),
-        initrd: Some(default_path(
-            args.initrd,
-            "COWORKVM_INITRD",
-            "build/agent-initrd.cpio.zst",
-        )),
-        disks: vec![],
-        cpus: args.cpus,
-        mem_mib: args.mem,
-        cmdline: "quiet".into(),
-        console: args.console,
-        vsock: None,
-        machine_uuid: args.uuid,
+    let machine = if args.kernel.is_some() || args.initrd.is_some() {
+        // A bare kernel + initramfs (the busybox test image): no rootfs,
+        // no session disk, no identity unless --uuid.
+        MachineConfig {
+            kernel: default_path(args.kernel, "COWORKVM_KERNEL", "build/kernel/vmlinuz"),
+            initrd: Some(default_path(
+                args.initrd,
+                "COWORKVM_INITRD",
+                "build/agent-initrd.cpio.zst",
+            )),
+            disks: vec![],
+            cpus: args.cpus,
+            mem_mib: args.mem,
+            cmdline: "quiet".into(),
+            console: args.console,
+            vsock: None,
+            machine_uuid: args.uuid,
+        }
+    } else {
+        let dir = match args.bundle {
+            Some(d) => d,
+            None => Bundle::default_dir()
+                .context("no bundle named and no default one (set HOME or XDG_DATA_HOME)")?,
+        };
+        let bundle = Bundle::open(&dir)?;
+        let images = args.images.unwrap_or_else(Bundle::default_images_dir);
+        if images.join(MANIFEST_FILE).is_file() {
+            bundle
+                .seed_from(&images)
+                .with_context(|| format!("seeding {} from {}", dir.display(), images.display()))?;
+        }
+        let p = bundle
+            .prepare(args.disk_size_gb)
+            .with_context(|| format!("preparing the bundle {}", dir.display()))?;
+        MachineConfig {
+            kernel: p.kernel,
+            initrd: Some(p.initrd),
+            disks: vec![
+                DiskSpec {
+                    path: p.rootfs,
+                    read_only: true,
+                },
+                DiskSpec {
+                    path: p.session_disk,
+                    read_only: false,
+                },
+            ],
+            cpus: args.cpus,
+            mem_mib: args.mem,
+            cmdline: GUEST_CMDLINE.into(),
+            console: args.console,
+            vsock: None,
+            machine_uuid: Some(
+                args.uuid
+                    .unwrap_or(MachineUuid(p.identity.machine_id.bytes())),
+            ),
+        }
     };
     let code = coworkvm::run::run(coworkvm::run::RunConfig {
         machine,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use coworkvm::helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
-use coworkvm::helper::{bind, BundleDirImages, Helper, HelperConfig, Listener};
+use coworkvm::helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use serde_json::{json, Value};
 use socket_proto::frame::{encode_frame, read_frame, write_frame};
 use socket_proto::guest::AGENT_VSOCK_PORT;
@@ -234,6 +234,38 @@ impl FakeVm {
     }
 }
 
+/// The tests' image source: the bundle directory's files by name (the
+/// fake launcher boots nothing), a sparse session disk made when missing.
+/// The real one, the bundle module, has its own tests (tests/bundle.rs).
+struct BundleFiles;
+
+impl ImageSource for BundleFiles {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+        for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
+            let p = bundle.join(f);
+            if !p.is_file() {
+                return Err(VmError::Io {
+                    what: "the bundle has no",
+                    path: p,
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+        }
+        let session_disk = bundle.join("sessiondata.img");
+        if !session_disk.exists() {
+            let f = std::fs::File::create(&session_disk).unwrap();
+            f.set_len(disk_gb.unwrap_or(10) << 30).unwrap();
+        }
+        Ok(VmImages {
+            kernel: bundle.join("vmlinuz"),
+            initrd: bundle.join("initrd.img"),
+            rootfs: bundle.join("rootfs.img"),
+            session_disk,
+            machine_uuid: None,
+        })
+    }
+}
+
 #[derive(Default)]
 struct FakeLauncher {
     vms: Mutex<Vec<Arc<FakeVm>>>,
@@ -346,7 +378,7 @@ fn try_serve(
                 }
             };
             let helper = Helper::new(HelperConfig {
-                images: Arc::new(BundleDirImages),
+                images: Arc::new(BundleFiles),
                 launcher: l,
                 run_dir,
                 home,
@@ -845,7 +877,8 @@ fn start_errors_reach_the_client() {
     let r = one_shot(&h.socket, "startVM", json!({"bundlePath": empty}));
     assert_eq!(r["success"], false);
     assert!(
-        r["error"].as_str().unwrap().contains("has no vmlinuz"),
+        r["error"].as_str().unwrap().contains("the bundle has no ")
+            && r["error"].as_str().unwrap().contains("vmlinuz"),
         "{r}"
     );
     assert!(!is_running(&h.socket));
@@ -1272,6 +1305,7 @@ fn the_binary_serves_as_the_client_starts_it_and_stops_on_sigterm() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coworkvm"))
         .args(["-socket", sock.to_str().unwrap()])
         .env("RUST_LOG", "info")
+        .env("COWORKVM_IMAGES", dir.join("no-images"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1287,10 +1321,8 @@ fn the_binary_serves_as_the_client_starts_it_and_stops_on_sigterm() {
     let empty = dir.join("bundle");
     std::fs::create_dir_all(&empty).unwrap();
     let r = one_shot(&sock, "startVM", json!({"bundlePath": empty}));
-    assert!(
-        r["error"].as_str().unwrap().contains("has no vmlinuz"),
-        "{r}"
-    );
+    // The real image source: an empty bundle and no images to seed it from.
+    assert!(r["error"].as_str().unwrap().contains("rootfs.img"), "{r}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();

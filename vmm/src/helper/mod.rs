@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use socket_proto::host::ConfigureParams;
 
 pub use server::{bind, Listener, ServeError};
-pub use vm::{BundleDirImages, ImageSource, ProcessLauncher, VmLauncher};
+pub use vm::{BundleImages, ImageSource, ProcessLauncher, VmImages, VmLauncher};
 
 /// Turns the helper's own debug logging on (`true`) or back (`false`).
 pub type DebugSwitch = Arc<dyn Fn(bool) + Send + Sync>;
@@ -50,7 +50,9 @@ impl HelperConfig {
     /// directory beside the socket, `$HOME` for the SDK.
     pub fn production(socket: &Path) -> std::io::Result<Self> {
         Ok(Self {
-            images: Arc::new(BundleDirImages),
+            images: Arc::new(BundleImages {
+                images_dir: crate::bundle::Bundle::default_images_dir(),
+            }),
             launcher: Arc::new(ProcessLauncher {
                 exe: std::env::current_exe()?,
             }),

@@ -26,10 +26,11 @@ use tokio::task::JoinHandle;
 
 use super::agent::Agent;
 use super::events::{EventHub, NOT_CONNECTED};
-use crate::arch::x86_64::smbios::MachineUuid;
+use coworkvm_rootfs::manifest::MANIFEST_FILE;
 
-/// Session disk size when neither `createVM` nor the bundle says.
-pub const DEFAULT_SESSION_DISK_GB: u64 = 10;
+use crate::arch::x86_64::smbios::MachineUuid;
+use crate::bundle::Bundle;
+
 /// Guest memory when neither `startVM` nor `configure` says.
 pub const DEFAULT_MEM_MIB: u64 = 2048;
 /// vCPUs when neither `startVM` nor `configure` says.
@@ -48,14 +49,6 @@ pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Why a VM operation failed; the text goes to the client as the error.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The bundle lacks a file the VM needs.
-    #[error("the VM bundle {bundle} has no {file}")]
-    MissingFile {
-        /// The bundle directory.
-        bundle: PathBuf,
-        /// The file it lacks.
-        file: &'static str,
-    },
     /// A file operation on the bundle or run directory failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -66,9 +59,9 @@ pub enum VmError {
         /// Why it failed.
         source: std::io::Error,
     },
-    /// The bundle's machine identity is not a UUID.
-    #[error("the machine identifier in {0} is not a UUID: {1}")]
-    BadIdentity(PathBuf, String),
+    /// The bundle could not be seeded or prepared.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
     /// The VMM could not be started.
     #[error("cannot start the VMM: {0}")]
     Launch(String),
@@ -112,68 +105,42 @@ pub trait ImageSource: Send + Sync {
     fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError>;
 }
 
-/// Interim [`ImageSource`]: `vmlinuz`, `initrd.img`, `rootfs.img` and
-/// `sessiondata.img` straight from the bundle directory; a missing
-/// `sessiondata.img` is created sparse (the agent formats it on first
-/// boot); `machineIdentifier`, when present, gives the machine UUID.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct BundleDirImages;
-
-impl ImageSource for BundleDirImages {
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
-        let need = |file: &'static str| {
-            let p = bundle.join(file);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(VmError::MissingFile {
-                    bundle: bundle.to_owned(),
-                    file,
-                })
-            }
-        };
-        let kernel = need("vmlinuz")?;
-        let initrd = need("initrd.img")?;
-        let rootfs = need("rootfs.img")?;
-        let session_disk = bundle.join("sessiondata.img");
-        if !session_disk.exists() {
-            create_sparse(
-                &session_disk,
-                disk_gb.unwrap_or(DEFAULT_SESSION_DISK_GB) << 30,
-            )?;
-        }
-        let id_path = bundle.join("machineIdentifier");
-        let machine_uuid = match std::fs::read_to_string(&id_path) {
-            Ok(text) => Some(
-                MachineUuid::parse(text.trim())
-                    .map_err(|e| VmError::BadIdentity(id_path.clone(), e.to_string()))?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("reading", &id_path)(e)),
-        };
-        Ok(VmImages {
-            kernel,
-            initrd,
-            rootfs,
-            session_disk,
-            machine_uuid,
-        })
-    }
+/// The production [`ImageSource`]: the bundle module. The client's bundle
+/// directory is first seeded from coworkvm's own images (`images_dir`: the
+/// installed or built `vmlinuz`, `initrd.img`, `rootfs.img.zst` and
+/// `manifest.json`) when it has none or an older rootfs, which is how a
+/// package upgrade reaches it; `prepare` then expands a pending
+/// `rootfs.img.zst` and makes the identity and the session disk once.
+#[derive(Debug, Clone)]
+pub struct BundleImages {
+    /// Where coworkvm's images are (`Bundle::default_images_dir`).
+    pub images_dir: PathBuf,
 }
 
-/// Creates a sparse file of `bytes` under a temporary name, then renames
-/// it into place (a crash never leaves a half-made disk behind).
-pub fn create_sparse(path: &Path, bytes: u64) -> Result<(), VmError> {
-    let tmp = path.with_extension("img.tmp");
-    let f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
-    f.set_len(bytes).map_err(io_err("sizing", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
-    tracing::info!(
-        "created the session disk {} ({bytes} bytes, sparse)",
-        path.display()
-    );
-    Ok(())
+impl ImageSource for BundleImages {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+        let b = Bundle::open(bundle)?;
+        if self.images_dir.join(MANIFEST_FILE).is_file() {
+            b.seed_from(&self.images_dir)?;
+        } else {
+            tracing::warn!(
+                "no coworkvm images at {}; booting {} as it is",
+                self.images_dir.display(),
+                bundle.display()
+            );
+        }
+        let p = b.prepare(disk_gb)?;
+        if let Some(e) = &p.expanded {
+            tracing::info!("expanded the rootfs in {}: {e:?}", bundle.display());
+        }
+        Ok(VmImages {
+            kernel: p.kernel,
+            initrd: p.initrd,
+            rootfs: p.rootfs,
+            session_disk: p.session_disk,
+            machine_uuid: Some(MachineUuid(p.identity.machine_id.bytes())),
+        })
+    }
 }
 
 /// Everything the VMM needs for one boot.
@@ -707,46 +674,5 @@ mod tests {
              --uuid 12345678-9abc-def0-1234-56789abcdef0 --cpus 2 --mem 2048 \
              --cmdline quiet coworkvm.rootfs=vda coworkvm.sessions=vdb --console /r/console.log"
         );
-    }
-
-    #[test]
-    fn bundle_dir_images_need_the_files_and_make_a_sparse_session_disk() {
-        let dir = std::env::temp_dir().join(format!("coworkvm-bundle-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let e = BundleDirImages.prepare(&dir, None).unwrap_err();
-        assert!(e.to_string().contains("has no vmlinuz"), "{e}");
-        for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
-            std::fs::write(dir.join(f), b"x").unwrap();
-        }
-        let imgs = BundleDirImages.prepare(&dir, Some(3)).unwrap();
-        let meta = std::fs::metadata(&imgs.session_disk).unwrap();
-        assert_eq!(meta.len(), 3 << 30);
-        use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() < 64, "the session disk is sparse");
-        assert_eq!(imgs.machine_uuid, None);
-        // An existing session disk is never replaced.
-        let imgs = BundleDirImages.prepare(&dir, Some(5)).unwrap();
-        assert_eq!(
-            std::fs::metadata(&imgs.session_disk).unwrap().len(),
-            3 << 30
-        );
-
-        std::fs::write(
-            dir.join("machineIdentifier"),
-            "12345678-9ABC-DEF0-1234-56789ABCDEF0\n",
-        )
-        .unwrap();
-        let imgs = BundleDirImages.prepare(&dir, None).unwrap();
-        assert_eq!(
-            imgs.machine_uuid.unwrap().to_string(),
-            "12345678-9abc-def0-1234-56789abcdef0"
-        );
-        std::fs::write(dir.join("machineIdentifier"), "nope").unwrap();
-        assert!(matches!(
-            BundleDirImages.prepare(&dir, None),
-            Err(VmError::BadIdentity(..))
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
