@@ -7,7 +7,7 @@ STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
 # Build outputs go to target/ and build/ only, whatever the caller's setting.
 export CARGO_TARGET_DIR := $(CURDIR)/target
 
-.PHONY: all deps kernel build lint test run bench clean
+.PHONY: all deps kernel build images rootfs-refresh lint test run bench clean
 
 all: build
 
@@ -24,6 +24,18 @@ build: kernel
 	    --init $(RELEASE_DIR)/coworkvm-agent --busybox build/busybox \
 	    --kernel-dir build/kernel \
 	    --modules virtio_mmio,virtio_blk,virtio-rng,vmw_vsock_virtio_transport
+	$(MAKE) --no-print-directory images
+
+# The guest images (kernel, initramfs, Debian rootfs, manifest) in
+# build/images; coworkvm-rootfs skips the work when its inputs are
+# unchanged, and keeps the mmdebstrap tree in build/cache.
+images:
+	target/release/coworkvm-rootfs build --out build/images --kernel-dir build/kernel \
+	    --agent $(RELEASE_DIR)/coworkvm-agent --cache-dir build/cache
+
+# Drops the cached Debian tree: the next build takes the mirror's packages.
+rootfs-refresh:
+	rm -rf build/cache build/images
 
 lint:
 	cargo fmt --all -- --check

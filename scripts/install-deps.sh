@@ -6,6 +6,8 @@
 #   qemu-system-data  qboot (bios-microvm.bin) and option ROMs for microvm
 #   xz-utils, zstd    decompressing kernel modules
 #   dpkg              dpkg-deb, to unpack the kernel and busybox packages
+#   mmdebstrap        the guest's Debian rootfs tree
+#   e2fsprogs         mkfs.ext4 -d and debugfs for rootfs.img
 #   bubblewrap        the agent's sandbox test runs the real bwrap (as in the guest)
 set -euo pipefail
 need=()
@@ -15,6 +17,8 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 [ -x /usr/bin/bwrap ] || need+=(bubblewrap)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
 [ ${#need[@]} -gt 0 ] || exit 0
 

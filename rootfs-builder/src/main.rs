@@ -50,6 +50,32 @@ enum Command {
         #[arg(long, default_value = "zstd")]
         compress: Compression,
     },
+    /// Build the guest images from Debian packages into DIR: vmlinuz,
+    /// initrd.img (agent + modules), rootfs.img (ext4), rootfs.img.zst and
+    /// manifest.json. A no-op when DIR already holds these inputs' images.
+    Build {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Kernel directory made by scripts/fetch-kernel.sh.
+        #[arg(long, default_value = "build/kernel")]
+        kernel_dir: PathBuf,
+        /// The static coworkvm-agent binary.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Where the mmdebstrap base tree is kept between builds.
+        #[arg(long, default_value = "build/cache")]
+        cache_dir: PathBuf,
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        #[arg(long, default_value = "http://deb.debian.org/debian")]
+        mirror: String,
+        /// /etc/coworkvm-release [default: builder version + input hash].
+        #[arg(long)]
+        version_tag: Option<String>,
+        /// zstd level of rootfs.img.zst.
+        #[arg(long, default_value_t = 12)]
+        zstd_level: i32,
+    },
     /// List the entries of a newc archive (plain or zstd-compressed).
     List { file: PathBuf },
 }
@@ -150,5 +176,44 @@ fn main() -> anyhow::Result<()> {
             initramfs_cmd(out, init, busybox, module_tree, modules, add, compress)
         }
         Command::List { file } => list(&file),
+        Command::Build {
+            out,
+            kernel_dir,
+            agent,
+            cache_dir,
+            suite,
+            mirror,
+            version_tag,
+            zstd_level,
+        } => {
+            let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+                Ok(s) => s
+                    .parse()
+                    .with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a timestamp"))?,
+                Err(_) => coworkvm_rootfs::rootfs::DEFAULT_EPOCH,
+            };
+            let m = coworkvm_rootfs::rootfs::build(&coworkvm_rootfs::rootfs::BuildSpec {
+                out: out.clone(),
+                kernel_dir,
+                agent,
+                cache_dir,
+                suite,
+                mirror,
+                epoch,
+                version_tag,
+                zstd_level,
+            })
+            .context("building the guest images")?;
+            for (name, f) in &m.files {
+                println!(
+                    "{}/{name}: {} bytes sha256 {}",
+                    out.display(),
+                    f.size,
+                    f.sha256
+                );
+            }
+            println!("rootfs {} kernel {}", m.rootfs_version, m.kernel_version);
+            Ok(())
+        }
     }
 }

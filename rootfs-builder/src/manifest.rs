@@ -36,6 +36,10 @@ pub struct Manifest {
     /// why; empty when pinned inputs give identical files.
     #[serde(default)]
     pub not_reproducible: Vec<String>,
+    /// Hash of everything the build read (agent, kernel, base tree,
+    /// settings): a build whose inputs hash the same is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<String>,
 }
 
 impl Manifest {

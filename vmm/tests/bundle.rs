@@ -110,6 +110,7 @@ fn manifest(version: &str, files: &[(&str, &[u8])]) -> Vec<u8> {
             .map(|(name, data)| (name.to_string(), entry(data)))
             .collect::<BTreeMap<_, _>>(),
         not_reproducible: vec![],
+        inputs: None,
     };
     serde_json::to_vec_pretty(&m).unwrap()
 }
