@@ -15,9 +15,22 @@ use socket_proto::host::{Signal, SpawnParams, StreamEncoding};
 use crate::conn::Sender;
 
 /// The most output one `stdout`/`stderr` event carries: one read of the
-/// process's pipe. Far below the protocol's 10 MiB frame limit even when
-/// every byte needs a 6-byte JSON escape.
-pub const OUTPUT_CHUNK: usize = 64 * 1024;
+/// process's pipe, whose buffer is made this big too, so a fast writer's
+/// output travels in few large frames (each frame costs the guest a vsock
+/// packet or more, a queue notification and VM exits). Far below the
+/// protocol's 10 MiB frame limit even when every byte needs a 6-byte JSON
+/// escape. A read returns what the pipe holds: small output still goes at
+/// once.
+pub const OUTPUT_CHUNK: usize = 256 * 1024;
+
+/// Grows a pipe's buffer to `size` bytes (best effort: the default 64 KiB
+/// stays if the kernel refuses).
+fn grow_pipe(fd: &impl std::os::fd::AsRawFd, size: usize) {
+    // SAFETY: fcntl(2) F_SETPIPE_SZ on a pipe fd we own; no memory involved.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int);
+    }
+}
 
 struct Proc {
     id: String,
@@ -126,6 +139,12 @@ impl Procs {
         let pid = child.id() as i32;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        for fd in stdout.iter() {
+            grow_pipe(fd, OUTPUT_CHUNK);
+        }
+        for fd in stderr.iter() {
+            grow_pipe(fd, OUTPUT_CHUNK);
+        }
         inner.pid_of.insert(p.id.clone(), pid);
         inner.by_pid.insert(
             pid,
