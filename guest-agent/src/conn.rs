@@ -35,6 +35,14 @@ impl Sender {
         }
         let _ = f.flush();
     }
+
+    /// Writes a frame already encoded (length prefix and body), whole.
+    pub fn send_encoded(&self, wire: &[u8]) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(wire) {
+            eprintln!("coworkvm-agent: sending a frame: {e}");
+        }
+    }
 }
 
 pub fn dial(cid: u32, port: u32) -> std::io::Result<File> {

@@ -11,10 +11,28 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use serde_json::json;
-use socket_proto::guest::{GuestEvent, GuestFrame};
+use socket_proto::guest::{encode_output_frame, GuestEvent, GuestFrame};
 use socket_proto::host::{Signal, SpawnParams, StreamEncoding};
 
 use crate::conn::Sender;
+
+/// The most output one `stdout`/`stderr` event carries: one read of the
+/// process's pipe, whose buffer is made this big too, so a fast writer's
+/// output travels in few large frames (each frame costs the guest a vsock
+/// packet or more, a queue notification and VM exits). Far below the
+/// protocol's 10 MiB frame limit even when every byte needs a 6-byte JSON
+/// escape. A read returns what the pipe holds: small output still goes at
+/// once.
+pub const OUTPUT_CHUNK: usize = 256 * 1024;
+
+/// Grows a pipe's buffer to `size` bytes (best effort: the default 64 KiB
+/// stays if the kernel refuses).
+fn grow_pipe(fd: &impl std::os::fd::AsRawFd, size: usize) {
+    // SAFETY: fcntl(2) F_SETPIPE_SZ on a pipe fd we own; no memory involved.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int);
+    }
+}
 
 struct Proc {
     id: String,
@@ -183,6 +201,12 @@ impl Procs {
         let pid = child.id() as i32;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        for fd in stdout.iter() {
+            grow_pipe(fd, OUTPUT_CHUNK);
+        }
+        for fd in stderr.iter() {
+            grow_pipe(fd, OUTPUT_CHUNK);
+        }
         inner.pid_of.insert(id.to_owned(), pid);
         inner.by_pid.insert(
             pid,
@@ -234,36 +258,48 @@ impl Procs {
         encoding: StreamEncoding,
     ) {
         if let (Some(pipe), StreamEncoding::Base64) = (pipe.as_mut(), encoding) {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = vec![0u8; OUTPUT_CHUNK];
             loop {
                 let n = match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
                 let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-                self.output(&id, data, is_err);
+                self.output(&id, &data, is_err);
             }
         } else if let Some(mut pipe) = pipe {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut carry: Vec<u8> = Vec::new();
+            // buf[..have]: bytes read and not sent yet; between reads only
+            // the start of a UTF-8 character split by the read (<= 3 bytes).
+            let mut buf = vec![0u8; OUTPUT_CHUNK];
+            let mut have = 0;
             loop {
-                let n = match pipe.read(&mut buf) {
+                let n = match pipe.read(&mut buf[have..]) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                carry.extend_from_slice(&buf[..n]);
-                // Send whole UTF-8 characters; keep a split one for the next read.
-                let keep = match std::str::from_utf8(&carry) {
-                    Ok(_) => 0,
-                    Err(e) if e.error_len().is_none() => carry.len() - e.valid_up_to(),
-                    Err(_) => 0,
+                have += n;
+                // Send whole UTF-8 characters; keep a split one for the next
+                // read. Valid text (the usual case) is sent without a copy.
+                let sent = match std::str::from_utf8(&buf[..have]) {
+                    Ok(text) => {
+                        self.output(&id, text, is_err);
+                        have
+                    }
+                    Err(e) => {
+                        let end = if e.error_len().is_none() {
+                            e.valid_up_to()
+                        } else {
+                            have
+                        };
+                        self.output(&id, &String::from_utf8_lossy(&buf[..end]), is_err);
+                        end
+                    }
                 };
-                let text = String::from_utf8_lossy(&carry[..carry.len() - keep]).into_owned();
-                carry.drain(..carry.len() - keep);
-                self.output(&id, text, is_err);
+                buf.copy_within(sent..have, 0);
+                have -= sent;
             }
-            if !carry.is_empty() {
-                self.output(&id, String::from_utf8_lossy(&carry).into_owned(), is_err);
+            if have > 0 {
+                self.output(&id, &String::from_utf8_lossy(&buf[..have]), is_err);
             }
         }
         let mut inner = self.inner.lock().unwrap();
@@ -273,21 +309,17 @@ impl Procs {
         Self::maybe_finish(&mut inner, pid);
     }
 
-    fn output(&self, id: &str, data: String, is_err: bool) {
-        let ev = if is_err {
-            GuestEvent::Stderr {
-                id: id.into(),
-                data,
-            }
-        } else {
-            GuestEvent::Stdout {
-                id: id.into(),
-                data,
-            }
-        };
+    /// Sends one `stdout`/`stderr` event, encoded straight from `data`.
+    fn output(&self, id: &str, data: &str, is_err: bool) {
+        if data.is_empty() {
+            return;
+        }
         let sender = self.inner.lock().unwrap().sender.clone();
         if let Some(s) = sender {
-            s.send(&GuestFrame::event(&ev));
+            match encode_output_frame(is_err, id, data) {
+                Ok(wire) => s.send_encoded(&wire),
+                Err(e) => eprintln!("coworkvm-agent: encoding output of {id}: {e}"),
+            }
         }
     }
 

@@ -120,10 +120,30 @@ pub fn encode_body<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, F
 
 /// Serializes `value` as one whole frame: length prefix, then body.
 pub fn encode_frame<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
-    let body = encode_body(value)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    encode_frame_with_capacity(value, 256)
+}
+
+/// [`encode_frame`] serializing straight behind the length prefix in one
+/// buffer of `capacity` bytes to start with (no copy of the body; a good
+/// guess spares the reallocations of a large one).
+pub fn encode_frame_with_capacity<T: serde::Serialize + ?Sized>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(HEADER_LEN + capacity);
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    serde_json::to_writer(&mut out, value).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let body = &out[HEADER_LEN..];
+    // serde_json writes an object, and only an object, starting with '{'.
+    if body.first() != Some(&b'{') {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        return Err(FrameError::NotAnObject(kind_of(&v)));
+    }
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body.len() as u64));
+    }
+    let len = (body.len() as u32).to_be_bytes();
+    out[..HEADER_LEN].copy_from_slice(&len);
     Ok(out)
 }
 

@@ -3,6 +3,12 @@
 //! microvm, alternately, in one batch, and compares time to a console
 //! marker, VM exits up to the marker (KVM's debugfs; independent of the
 //! machine's speed) and peak RSS.
+//!
+//! In the same batch it measures the agent path (coworkvm-agent's stdout
+//! and stdin over coworkvm's vsock, driven by `agent-probe --bench`) and,
+//! as the reference a user would otherwise take, the same payloads over
+//! QEMU microvm's virtio-serial (`agent-probe --serial-bench`, guest
+//! `tests/guest/serial-bench.init`), same kernel, vCPUs and memory.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -69,11 +75,15 @@ pub fn stats(values: &[f64]) -> Option<Stats> {
 pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut out = paths.root.join("bench/results.md");
     let mut runs = 10u32;
+    let mut stream_runs = 1u32;
+    let mut mib = STREAM_MIB;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--out" => out = PathBuf::from(args.get(i + 1).context("--out FILE")?),
             "--runs" => runs = args.get(i + 1).context("--runs N")?.parse()?,
+            "--stream-runs" => stream_runs = args.get(i + 1).context("--stream-runs N")?.parse()?,
+            "--mib" => mib = args.get(i + 1).context("--mib N")?.parse()?,
             other => bail!("unknown bench argument {other}"),
         }
         i += 2;
@@ -82,8 +92,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&scratch)?;
     let initrd = scratch.join("bench.cpio.zst");
     paths.guest_initramfs(&paths.root.join("tests/guest/bench.init"), &initrd)?;
+    let serial_initrd = scratch.join("serial.cpio.zst");
+    paths.guest_initramfs(
+        &paths.root.join("tests/guest/serial-bench.init"),
+        &serial_initrd,
+    )?;
     let mut files = vec![
         (initrd, "bench.cpio.zst".to_string()),
+        (serial_initrd, "serial.cpio.zst".to_string()),
         (paths.agent_initrd.clone(), "agent.cpio.zst".to_string()),
     ];
     files.extend(crate::qemu::payload()?);
@@ -108,19 +124,51 @@ done
 "#,
         qemu = crate::qemu::SH
     );
-    let agent_script = "$AGENT_PROBE --bench $TMPDIR/ab.sock -- $COWORKVM boot --kernel $KERNEL \
-        --initrd $P/agent.cpio.zst --cpus 2 --mem 512 --cmdline quiet --vsock $TMPDIR/ab.sock \
-        --console $TMPDIR/ab.log";
+    let agent_script = format!(
+        "$AGENT_PROBE --bench --mib {mib} $TMPDIR/ab.sock -- $COWORKVM boot --kernel $KERNEL \
+         --initrd $P/agent.cpio.zst --cpus 2 --mem 512 --cmdline quiet --vsock $TMPDIR/ab.sock \
+         --console $TMPDIR/ab.log"
+    );
+    let serial_script = format!(
+        "$AGENT_PROBE --serial-bench --mib {mib} $TMPDIR/ser.sock -- {qemu} -M microvm \
+         -enable-kvm -cpu host -smp 2 -m 512 -name bench,debug-threads=on -nodefaults -no-user-config \
+         -nographic \
+         -serial stdio -no-reboot -kernel $KERNEL -initrd $P/serial.cpio.zst \
+         -append \"{CMDLINE}\" -device virtio-serial-device \
+         -chardev socket,id=c0,path=$TMPDIR/ser.sock -device virtserialport,chardev=c0,name=bench",
+        qemu = crate::qemu::SH
+    );
+    let mut cases = Vec::new();
+    if runs > 0 {
+        cases.push(Case::new("bench", &script, 60 + 60 * runs as u64));
+    }
+    // Alternating, so a busy stretch of the host hits both paths alike.
+    for r in 0..stream_runs {
+        cases.push(Case::new(&format!("agent{r}"), &agent_script, 900));
+        cases.push(Case::new(&format!("serial{r}"), &serial_script, 600));
+    }
     let batch = Batch {
-        cases: vec![
-            Case::new("bench", &script, 60 + 60 * runs as u64),
-            Case::new("agent", agent_script, 900),
-        ],
+        cases,
         files,
         disks: vec![],
     };
     let result = batch.run(paths)?;
     let _ = std::fs::remove_dir_all(&scratch);
+    let agent_out: Vec<String> = (0..stream_runs)
+        .map(|r| result.case(&format!("agent{r}")).output.clone())
+        .collect();
+    let serial_out: Vec<String> = (0..stream_runs)
+        .map(|r| result.case(&format!("serial{r}")).output.clone())
+        .collect();
+    let streams = render_streams(&agent_out, &serial_out, mib);
+    if runs == 0 {
+        let report =
+            format!("# Stream benchmark: coworkvm agent vs QEMU virtio-serial\n\n{streams}");
+        print!("{report}");
+        std::fs::write(&out, &report)?;
+        eprintln!("bench: written to {}", out.display());
+        return Ok(());
+    }
     let case = result.case("bench");
     let cw = parse_samples(&case.output, "coworkvm");
     let qm = parse_samples(&case.output, "qemu");
@@ -133,7 +181,7 @@ done
         );
     }
     let mut report = render(&cw, &qm, &result, paths)?;
-    report.push_str(&render_agent(&result.case("agent").output));
+    report.push_str(&streams);
     print!("{report}");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -143,34 +191,136 @@ done
     Ok(())
 }
 
-/// The agent path: `coworkvm boot` with the agent, driven over vsock by
-/// agent-probe exactly as the helper drives it.
-fn render_agent(output: &str) -> String {
-    let sample = output
+/// Payload of each stream direction, the same for both paths.
+pub const STREAM_MIB: u64 = 64;
+
+/// The `@@TAG {json}` lines of a case's output.
+pub fn tagged(output: &str, tag: &str) -> Vec<serde_json::Value> {
+    let prefix = format!("{tag} ");
+    output
         .lines()
-        .find_map(|l| l.trim_end().strip_prefix("@@BENCH "))
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok());
-    let mut s = String::from("## The agent path (vsock + guest protocol)\n\n");
-    let Some(v) = sample else {
-        s.push_str("No result: the agent benchmark failed; its output:\n\n```\n");
-        s.push_str(output);
-        s.push_str("\n```\n");
-        return s;
+        .filter_map(|l| l.trim_end().strip_prefix(&prefix))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect()
+}
+
+/// The agent path (`coworkvm boot` with the agent, driven over vsock by
+/// agent-probe exactly as the helper drives it) next to the same payloads
+/// over QEMU microvm's virtio-serial.
+pub fn render_streams(agent: &[String], serial: &[String], mib: u64) -> String {
+    let mut s = String::from("## Streams: the agent path vs QEMU virtio-serial\n\n");
+    let a: Vec<_> = agent.iter().flat_map(|o| tagged(o, "@@BENCH")).collect();
+    let q: Vec<_> = serial
+        .iter()
+        .flat_map(|o| tagged(o, "@@BENCH-SERIAL"))
+        .collect();
+    for (name, outs, got) in [
+        ("agent", agent, a.len()),
+        ("virtio-serial", serial, q.len()),
+    ] {
+        if got < outs.len() {
+            s.push_str(&format!(
+                "{} of {} {name} runs gave no result; the output of the runs:\n\n```\n{}\n```\n\n",
+                outs.len() - got,
+                outs.len(),
+                outs.join("\n----\n").trim_end()
+            ));
+        }
+    }
+    let med = |v: &[serde_json::Value], k: &str| {
+        stats(&v.iter().filter_map(|x| x[k].as_f64()).collect::<Vec<_>>()).map(|s| s.median)
     };
-    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    s.push_str(&format!(
-        "2 vCPUs, 512 MiB, the agent initramfs. VMM start to the agent's `ready`: {:.0} ms. \
-         Spawn request to first stdout event (`echo x`, 100 runs): median {:.1} ms \
-         (min {:.1}, max {:.1}). Guest to host, 256 MiB of text on a process's stdout: \
-         {:.1} MiB/s. Host to guest, 64 MiB into a process's stdin: {:.1} MiB/s.\n\n\
-         Not measured yet: the same payloads over QEMU's virtio-serial or user-net path.\n",
-        f("ready_ms"),
-        f("spawn_first_stdout_median_us") / 1000.0,
-        f("spawn_first_stdout_min_us") / 1000.0,
-        f("spawn_first_stdout_max_us") / 1000.0,
-        f("stdout_mib_s"),
-        f("stdin_mib_s"),
-    ));
+    let _ = writeln!(
+        s,
+        "Both guests: the same kernel, 2 vCPUs, 512 MiB, busybox. coworkvm: `coworkvm boot` with \
+         the agent initramfs; agent-probe speaks the guest protocol over the vsock socket \
+         (length-prefixed JSON, stdout as `data` strings). QEMU: `-M microvm` with \
+         `virtio-serial-device` and a `virtserialport` on a `-chardev socket`, raw bytes. \
+         Payload {mib} MiB each way: guest to host, `yes <63 a> | head -c {mib}M` (a spawned \
+         process's stdout / written into the port); host to guest, 64 KiB writes (stdin \
+         notifications into `wc -c` / raw into the port, read by `head -c | wc -c`). Times \
+         are the host's, from the request to the last byte (or the guest's count). \
+         {} run(s) each, alternating; medians.\n",
+        a.len().max(q.len())
+    );
+    let _ = writeln!(
+        s,
+        "| metric | coworkvm agent (vsock) | QEMU virtio-serial | coworkvm / QEMU |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (name, k, unit, digits) in [
+        ("VMM start to guest ready", "ready_ms", "ms", 0),
+        ("guest to host (stdout)", "stdout_mib_s", "MiB/s", 1),
+        ("host to guest (stdin)", "stdin_mib_s", "MiB/s", 1),
+    ] {
+        let f = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.digits$} {unit}"));
+        let (x, y) = (med(&a, k), med(&q, k));
+        let ratio = match (x, y) {
+            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(s, "| {name} | {} | {} | {ratio} |", f(x), f(y));
+    }
+    if let (Some(m), Some(lo), Some(hi)) = (
+        med(&a, "spawn_first_stdout_median_us"),
+        med(&a, "spawn_first_stdout_min_us"),
+        med(&a, "spawn_first_stdout_max_us"),
+    ) {
+        let _ = writeln!(
+            s,
+            "\nAgent only: spawn request to first stdout event (`echo x`, 100 runs): median \
+             {:.1} ms (min {:.1}, max {:.1}).",
+            m / 1000.0,
+            lo / 1000.0,
+            hi / 1000.0
+        );
+    }
+    let sa: Vec<_> = agent
+        .iter()
+        .flat_map(|o| tagged(o, "@@BENCH-SPLIT"))
+        .collect();
+    let sq: Vec<_> = serial
+        .iter()
+        .flat_map(|o| tagged(o, "@@BENCH-SPLIT"))
+        .collect();
+    if !sa.is_empty() || !sq.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nWhere the guest-to-host transfer's CPU time went (ms, host clock, first run; \
+             in the rig every thread shares L1's one vCPU). vCPU threads include the guest's \
+             time; the guest's own accounting of the agent (PID 1) and of all its CPUs is \
+             shown where there is an agent.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| path | wall | vCPU threads | vsock worker | rest of the VMM | host reader | guest: agent | guest: all busy | VM exits | frames |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let cell = |v: &serde_json::Value, k: &str| {
+            v[k].as_u64().map_or("-".to_string(), |n| n.to_string())
+        };
+        for (name, v) in [
+            ("coworkvm agent", sa.first()),
+            ("QEMU virtio-serial", sq.first()),
+        ] {
+            if let Some(v) = v {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    cell(v, "wall"),
+                    cell(v, "vmm_vcpus"),
+                    cell(v, "vmm_vsock_worker"),
+                    cell(v, "vmm_other"),
+                    cell(v, "host_reader"),
+                    cell(v, "guest_agent"),
+                    cell(v, "guest_busy"),
+                    cell(v, "vm_exits"),
+                    cell(v, "frames"),
+                );
+            }
+        }
+    }
+    s.push('\n');
     s
 }
 

@@ -8,8 +8,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemoryError,
+    WriteVolatile,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,6 +26,8 @@ use crate::devices::virtio::{ActivateContext, VirtioInterrupt};
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// First port handed to host-initiated streams (Firecracker's convention).
 pub const FIRST_HOST_PORT: u32 = 1 << 30;
+/// Most host-to-guest bytes one read of a host socket takes.
+const HOST_READ_CHUNK: usize = 64 * 1024;
 /// Most host connections waiting to finish their CONNECT line.
 const MAX_PENDING_HANDSHAKES: usize = 64;
 
@@ -48,8 +53,13 @@ struct Conn {
     token: u64,
     /// Guest-to-host bytes the host socket has not taken yet.
     to_host: VecDeque<u8>,
-    /// Host-to-guest bytes read before the stream was established.
-    to_guest_early: Vec<u8>,
+    /// Host-to-guest bytes read from the socket (or before the stream was
+    /// established) and not yet in the guest: `to_guest[rx_off..rx_end]`.
+    /// One read fills it, several RX buffers (the guest's are 4 KiB) empty
+    /// it; never more than the guest's credit allowed when it was read.
+    to_guest: Vec<u8>,
+    rx_off: usize,
+    rx_end: usize,
     guest_stopped_sending: bool,
     host_eof: bool,
     /// The host closed its socket; it is out of epoll (a hung-up socket
@@ -206,41 +216,25 @@ impl Muxer {
             .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
     }
 
-    /// Reads every packet the guest queued for the host.
+    /// Reads every packet the guest queued for the host. A packet's
+    /// payload goes from guest memory straight to the host socket when
+    /// nothing is queued before it; only what the socket does not take is
+    /// copied.
     fn process_tx(&mut self) -> Result<(), virtio_queue::Error> {
         let mut used = false;
-        loop {
-            let mem = &self.mem;
-            let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(mem) else {
-                break;
-            };
+        while let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
-            let parsed = match chain.reader::<()>(mem) {
-                Ok(mut r) => {
-                    let mut hdr = [0u8; HDR_LEN];
-                    match r.read_exact(&mut hdr) {
-                        Ok(()) => {
-                            let header = Header::parse(&hdr).ok();
-                            let avail = r.available_bytes();
-                            let want = header
-                                .map_or(0, |h| (h.len.min(MAX_PKT_PAYLOAD) as usize).min(avail));
-                            let mut payload = vec![0u8; want];
-                            match r.read_exact(&mut payload) {
-                                Ok(()) => header.map(|h| (h, payload, avail)),
-                                Err(_) => None,
-                            }
-                        }
-                        Err(_) => None,
-                    }
-                }
-                Err(_) => None,
-            };
-            self.queues[TX_QUEUE].add_used(&self.mem, head, 0)?;
-            used = true;
-            match parsed {
-                Some((h, payload, avail)) => self.handle_guest_packet(h, payload, avail),
+            let segs: Vec<(GuestAddress, usize)> = chain
+                .readable()
+                .map(|d| (d.addr(), d.len() as usize))
+                .collect();
+            // The buffers stay the guest's until add_used: handle first.
+            match split_packet(&self.mem, &segs) {
+                Some((h, payload)) => self.handle_guest_packet(h, &payload),
                 None => tracing::debug!("vsock: dropped an unreadable TX packet"),
             }
+            self.queues[TX_QUEUE].add_used(&self.mem, head, 0)?;
+            used = true;
         }
         if used
             && self.queues[TX_QUEUE]
@@ -252,7 +246,8 @@ impl Muxer {
         Ok(())
     }
 
-    fn handle_guest_packet(&mut self, h: Header, payload: Vec<u8>, avail: usize) {
+    fn handle_guest_packet(&mut self, h: Header, payload: &[(GuestAddress, usize)]) {
+        let avail = payload.iter().map(|s| s.1).sum();
         let op = match h.validate_from_guest(self.guest_cid, avail) {
             Ok(op) => op,
             Err(e) => {
@@ -297,7 +292,11 @@ impl Muxer {
                     self.push_rst(key);
                     return;
                 }
-                c.to_host.extend(&payload[..h.len as usize]);
+                if forward(&self.mem, c, payload, h.len as usize).is_err() {
+                    self.remove_conn(key);
+                    self.push_rst(key);
+                    return;
+                }
                 self.flush_to_host(key);
             }
             Op::CreditUpdate => {
@@ -374,7 +373,9 @@ impl Muxer {
                 credit,
                 token,
                 to_host: VecDeque::new(),
-                to_guest_early: Vec::new(),
+                to_guest: Vec::new(),
+                rx_off: 0,
+                rx_end: 0,
                 guest_stopped_sending: false,
                 host_eof: false,
                 hung_up: false,
@@ -486,7 +487,9 @@ impl Muxer {
                         credit,
                         token,
                         to_host: VecDeque::new(),
-                        to_guest_early: early,
+                        rx_off: 0,
+                        rx_end: early.len(),
+                        to_guest: early,
                         guest_stopped_sending: false,
                         host_eof: false,
                         hung_up: false,
@@ -548,49 +551,39 @@ impl Muxer {
         }
     }
 
-    /// Writes one packet into the next RX buffer; false if the guest has none.
-    fn deliver(&mut self, mut h: Header, payload: &[u8]) -> bool {
+    /// Writes one packet into the next RX buffer: the header and up to
+    /// `max` bytes of `payload` (`max` also bounds it; a control packet has
+    /// none). Returns the payload bytes written, or None if the guest has
+    /// no buffer (or the queue is broken). A buffer too small for the
+    /// header is returned to the guest empty.
+    fn deliver(&mut self, mut h: Header, payload: &[u8]) -> Option<usize> {
         let mem = &self.mem;
         let Some(chain) = self.queues[RX_QUEUE].pop_descriptor_chain(mem) else {
             self.rx_starved = true;
-            return false;
+            return None;
         };
         let head = chain.head_index();
-        h.len = payload.len() as u32;
-        let written = match chain.writer::<()>(mem) {
-            Ok(mut w) if w.available_bytes() >= HDR_LEN + payload.len() => {
-                let ok = w.write_all(&h.to_bytes()).is_ok() && w.write_all(payload).is_ok();
-                if ok {
-                    HDR_LEN + payload.len()
+        let (written, sent) = match chain.writer::<()>(mem) {
+            Ok(mut w) if w.available_bytes() >= HDR_LEN => {
+                let n = payload.len().min(w.available_bytes() - HDR_LEN);
+                h.len = n as u32;
+                if w.write_all(&h.to_bytes()).is_ok() && w.write_all(&payload[..n]).is_ok() {
+                    (HDR_LEN + n, n)
                 } else {
-                    0
+                    (0, 0)
                 }
             }
-            _ => 0,
+            _ => (0, 0),
         };
         if self.queues[RX_QUEUE]
             .add_used(&self.mem, head, written as u32)
             .is_err()
         {
             self.rx_starved = true;
-            return false;
+            return None;
         }
         self.used_rx = true;
-        written > 0
-    }
-
-    /// Room for payload in the next RX buffer, without taking it.
-    fn rx_capacity(&mut self) -> Option<usize> {
-        let mem = &self.mem;
-        let q = &mut self.queues[RX_QUEUE];
-        let chain = q.pop_descriptor_chain(mem)?;
-        let cap = chain
-            .clone()
-            .filter(|d| d.is_write_only())
-            .map(|d| d.len() as usize)
-            .sum::<usize>();
-        q.go_to_previous_position();
-        Some(cap.saturating_sub(HDR_LEN))
+        (written > 0).then_some(sent)
     }
 
     /// Control packets first, then stream data as credit and buffers allow.
@@ -600,7 +593,7 @@ impl Muxer {
                 h.buf_alloc = c.credit.buf_alloc();
                 h.fwd_cnt = c.credit.fwd_cnt_for_header();
             }
-            if !self.deliver(h, &[]) {
+            if self.deliver(h, &[]).is_none() {
                 if self.rx_starved {
                     self.control.push_front(h);
                 }
@@ -623,30 +616,18 @@ impl Muxer {
                 if credit == 0 {
                     break;
                 }
-                let Some(room) = self.rx_capacity() else {
-                    self.rx_starved = true;
-                    return;
-                };
-                let Some(c) = self.conns.get_mut(&key) else {
-                    break;
-                };
-                let max = credit.min(room).min(MAX_PKT_PAYLOAD as usize);
-                if max == 0 {
-                    break;
-                }
-                let mut buf = vec![0u8; max];
-                let n = if !c.to_guest_early.is_empty() {
-                    let n = c.to_guest_early.len().min(max);
-                    buf[..n].copy_from_slice(&c.to_guest_early[..n]);
-                    c.to_guest_early.drain(..n);
-                    n
-                } else {
-                    match c.stream.read(&mut buf) {
+                if c.rx_off == c.rx_end {
+                    // One read for as many RX buffers as the credit allows.
+                    if c.to_guest.len() < HOST_READ_CHUNK {
+                        c.to_guest.resize(HOST_READ_CHUNK, 0);
+                    }
+                    let want = credit.min(c.to_guest.len());
+                    match c.stream.read(&mut c.to_guest[..want]) {
                         Ok(0) => {
                             self.host_closed(key);
                             break;
                         }
-                        Ok(n) => n,
+                        Ok(n) => (c.rx_off, c.rx_end) = (0, n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(_) => {
@@ -654,13 +635,27 @@ impl Muxer {
                             break;
                         }
                     }
-                };
-                c.credit.on_sent_to_guest(n as u32);
+                }
+                let n = (c.rx_end - c.rx_off)
+                    .min(credit)
+                    .min(MAX_PKT_PAYLOAD as usize);
                 let mut h = Header::to_guest(self.guest_cid, key.0, key.1, Op::Rw);
                 h.buf_alloc = c.credit.buf_alloc();
                 h.fwd_cnt = c.credit.fwd_cnt_for_header();
-                if !self.deliver(h, &buf[..n]) {
-                    return;
+                // The buffer moves out for the call and back after it.
+                let buf = std::mem::take(&mut c.to_guest);
+                let (off, end) = (c.rx_off, c.rx_off + n);
+                let sent = self.deliver(h, &buf[off..end]);
+                let Some(c) = self.conns.get_mut(&key) else {
+                    break;
+                };
+                c.to_guest = buf;
+                match sent {
+                    Some(sent) => {
+                        c.rx_off += sent;
+                        c.credit.on_sent_to_guest(sent as u32);
+                    }
+                    None => return,
                 }
             }
         }
@@ -677,7 +672,12 @@ impl Muxer {
         let rx_open = !self.rx_starved;
         for c in self.conns.values_mut().filter(|c| !c.hung_up) {
             let mut want = EventSet::empty();
-            if c.state == State::Established && !c.host_eof && rx_open && c.credit.peer_free() > 0 {
+            if c.state == State::Established
+                && !c.host_eof
+                && rx_open
+                && c.credit.peer_free() > 0
+                && c.rx_off == c.rx_end
+            {
                 want |= EventSet::IN;
             }
             if !c.to_host.is_empty() {
@@ -692,5 +692,177 @@ impl Muxer {
                 c.interest = want;
             }
         }
+    }
+}
+
+/// Splits a TX chain's readable buffers into the packet header and the
+/// payload's pieces of guest memory. None when the header does not fit or
+/// cannot be read.
+fn split_packet(
+    mem: &GuestMemoryMmap,
+    segs: &[(GuestAddress, usize)],
+) -> Option<(Header, Vec<(GuestAddress, usize)>)> {
+    let mut hdr = [0u8; HDR_LEN];
+    let mut got = 0;
+    let mut payload = Vec::with_capacity(segs.len());
+    for &(addr, len) in segs {
+        let take = (HDR_LEN - got).min(len);
+        if take > 0 {
+            mem.read_slice(&mut hdr[got..got + take], addr).ok()?;
+            got += take;
+        }
+        if len > take {
+            payload.push((addr.checked_add(take as u64)?, len - take));
+        }
+    }
+    if got < HDR_LEN {
+        return None;
+    }
+    Some((Header::parse(&hdr).ok()?, payload))
+}
+
+/// Passes `len` bytes of a packet's payload on to the host: written from
+/// guest memory straight to the socket while it takes them and nothing is
+/// queued before them, the rest copied to the stream's queue. The caller
+/// has checked `len` against the payload. Err: the socket is broken, or
+/// the guest's buffers are not guest memory.
+fn forward(
+    mem: &GuestMemoryMmap,
+    c: &mut Conn,
+    payload: &[(GuestAddress, usize)],
+    mut len: usize,
+) -> Result<(), ()> {
+    let mut direct = c.to_host.is_empty();
+    for &(addr, seg_len) in payload {
+        if len == 0 {
+            break;
+        }
+        let take = seg_len.min(len);
+        len -= take;
+        let slice = mem.get_slice(addr, take).map_err(|_| ())?;
+        let mut done = 0;
+        while direct && done < take {
+            match c
+                .stream
+                .write_volatile(&slice.offset(done).map_err(|_| ())?)
+            {
+                Ok(0) => return Err(()),
+                Ok(n) => {
+                    done += n;
+                    c.credit.on_forwarded(n as u32);
+                }
+                Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    direct = false
+                }
+                Err(VolatileMemoryError::IOError(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+        if done < take {
+            let mut rest = vec![0u8; take - done];
+            let at = addr.checked_add(done as u64).ok_or(())?;
+            mem.read_slice(&mut rest, at).map_err(|_| ())?;
+            c.to_host.extend(&rest);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn conn(stream: UnixStream) -> Conn {
+        let mut credit = Credit::new(CONN_BUF_ALLOC);
+        credit.update_peer(CONN_BUF_ALLOC, 0);
+        Conn {
+            stream,
+            state: State::Established,
+            credit,
+            token: TOKEN_DYNAMIC,
+            to_host: VecDeque::new(),
+            to_guest: Vec::new(),
+            rx_off: 0,
+            rx_end: 0,
+            guest_stopped_sending: false,
+            host_eof: false,
+            hung_up: false,
+            interest: EventSet::IN,
+        }
+    }
+
+    #[test]
+    fn header_split_over_buffers_and_payload_pieces() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut h = Header::to_guest(3, 1, 2, Op::Rw);
+        h.len = 10;
+        let bytes = h.to_bytes();
+        mem.write_slice(&bytes[..20], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&bytes[20..], GuestAddress(0x2000)).unwrap();
+        // Second buffer: the header's last 24 bytes, then 6 payload bytes.
+        let segs = [
+            (GuestAddress(0x1000), 20),
+            (GuestAddress(0x2000), HDR_LEN - 20 + 6),
+            (GuestAddress(0x3000), 4),
+        ];
+        let (parsed, payload) = split_packet(&mem, &segs).unwrap();
+        assert_eq!(parsed, h);
+        assert_eq!(
+            payload,
+            [(GuestAddress(0x2000 + 24), 6), (GuestAddress(0x3000), 4)]
+        );
+        assert!(split_packet(&mem, &[(GuestAddress(0x1000), 20)]).is_none());
+        assert!(split_packet(&mem, &[(GuestAddress(0xfff0), HDR_LEN)]).is_none());
+    }
+
+    #[test]
+    fn payload_goes_straight_to_the_socket_and_the_rest_is_queued() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let data: Vec<u8> = (0..0xc_0000u32).map(|i| (i * 7) as u8).collect();
+        mem.write_slice(&data, GuestAddress(0x1000)).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut c = conn(a);
+        // Two pieces; the socket's buffer cannot take all of it at once.
+        let payload = [
+            (GuestAddress(0x1000), 0x1_0000),
+            (GuestAddress(0x1_1000), 0xb_0000),
+        ];
+        let len = 0xb_8000;
+        c.credit = Credit::new(1 << 20);
+        c.credit.on_received(len as u32).unwrap();
+        forward(&mem, &mut c, &payload, len).unwrap();
+        let queued = c.to_host.len();
+        assert!(queued > 0 && queued < len, "{queued} of {len} queued");
+        assert_eq!(c.credit.buffered() as usize, queued);
+        // Read everything on the other side while the rest is flushed.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        b.set_nonblocking(true).unwrap();
+        while got.len() < len {
+            match b.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let (s, _) = c.to_host.as_slices();
+                    let n = c.stream.write(s).unwrap_or(0);
+                    c.to_host.drain(..n);
+                    c.credit.on_forwarded(n as u32);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, data[..len]);
+        assert_eq!(c.credit.buffered(), 0);
+        // Once something is queued, later data queues behind it.
+        c.to_host.push_back(b'x');
+        c.credit.on_received(4).unwrap();
+        forward(&mem, &mut c, &payload, 4).unwrap();
+        assert_eq!(
+            c.to_host.iter().copied().collect::<Vec<_>>(),
+            [b'x', data[0], data[1], data[2], data[3]]
+        );
+        // Memory outside the guest's is refused.
+        assert!(forward(&mem, &mut c, &[(GuestAddress(0xf_fff0), 0x20)], 0x20).is_err());
     }
 }
