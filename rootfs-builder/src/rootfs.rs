@@ -666,7 +666,7 @@ mod tests {
         let mib = 1 << 20;
         assert_eq!(image_size_mib(0, 0), 64);
         let s = image_size_mib(400 * mib, 20_000);
-        assert!(s >= 500 + 64 && s < 600 + 64, "{s}");
+        assert!((500 + 64..600 + 64).contains(&s), "{s}");
     }
 
     #[test]

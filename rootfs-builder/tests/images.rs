@@ -115,7 +115,7 @@ fn the_zst_decodes_to_the_rootfs() {
 
 #[test]
 fn the_cached_tree_rebuilds_the_same_rootfs() {
-    let Some((dir, m)) = images() else { return };
+    let Some((_, m)) = images() else { return };
     let key = rootfs::base_key(
         "bookworm",
         &rootfs::packages(),

@@ -77,6 +77,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut runs = 10u32;
     let mut stream_runs = 1u32;
     let mut mib = STREAM_MIB;
+    let mut helper_runs = true;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -84,6 +85,11 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "--runs" => runs = args.get(i + 1).context("--runs N")?.parse()?,
             "--stream-runs" => stream_runs = args.get(i + 1).context("--stream-runs N")?.parse()?,
             "--mib" => mib = args.get(i + 1).context("--mib N")?.parse()?,
+            "--no-helper" => {
+                helper_runs = false;
+                i += 1;
+                continue;
+            }
             other => bail!("unknown bench argument {other}"),
         }
         i += 2;
@@ -142,6 +148,16 @@ done
     if runs > 0 {
         cases.push(Case::new("bench", &script, 60 + 60 * runs as u64));
     }
+    // The helper with real VMs needs the images on a disk and a bundle disk.
+    let mut disks = Vec::new();
+    if helper_runs {
+        let images = crate::images::images_dir(&paths.root)?;
+        disks.push(crate::images::images_disk(&images, &scratch, false)?);
+        let bundle = scratch.join("bundle.ext4");
+        crate::images::ext4_image(&bundle, None, 3072)?;
+        disks.push(bundle);
+        cases.push(Case::new("helper", HELPER_CASE, 1800));
+    }
     // Alternating, so a busy stretch of the host hits both paths alike.
     for r in 0..stream_runs {
         cases.push(Case::new(&format!("agent{r}"), &agent_script, 900));
@@ -150,17 +166,24 @@ done
     let batch = Batch {
         cases,
         files,
-        disks: vec![],
+        disks,
     };
     let result = batch.run(paths)?;
     let _ = std::fs::remove_dir_all(&scratch);
+    let mut host = String::new();
+    if helper_runs {
+        host.push_str(&render_helper(&result.case("helper").output));
+    }
+    host.push_str(&helper_rtt_section(paths).unwrap_or_else(|e| format!("\nhelper rtt: {e:#}\n")));
+    host.push_str(&images_section(paths).unwrap_or_else(|e| format!("\nimages: {e:#}\n")));
     let agent_out: Vec<String> = (0..stream_runs)
         .map(|r| result.case(&format!("agent{r}")).output.clone())
         .collect();
     let serial_out: Vec<String> = (0..stream_runs)
         .map(|r| result.case(&format!("serial{r}")).output.clone())
         .collect();
-    let streams = render_streams(&agent_out, &serial_out, mib);
+    let mut streams = render_streams(&agent_out, &serial_out, mib);
+    streams.push_str(&host);
     if runs == 0 {
         let report =
             format!("# Stream benchmark: coworkvm agent vs QEMU virtio-serial\n\n{streams}");
@@ -401,6 +424,195 @@ fn render(
     row(&mut s, "peak RSS", "MiB", &rss(cw), &rss(qm))?;
     writeln!(s)?;
     Ok(s)
+}
+
+/// The images, measured on the host: a rebuild with the Debian tree cached
+/// (a new release tag forces everything after mmdebstrap), the sizes, and
+/// bundle expansion (`coworkvm bundle prepare`: seed copy, streaming zstd
+/// decode, SHA-256 check, fsync, rename) against `zstd -d` of the same file,
+/// alternating, 3 runs each.
+pub fn images_section(paths: &Paths) -> Result<String> {
+    use std::process::Command;
+    use std::time::Instant;
+    let images = crate::images::images_dir(&paths.root)?;
+    let scratch = std::env::temp_dir().join(format!("coworkvm-imgbench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let release = paths.root.join("target/release/coworkvm-rootfs");
+    let agent = paths
+        .root
+        .join("target/x86_64-unknown-linux-gnu/release/coworkvm-agent");
+    let t = Instant::now();
+    let st = Command::new(&release)
+        .args(["build", "--out"])
+        .arg(scratch.join("img"))
+        .arg("--kernel-dir")
+        .arg(paths.build.join("kernel"))
+        .arg("--agent")
+        .arg(&agent)
+        .arg("--cache-dir")
+        .arg(paths.build.join("cache"))
+        .args(["--version-tag", &format!("bench-{}", std::process::id())])
+        .output()?;
+    if !st.status.success() {
+        bail!(
+            "coworkvm-rootfs build: {}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    }
+    let warm_build = t.elapsed().as_secs_f64();
+    let m: coworkvm_rootfs::manifest::Manifest =
+        serde_json::from_slice(&std::fs::read(images.join("manifest.json"))?)?;
+    let size = |f: &str| m.file(f).map_or(0, |e| e.size);
+    let img_mb = size("rootfs.img") as f64 / 1e6;
+    let (mut ours, mut zstd) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        let b = scratch.join(format!("bundle{i}"));
+        let t = Instant::now();
+        let o = Command::new(&paths.coworkvm)
+            .args(["bundle", "prepare"])
+            .arg(&b)
+            .arg("--images")
+            .arg(&images)
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "coworkvm bundle prepare: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        ours.push(img_mb / t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&b);
+        let t = Instant::now();
+        let o = Command::new("zstd")
+            .args(["-q", "-d", "-f", "--long=31", "-o"])
+            .arg(scratch.join("z.img"))
+            .arg(images.join("rootfs.img.zst"))
+            .output()?;
+        if !o.status.success() {
+            bail!("zstd -d: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        zstd.push(img_mb / t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_file(scratch.join("z.img"));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let (a, b) = (
+        stats(&ours).map_or(0.0, |s| s.median),
+        stats(&zstd).map_or(0.0, |s| s.median),
+    );
+    let mut s = String::new();
+    writeln!(s, "\n## Guest images (host)\n")?;
+    writeln!(
+        s,
+        "Rebuild with the Debian tree cached (new release tag: unpack, mkfs.ext4 -d, ctime \
+         reset, zstd, initrd, manifest): **{warm_build:.1} s**. Sizes: `rootfs.img` {:.0} MiB, \
+         `rootfs.img.zst` {:.1} MiB, `initrd.img` {:.1} MiB, `vmlinuz` {:.1} MiB.\n",
+        size("rootfs.img") as f64 / 1048576.0,
+        size("rootfs.img.zst") as f64 / 1048576.0,
+        size("initrd.img") as f64 / 1048576.0,
+        size("vmlinuz") as f64 / 1048576.0,
+    )?;
+    writeln!(
+        s,
+        "| expansion of rootfs.img.zst (median of 3) | MB/s of rootfs.img |"
+    )?;
+    writeln!(s, "|---|---|")?;
+    writeln!(
+        s,
+        "| `coworkvm bundle prepare` (seed copy + decode + SHA-256 + fsync + rename) | {a:.0} |"
+    )?;
+    writeln!(s, "| `zstd -d --long=31` (decode only) | {b:.0} |")?;
+    writeln!(s, "| ratio | {:.2} |", if b > 0.0 { a / b } else { 0.0 })?;
+    Ok(s)
+}
+
+/// `isRunning` round trips on one pipe to a helper on the host (no VM).
+pub fn helper_rtt_section(paths: &Paths) -> Result<String> {
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("coworkvm-rtt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("run/h.sock");
+    let mut helper = Command::new(&paths.coworkvm)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()?;
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = Command::new(&paths.client_probe)
+        .args(["--rtt", "10000"])
+        .arg(&sock)
+        .output();
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = tagged(&text, "@@HELPER-RTT")
+        .into_iter()
+        .next()
+        .with_context(|| format!("client-probe --rtt: {text}"))?;
+    Ok(format!(
+        "\n## Helper (host, no VM)\n\n`isRunning` round trip over one persistent pipe, 10,000 \
+         requests: median **{} µs**, p95 {} µs, max {} µs.\n",
+        v["median_us"], v["p95_us"], v["max_us"]
+    ))
+}
+
+/// The rig case of the helper benchmark: `coworkvm serve` boots a bundle
+/// 10 times (startVM to isGuestConnected true, spawn to first stdout).
+pub const HELPER_CASE: &str = r#"mkdir -p $TMPDIR/images /bundle
+mount -o ro $DISK0 $TMPDIR/images || exit 90
+mount $DISK1 /bundle || exit 91
+export COWORKVM_IMAGES=$TMPDIR/images HOME=$TMPDIR/home
+mkdir -p $TMPDIR/run && chmod 700 $TMPDIR/run
+$COWORKVM serve --socket $TMPDIR/run/h.sock 2> $TMPDIR/h.log &
+H=$!
+i=0; while [ ! -S $TMPDIR/run/h.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+$CLIENT_PROBE --bench 10 $TMPDIR/run/h.sock /bundle/b
+kill $H; wait $H
+tail -n 5 $TMPDIR/h.log
+"#;
+
+/// Renders the helper case's `@@HELPER-BENCH` line.
+pub fn render_helper(output: &str) -> String {
+    let Some(v) = tagged(output, "@@HELPER-BENCH").into_iter().next() else {
+        return format!(
+            "\n## Helper with real VMs\n\nNo result; the case's output:\n\n```\n{}\n```\n",
+            output.trim_end()
+        );
+    };
+    let nums = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let p95 = |mut x: Vec<f64>| -> f64 {
+        x.sort_by(|a, b| a.total_cmp(b));
+        x.get((x.len() * 95).div_ceil(100).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let c = nums("connect_ms");
+    let f = nums("first_stdout_us");
+    format!(
+        "\n## Helper with real VMs\n\n`coworkvm serve` in the same batch, driven like the client \
+         (`client-probe --bench 10`): 10 times startVM, poll `isGuestConnected` every 50 ms, \
+         spawn `echo x` in a sandboxed session, first stdout event, stopVM. Guest: the Debian \
+         rootfs bundle, 1 vCPU, 1 GiB.\n\n| metric | median | p95 | min-max |\n|---|---|---|---|\n\
+         | startVM to isGuestConnected true | {:.0} ms | {:.0} ms | {:.0}-{:.0} ms |\n\
+         | spawn to first stdout event | {:.0} ms | {:.0} ms | {:.0}-{:.0} ms |\n",
+        stats(&c).map_or(0.0, |s| s.median),
+        p95(c.clone()),
+        stats(&c).map_or(0.0, |s| s.min),
+        stats(&c).map_or(0.0, |s| s.max),
+        stats(&f).map_or(0.0, |s| s.median) / 1000.0,
+        p95(f.clone()) / 1000.0,
+        stats(&f).map_or(0.0, |s| s.min) / 1000.0,
+        stats(&f).map_or(0.0, |s| s.max) / 1000.0,
+    )
 }
 
 #[cfg(test)]

@@ -12,6 +12,11 @@
 //! (HOME must hold the fake SDK that the case script made.)
 //!        client-probe --start SOCKET BUNDLE_DIR
 //! only starts the VM and waits until the guest is connected.
+//!        client-probe --bench N SOCKET BUNDLE_DIR
+//! N times: startVM, poll isGuestConnected (every 50 ms), spawn `echo`,
+//! first stdout event, stopVM; prints `@@HELPER-BENCH {json}`.
+//!        client-probe --rtt N SOCKET
+//! N `isRunning` round trips on one pipe; prints `@@HELPER-RTT {json}`.
 
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -232,6 +237,56 @@ fn spawn(pipe: &mut Pipe, id: &str, name: &str, command: &str, args: &[&str]) ->
     )
 }
 
+fn bench(n: usize, socket: &str, bundle: &str) {
+    let mut pipe = Pipe::open(socket);
+    let (ev, _) = Events::subscribe(socket);
+    let (mut connect, mut first) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let t0 = Instant::now();
+        let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
+        assert!(ok(&r), "startVM: {r}");
+        loop {
+            if connected(socket) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "never connected");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        connect.push(t0.elapsed().as_millis() as u64);
+        let id = format!("b{i}");
+        let t1 = Instant::now();
+        let r = spawn(&mut pipe, &id, "bench", "echo", &["x"]);
+        assert!(ok(&r), "spawn: {r}");
+        assert!(
+            ev.wait_stdout(&id, "x", Duration::from_secs(60)),
+            "no stdout"
+        );
+        first.push(t1.elapsed().as_micros() as u64);
+        let r = pipe.call("stopVM", json!({}));
+        assert!(ok(&r), "stopVM: {r}");
+    }
+    println!(
+        "@@HELPER-BENCH {}",
+        json!({"connect_ms": connect, "first_stdout_us": first})
+    );
+}
+
+fn rtt(n: usize, socket: &str) {
+    let mut pipe = Pipe::open(socket);
+    let mut us = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let r = pipe.call("isRunning", json!({}));
+        us.push(t.elapsed().as_nanos() as u64 / 1000);
+        assert!(ok(&r), "isRunning: {r}");
+    }
+    us.sort_unstable();
+    println!(
+        "@@HELPER-RTT {}",
+        json!({"n": n, "median_us": us[n / 2], "p95_us": us[n * 95 / 100], "max_us": us[n - 1]})
+    );
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if let [_, flag, socket, bundle] = argv.as_slice() {
@@ -241,6 +296,14 @@ fn main() {
             let up = ok(&r) && poll_connected(socket, Duration::from_secs(240)).is_some();
             println!("@@CLIENT started {up}");
             std::process::exit(i32::from(!up));
+        }
+    }
+    if let [_, flag, n, socket, rest @ ..] = argv.as_slice() {
+        let n: usize = n.parse().expect("N");
+        match (flag.as_str(), rest) {
+            ("--bench", [bundle]) => return bench(n, socket, bundle),
+            ("--rtt", []) => return rtt(n, socket),
+            _ => {}
         }
     }
     let (socket, bundle) = match argv.as_slice() {

@@ -334,6 +334,7 @@ mod tests {
         InstallSdkParams {
             sdk_subpath: sub.into(),
             version: version.into(),
+            ..Default::default()
         }
     }
 
