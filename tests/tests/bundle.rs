@@ -55,10 +55,11 @@ EOF
 last=-1
 for round in 1 2 3 4 5 6 7 8 9 10; do
     out=$TMPDIR/round$round.out
+    : > $out
     $RUNB sh -c "$(cat $TMPDIR/writer.sh)" writer $last > $out 2>&1 &
     vmm=$!
     n=0
-    while [ $(grep -c '^synced' $out) -lt $((round % 3 + 2)) ] && [ $n -lt 1200 ]; do
+    while [ "$(grep -c '^synced' $out)" -lt $((round % 3 + 2)) ] && [ $n -lt 1800 ]; do
         sleep 0.1; n=$((n+1))
     done
     kill -9 $vmm
