@@ -7,24 +7,38 @@ use anyhow::{bail, Context, Result};
 use coworkvm_tests::{Batch, Case, Paths};
 
 fn demo(paths: &Paths) -> Result<()> {
-    // `coworkvm run` boots the agent initramfs and runs the command over vsock.
+    // `coworkvm run` seeds a bundle from the images, boots its Debian rootfs
+    // and runs the command through the agent over vsock.
+    let images = coworkvm_tests::images::images_dir(&paths.root)?;
+    let work = paths.root.join("target/rig-tmp/demo");
+    std::fs::create_dir_all(&work)?;
+    let disk = coworkvm_tests::images::images_disk(&images, &work, false)?;
     let batch = Batch {
         cases: vec![Case::new(
             "demo",
-            r#"$COWORKVM run --kernel $KERNEL --initrd $P/agent.cpio.zst --cpus 2 --mem 256 -- \
+            r#"mkdir -p $TMPDIR/images && mount -o ro $DISK0 $TMPDIR/images || exit 90
+$COWORKVM run --bundle $TMPDIR/bundle --images $TMPDIR/images --disk-size-gb 1 \
+  --cpus 2 --mem 512 -- \
   sh -c 'echo "--- hello from inside the coworkvm guest ---"
+         echo "os:       $(. /etc/os-release; echo $PRETTY_NAME)"
+         echo "rootfs:   $(cat /etc/coworkvm-release) ($(stat -f -c %T /), read-only image + tmpfs)"
          echo "kernel:   $(uname -r)"
          echo "cpus:     $(nproc)"
          echo "memory:   $(awk "/MemTotal/ {print \$2 \" kB\"}" /proc/meminfo)"
+         echo "machine:  $(cat /sys/class/dmi/id/product_uuid)"
+         echo "sessions: $(df -h /sessions | awk "NR==2 {print \$2 \" ext4 disk\"}")"
          echo "uptime:   $(cut -d" " -f1 /proc/uptime) s"
-         echo "init:     $(cat /proc/1/comm)"
-         echo "--- exit code 0, the VM powers off ---"'"#,
-            180,
+         echo "--- exit code 0, the VM powers off ---"' 2> $TMPDIR/run.err
+rc=$?
+[ $rc = 0 ] || cat $TMPDIR/run.err
+exit $rc"#,
+            300,
         )],
-        files: vec![(paths.agent_initrd.clone(), "agent.cpio.zst".into())],
-        disks: vec![],
+        files: vec![],
+        disks: vec![disk],
     };
     let result = batch.run(paths)?;
+    let _ = std::fs::remove_dir_all(&work);
     let case = result.case("demo");
     let mut shown = false;
     for line in case.output.lines() {
