@@ -168,12 +168,20 @@ fn free_initramfs() {
     let Ok(root_dev) = std::fs::symlink_metadata("/").map(|m| m.dev()) else {
         return;
     };
-    fn remove(dir: &Path, root_dev: u64) {
+    // Entries on another filesystem (the new root's parts, moved mounts)
+    // are skipped by device; the new root's mount points by name too.
+    fn remove(dir: &Path, root_dev: u64, keep: &[&str]) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for e in entries.flatten() {
             let p = e.path();
+            if keep
+                .iter()
+                .any(|k| p.as_os_str().as_bytes() == k.as_bytes())
+            {
+                continue;
+            }
             let Ok(md) = std::fs::symlink_metadata(&p) else {
                 continue;
             };
@@ -181,35 +189,14 @@ fn free_initramfs() {
                 continue;
             }
             if md.is_dir() {
-                remove(&p, root_dev);
+                remove(&p, root_dev, keep);
                 let _ = std::fs::remove_dir(&p);
             } else {
                 let _ = std::fs::remove_file(&p);
             }
         }
     }
-    for e in std::fs::read_dir("/").into_iter().flatten().flatten() {
-        let p = e.path();
-        // The new root's parts are mounts on directories of the initramfs.
-        if [NEW_ROOT, LOWER, RW]
-            .iter()
-            .any(|keep| p.as_os_str().as_bytes() == keep.as_bytes())
-        {
-            continue;
-        }
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.dev() != root_dev {
-            continue;
-        }
-        if md.is_dir() {
-            remove(&p, root_dev);
-            let _ = std::fs::remove_dir(&p);
-        } else {
-            let _ = std::fs::remove_file(&p);
-        }
-    }
+    remove(Path::new("/"), root_dev, &[NEW_ROOT, LOWER, RW]);
 }
 
 fn read_head(dev: &str) -> Result<Vec<u8>, String> {

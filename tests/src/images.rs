@@ -64,6 +64,19 @@ pub fn images_dir(root: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// [`images_dir`] for a VM test: `None` (a skip, said on stderr) when the
+/// images were not built, a panic under `CI=true`.
+pub fn images_or_skip(root: &Path) -> Option<PathBuf> {
+    match images_dir(root) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(!crate::in_ci(), "CI=true: {e:#}");
+            eprintln!("skipping: {e:#}");
+            None
+        }
+    }
+}
+
 /// The delivered image files (`vmlinuz`, `initrd.img`, `manifest.json`,
 /// `rootfs.img.zst`) on an ext4 disk, plus, with `with_update`, `update/`:
 /// the same rootfs with `/etc/coworkvm-release` = [`UPDATE_RELEASE`],

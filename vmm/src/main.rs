@@ -217,10 +217,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             cmdline: GUEST_CMDLINE.into(),
             console: args.console,
             vsock: None,
-            machine_uuid: Some(
-                args.uuid
-                    .unwrap_or(MachineUuid(p.identity.machine_id.bytes())),
-            ),
+            machine_uuid: Some(args.uuid.unwrap_or(p.identity.machine_id.uuid())),
         }
     };
     let code = coworkvm::run::run(coworkvm::run::RunConfig {

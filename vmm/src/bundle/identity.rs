@@ -6,6 +6,7 @@
 //! unreadable or malformed is an error, left as it is for a person to look
 //! at.
 
+use crate::arch::x86_64::smbios::MachineUuid;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -112,29 +113,23 @@ impl MachineId {
         self.0
     }
 
-    /// The UUID as SMBIOS type 1 stores it: since SMBIOS 2.6 the first three
-    /// fields (time_low, time_mid, time_hi_and_version) are little-endian,
-    /// the rest as in the text. Linux decodes it that way, so the guest's
-    /// `/sys/class/dmi/id/product_uuid` prints [`Display`](fmt::Display)'s
-    /// text back.
+    /// The same UUID as the VMM's SMBIOS type: one parser, one text form,
+    /// one byte order for both.
+    pub fn uuid(&self) -> MachineUuid {
+        MachineUuid(self.0)
+    }
+
+    /// The UUID as SMBIOS type 1 stores it (first three fields
+    /// little-endian), so the guest's `/sys/class/dmi/id/product_uuid`
+    /// prints [`Display`](fmt::Display)'s text back.
     pub fn smbios_bytes(&self) -> [u8; 16] {
-        let mut b = self.0;
-        b[0..4].reverse();
-        b[4..6].reverse();
-        b[6..8].reverse();
-        b
+        self.uuid().smbios_bytes()
     }
 }
 
 impl fmt::Display for MachineId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, byte) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
-            }
-            write!(f, "{byte:02x}")?;
-        }
-        Ok(())
+        self.uuid().fmt(f)
     }
 }
 
@@ -142,23 +137,9 @@ impl FromStr for MachineId {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let groups: Vec<&str> = s.split('-').collect();
-        let lengths: Vec<usize> = groups.iter().map(|g| g.len()).collect();
-        if lengths != [8, 4, 4, 4, 12] {
-            return Err(format!(
-                "{s:?} is not in the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
-            ));
-        }
-        let hex: String = groups.concat();
-        if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("{s:?} holds a character that is not a hex digit"));
-        }
-        let mut b = [0u8; 16];
-        for (i, byte) in b.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| format!("{s:?} holds a character that is not a hex digit"))?;
-        }
-        Ok(MachineId(b))
+        MachineUuid::parse(s)
+            .map(|u| MachineId(u.0))
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -138,7 +138,7 @@ impl ImageSource for BundleImages {
             initrd: p.initrd,
             rootfs: p.rootfs,
             session_disk: p.session_disk,
-            machine_uuid: Some(MachineUuid(p.identity.machine_id.bytes())),
+            machine_uuid: Some(p.identity.machine_id.uuid()),
         })
     }
 }
