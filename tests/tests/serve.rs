@@ -92,6 +92,7 @@ fn serve_drives_real_vms_as_the_client_does() {
         "deleteSessionDirs",
         "unknown method",
         "not running, not connected after stopVM",
+        "the vendor rootfs.img.zst was removed, not applied",
         "NOT_CONNECTED after the VMM died",
         "the running process is reported ended",
         "connected after the crash",

@@ -504,6 +504,123 @@ fn missing_manifest_entry_changes_nothing() {
     );
 }
 
+/// What the desktop client may leave in a bundle coworkvm already serves:
+/// its vendor's compressed rootfs for Apple's VM, with no coworkvm agent.
+fn vendor_image() -> Vec<u8> {
+    compress(&pseudo_random(99, 3 * MIB))
+}
+
+/// The files a user must never see change: identity and session data.
+fn identity_and_sessions(dir: &Path) -> BTreeMap<String, String> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(n, _)| [MAC_FILE, MACHINE_ID_FILE, SESSION_DISK_FILE].contains(&n.as_str()))
+        .collect()
+}
+
+#[test]
+fn vendor_zst_in_an_up_to_date_bundle_is_removed_not_applied() {
+    let v1 = images("v1");
+    let images_dir = TempDir::new("images");
+    v1.write_dir(images_dir.path());
+    let root = TempDir::new("vendor-zst");
+    let dir = root.path().to_owned();
+    let bundle = Bundle::open(&dir).unwrap();
+    bundle.seed_from(images_dir.path()).unwrap();
+    bundle.prepare(Some(1)).unwrap();
+    let kept = identity_and_sessions(&dir);
+    assert_eq!(kept.len(), 3);
+
+    std::fs::write(dir.join(ROOTFS_ZST_FILE), vendor_image()).unwrap();
+    assert_eq!(
+        bundle.seed_from(images_dir.path()).unwrap(),
+        SeedOutcome::UpToDate {
+            rootfs_version: "v1".into()
+        }
+    );
+    assert!(
+        !dir.join(ROOTFS_ZST_FILE).exists(),
+        "the vendor image is removed"
+    );
+    let prepared = bundle.prepare(None).unwrap();
+    assert!(prepared.expanded.is_none(), "nothing was expanded");
+    assert_eq!(std::fs::read(dir.join(ROOTFS_FILE)).unwrap(), v1.rootfs);
+    assert_eq!(identity_and_sessions(&dir), kept);
+}
+
+#[test]
+fn vendor_zst_and_manifest_with_an_update_waiting_give_the_update() {
+    let v1 = images("v1");
+    let v2 = images("v2");
+    let root = TempDir::new("vendor-update");
+    let dir = root.path().to_owned();
+    let bundle = prepared_bundle(&dir, v1);
+    let kept = identity_and_sessions(&dir);
+
+    // A stranger's manifest too, in no format coworkvm reads.
+    std::fs::write(dir.join(ROOTFS_ZST_FILE), vendor_image()).unwrap();
+    std::fs::write(dir.join("manifest.json"), b"{\"version\": \"vendor-7\"}").unwrap();
+    let images_dir = TempDir::new("images");
+    v2.write_dir(images_dir.path());
+    assert_eq!(
+        bundle.seed_from(images_dir.path()).unwrap(),
+        SeedOutcome::Seeded {
+            rootfs_version: "v2".into(),
+            previous: Some("v1".into())
+        }
+    );
+    let prepared = bundle.prepare(None).unwrap();
+    assert_eq!(prepared.rootfs_version.as_deref(), Some("v2"));
+    assert_eq!(std::fs::read(dir.join(ROOTFS_FILE)).unwrap(), v2.rootfs);
+    assert!(!dir.join(ROOTFS_ZST_FILE).exists());
+    assert_eq!(identity_and_sessions(&dir), kept);
+}
+
+#[test]
+fn pending_own_zst_is_kept_and_applied() {
+    // The images' own .zst, seeded but not applied yet (a crash between
+    // seeding and expanding): seeding again keeps it and hashes it only.
+    let v1 = images("v1");
+    let images_dir = TempDir::new("images");
+    v1.write_dir(images_dir.path());
+    let root = TempDir::new("pending-own");
+    let dir = root.path().to_owned();
+    let bundle = Bundle::open(&dir).unwrap();
+    bundle.seed_from(images_dir.path()).unwrap();
+    assert_eq!(
+        bundle.seed_from(images_dir.path()).unwrap(),
+        SeedOutcome::UpToDate {
+            rootfs_version: "v1".into()
+        }
+    );
+    assert_eq!(std::fs::read(dir.join(ROOTFS_ZST_FILE)).unwrap(), v1.zst);
+    let prepared = bundle.prepare(Some(1)).unwrap();
+    assert!(prepared.expanded.is_some());
+}
+
+#[test]
+fn rootfs_overwritten_by_another_image_is_applied_again() {
+    let v1 = images("v1");
+    let images_dir = TempDir::new("images");
+    v1.write_dir(images_dir.path());
+    let root = TempDir::new("vendor-img");
+    let dir = root.path().to_owned();
+    let bundle = Bundle::open(&dir).unwrap();
+    bundle.seed_from(images_dir.path()).unwrap();
+    bundle.prepare(Some(1)).unwrap();
+    let kept = identity_and_sessions(&dir);
+
+    std::fs::write(dir.join(ROOTFS_FILE), pseudo_random(98, 5 * MIB)).unwrap();
+    assert!(matches!(
+        bundle.seed_from(images_dir.path()).unwrap(),
+        SeedOutcome::Seeded { .. }
+    ));
+    let prepared = bundle.prepare(None).unwrap();
+    assert!(prepared.expanded.is_some());
+    assert_eq!(std::fs::read(dir.join(ROOTFS_FILE)).unwrap(), v1.rootfs);
+    assert_eq!(identity_and_sessions(&dir), kept);
+}
+
 #[test]
 fn stale_partial_file_is_replaced() {
     let root = TempDir::new("stale");

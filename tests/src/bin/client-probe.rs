@@ -4,7 +4,7 @@
 //! `isGuestConnected`, `installSdk`, `addApprovedOauthToken`, spawns with
 //! their events, `writeStdin` after the first output, `kill`, `readFile`,
 //! the session-disk methods, `stopVM`; then a VMM killed under load and a
-//! restart. Each check prints `@@CLIENT pass WHAT` or `@@CLIENT fail WHAT:
+//! restart after a vendor rootfs.img.zst is dropped into the bundle. Each check prints `@@CLIENT pass WHAT` or `@@CLIENT fail WHAT:
 //! DETAIL`; numbers print as `@@CLIENT NAME VALUE`. Exit status 1 when a
 //! check failed.
 //!
@@ -505,11 +505,29 @@ fn main() {
         "",
     );
 
-    // 9. A VMM killed under load, then a restart.
+    // 9. The client drops its vendor's rootfs.img.zst (for Apple's VM, no
+    // coworkvm agent) into the bundle: the next start must ignore it, boot
+    // coworkvm's own rootfs and leave no stranger's image behind.
+    let vendor = std::path::Path::new(bundle).join("rootfs.img.zst");
+    let junk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let wrote = std::fs::write(&vendor, &junk);
+    p.check(
+        "dropped a vendor rootfs.img.zst",
+        wrote.is_ok(),
+        format!("{wrote:?}"),
+    );
+    // Then a VMM killed under load, and a restart.
     let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
     p.check("startVM after stopVM", ok(&r), &r);
     let up = poll_connected(socket, long);
     p.check("connected again", up.is_some(), "timed out");
+    p.check(
+        "the vendor rootfs.img.zst was removed, not applied",
+        !vendor.exists(),
+        "still there",
+    );
     let r = spawn(
         &mut pipe,
         "p4",

@@ -189,6 +189,28 @@ pub fn copy_file_atomic(
     Ok(copied)
 }
 
+/// Size and SHA-256 of a file, read in 1 MiB blocks.
+pub fn hash_file(path: &Path) -> io::Result<Copied> {
+    let mut input = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Copied {
+        size,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
 /// Lowercase hex, the form `manifest.json` stores hashes in.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;

@@ -3,7 +3,7 @@
 //! | file | what | written |
 //! |---|---|---|
 //! | `vmlinuz`, `initrd.img`, `manifest.json` | the images' kernel, initramfs and manifest | seeded from an images directory |
-//! | `rootfs.img.zst` | a rootfs waiting to be applied | seeded; removed once expanded |
+//! | `rootfs.img.zst` | a rootfs waiting to be applied | seeded; removed once expanded (a stranger's one at seeding) |
 //! | `rootfs.img` | the guest's root disk (read-only to the guest) | by expansion only |
 //! | `rootfs.img.manifest.json` | the manifest `rootfs.img` came from | with `rootfs.img` |
 //! | `sessiondata.img` | the user's persistent disk | created once, never replaced |
@@ -25,7 +25,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use coworkvm_rootfs::manifest::MANIFEST_FILE;
+use coworkvm_rootfs::manifest::{FileEntry, Manifest, MANIFEST_FILE};
 use serde::Serialize;
 
 pub use expand::{Expanded, APPLIED_MANIFEST_FILE, ROOTFS_FILE, ROOTFS_ZST_FILE};
@@ -259,14 +259,14 @@ impl Bundle {
             .manifest;
         let target = images_manifest.rootfs_version.clone();
         let _lock = self.lock()?;
+        let pending_is_target = self.settle_pending(&images_manifest)?;
         let applied = self.applied_version()?;
-        let has_rootfs = self.dir.join(ROOTFS_FILE).exists();
-        if has_rootfs && applied.as_deref() == Some(target.as_str()) {
+        if applied.as_deref() == Some(target.as_str()) && self.rootfs_fits(&images_manifest)? {
             return Ok(SeedOutcome::UpToDate {
                 rootfs_version: target,
             });
         }
-        if self.pending_version()?.as_deref() == Some(target.as_str()) {
+        if pending_is_target {
             return Ok(SeedOutcome::UpToDate {
                 rootfs_version: target,
             });
@@ -306,6 +306,97 @@ impl Bundle {
             rootfs_version: target,
             previous: applied,
         })
+    }
+
+    /// Looks at a `rootfs.img.zst` waiting in the bundle before seeding:
+    /// true when it is the images' own (the next prepare applies it). One
+    /// that is neither the images' nor the one the bundle's manifest lists
+    /// came from elsewhere: the desktop client downloads its vendor's
+    /// rootfs for Apple's VM into the same bundle, and that image carries
+    /// no coworkvm agent and cannot boot here. It is removed, as the client
+    /// expects of a delivered image once the VM starts, and never expanded
+    /// over coworkvm's rootfs. Called with the lock held.
+    fn settle_pending(&self, images: &Manifest) -> Result<bool, BundleError> {
+        let zst = self.dir.join(ROOTFS_ZST_FILE);
+        let stat_err = |source| BundleError::Stat {
+            file: ROOTFS_ZST_FILE,
+            dir: self.dir.clone(),
+            source,
+        };
+        let size = match std::fs::metadata(&zst) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(stat_err(e)),
+        };
+        // The bundle's manifest may be a stranger's too: unreadable is
+        // "lists nothing", and seeding replaces it.
+        let listed = load_manifest(&self.dir.join(MANIFEST_FILE))
+            .ok()
+            .flatten()
+            .and_then(|m| m.manifest.file(ROOTFS_ZST_FILE).cloned());
+        let wanted = images.file(ROOTFS_ZST_FILE);
+        let candidates: Vec<_> = wanted.iter().copied().chain(listed.as_ref()).collect();
+        if candidates.is_empty() {
+            // Nothing to tell it by; prepare checks the expansion's hash.
+            return Ok(false);
+        }
+        let hashed = if candidates.iter().any(|e| e.size == size) {
+            Some(fsutil::hash_file(&zst).map_err(stat_err)?)
+        } else {
+            None
+        };
+        let is = |e: &&FileEntry| {
+            hashed
+                .as_ref()
+                .is_some_and(|h| h.size == e.size && h.sha256.eq_ignore_ascii_case(&e.sha256))
+        };
+        if wanted.as_ref().is_some_and(is) {
+            return Ok(true);
+        }
+        if listed.as_ref().is_some_and(|e| is(&e)) {
+            // coworkvm's own, of another version: seeding overwrites it.
+            return Ok(false);
+        }
+        let sha = hashed.map_or_else(|| "not hashed: no listed size matches".into(), |h| h.sha256);
+        tracing::warn!(
+            "{} holds a {ROOTFS_ZST_FILE} that is not coworkvm's ({size} bytes, SHA-256 {sha}); \
+             removing it: coworkvm boots its own rootfs",
+            self.dir.display()
+        );
+        std::fs::remove_file(&zst).map_err(stat_err)?;
+        fsutil::fsync_dir(&self.dir).map_err(stat_err)?;
+        Ok(false)
+    }
+
+    /// Whether `rootfs.img` is there with the size the images give it. A
+    /// different size means something else (the desktop client expanding
+    /// its vendor image, say) wrote over the rootfs coworkvm applied.
+    fn rootfs_fits(&self, images: &Manifest) -> Result<bool, BundleError> {
+        let path = self.dir.join(ROOTFS_FILE);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(BundleError::Stat {
+                    file: ROOTFS_FILE,
+                    dir: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        match images.file(ROOTFS_FILE) {
+            Some(e) if e.size != size => {
+                tracing::warn!(
+                    "{} in {} is {size} bytes, not the {} of the applied rootfs; applying \
+                     coworkvm's again",
+                    ROOTFS_FILE,
+                    self.dir.display(),
+                    e.size
+                );
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
     }
 
     /// Makes the bundle ready to boot: applies a pending `rootfs.img.zst`,
