@@ -158,7 +158,24 @@ pub fn switch_to_rootfs(dev: &str) -> Result<(), String> {
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     sys_mount("tmpfs", "/tmp", Some("tmpfs"), 0, "mode=1777")?;
     sys_mount("tmpfs", "/run", Some("tmpfs"), 0, "mode=0755")?;
+    set_hostname_from("/etc/hostname");
     Ok(())
+}
+
+/// The image names the machine (no init system here does it); without a
+/// name, shells and tools show "(none)". Best effort: a missing or empty
+/// file leaves the kernel's name.
+fn set_hostname_from(file: &str) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    let name = text.trim();
+    if name.is_empty() || name.len() > 64 {
+        return;
+    }
+    // SAFETY: a pointer and the length of a live byte slice; the kernel
+    // copies it.
+    unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
 }
 
 /// Deletes the initramfs's own files (as switch_root does), staying on the

@@ -146,12 +146,28 @@ pub fn base_key(suite: &str, packages: &[&str], epoch: u64, mmdebstrap: &str) ->
     hex(&h.finalize())[..16].to_owned()
 }
 
+/// The code that turns a base tree into the images: any change to it, a
+/// comment included, makes the next build redo the images (seconds, with
+/// the base tree cached) rather than keep ones made the old way.
+const RECIPE: [&str; 2] = [include_str!("rootfs.rs"), include_str!("initramfs.rs")];
+
 /// Everything a build's output depends on, hashed: a build whose stamp
-/// matches the manifest's is already done.
-pub fn input_stamp(spec: &BuildSpec, agent: &FileEntry, kernel: &str, base: &str) -> String {
+/// matches the manifest's is already done. `tools` is the version of the
+/// e2fsprogs that lays out the ext4 image.
+pub fn input_stamp(
+    spec: &BuildSpec,
+    agent: &FileEntry,
+    kernel: &str,
+    base: &str,
+    tools: &str,
+) -> String {
     let mut h = Sha256::new();
+    for part in RECIPE {
+        h.update(Sha256::digest(part.as_bytes()));
+    }
     for part in [
         env!("CARGO_PKG_VERSION"),
+        tools,
         &agent.sha256,
         kernel,
         base,
@@ -274,8 +290,12 @@ pub fn make_ext4(tree: &Path, out: &Path, epoch: u64) -> Result<(), RootfsError>
     let (bytes, inodes) = tree_usage(tree);
     let _ = std::fs::remove_file(out);
     clamp_times(tree, epoch)?;
+    // LC_ALL=C: `-d` lists each directory with scandir + alphasort, which
+    // collates by locale; the byte order keeps the image the same whatever
+    // the caller's locale.
     run(Command::new("mkfs.ext4")
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("LC_ALL", "C")
         .args([
             "-q",
             "-F",
@@ -295,14 +315,28 @@ pub fn make_ext4(tree: &Path, out: &Path, epoch: u64) -> Result<(), RootfsError>
         .arg(tree)
         .arg(out)
         .arg(format!("{}M", image_size_mib(bytes, inodes))))?;
-    reset_ctimes(tree, out, epoch)
+    reset_inode_times(tree, out, epoch)?;
+    // debugfs -w edits the image in place; a full read-only check proves
+    // the result is a clean file system before it is hashed and shipped.
+    run(Command::new("e2fsck")
+        .env("LC_ALL", "C")
+        .args(["-f", "-n"])
+        .arg(out))?;
+    Ok(())
 }
 
 /// `mkfs.ext4 -d` (e2fsprogs 1.47.0) copies each file's ctime, which is
 /// when the tree was unpacked: no tool can set it. debugfs can, on the
-/// image: every path gets ctime = `epoch`.
-fn reset_ctimes(tree: &Path, img: &Path, epoch: u64) -> Result<(), RootfsError> {
-    let mut cmds = format!("sif / ctime @{epoch}\nsif /lost+found ctime @{epoch}\n");
+/// image: every path gets ctime = `epoch`. Its atime too: `-d` lists a
+/// directory (moving its atime on the tmpfs) before it copies the times,
+/// so only the image can hold the clamped value for sure.
+fn reset_inode_times(tree: &Path, img: &Path, epoch: u64) -> Result<(), RootfsError> {
+    let mut cmds = String::new();
+    for root in ["/", "/lost+found"] {
+        cmds.push_str(&format!(
+            "sif {root} ctime @{epoch}\nsif {root} atime @{epoch}\n"
+        ));
+    }
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let mut entries: Vec<_> = std::fs::read_dir(tree.join(&rel))
@@ -321,6 +355,9 @@ fn reset_ctimes(tree: &Path, img: &Path, epoch: u64) -> Result<(), RootfsError> 
             }
             cmds.push_str(&format!("sif \"/{text}\" ctime @{epoch}\n"));
             if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cmds.push_str(&format!("sif \"/{text}\" atime @{epoch}\n"));
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(path);
             }
         }
@@ -329,6 +366,7 @@ fn reset_ctimes(tree: &Path, img: &Path, epoch: u64) -> Result<(), RootfsError> 
     std::fs::write(&file, cmds).map_err(io("writing", &file))?;
     let out = Command::new("debugfs")
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .env("LC_ALL", "C")
         .arg("-w")
         .arg("-f")
         .arg(&file)
@@ -344,11 +382,32 @@ fn reset_ctimes(tree: &Path, img: &Path, epoch: u64) -> Result<(), RootfsError> 
             .any(|l| l.starts_with("sif:") || l.contains("not found"))
     {
         return Err(RootfsError::Command {
-            cmd: format!("debugfs -w -f (ctimes) {}", img.display()),
+            cmd: format!("debugfs -w -f (inode times) {}", img.display()),
             detail: stderr.lines().take(5).collect::<Vec<_>>().join("; "),
         });
     }
     Ok(())
+}
+
+/// `mke2fs -V`'s first line (it prints on stderr): the ext4 layout
+/// depends on it.
+pub fn mke2fs_version() -> Result<String, RootfsError> {
+    let cmd = "mke2fs -V";
+    let out = Command::new("mke2fs")
+        .arg("-V")
+        .output()
+        .map_err(|e| RootfsError::Command {
+            cmd: cmd.into(),
+            detail: e.to_string(),
+        })?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    match text.lines().next() {
+        Some(line) if out.status.success() && line.starts_with("mke2fs") => Ok(line.to_owned()),
+        _ => Err(RootfsError::Command {
+            cmd: cmd.into(),
+            detail: text.trim().to_owned(),
+        }),
+    }
 }
 
 pub fn mmdebstrap_version() -> Result<String, RootfsError> {
@@ -437,6 +496,8 @@ pub fn assemble_tree(
     }
     // systemd-style machine-id: empty, so nothing identifies the image.
     std::fs::write(tree.join("etc/machine-id"), b"").map_err(io("writing", tree))?;
+    // mmdebstrap copies the build host's name; the guest is "coworkvm".
+    std::fs::write(tree.join("etc/hostname"), b"coworkvm\n").map_err(io("writing", tree))?;
     let sbin = tree.join("usr/sbin/coworkvm-agent");
     std::fs::copy(agent, &sbin).map_err(io("copying the agent to", &sbin))?;
     let rel = tree.join("etc/coworkvm-release");
@@ -500,7 +561,7 @@ pub fn build(spec: &BuildSpec) -> Result<Manifest, RootfsError> {
     let agent = sha256_file(&spec.agent)?;
     let pkgs = packages();
     let key = base_key(&spec.suite, &pkgs, spec.epoch, &mmdebstrap_version()?);
-    let stamp = input_stamp(spec, &agent, &release, &key);
+    let stamp = input_stamp(spec, &agent, &release, &key, &mke2fs_version()?);
     if up_to_date(&spec.out, &stamp) {
         eprintln!("images in {} are up to date", spec.out.display());
         let bytes =
@@ -638,27 +699,28 @@ mod tests {
     }
 
     #[test]
-    fn the_stamp_covers_agent_kernel_base_and_settings() {
+    fn the_stamp_covers_agent_kernel_base_tools_and_settings() {
         let agent = FileEntry {
             sha256: "aa".into(),
             size: 1,
         };
         let s = spec();
-        let base = input_stamp(&s, &agent, "6.12", "k");
-        assert_eq!(base, input_stamp(&s, &agent, "6.12", "k"));
+        let base = input_stamp(&s, &agent, "6.12", "k", "e2fs");
+        assert_eq!(base, input_stamp(&s, &agent, "6.12", "k", "e2fs"));
         let other_agent = FileEntry {
             sha256: "bb".into(),
             size: 1,
         };
-        assert_ne!(base, input_stamp(&s, &other_agent, "6.12", "k"));
-        assert_ne!(base, input_stamp(&s, &agent, "6.13", "k"));
-        assert_ne!(base, input_stamp(&s, &agent, "6.12", "j"));
+        assert_ne!(base, input_stamp(&s, &other_agent, "6.12", "k", "e2fs"));
+        assert_ne!(base, input_stamp(&s, &agent, "6.13", "k", "e2fs"));
+        assert_ne!(base, input_stamp(&s, &agent, "6.12", "j", "e2fs"));
+        assert_ne!(base, input_stamp(&s, &agent, "6.12", "k", "e2fs 1.48"));
         let mut s2 = spec();
         s2.zstd_level = 3;
-        assert_ne!(base, input_stamp(&s2, &agent, "6.12", "k"));
+        assert_ne!(base, input_stamp(&s2, &agent, "6.12", "k", "e2fs"));
         let mut s3 = spec();
         s3.version_tag = Some("x".into());
-        assert_ne!(base, input_stamp(&s3, &agent, "6.12", "k"));
+        assert_ne!(base, input_stamp(&s3, &agent, "6.12", "k", "e2fs"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ const RUNB: &str = "$COWORKVM run --bundle /bundle/b --images $TMPDIR/images --c
 const PROBE: &str = r#"echo "uuid=$(cat /sys/class/dmi/id/product_uuid)"
 echo "release=$(cat /etc/coworkvm-release)"
 echo "rootfs=$(stat -f -c %T /)"
+echo "hostname=$(cat /proc/sys/kernel/hostname)"
 grep -q " /sessions ext4 " /proc/mounts && echo "sessions=mounted"
 echo "keep=$(cat /sessions/keep 2>/dev/null)""#;
 
@@ -130,6 +131,7 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     for case in ["first", "second", "update"] {
         assert_eq!(one(case, "rc="), "0", "{}", ctx(case));
         assert_eq!(one(case, "rootfs="), "overlayfs", "{}", ctx(case));
+        assert_eq!(one(case, "hostname="), "coworkvm", "{}", ctx(case));
         assert_eq!(one(case, "sessions="), "mounted", "{}", ctx(case));
         assert_eq!(
             one(case, "uuid="),
