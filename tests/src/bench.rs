@@ -503,8 +503,8 @@ pub fn images_section(paths: &Paths) -> Result<String> {
     writeln!(s, "\n## Guest images (host)\n")?;
     writeln!(
         s,
-        "Rebuild with the Debian tree cached (new release tag: unpack, mkfs.ext4 -d, ctime \
-         reset, zstd, initrd, manifest): **{warm_build:.1} s**. Sizes: `rootfs.img` {:.0} MiB, \
+        "Rebuild with the Debian tree cached (new release tag: unpack, mkfs.ext4 -d, inode \
+         time reset, e2fsck, zstd, initrd, manifest): **{warm_build:.1} s**. Sizes: `rootfs.img` {:.0} MiB, \
          `rootfs.img.zst` {:.1} MiB, `initrd.img` {:.1} MiB, `vmlinuz` {:.1} MiB.\n",
         size("rootfs.img") as f64 / 1048576.0,
         size("rootfs.img.zst") as f64 / 1048576.0,
