@@ -1299,10 +1299,14 @@ fn a_peer_with_another_uid_is_refused() {
 }
 
 #[test]
-fn the_binary_serves_as_the_client_starts_it_and_stops_on_sigterm() {
+fn the_binary_under_another_name_serves_as_the_client_starts_it_and_stops_on_sigterm() {
     let dir = temp_dir("bin");
     let sock = dir.join("run/claude-cowork-vm.sock");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coworkvm"))
+    // Standing in for the stock helper: a symlink under its name, started
+    // as the client starts it, with no subcommand.
+    let helper = dir.join("cowork-vm-helper");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_coworkvm"), &helper).unwrap();
+    let mut child = std::process::Command::new(&helper)
         .args(["-socket", sock.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .env("COWORKVM_IMAGES", dir.join("no-images"))
