@@ -532,6 +532,16 @@ fn vendor_zst_in_an_up_to_date_bundle_is_removed_not_applied() {
     assert_eq!(kept.len(), 3);
 
     std::fs::write(dir.join(ROOTFS_ZST_FILE), vendor_image()).unwrap();
+    let status = bundle.status();
+    assert_eq!(status.pending_rootfs_version, None);
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("not coworkvm's image")),
+        "{:?}",
+        status.problems
+    );
     assert_eq!(
         bundle.seed_from(images_dir.path()).unwrap(),
         SeedOutcome::UpToDate {
@@ -542,6 +552,7 @@ fn vendor_zst_in_an_up_to_date_bundle_is_removed_not_applied() {
         !dir.join(ROOTFS_ZST_FILE).exists(),
         "the vendor image is removed"
     );
+    assert!(bundle.status().problems.is_empty());
     let prepared = bundle.prepare(None).unwrap();
     assert!(prepared.expanded.is_none(), "nothing was expanded");
     assert_eq!(std::fs::read(dir.join(ROOTFS_FILE)).unwrap(), v1.rootfs);

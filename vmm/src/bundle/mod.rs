@@ -74,6 +74,15 @@ pub enum BundleError {
         dir: PathBuf,
         source: io::Error,
     },
+    #[error(
+        "{ROOTFS_ZST_FILE} in {dir} is {size} bytes, not the {listed} that {MANIFEST_FILE} \
+         lists: not coworkvm's image; the next start with coworkvm's images removes it"
+    )]
+    Foreign {
+        dir: PathBuf,
+        size: u64,
+        listed: u64,
+    },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
@@ -239,12 +248,33 @@ impl Bundle {
         )
     }
 
-    /// The rootfs version waiting in `rootfs.img.zst`, if one is.
+    /// The rootfs version waiting in `rootfs.img.zst`, if one is. A `.zst`
+    /// whose size is not the one the manifest lists is not that version
+    /// (a stranger's image, see `settle_pending`): an error says so. Only
+    /// the size is compared here; prepare checks the hash.
     pub fn pending_version(&self) -> Result<Option<String>, BundleError> {
-        if !self.dir.join(ROOTFS_ZST_FILE).exists() {
+        let size = match std::fs::metadata(self.dir.join(ROOTFS_ZST_FILE)) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(BundleError::Stat {
+                    file: ROOTFS_ZST_FILE,
+                    dir: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        let Some(m) = load_manifest(&self.dir.join(MANIFEST_FILE))? else {
             return Ok(None);
+        };
+        match m.manifest.file(ROOTFS_ZST_FILE) {
+            Some(e) if e.size != size => Err(BundleError::Foreign {
+                dir: self.dir.clone(),
+                size,
+                listed: e.size,
+            }),
+            _ => Ok(Some(m.manifest.rootfs_version)),
         }
-        Ok(load_manifest(&self.dir.join(MANIFEST_FILE))?.map(|m| m.manifest.rootfs_version))
     }
 
     /// Copies an images directory (`coworkvm-rootfs build`'s output) into
