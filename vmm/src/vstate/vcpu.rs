@@ -50,7 +50,12 @@ pub fn handle_exit(exit: VcpuExit, devices: &DeviceManager) -> Option<VcpuEvent>
             other => VcpuEvent::Fatal(format!("unknown KVM system event {other}")),
         }),
         VcpuExit::InternalError => Some(VcpuEvent::Fatal(
-            "KVM internal error (instruction emulation failed)".into(),
+            // Seen where KVM emulates guest kernel code instead of running
+            // it (nested virtualization without hardware help): say where
+            // to look rather than leave a bare KVM term.
+            "KVM internal error (instruction emulation failed); `coworkvm doctor` checks \
+             whether this host's KVM can run a Linux guest at all"
+                .into(),
         )),
         VcpuExit::FailEntry(reason, cpu) => Some(VcpuEvent::Fatal(format!(
             "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
