@@ -7,7 +7,7 @@ STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
 # Build outputs go to target/ and build/ only, whatever the caller's setting.
 export CARGO_TARGET_DIR := $(CURDIR)/target
 
-.PHONY: all deps kernel build images rootfs-refresh lint test run bench clean
+.PHONY: all deps kernel build images rootfs-refresh deb lint test run bench clean
 
 all: build
 
@@ -36,6 +36,10 @@ images:
 # Drops the cached Debian tree: the next build takes the mirror's packages.
 rootfs-refresh:
 	rm -rf build/cache build/images
+
+# The Debian package: build/coworkvm_VERSION_ARCH.deb (scripts/build-deb.sh).
+deb: build
+	scripts/build-deb.sh build
 
 lint:
 	cargo fmt --all -- --check

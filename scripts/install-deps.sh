@@ -5,7 +5,9 @@
 #   qemu-system-x86   the rig's L1 VM (TCG) and the QEMU microvm reference VMM
 #   qemu-system-data  qboot (bios-microvm.bin) and option ROMs for microvm
 #   xz-utils, zstd    decompressing kernel modules
-#   dpkg              dpkg-deb, to unpack the kernel and busybox packages
+#   dpkg              dpkg-deb, to unpack the kernel and busybox packages and
+#                     to build coworkvm's own (make deb)
+#   binutils          objcopy and readelf for the package and its test
 #   mmdebstrap        the guest's Debian rootfs tree
 #   e2fsprogs         mkfs.ext4 -d and debugfs for rootfs.img
 #   bubblewrap        the agent's sandbox test runs the real bwrap (as in the guest)
@@ -16,6 +18,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v objcopy >/dev/null && command -v readelf >/dev/null || need+=(binutils)
 [ -x /usr/bin/bwrap ] || need+=(bubblewrap)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
