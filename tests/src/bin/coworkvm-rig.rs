@@ -22,6 +22,7 @@ $COWORKVM run --bundle $TMPDIR/bundle --images $TMPDIR/images --disk-size-gb 1 \
   sh -c 'echo "--- hello from inside the coworkvm guest ---"
          echo "os:       $(. /etc/os-release; echo $PRETTY_NAME)"
          echo "rootfs:   $(cat /etc/coworkvm-release) ($(stat -f -c %T /), read-only image + tmpfs)"
+         echo "hostname: $(cat /proc/sys/kernel/hostname)"
          echo "kernel:   $(uname -r)"
          echo "cpus:     $(nproc)"
          echo "memory:   $(awk "/MemTotal/ {print \$2 \" kB\"}" /proc/meminfo)"
