@@ -350,6 +350,24 @@ impl BatchResult {
             .unwrap_or_else(|| panic!("case {name} has no result; console:\n{}", self.console))
     }
 
+    /// One case's output, then the whole console: the text to attach to a
+    /// failed assertion about that case.
+    pub fn context(&self, name: &str) -> String {
+        format!(
+            "case {name}:\n{}\n--- console:\n{}",
+            self.case(name).output,
+            self.console
+        )
+    }
+
+    /// Prints every case's status and output to stderr (shown when a test
+    /// fails, captured otherwise).
+    pub fn print_cases(&self) {
+        for c in &self.cases {
+            eprintln!("--- case {} (rc {:?}):\n{}", c.name, c.rc, c.output);
+        }
+    }
+
     /// Every case's status and output, then the whole console: the text to
     /// attach to a failed assertion.
     pub fn report(&self) -> String {

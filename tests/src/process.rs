@@ -111,6 +111,26 @@ pub fn run_with_timeout(cmd: Command, timeout: Duration) -> Result<(Option<i32>,
     Ok((rc, out))
 }
 
+/// VM exits of a process's VMs so far, from KVM's debugfs (which the rig's
+/// L1 mounts), so coworkvm and QEMU are counted alike. `None` when debugfs
+/// has no VM of that process or a count cannot be read.
+pub fn kvm_debugfs_exits(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir("/sys/kernel/debug/kvm").ok()?;
+    let prefix = format!("{pid}-");
+    let mut total = None;
+    for entry in dir.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let v: u64 = std::fs::read_to_string(entry.path().join("exits"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            total = Some(total.unwrap_or(0) + v);
+        }
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,12 +17,7 @@ fn agent_serves_the_guest_protocol() {
     let result = batch.run(&paths).expect("the rig runs");
     let c = result.case("agent");
     eprintln!("{}", c.output);
-    let ctx = || {
-        format!(
-            "case output:\n{}\n--- console:\n{}",
-            c.output, result.console
-        )
-    };
+    let ctx = || result.context("agent");
     assert_eq!(c.rc, Some(0), "{}", ctx());
     for what in [
         "agent.info",

@@ -63,12 +63,7 @@ fn debian_kernel_boots_with_two_cpus_and_two_disks() {
     };
     let result = batch.run(&paths).expect("the rig runs");
     let boot = result.case("boot");
-    let ctx = || {
-        format!(
-            "case output:\n{}\n--- console:\n{}",
-            boot.output, result.console
-        )
-    };
+    let ctx = || result.context("boot");
 
     assert_eq!(
         boot.rc,

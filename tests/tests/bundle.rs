@@ -110,16 +110,8 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     };
     let result = batch.run(&paths).expect("the rig runs");
     let _ = std::fs::remove_dir_all(&work);
-    for c in &result.cases {
-        eprintln!("--- case {} (rc {:?}):\n{}", c.name, c.rc, c.output);
-    }
-    let ctx = |name: &str| {
-        format!(
-            "case {name}:\n{}\n--- console:\n{}",
-            result.case(name).output,
-            result.console
-        )
-    };
+    result.print_cases();
+    let ctx = |name: &str| result.context(name);
     let one = |case: &str, key: &str| -> String {
         let v = result.case(case).lines_with(key);
         assert_eq!(v.len(), 1, "{key} in {}", ctx(case));

@@ -50,16 +50,8 @@ echo "rc=$?"
         disks: vec![],
     };
     let result = batch.run(&paths).expect("the rig runs");
-    for c in &result.cases {
-        eprintln!("--- case {} (rc {:?}):\n{}", c.name, c.rc, c.output);
-    }
-    let ctx = |name: &str| {
-        format!(
-            "case {name}:\n{}\n--- console:\n{}",
-            result.case(name).output,
-            result.console
-        )
-    };
+    result.print_cases();
+    let ctx = |name: &str| result.context(name);
 
     let c = result.case("exit");
     assert_eq!(c.lines_with("rc="), ["3"], "{}", ctx("exit"));

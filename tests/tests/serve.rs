@@ -69,12 +69,7 @@ fn serve_drives_real_vms_as_the_client_does() {
     let _ = std::fs::remove_dir_all(&work);
     let c = result.case("serve");
     eprintln!("{}", c.output);
-    let ctx = || {
-        format!(
-            "case output:\n{}\n--- console:\n{}",
-            c.output, result.console
-        )
-    };
+    let ctx = || result.context("serve");
     let fails: Vec<String> = c.lines_with("@@CLIENT fail");
     assert!(fails.is_empty(), "failed checks: {fails:#?}\n{}", ctx());
     for what in [

@@ -45,12 +45,7 @@ exit $rc
     };
     let result = batch.run(&paths).expect("the rig runs");
     let c = result.case("vsock");
-    let ctx = || {
-        format!(
-            "case output:\n{}\n--- console:\n{}",
-            c.output, result.console
-        )
-    };
+    let ctx = || result.context("vsock");
     assert_eq!(c.rc, Some(0), "guest powered off cleanly\n{}", ctx());
     assert_eq!(
         c.lines_with("guest: @@VSOCK echo"),

@@ -169,6 +169,13 @@ impl Images {
         std::fs::write(dir.join("manifest.json"), self.manifest()).unwrap();
     }
 
+    /// A fresh images directory holding this version.
+    fn images_dir(&self) -> TempDir {
+        let dir = TempDir::new("images");
+        self.write_dir(dir.path());
+        dir
+    }
+
     /// Drops this version into a bundle as a pending update, by hand.
     fn drop_into(&self, bundle: &Path) {
         std::fs::write(bundle.join("vmlinuz"), &self.kernel).unwrap();
@@ -245,10 +252,13 @@ fn snapshot(dir: &Path) -> BTreeMap<String, String> {
 }
 
 fn prepared_bundle(dir: &Path, images: &Images) -> Bundle {
-    let images_dir = TempDir::new("images");
-    images.write_dir(images_dir.path());
+    prepared_from(dir, images.images_dir().path())
+}
+
+/// A bundle in `dir` seeded from `images_dir` and prepared.
+fn prepared_from(dir: &Path, images_dir: &Path) -> Bundle {
     let bundle = Bundle::open(dir).unwrap();
-    bundle.seed_from(images_dir.path()).unwrap();
+    bundle.seed_from(images_dir).unwrap();
     bundle.prepare(Some(1)).unwrap();
     bundle
 }
@@ -256,8 +266,7 @@ fn prepared_bundle(dir: &Path, images: &Images) -> Bundle {
 #[test]
 fn seed_and_expand_then_second_prepare_is_a_no_op() {
     let v1 = images("v1");
-    let images_dir = TempDir::new("images");
-    v1.write_dir(images_dir.path());
+    let images_dir = v1.images_dir();
     let root = TempDir::new("happy");
     let dir = root.path().join("bundle");
     let bundle = Bundle::open(&dir).unwrap();
@@ -369,8 +378,7 @@ fn update_replaces_rootfs_and_keeps_identity_and_session_data() {
 
     let v2 = images("v2");
     assert_ne!(v1.rootfs, v2.rootfs);
-    let images_dir = TempDir::new("images");
-    v2.write_dir(images_dir.path());
+    let images_dir = v2.images_dir();
     assert_eq!(
         bundle.seed_from(images_dir.path()).unwrap(),
         SeedOutcome::Seeded {
@@ -521,13 +529,10 @@ fn identity_and_sessions(dir: &Path) -> BTreeMap<String, String> {
 #[test]
 fn vendor_zst_in_an_up_to_date_bundle_is_removed_not_applied() {
     let v1 = images("v1");
-    let images_dir = TempDir::new("images");
-    v1.write_dir(images_dir.path());
+    let images_dir = v1.images_dir();
     let root = TempDir::new("vendor-zst");
     let dir = root.path().to_owned();
-    let bundle = Bundle::open(&dir).unwrap();
-    bundle.seed_from(images_dir.path()).unwrap();
-    bundle.prepare(Some(1)).unwrap();
+    let bundle = prepared_from(&dir, images_dir.path());
     let kept = identity_and_sessions(&dir);
     assert_eq!(kept.len(), 3);
 
@@ -571,8 +576,7 @@ fn vendor_zst_and_manifest_with_an_update_waiting_give_the_update() {
     // A stranger's manifest too, in no format coworkvm reads.
     std::fs::write(dir.join(ROOTFS_ZST_FILE), vendor_image()).unwrap();
     std::fs::write(dir.join("manifest.json"), b"{\"version\": \"vendor-7\"}").unwrap();
-    let images_dir = TempDir::new("images");
-    v2.write_dir(images_dir.path());
+    let images_dir = v2.images_dir();
     assert_eq!(
         bundle.seed_from(images_dir.path()).unwrap(),
         SeedOutcome::Seeded {
@@ -592,8 +596,7 @@ fn pending_own_zst_is_kept_and_applied() {
     // The images' own .zst, seeded but not applied yet (a crash between
     // seeding and expanding): seeding again keeps it and hashes it only.
     let v1 = images("v1");
-    let images_dir = TempDir::new("images");
-    v1.write_dir(images_dir.path());
+    let images_dir = v1.images_dir();
     let root = TempDir::new("pending-own");
     let dir = root.path().to_owned();
     let bundle = Bundle::open(&dir).unwrap();
@@ -612,13 +615,10 @@ fn pending_own_zst_is_kept_and_applied() {
 #[test]
 fn rootfs_overwritten_by_another_image_is_applied_again() {
     let v1 = images("v1");
-    let images_dir = TempDir::new("images");
-    v1.write_dir(images_dir.path());
+    let images_dir = v1.images_dir();
     let root = TempDir::new("vendor-img");
     let dir = root.path().to_owned();
-    let bundle = Bundle::open(&dir).unwrap();
-    bundle.seed_from(images_dir.path()).unwrap();
-    bundle.prepare(Some(1)).unwrap();
+    let bundle = prepared_from(&dir, images_dir.path());
     let kept = identity_and_sessions(&dir);
 
     std::fs::write(dir.join(ROOTFS_FILE), pseudo_random(98, 5 * MIB)).unwrap();

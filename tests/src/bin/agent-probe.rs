@@ -21,6 +21,7 @@ use std::process::Command;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use coworkvm_tests::process::kvm_debugfs_exits;
 use serde_json::{json, Value};
 use socket_proto::frame::{read_frame, write_frame};
 use socket_proto::guest::{GuestEvent, GuestFrame};
@@ -271,7 +272,7 @@ fn bench_session(agent: &mut Agent, ready: Duration, mib: u64, vmm_pid: u32) -> 
     let out_bytes: u64 = mib << 20;
     let guest_before = guest_cpu(agent)?;
     let vmm_before = thread_cpu(vmm_pid);
-    let exits_before = debugfs_exits(vmm_pid);
+    let exits_before = kvm_debugfs_exits(vmm_pid);
     let probe_before = thread_cpu(std::process::id());
     let t = Instant::now();
     agent.request(
@@ -293,7 +294,7 @@ fn bench_session(agent: &mut Agent, ready: Duration, mib: u64, vmm_pid: u32) -> 
     }
     let out_s = t.elapsed().as_secs_f64();
     let vmm_cpu = cpu_delta(&vmm_before, &thread_cpu(vmm_pid));
-    let exits = exits_delta(exits_before, debugfs_exits(vmm_pid));
+    let exits = exits_delta(exits_before, kvm_debugfs_exits(vmm_pid));
     let probe_cpu = cpu_delta(&probe_before, &thread_cpu(std::process::id()));
     let guest_after = guest_cpu(agent)?;
     if got != out_bytes {
@@ -389,25 +390,6 @@ fn thread_cpu(pid: u32) -> (u64, u64, u64) {
         }
     }
     out
-}
-
-/// VM exits of a process's VMs so far (KVM's debugfs, which the rig's L1
-/// mounts), for coworkvm and QEMU alike.
-fn debugfs_exits(pid: u32) -> Option<u64> {
-    let dir = std::fs::read_dir("/sys/kernel/debug/kvm").ok()?;
-    let prefix = format!("{pid}-");
-    let mut total = None;
-    for entry in dir.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let v: u64 = std::fs::read_to_string(entry.path().join("exits"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            total = Some(total.unwrap_or(0) + v);
-        }
-    }
-    total
 }
 
 fn exits_delta(a: Option<u64>, b: Option<u64>) -> serde_json::Value {
@@ -511,7 +493,7 @@ fn serial_bench(sock: &str, mib: u64, cmd: &[String]) -> Result<(), String> {
 
     // Guest -> host.
     let before = thread_cpu(vmm.id());
-    let exits_before = debugfs_exits(vmm.id());
+    let exits_before = kvm_debugfs_exits(vmm.id());
     let probe_before = thread_cpu(std::process::id());
     let t = Instant::now();
     writeln!(w, "{bytes}").map_err(|e| e.to_string())?;
@@ -526,7 +508,7 @@ fn serial_bench(sock: &str, mib: u64, cmd: &[String]) -> Result<(), String> {
     }
     let out_s = t.elapsed().as_secs_f64();
     let qemu_cpu = cpu_delta(&before, &thread_cpu(vmm.id()));
-    let exits = exits_delta(exits_before, debugfs_exits(vmm.id()));
+    let exits = exits_delta(exits_before, kvm_debugfs_exits(vmm.id()));
     let probe_cpu = cpu_delta(&probe_before, &thread_cpu(std::process::id()));
     if got != bytes {
         return Err(format!("got {got} bytes, {} more than sent", got - bytes));

@@ -6,28 +6,11 @@
 //!
 //! usage: vmm-timer --marker TEXT --timeout SECS -- CMD [ARGS...]
 
+use coworkvm_tests::process::kvm_debugfs_exits;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn debugfs_exits(pid: u32) -> Option<u64> {
-    let dir = std::fs::read_dir("/sys/kernel/debug/kvm").ok()?;
-    let prefix = format!("{pid}-");
-    let mut total = None;
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&prefix) {
-            let v: u64 = std::fs::read_to_string(entry.path().join("exits"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            total = Some(total.unwrap_or(0) + v);
-        }
-    }
-    total
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -84,7 +67,7 @@ fn main() {
         }
     });
     let seen = rx.recv_timeout(Duration::from_secs(timeout)).ok();
-    let exits = seen.and_then(|_| debugfs_exits(pid));
+    let exits = seen.and_then(|_| kvm_debugfs_exits(pid));
     let _ = child.kill();
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.

@@ -159,29 +159,11 @@ pub fn copy_file_atomic(
     name: &str,
     check: impl FnOnce(&Copied) -> io::Result<()>,
 ) -> io::Result<Copied> {
-    let mut input = File::open(src)?;
     let temp = TempFileGuard::new(dir.join(unique_temp_name(name)));
     let mut output = create_exclusive(temp.path(), 0o644)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        output.write_all(&buf[..n])?;
-        size += n as u64;
-    }
+    let copied = read_hashing(src, |block| output.write_all(block))?;
     output.sync_all()?;
     drop(output);
-    let copied = Copied {
-        size,
-        sha256: hex(&hasher.finalize()),
-    };
     check(&copied)?;
     std::fs::rename(temp.path(), dir.join(name))?;
     temp.keep();
@@ -189,8 +171,13 @@ pub fn copy_file_atomic(
     Ok(copied)
 }
 
-/// Size and SHA-256 of a file, read in 1 MiB blocks.
+/// Size and SHA-256 of a file.
 pub fn hash_file(path: &Path) -> io::Result<Copied> {
+    read_hashing(path, |_| Ok(()))
+}
+
+/// Reads `path` in 1 MiB blocks, hashing each and handing it to `sink`.
+fn read_hashing(path: &Path, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<Copied> {
     let mut input = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -203,6 +190,7 @@ pub fn hash_file(path: &Path) -> io::Result<Copied> {
             Err(e) => return Err(e),
         };
         hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
         size += n as u64;
     }
     Ok(Copied {

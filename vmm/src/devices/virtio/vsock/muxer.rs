@@ -68,6 +68,27 @@ struct Conn {
     interest: EventSet,
 }
 
+impl Conn {
+    /// A connection with nothing queued but `early`: host bytes read before
+    /// the guest accepted it.
+    fn new(stream: UnixStream, state: State, credit: Credit, token: u64, early: Vec<u8>) -> Self {
+        Conn {
+            stream,
+            state,
+            credit,
+            token,
+            to_host: VecDeque::new(),
+            rx_off: 0,
+            rx_end: early.len(),
+            to_guest: early,
+            guest_stopped_sending: false,
+            host_eof: false,
+            hung_up: false,
+            interest: EventSet::IN,
+        }
+    }
+}
+
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
@@ -367,20 +388,7 @@ impl Muxer {
         self.tokens.insert(token, key);
         self.conns.insert(
             key,
-            Conn {
-                stream,
-                state: State::Established,
-                credit,
-                token,
-                to_host: VecDeque::new(),
-                to_guest: Vec::new(),
-                rx_off: 0,
-                rx_end: 0,
-                guest_stopped_sending: false,
-                host_eof: false,
-                hung_up: false,
-                interest: EventSet::IN,
-            },
+            Conn::new(stream, State::Established, credit, token, Vec::new()),
         );
         let r = self.reply(key, Op::Response);
         self.control.push_back(r);
@@ -481,20 +489,7 @@ impl Muxer {
                 self.tokens.insert(token, key);
                 self.conns.insert(
                     key,
-                    Conn {
-                        stream,
-                        state: State::Connecting,
-                        credit,
-                        token,
-                        to_host: VecDeque::new(),
-                        rx_off: 0,
-                        rx_end: early.len(),
-                        to_guest: early,
-                        guest_stopped_sending: false,
-                        host_eof: false,
-                        hung_up: false,
-                        interest: EventSet::IN,
-                    },
+                    Conn::new(stream, State::Connecting, credit, token, early),
                 );
             }
         }
@@ -776,20 +771,13 @@ mod tests {
     fn conn(stream: UnixStream) -> Conn {
         let mut credit = Credit::new(CONN_BUF_ALLOC);
         credit.update_peer(CONN_BUF_ALLOC, 0);
-        Conn {
+        Conn::new(
             stream,
-            state: State::Established,
+            State::Established,
             credit,
-            token: TOKEN_DYNAMIC,
-            to_host: VecDeque::new(),
-            to_guest: Vec::new(),
-            rx_off: 0,
-            rx_end: 0,
-            guest_stopped_sending: false,
-            host_eof: false,
-            hung_up: false,
-            interest: EventSet::IN,
-        }
+            TOKEN_DYNAMIC,
+            Vec::new(),
+        )
     }
 
     #[test]
