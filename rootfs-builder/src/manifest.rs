@@ -3,8 +3,11 @@
 //! an expanded `rootfs.img` against it before swapping it in.
 
 use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// The file name inside an image directory or a bundle.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -17,6 +20,49 @@ pub struct FileEntry {
     /// Lowercase hex SHA-256 of the file's bytes.
     pub sha256: String,
     pub size: u64,
+}
+
+impl FileEntry {
+    /// Size and SHA-256 of a file.
+    pub fn of_file(path: &Path) -> io::Result<Self> {
+        Self::read_hashing(std::fs::File::open(path)?, |_| Ok(()))
+    }
+
+    /// Size and SHA-256 of everything `input` yields, read in 1 MiB
+    /// blocks; each block also goes to `sink` (a copy, say).
+    pub fn read_hashing(
+        mut input: impl Read,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<Self> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            sink(&buf[..n])?;
+            size += n as u64;
+        }
+        Ok(FileEntry {
+            sha256: hex(&hasher.finalize()),
+            size,
+        })
+    }
+}
+
+/// Lowercase hex, the form the manifest stores hashes in.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,5 +91,29 @@ pub struct Manifest {
 impl Manifest {
     pub fn file(&self, name: &str) -> Option<&FileEntry> {
         self.files.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_is_lowercase_and_padded() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
+    }
+
+    #[test]
+    fn read_hashing_hashes_and_passes_every_byte() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut copy = Vec::new();
+        let e = FileEntry::read_hashing(&data[..], |b| {
+            copy.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(copy, data);
+        assert_eq!(e.size, data.len() as u64);
+        assert_eq!(e.sha256, hex(&Sha256::digest(&data)));
     }
 }

@@ -15,7 +15,7 @@
 //! 5. `manifest.json`, written last: its presence with a matching input
 //!    stamp is what makes a rerun a no-op.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -23,7 +23,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{self, Compression, InitramfsSpec};
-use crate::manifest::{FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
+use crate::manifest::{hex, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
 
 /// The Debian packages of the rootfs beyond minbase.
 pub const PACKAGES: &str = include_str!("../packages.txt");
@@ -91,26 +91,7 @@ pub fn packages() -> Vec<&'static str> {
 }
 
 pub fn sha256_file(path: &Path) -> Result<FileEntry, RootfsError> {
-    let mut f = std::fs::File::open(path).map_err(io("reading", path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(io("reading", path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok(FileEntry {
-        sha256: hex(&h.finalize()),
-        size,
-    })
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    FileEntry::of_file(path).map_err(io("reading", path))
 }
 
 fn run(cmd: &mut Command) -> Result<String, RootfsError> {

@@ -18,18 +18,6 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn entry(path: &Path) -> Result<FileEntry> {
-    let out = Command::new("sha256sum").arg(path).output()?;
-    Ok(FileEntry {
-        sha256: String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-        size: std::fs::metadata(path)?.len(),
-    })
-}
-
 /// An ext4 image of `size_mib`, holding `tree` when given.
 pub fn ext4_image(out: &Path, tree: Option<&Path>, size_mib: u64) -> Result<()> {
     let _ = std::fs::remove_file(out);
@@ -111,8 +99,10 @@ pub fn images_disk(images: &Path, work: &Path, with_update: bool) -> Result<Path
         let mut m: Manifest =
             serde_json::from_slice(&std::fs::read(images.join("manifest.json"))?)?;
         m.rootfs_version = UPDATE_RELEASE.into();
-        m.files.insert("rootfs.img".into(), entry(&img)?);
-        m.files.insert("rootfs.img.zst".into(), entry(&zst)?);
+        m.files
+            .insert("rootfs.img".into(), FileEntry::of_file(&img)?);
+        m.files
+            .insert("rootfs.img.zst".into(), FileEntry::of_file(&zst)?);
         std::fs::write(
             tree.join("update/manifest.json"),
             serde_json::to_vec_pretty(&m)?,

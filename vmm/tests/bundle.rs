@@ -86,10 +86,7 @@ fn compress(data: &[u8]) -> Vec<u8> {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    coworkvm_rootfs::manifest::hex(&Sha256::digest(data))
 }
 
 fn entry(data: &[u8]) -> FileEntry {
@@ -241,12 +238,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, String> {
                     }
                 }
             }
-            let hash: String = hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            (n, hash)
+            (n, coworkvm_rootfs::manifest::hex(&hasher.finalize()))
         })
         .collect()
 }

@@ -190,7 +190,7 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
             actual: written,
         });
     }
-    let actual = fsutil::hex(&hasher.finalize());
+    let actual = coworkvm_rootfs::manifest::hex(&hasher.finalize());
     if !actual.eq_ignore_ascii_case(&entry.sha256) {
         return Err(ExpandError::HashMismatch {
             dir: dir.to_owned(),

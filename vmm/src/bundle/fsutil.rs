@@ -5,13 +5,13 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sha2::{Digest, Sha256};
+use coworkvm_rootfs::manifest::FileEntry;
 
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -144,12 +144,6 @@ pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io:
     fsync_dir(dir)
 }
 
-/// Size and lowercase-hex SHA-256 of what was copied.
-pub struct Copied {
-    pub size: u64,
-    pub sha256: String,
-}
-
 /// Copies `src` to `dir/name` durably (temp + fsync + rename + fsync dir),
 /// hashing the bytes on the way; `check` sees the size and hash before the
 /// rename and can refuse the copy, which then leaves `dir/name` untouched.
@@ -157,11 +151,11 @@ pub fn copy_file_atomic(
     src: &Path,
     dir: &Path,
     name: &str,
-    check: impl FnOnce(&Copied) -> io::Result<()>,
-) -> io::Result<Copied> {
+    check: impl FnOnce(&FileEntry) -> io::Result<()>,
+) -> io::Result<FileEntry> {
     let temp = TempFileGuard::new(dir.join(unique_temp_name(name)));
     let mut output = create_exclusive(temp.path(), 0o644)?;
-    let copied = read_hashing(src, |block| output.write_all(block))?;
+    let copied = FileEntry::read_hashing(File::open(src)?, |block| output.write_all(block))?;
     output.sync_all()?;
     drop(output);
     check(&copied)?;
@@ -169,44 +163,6 @@ pub fn copy_file_atomic(
     temp.keep();
     fsync_dir(dir)?;
     Ok(copied)
-}
-
-/// Size and SHA-256 of a file.
-pub fn hash_file(path: &Path) -> io::Result<Copied> {
-    read_hashing(path, |_| Ok(()))
-}
-
-/// Reads `path` in 1 MiB blocks, hashing each and handing it to `sink`.
-fn read_hashing(path: &Path, mut sink: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<Copied> {
-    let mut input = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        sink(&buf[..n])?;
-        size += n as u64;
-    }
-    Ok(Copied {
-        size,
-        sha256: hex(&hasher.finalize()),
-    })
-}
-
-/// Lowercase hex, the form `manifest.json` stores hashes in.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// `dir`'s entries that look like leftovers of an interrupted write of
@@ -225,11 +181,6 @@ pub fn stale_temp_files(dir: &Path, name: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_is_lowercase_and_padded() {
-        assert_eq!(hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
-    }
 
     #[test]
     fn temp_names_differ() {

@@ -267,7 +267,7 @@ mod tests {
             b[6],
             b[8],
             b[9],
-            fsutil::hex(&b[10..16])
+            coworkvm_rootfs::manifest::hex(&b[10..16])
         )
     }
 

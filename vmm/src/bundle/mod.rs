@@ -371,7 +371,7 @@ impl Bundle {
             return Ok(false);
         }
         let hashed = if candidates.iter().any(|e| e.size == size) {
-            Some(fsutil::hash_file(&zst).map_err(stat_err)?)
+            Some(FileEntry::of_file(&zst).map_err(stat_err)?)
         } else {
             None
         };
