@@ -9,7 +9,7 @@ use coworkvm::arch::x86_64::smbios::MachineUuid;
 use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
 use coworkvm::bundle::{Bundle, SeedOutcome};
 use coworkvm::doctor;
-use coworkvm::helper::vm::GUEST_CMDLINE;
+use coworkvm::helper::vm::{BundleImages, ImageSource, GUEST_CMDLINE};
 use coworkvm_rootfs::manifest::MANIFEST_FILE;
 
 #[derive(Parser)]
@@ -189,15 +189,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             None => Bundle::default_dir()
                 .context("no bundle named and no default one (set HOME or XDG_DATA_HOME)")?,
         };
-        let bundle = Bundle::open(&dir)?;
-        let images = args.images.unwrap_or_else(Bundle::default_images_dir);
-        if images.join(MANIFEST_FILE).is_file() {
-            bundle
-                .seed_from(&images)
-                .with_context(|| format!("seeding {} from {}", dir.display(), images.display()))?;
-        }
-        let p = bundle
-            .prepare(args.disk_size_gb)
+        // The same seeding and preparing as the helper's startVM.
+        let images_dir = args.images.unwrap_or_else(Bundle::default_images_dir);
+        let p = BundleImages { images_dir }
+            .prepare(&dir, args.disk_size_gb)
             .with_context(|| format!("preparing the bundle {}", dir.display()))?;
         MachineConfig {
             kernel: p.kernel,
@@ -217,7 +212,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             cmdline: GUEST_CMDLINE.into(),
             console: args.console,
             vsock: None,
-            machine_uuid: Some(args.uuid.unwrap_or(p.identity.machine_id.uuid())),
+            machine_uuid: args.uuid.or(p.machine_uuid),
         }
     };
     let code = coworkvm::run::run(coworkvm::run::RunConfig {
@@ -401,7 +396,7 @@ fn bundle(command: BundleCommand) -> anyhow::Result<ExitCode> {
             let images = images.or_else(|| {
                 default_bundle
                     .then(Bundle::default_images_dir)
-                    .filter(|d| d.join("manifest.json").is_file())
+                    .filter(|d| d.join(MANIFEST_FILE).is_file())
             });
             if let Some(images) = images {
                 match bundle.seed_from(&images) {

@@ -626,7 +626,8 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
         "spawn",
         json!({"id": "p1", "name": "s1", "command": "echo", "args": ["hi"], "isResume": false,
                "env": {"ANTHROPIC_API_KEY": "sk-SECRET2"}, "oauthToken": "sk-SECRET3",
-               "additionalMounts": [{"mountName": "docs", "path": "/home/u/docs", "mode": "rw"}]}),
+               "additionalMounts": [{"mountName": "docs", "path": "/home/u/docs", "mode": "rw"}],
+               "sandbox": false, "encoding": "base64"}),
     );
     let failed = r["failedMounts"].as_array().unwrap();
     assert_eq!(failed.len(), 2, "{r}");
@@ -661,6 +662,10 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
         spawned["params"].get("additionalMounts").is_none(),
         "{spawned}"
     );
+    // coworkvm run's extensions: a client of the socket cannot leave the
+    // session sandbox or change the output encoding.
+    assert!(spawned["params"].get("sandbox").is_none(), "{spawned}");
+    assert!(spawned["params"].get("encoding").is_none(), "{spawned}");
     assert_eq!(
         spawned["params"]["env"]["ANTHROPIC_API_KEY"], "sk-SECRET2",
         "secrets reach the guest"

@@ -153,11 +153,6 @@ impl Agent {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// The processes spawned and not yet exited, as far as the helper knows.
-    pub fn running_processes(&self) -> Vec<String> {
-        lock(&self.running).iter().cloned().collect()
-    }
-
     /// Forgets the running processes and returns them (the VM is gone).
     pub fn take_running_processes(&self) -> Vec<String> {
         std::mem::take(&mut *lock(&self.running))
@@ -165,9 +160,16 @@ impl Agent {
             .collect()
     }
 
-    /// Records a process the agent accepted.
-    pub fn process_started(&self, id: &str) {
+    /// Records a process about to be spawned. Before the request goes out:
+    /// a fast process's `exit` can arrive right behind the spawn's reply,
+    /// and must find it here to remove.
+    pub fn process_starting(&self, id: &str) {
         lock(&self.running).insert(id.to_owned());
+    }
+
+    /// Forgets a process whose spawn failed.
+    pub fn process_not_started(&self, id: &str) {
+        lock(&self.running).remove(id);
     }
 
     /// Drops the current connection (the VM is gone): pending requests fail
@@ -306,7 +308,20 @@ impl Agent {
     }
 
     fn handle_event(self: &Arc<Self>, event: String, params: Value) {
-        match GuestEvent::parse(&event, params.clone()) {
+        // Output is the hot path and the helper only passes it on: no typed
+        // parse (a copy of every chunk) for it.
+        if event != "stdout" && event != "stderr" {
+            self.observe(&event, params.clone());
+        }
+        // `ready` is the helper's own; it flattens to nothing.
+        if let Some(obj) = flatten_event(&event, &params) {
+            self.events.publish(obj);
+        }
+    }
+
+    /// What the helper itself does with a guest event: state and logs.
+    fn observe(self: &Arc<Self>, event: &str, params: Value) {
+        match GuestEvent::parse(event, params) {
             Ok(GuestEvent::Ready) => {
                 if !self.connected.send_replace(true) {
                     tracing::info!("guest agent ready");
@@ -316,7 +331,6 @@ impl Agent {
                     let me = self.clone();
                     tokio::spawn(async move { me.after_ready().await });
                 }
-                return;
             }
             Ok(GuestEvent::Exit {
                 id, code, signal, ..
@@ -348,9 +362,6 @@ impl Agent {
             }
             Ok(GuestEvent::Stdout { .. } | GuestEvent::Stderr { .. }) => {}
             Err(e) => tracing::debug!("passing on a guest event this helper does not know: {e}"),
-        }
-        if let Some(obj) = flatten_event(&event, &params) {
-            self.events.publish(obj);
         }
     }
 

@@ -111,11 +111,6 @@ impl EventHub {
         self.lock().network.clone()
     }
 
-    /// The current `apiReachability`.
-    pub fn api_reachability(&self) -> String {
-        self.lock().api.clone()
-    }
-
     /// A new subscription: the current-state events to send first, then
     /// the receiver of every later event.
     pub fn subscribe(&self) -> (Vec<EventFrame>, broadcast::Receiver<EventFrame>) {
@@ -133,11 +128,6 @@ impl EventHub {
         .filter_map(|e| encode_frame(e).ok().map(Arc::new))
         .collect();
         (snapshot, rx)
-    }
-
-    /// How many subscribers are connected.
-    pub fn subscribers(&self) -> usize {
-        self.tx.receiver_count()
     }
 }
 

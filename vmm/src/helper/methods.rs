@@ -183,6 +183,10 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
     // The guest cannot see host folders yet: do not ask it to mount them.
     let mut forwarded = p.clone();
     forwarded.additional_mounts = None;
+    // coworkvm's own spawn extensions are for `coworkvm run` only: a client
+    // of this socket never runs outside the session sandbox.
+    forwarded.sandbox = None;
+    forwarded.encoding = None;
     tracing::info!(
         "spawn {} in session {}: {} ({} args)",
         p.id,
@@ -191,9 +195,9 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
         p.args.len()
     );
     let guest = socket_proto::GuestRequest::Spawn(Box::new(forwarded));
+    agent.process_starting(&p.id);
     match agent.request(&guest, REQUEST_TIMEOUT).await {
         Ok(v) => {
-            agent.process_started(&p.id);
             let theirs: SpawnResult = serde_json::from_value(v).unwrap_or_default();
             ours.extend(theirs.failed_mounts.unwrap_or_default());
             let result = SpawnResult {
@@ -202,6 +206,7 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
             req.ok_with(&result)
         }
         Err(e) => {
+            agent.process_not_started(&p.id);
             tracing::warn!("spawn {}: {e}", p.id);
             req.err(e.to_string())
         }
@@ -223,7 +228,6 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
                 c.user_data_name,
                 c.user_data_root
             );
-            *helper.config.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
             req.ok()
         }
         HostMethod::SubscribeEvents(_) => req.err("subscribeEvents is handled by the connection"),

@@ -17,9 +17,7 @@ pub mod vm;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use socket_proto::host::ConfigureParams;
+use std::sync::Arc;
 
 pub use server::{bind, Listener, ServeError};
 pub use vm::{BundleImages, ImageSource, ProcessLauncher, VmImages, VmLauncher};
@@ -69,8 +67,6 @@ pub struct Helper {
     pub events: Arc<events::EventHub>,
     /// The VM.
     pub vm: Arc<vm::VmManager>,
-    /// The last `configure`.
-    pub config: Mutex<Option<ConfigureParams>>,
     /// See [`HelperConfig::home`].
     pub home: Option<PathBuf>,
     /// See [`HelperConfig::debug_switch`].
@@ -90,7 +86,6 @@ impl Helper {
         Arc::new(Self {
             events,
             vm,
-            config: Mutex::new(None),
             home: cfg.home,
             debug_switch: cfg.debug_switch,
         })

@@ -127,11 +127,6 @@ pub fn bind(path: &Path) -> Result<Listener, ServeError> {
 }
 
 impl Listener {
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Removes the socket file, if it still is the one this helper bound.
     pub fn remove(&self) {
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {

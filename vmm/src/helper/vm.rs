@@ -3,11 +3,11 @@
 //!
 //! The VMM runs as a child process (`coworkvm boot ...`, [`ProcessLauncher`])
 //! that dies with the helper (`PR_SET_PDEATHSIG(SIGKILL)`). Two seams keep
-//! this module testable and let the bundle code slot in:
+//! this module testable:
 //!
 //! - [`ImageSource`]: turns the client's `bundlePath` into the files a VM
-//!   boots from ([`VmImages`]). [`BundleDirImages`] takes them straight from
-//!   the bundle directory until the bundle module lands.
+//!   boots from ([`VmImages`]). Production uses [`BundleImages`] (the
+//!   bundle module); tests use a double.
 //! - [`VmLauncher`]: starts the VMM for a [`LaunchSpec`] and reports its
 //!   end. Production uses [`ProcessLauncher`]; tests use a double.
 
@@ -96,8 +96,7 @@ pub struct VmImages {
     pub machine_uuid: Option<MachineUuid>,
 }
 
-/// Turns a bundle directory into [`VmImages`]. The bundle module
-/// (`Bundle::open(dir)?.prepare(disk_gb)`) plugs in here.
+/// Turns a bundle directory into [`VmImages`].
 pub trait ImageSource: Send + Sync {
     /// Makes the bundle ready to boot (expanding, creating the session disk
     /// when missing) and names its files. Blocking; called off the async
@@ -152,8 +151,6 @@ pub struct LaunchSpec {
     pub cpus: u32,
     /// Guest memory, MiB.
     pub mem_mib: u64,
-    /// The VM's private directory (0700).
-    pub run_dir: PathBuf,
     /// The hybrid vsock's socket; the agent reaches `<vsock>_51234`.
     pub vsock: PathBuf,
     /// Where the guest console goes.
@@ -483,7 +480,6 @@ impl VmManager {
             images,
             cpus,
             mem_mib,
-            run_dir: dir.clone(),
             vsock,
             console: dir.join("console.log"),
         };
@@ -612,13 +608,6 @@ impl VmManager {
         }
         Err(VmError::WontDie)
     }
-
-    /// The running processes that the helper knows of.
-    pub fn running_processes(&self) -> Vec<String> {
-        self.agent()
-            .map(|a| a.running_processes())
-            .unwrap_or_default()
-    }
 }
 
 async fn run_blocking<T: Send + 'static>(
@@ -659,7 +648,6 @@ mod tests {
             },
             cpus: 2,
             mem_mib: 2048,
-            run_dir: "/r".into(),
             vsock: "/r/vsock.sock".into(),
             console: "/r/console.log".into(),
         };
