@@ -130,6 +130,11 @@ impl Agent {
         if self.sessions.is_some() {
             c.push("sessionDisk".into());
         }
+        // coworkvm's installSdk transfer (installSdk.chunk, .commit): it
+        // caches on the session disk, so only with one.
+        if self.sdk.is_some() {
+            c.push("sdkTransfer".into());
+        }
         if self.sandboxed() {
             c.push("sandbox".into());
         }

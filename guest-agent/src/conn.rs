@@ -79,8 +79,6 @@ pub const CAPABILITIES: &[&str] = &[
     "readFile",
     "shutdown",
     "base64Streams",
-    // coworkvm's installSdk transfer (installSdk.chunk, installSdk.commit).
-    "sdkTransfer",
 ];
 
 /// Serves connections forever.

@@ -130,7 +130,12 @@ pub fn base_key(suite: &str, packages: &[&str], epoch: u64, mmdebstrap: &str) ->
 /// The code that turns a base tree into the images: any change to it, a
 /// comment included, makes the next build redo the images (seconds, with
 /// the base tree cached) rather than keep ones made the old way.
-const RECIPE: [&str; 2] = [include_str!("rootfs.rs"), include_str!("initramfs.rs")];
+const RECIPE: [&str; 4] = [
+    include_str!("rootfs.rs"),
+    include_str!("initramfs.rs"),
+    include_str!("cpio.rs"),
+    include_str!("modules.rs"),
+];
 
 /// Everything a build's output depends on, hashed: a build whose stamp
 /// matches the manifest's is already done. `tools` is the version of the
@@ -463,7 +468,6 @@ pub fn assemble_tree(
     tree: &Path,
     agent: &Path,
     release: &str,
-    epoch: u64,
 ) -> Result<(), RootfsError> {
     let _ = std::fs::remove_dir_all(tree);
     std::fs::create_dir_all(tree).map_err(io("creating", tree))?;
@@ -483,8 +487,8 @@ pub fn assemble_tree(
     std::fs::copy(agent, &sbin).map_err(io("copying the agent to", &sbin))?;
     let rel = tree.join("etc/coworkvm-release");
     std::fs::write(&rel, format!("{release}\n")).map_err(io("writing", &rel))?;
-    std::fs::create_dir_all(tree.join("sessions")).map_err(io("creating", tree))?;
-    clamp_times(tree, epoch)
+    // Times are clamped by make_ext4, right before mkfs reads them.
+    std::fs::create_dir_all(tree.join("sessions")).map_err(io("creating", tree))
 }
 
 /// Sets every timestamp in `tree` (links themselves too) to `epoch`.
@@ -560,7 +564,7 @@ pub fn build(spec: &BuildSpec) -> Result<Manifest, RootfsError> {
     let t = progress.step("assembling the tree");
     let tree = scratch_dir(&spec.cache_dir);
     let _cleanup = RemoveOnDrop(tree.clone());
-    assemble_tree(&tar, &tree, &spec.agent, &version, spec.epoch)?;
+    assemble_tree(&tar, &tree, &spec.agent, &version)?;
     progress.done(&format!("tree assembled ({version})"), t);
 
     let t = progress.step("mkfs.ext4 -d rootfs.img");

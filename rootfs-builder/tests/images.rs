@@ -129,7 +129,7 @@ fn the_cached_tree_rebuilds_the_same_rootfs() {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let tree = Path::new("/dev/shm").join(format!("coworkvm-repro-{}", std::process::id()));
-    rootfs::assemble_tree(&tar, &tree, &agent, &m.rootfs_version, DEFAULT_EPOCH).unwrap();
+    rootfs::assemble_tree(&tar, &tree, &agent, &m.rootfs_version).unwrap();
     let img = work.join("rootfs.img");
     rootfs::make_ext4(&tree, &img, DEFAULT_EPOCH).unwrap();
     let _ = std::fs::remove_dir_all(&tree);

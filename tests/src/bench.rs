@@ -601,10 +601,10 @@ pub fn render_helper(output: &str) -> String {
         "\n## Helper with real VMs\n\n`coworkvm serve` in the same batch, driven like the client \
          (`client-probe --bench 10`): 10 times startVM, poll `isGuestConnected` every 50 ms, \
          spawn `echo x` in a sandboxed session, first stdout event, stopVM. Guest: the Debian \
-         rootfs bundle, 1 vCPU, 1 GiB.\n\n| metric | median | p95 | min-max |\n|---|---|---|---|\n\
+         rootfs bundle, 1 GiB, the helper's default 2 vCPUs (the probe, like the client, sends no `cpuCount`).\n\n| metric | median | p95 | min-max |\n|---|---|---|---|\n\
          | startVM to isGuestConnected true | {:.0} ms | {:.0} ms | {:.0}-{:.0} ms |\n\
          | spawn to first stdout event | {:.0} ms | {:.0} ms | {:.0}-{:.0} ms |\n\n\
-         The bundle is new, so the first start also seeds it, expands the 256 MiB \
+         The bundle is new, so the first start also seeds it, expands \
          `rootfs.img` and makes the identity and the session disk: {:.0} ms; the other \
          starts, median {:.0} ms. Every spawn is the first in its VM: it makes the \
          session's user and directory and starts bubblewrap.\n",

@@ -132,18 +132,6 @@ impl Drop for TempFileGuard {
     }
 }
 
-/// Writes `bytes` as `dir/name` durably, replacing any previous file.
-pub fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let temp = TempFileGuard::new(dir.join(unique_temp_name(name)));
-    let mut file = create_exclusive(temp.path(), mode)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(temp.path(), dir.join(name))?;
-    temp.keep();
-    fsync_dir(dir)
-}
-
 /// Copies `src` to `dir/name` durably (temp + fsync + rename + fsync dir),
 /// hashing the bytes on the way; `check` sees the size and hash before the
 /// rename and can refuse the copy, which then leaves `dir/name` untouched.

@@ -109,21 +109,10 @@ impl MachineId {
         Ok(MachineId(b))
     }
 
-    pub fn bytes(&self) -> [u8; 16] {
-        self.0
-    }
-
     /// The same UUID as the VMM's SMBIOS type: one parser, one text form,
     /// one byte order for both.
     pub fn uuid(&self) -> MachineUuid {
         MachineUuid(self.0)
-    }
-
-    /// The UUID as SMBIOS type 1 stores it (first three fields
-    /// little-endian), so the guest's `/sys/class/dmi/id/product_uuid`
-    /// prints [`Display`](fmt::Display)'s text back.
-    pub fn smbios_bytes(&self) -> [u8; 16] {
-        self.uuid().smbios_bytes()
     }
 }
 
@@ -159,11 +148,6 @@ impl BundleIdentity {
             mac: load_or_create_file(dir, MAC_FILE, "a MAC address", MacAddress::random)?,
             machine_id: load_or_create_file(dir, MACHINE_ID_FILE, "a UUID", MachineId::random)?,
         })
-    }
-
-    /// The UUID in SMBIOS byte order, see [`MachineId::smbios_bytes`].
-    pub fn smbios_bytes(&self) -> [u8; 16] {
-        self.machine_id.smbios_bytes()
     }
 }
 
@@ -275,19 +259,19 @@ mod tests {
     fn smbios_bytes_round_trip_through_linux_decoding() {
         let id: MachineId = "00112233-4455-6677-8899-aabbccddeeff".parse().unwrap();
         assert_eq!(
-            id.smbios_bytes(),
+            id.uuid().smbios_bytes(),
             [
                 0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
                 0xee, 0xff
             ]
         );
         assert_eq!(
-            linux_product_uuid(id.smbios_bytes()),
+            linux_product_uuid(id.uuid().smbios_bytes()),
             "00112233-4455-6677-8899-aabbccddeeff"
         );
         for _ in 0..100 {
             let id = MachineId::random().unwrap();
-            assert_eq!(linux_product_uuid(id.smbios_bytes()), id.to_string());
+            assert_eq!(linux_product_uuid(id.uuid().smbios_bytes()), id.to_string());
         }
     }
 
