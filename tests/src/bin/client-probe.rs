@@ -10,6 +10,9 @@
 //!
 //! usage: client-probe SOCKET BUNDLE_DIR
 //! (HOME must hold the fake SDK that the case script made.)
+//!        client-probe --escape SOCKET BUNDLE_DIR
+//! a victim and an attacker session in one VM: the adversarial checks of
+//! tests/tests/escape.rs.
 //!        client-probe --start SOCKET BUNDLE_DIR
 //! only starts the VM and waits until the guest is connected.
 //!        client-probe --bench N SOCKET BUNDLE_DIR
@@ -211,8 +214,10 @@ fn poll_connected(socket: &str, timeout: Duration) -> Option<Duration> {
 }
 
 /// The VMM child of the helper: a `coworkvm boot` whose command line names
-/// the bundle's rootfs.
+/// the bundle's rootfs, or else the only `coworkvm boot` there is (a VMM
+/// handed its files as descriptors names no path).
 fn vmm_pid(bundle: &str) -> Option<i32> {
+    let mut any_boot = None;
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -222,11 +227,14 @@ fn vmm_pid(bundle: &str) -> Option<i32> {
             let _ = f.read_to_string(&mut cmdline);
         }
         let args: Vec<&str> = cmdline.split('\0').collect();
-        if args.contains(&"boot") && cmdline.contains(bundle) {
-            return Some(pid);
+        if args.contains(&"boot") && args[0].ends_with("coworkvm") {
+            if cmdline.contains(bundle) {
+                return Some(pid);
+            }
+            any_boot.get_or_insert(pid);
         }
     }
-    None
+    any_boot
 }
 
 fn spawn(pipe: &mut Pipe, id: &str, name: &str, command: &str, args: &[&str]) -> Value {
@@ -287,9 +295,333 @@ fn rtt(n: usize, socket: &str) {
     );
 }
 
+/// `--escape`: one VM, a victim session and an attacker session, driven
+/// as the client drives the helper. Every check is something a session
+/// could do to another session, to the agent channel or to the guest.
+fn escape(socket: &str, bundle: &str) {
+    let mut p = Probe { failed: false };
+    let long = Duration::from_secs(240);
+    let short = Duration::from_secs(60);
+    let mut pipe = Pipe::open(socket);
+    let r = pipe.call(
+        "configure",
+        json!({"userDataName": "e2e", "userDataRoot": "/tmp/e2e"}),
+    );
+    p.check("configure", ok(&r), &r);
+    let (ev, _) = Events::subscribe(socket);
+    let r = pipe.call(
+        "startVM",
+        json!({"bundlePath": bundle, "memoryGB": 1, "cpuCount": 2}),
+    );
+    p.check("startVM", ok(&r), &r);
+    p.check(
+        "isGuestConnected turns true",
+        poll_connected(socket, long).is_some(),
+        "timed out",
+    );
+
+    // The VMM runs confined.
+    match vmm_pid(bundle) {
+        Some(pid) => {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            p.check(
+                "the VMM has no_new_privs",
+                field("NoNewPrivs:") == "1",
+                field("NoNewPrivs:"),
+            );
+            p.check(
+                "the VMM runs under a seccomp filter",
+                field("Seccomp:") == "2",
+                field("Seccomp:"),
+            );
+        }
+        None => p.check("found the VMM process", false, "no coworkvm boot child"),
+    }
+
+    // The victim's secret is in its own environment only.
+    let victim_secret = "victim-secret-5b1e";
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "v1", "name": "victim", "command": "sh",
+               "args": ["-c", "echo v:$VICTIM_SECRET; echo note > /sessions/victim/private.txt"],
+               "env": {"VICTIM_SECRET": victim_secret}}),
+    );
+    p.check("spawn the victim", ok(&r), &r);
+    let exit = ev.exit_of("v1", short);
+    p.check(
+        "the victim runs with its environment",
+        exit.is_some_and(|e| e["exitCode"] == 0)
+            && ev.stdout("v1").contains(&format!("v:{victim_secret}")),
+        ev.stdout("v1"),
+    );
+
+    // The attacker tries to open the agent's channel: AF_VSOCK (40) to
+    // CID 2 port 51234, from an automatic and from a privileged port;
+    // then io_uring, which could create sockets behind seccomp's back.
+    let attack = r#"
+sub vs { my ($src) = @_;
+  socket(my $s, 40, 1, 0) or return "socket:" . ($!+0);
+  if ($src) { bind($s, pack("SSLLCx3", 40, 0, $src, 0xFFFFFFFF, 0)) or return "bind:" . ($!+0); }
+  connect($s, pack("SSLLCx3", 40, 0, 51234, 2, 0)) or return "connect:" . ($!+0);
+  return "connected"; }
+print "vsock-any=", vs(0), "\n";
+print "vsock-priv=", vs(1000), "\n";
+socket(my $d, 40, 2, 0) or print "vsock-dgram=denied\n";
+socket(my $p, 17, 3, 0) or print "packet=denied\n";
+socket(my $i, 2, 1, 0) and print "inet=ok\n";
+socket(my $u, 1, 1, 0) and print "unix=ok\n";
+my $r = syscall(425, 8, "\0" x 120);
+print "io_uring=", ($r < 0 ? "denied:" . ($!+0) : "open"), "\n";
+"#;
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "a1", "name": "attacker", "command": "perl", "args": ["-e", attack]}),
+    );
+    p.check("spawn the attacker", ok(&r), &r);
+    let exit = ev.exit_of("a1", short);
+    let out = ev.stdout("a1");
+    println!("@@CLIENT attacker-output {}", out.replace('\n', " | "));
+    p.check("the attacker ran", exit.is_some(), format!("{exit:?}"));
+    // EPERM is 1: seccomp's answer, not the kernel's lack of a device.
+    p.check(
+        "a session cannot create an AF_VSOCK socket",
+        out.contains("vsock-any=socket:1") && out.contains("vsock-priv=socket:1"),
+        &out,
+    );
+    p.check(
+        "a session cannot create datagram vsock or packet sockets",
+        out.contains("vsock-dgram=denied") && out.contains("packet=denied"),
+        &out,
+    );
+    p.check(
+        "a session keeps inet and unix sockets",
+        out.contains("inet=ok") && out.contains("unix=ok"),
+        &out,
+    );
+    p.check(
+        "a session cannot set up io_uring",
+        out.contains("io_uring=denied:1"),
+        &out,
+    );
+    p.check(
+        "the victim's secret never reaches the attacker",
+        !out.contains(victim_secret),
+        &out,
+    );
+
+    // The attacker's view of the guest: its own user only.
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "a2", "name": "attacker", "command": "sh",
+               "args": ["-c", "cat /etc/passwd; echo; ls /sessions; echo; cat /sessions/victim/private.txt 2>&1; echo end"]}),
+    );
+    p.check("spawn the attacker's look-around", ok(&r), &r);
+    let _ = ev.exit_of("a2", short);
+    let seen = ev.stdout("a2");
+    let victim_user = victim_user_name(&mut pipe, &ev);
+    println!("@@CLIENT victim-user {victim_user:?}");
+    p.check(
+        "the attacker's passwd does not name the victim's user",
+        victim_user
+            .as_deref()
+            .is_some_and(|u| !seen.contains(u) && seen.contains("root:")),
+        &seen,
+    );
+    p.check(
+        "the attacker cannot read the victim's files",
+        !seen.contains("note") && seen.contains("end"),
+        &seen,
+    );
+
+    // readFile as a hostile session would set it up: each answers at
+    // once with an error, and the agent goes on serving.
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "a3", "name": "attacker", "command": "sh",
+               "args": ["-c", "cd /sessions/attacker && mkfifo fifo && ln -s /sessions/victim/private.txt steal && truncate -s 1G big && echo set"]}),
+    );
+    p.check("spawn the readFile traps", ok(&r), &r);
+    let _ = ev.exit_of("a3", short);
+    p.check(
+        "the traps are set",
+        ev.stdout("a3").contains("set"),
+        ev.stdout("a3"),
+    );
+    for (what, path) in [
+        ("a FIFO", "/sessions/attacker/fifo"),
+        (
+            "a symlink to another session's file",
+            "/sessions/attacker/steal",
+        ),
+        (
+            "the agent's users.json through ..",
+            "/sessions/attacker/../.coworkvm/users.json",
+        ),
+        ("a 1 GiB sparse file", "/sessions/attacker/big"),
+    ] {
+        let t = Instant::now();
+        let r = pipe.call(
+            "readFile",
+            json!({"processName": "attacker", "filePath": path}),
+        );
+        let took = t.elapsed();
+        p.check(
+            &format!("readFile of {what} is refused at once"),
+            !ok(&r) && took < Duration::from_secs(20) && !r.to_string().contains("note"),
+            format!("{r} in {took:?}"),
+        );
+    }
+
+    // stdin that is never read: 300 x 64 KiB on a pipe of its own, while
+    // another session's requests must keep their answers quick.
+    let r = spawn(
+        &mut pipe,
+        "a4",
+        "attacker",
+        "sh",
+        &["-c", "echo deaf; sleep 600"],
+    );
+    p.check("spawn a process that never reads stdin", ok(&r), &r);
+    ev.wait_stdout("a4", "deaf", short);
+    let r = spawn(
+        &mut pipe,
+        "v2",
+        "victim",
+        "sh",
+        &["-c", "echo victim-waits; sleep 600"],
+    );
+    p.check("spawn a long victim process", ok(&r), &r);
+    ev.wait_stdout("v2", "victim-waits", short);
+    let flood_socket = socket.to_owned();
+    let flood = std::thread::spawn(move || {
+        let mut fp = Pipe::open(&flood_socket);
+        let chunk = "a".repeat(64 * 1024);
+        let mut errors = 0;
+        for _ in 0..300 {
+            let r = fp.call("writeStdin", json!({"id": "a4", "data": chunk}));
+            if !ok(&r) {
+                errors += 1;
+            }
+        }
+        errors
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut slowest = Duration::ZERO;
+    let mut answered = true;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = pipe.call("isProcessRunning", json!({"id": "v2"}));
+        slowest = slowest.max(t.elapsed());
+        answered &= r["result"]["running"] == true;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    p.check(
+        "another session's isProcessRunning answers during a stdin flood",
+        answered && slowest < Duration::from_secs(5),
+        format!("slowest {slowest:?}"),
+    );
+    println!("@@CLIENT flood-rtt-max-ms {}", slowest.as_millis());
+    let r = pipe.call("kill", json!({"id": "v2", "signal": "SIGKILL"}));
+    p.check("kill of another session during the flood", ok(&r), &r);
+    let errors = flood.join().unwrap_or(-1);
+    println!("@@CLIENT flood-errors {errors}");
+    let r = pipe.call("kill", json!({"id": "a4", "signal": "SIGKILL"}));
+    p.check("kill the deaf process", ok(&r), &r);
+
+    // A fork bomb in one session; another session still runs.
+    let r = spawn(
+        &mut pipe,
+        "a5",
+        "attacker",
+        "bash",
+        &["-c", "echo bomb; b() { b | b & }; b; sleep 30"],
+    );
+    p.check("spawn a fork bomb", ok(&r), &r);
+    ev.wait_stdout("a5", "bomb", short);
+    std::thread::sleep(Duration::from_secs(10));
+    let t = Instant::now();
+    let r = spawn(&mut pipe, "v3", "victim", "echo", &["victim-alive"]);
+    let alive = ok(&r) && ev.wait_stdout("v3", "victim-alive", Duration::from_secs(90));
+    p.check(
+        "another session runs while a fork bomb goes off",
+        alive,
+        format!("{r} after {:?}", t.elapsed()),
+    );
+    println!("@@CLIENT echo-under-bomb-ms {}", t.elapsed().as_millis());
+    let r = pipe.call("kill", json!({"id": "a5", "signal": "SIGKILL"}));
+    p.check("kill the fork bomb", ok(&r), &r);
+    p.check(
+        "the fork bomb's session ends",
+        ev.exit_of("a5", short).is_some(),
+        "no exit",
+    );
+    p.check(
+        "the guest is still connected",
+        connected(socket),
+        "disconnected",
+    );
+
+    let r = pipe.call("stopVM", json!({}));
+    p.check("stopVM", ok(&r), &r);
+
+    // A session disk that is a symlink to a host file: startVM refuses
+    // and the file is untouched.
+    let disk = std::path::Path::new(bundle).join("sessiondata.img");
+    let aside = std::path::Path::new(bundle).join("sessiondata.img.aside");
+    let canary = std::path::Path::new(bundle).join("canary");
+    let canary_text = b"canary: the guest must never see this\n".repeat(64);
+    let set = std::fs::write(&canary, &canary_text)
+        .and_then(|()| std::fs::rename(&disk, &aside))
+        .and_then(|()| std::os::unix::fs::symlink(&canary, &disk));
+    p.check(
+        "symlinked the session disk",
+        set.is_ok(),
+        format!("{set:?}"),
+    );
+    let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
+    let refused = !ok(&r) || poll_connected(socket, Duration::from_secs(30)).is_none();
+    let _ = pipe.call("stopVM", json!({}));
+    p.check(
+        "startVM refuses a symlinked session disk",
+        refused && !ok(&r),
+        &r,
+    );
+    p.check(
+        "the canary is untouched",
+        std::fs::read(&canary).ok().as_deref() == Some(canary_text.as_slice()),
+        "changed",
+    );
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::rename(&aside, &disk);
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(p.failed));
+}
+
+/// The victim session's user name as the guest's own passwd has it, seen
+/// through `id -un` in the victim's session.
+fn victim_user_name(pipe: &mut Pipe, ev: &Events) -> Option<String> {
+    let r = spawn(pipe, "v-id", "victim", "id", &["-un"]);
+    if !ok(&r) {
+        return None;
+    }
+    ev.exit_of("v-id", Duration::from_secs(60))?;
+    let name = ev.stdout("v-id").trim().to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if let [_, flag, socket, bundle] = argv.as_slice() {
+        if flag == "--escape" {
+            return escape(socket, bundle);
+        }
         if flag == "--start" {
             let mut pipe = Pipe::open(socket);
             let r = pipe.call("startVM", json!({"bundlePath": bundle, "memoryGB": 1}));
