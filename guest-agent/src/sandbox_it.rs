@@ -17,7 +17,7 @@ use socket_proto::frame::read_frame;
 use socket_proto::guest::{GuestEvent, GuestFrame};
 use socket_proto::host::SpawnParams;
 
-use crate::agent::{Agent, Sandbox};
+use crate::agent::{Agent, Sandbox, WithoutSandbox};
 use crate::conn::Sender;
 use crate::procs::Procs;
 use crate::sandbox::{scan_system, BWRAP};
@@ -90,11 +90,14 @@ impl Rig {
                 }
             }
         });
-        let sandbox = Sandbox {
-            bwrap: BWRAP.into(),
-            system: scan_system(Path::new("/")),
-        };
-        let agent = Agent::new(procs, root.clone(), Some(sessions), Some(sandbox));
+        let sandbox = Sandbox::new(BWRAP.into(), scan_system(Path::new("/")), None).unwrap();
+        let agent = Agent::new(
+            procs,
+            root.clone(),
+            Some(sessions),
+            Some(sandbox),
+            WithoutSandbox::Refuse("unused: the sandbox is there".into()),
+        );
         Rig {
             agent,
             events,
