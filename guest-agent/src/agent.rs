@@ -62,12 +62,19 @@ pub enum WithoutSandbox {
     Refuse(String),
 }
 
-/// The error of a refused spawn: `reasons`, joined.
-pub fn refusal(reasons: &[String]) -> String {
-    format!(
-        "sessions are unavailable: {}; refusing to run unsandboxed",
-        reasons.join("; ")
-    )
+impl WithoutSandbox {
+    /// Refuse with `reasons` in the Debian rootfs; run directly only in
+    /// the test initramfs.
+    pub fn decide(rootfs: bool, reasons: &[String]) -> Self {
+        if rootfs {
+            WithoutSandbox::Refuse(format!(
+                "sessions are unavailable: {}; refusing to run unsandboxed",
+                reasons.join("; ")
+            ))
+        } else {
+            WithoutSandbox::RunDirectly
+        }
+    }
 }
 
 /// Whether the VMM booted the Debian rootfs: the kernel command line names
@@ -111,9 +118,15 @@ impl Agent {
     /// the busybox test initramfs runs them directly as root in `/`. The
     /// reason is logged once, here.
     pub fn detect(procs: Procs) -> Self {
-        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        let rootfs = names_a_rootfs(&cmdline);
         let pid1 = std::process::id() == 1;
+        let rootfs = match std::fs::read_to_string("/proc/cmdline") {
+            Ok(cmdline) => names_a_rootfs(&cmdline),
+            Err(e) => {
+                // Not knowing is not the test initramfs: fail closed.
+                eprintln!("coworkvm-agent: /proc/cmdline: {e}");
+                pid1
+            }
+        };
         if pid1 {
             crate::init::protect_from_oom();
         }
@@ -166,17 +179,13 @@ impl Agent {
             .map_err(|e| why.push(e.to_string()))
             .ok()
         };
-        let without_sandbox = if rootfs {
-            WithoutSandbox::Refuse(refusal(&why))
-        } else {
-            WithoutSandbox::RunDirectly
-        };
+        let without_sandbox = WithoutSandbox::decide(rootfs, &why);
         if sessions.is_some() && sandbox.is_some() {
             let limits = sandbox
                 .as_ref()
                 .and_then(|s| s.cgroups.as_ref())
-                .map(|c| {
-                    let l = c.limits();
+                .and_then(|c| c.limits())
+                .map(|l| {
                     format!(
                         ", each in its cgroup sessions/cowork<uid> (pids.max {}, memory.max {})",
                         l.session_pids, l.session_memory
@@ -541,6 +550,107 @@ mod tests {
             .install_sdk(&InstallSdkParams::default())
             .unwrap_err()
             .contains("not mounted"));
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+    }
+
+    #[test]
+    fn only_a_rootfs_on_the_command_line_makes_the_sandbox_mandatory() {
+        assert!(names_a_rootfs(
+            "console=ttyS0 coworkvm.rootfs=vda coworkvm.sessions=vdb"
+        ));
+        // A value the agent would not mount is still a rootfs boot.
+        assert!(names_a_rootfs("coworkvm.rootfs=../x"));
+        assert!(names_a_rootfs("coworkvm.rootfs="));
+        assert!(!names_a_rootfs("console=ttyS0 coworkvm.sessions=vdb"));
+        assert!(!names_a_rootfs("xcoworkvm.rootfs=vda"));
+        let why = ["/sessions is not mounted".to_owned()];
+        assert_eq!(
+            WithoutSandbox::decide(true, &why),
+            WithoutSandbox::Refuse(
+                "sessions are unavailable: /sessions is not mounted; refusing to run unsandboxed"
+                    .into()
+            )
+        );
+        assert_eq!(
+            WithoutSandbox::decide(false, &why),
+            WithoutSandbox::RunDirectly
+        );
+    }
+
+    fn spawn_params(id: &str, sandbox: Option<bool>) -> SpawnParams {
+        serde_json::from_value(json!({
+            "id": id, "name": "alpha", "command": "true", "isResume": false,
+            "sandbox": sandbox,
+        }))
+        .unwrap()
+    }
+
+    /// The Debian rootfs without a session disk or bwrap: a session spawn
+    /// is refused, never run as root; no `sandbox` capability.
+    #[test]
+    fn in_the_rootfs_a_session_without_a_sandbox_is_refused() {
+        let why = [
+            "/sessions is not mounted".to_owned(),
+            "/usr/bin/bwrap is absent".to_owned(),
+        ];
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(true, &why),
+        );
+        for sandbox in [None, Some(true)] {
+            let e = a.spawn(&spawn_params("s", sandbox)).unwrap_err();
+            assert_eq!(
+                e,
+                "sessions are unavailable: /sessions is not mounted; /usr/bin/bwrap is absent; \
+                 refusing to run unsandboxed"
+            );
+        }
+        assert!(!a.procs.is_in_use("s"), "nothing was started");
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+        // With a session disk but no sandbox: refused all the same.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sessions")).unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        let s = Sessions::open(&d.path().join("sessions"), &d.path().join("etc")).unwrap();
+        let mut a = Agent::new(
+            Procs::default(),
+            d.path().join("sessions"),
+            Some(s),
+            None,
+            WithoutSandbox::decide(true, &["/usr/bin/bwrap is absent".to_owned()]),
+        );
+        let e = a.spawn(&spawn_params("s", None)).unwrap_err();
+        assert!(e.contains("/usr/bin/bwrap is absent"), "{e}");
+        assert!(e.contains("refusing to run unsandboxed"), "{e}");
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+        assert!(!d.path().join("sessions/alpha").exists());
+    }
+
+    /// The VM owner's `sandbox: false` (coworkvm run's root command) is not
+    /// a session and runs; the test initramfs runs sessions directly.
+    #[test]
+    fn root_commands_and_the_initramfs_run_directly() {
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(true, &["/sessions is not mounted".to_owned()]),
+        );
+        a.spawn(&spawn_params("root", Some(false))).unwrap();
+        assert!(a.procs.is_in_use("root"));
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(false, &["/sessions is not mounted".to_owned()]),
+        );
+        a.spawn(&spawn_params("initramfs", None)).unwrap();
+        assert!(a.procs.is_in_use("initramfs"));
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
     }
 

@@ -109,10 +109,10 @@ pub fn session_filter() -> Result<BpfProgram, SeccompError> {
 #[cfg(target_arch = "x86_64")]
 fn with_abi_prefix(program: BpfProgram) -> BpfProgram {
     use seccompiler::sock_filter;
-    const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const JEQ_K: u16 = 0x05 | 0x10;
-    const JGE_K: u16 = 0x05 | 0x30;
-    const RET_K: u16 = 0x06;
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     const SECCOMP_DATA_NR: u32 = 0;
     const SECCOMP_DATA_ARCH: u32 = 4;
     const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
