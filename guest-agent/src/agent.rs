@@ -3,6 +3,7 @@
 //! use more than one of them.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -10,9 +11,11 @@ use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams
 use socket_proto::sdk::InstallSdkChunkParams;
 use socket_proto::Secret;
 
+use crate::cgroup::SessionCgroups;
 use crate::procs::Procs;
 use crate::sandbox::{self, SystemEntry};
 use crate::sdk::{SdkStore, RUNTIME_COMMANDS};
+use crate::seccomp::{self, SeccompError};
 use crate::sessions::{validate_name, Sessions};
 
 /// The answer to `mountPath` and the reason in `failedMounts`.
@@ -23,6 +26,64 @@ const MAX_TOKENS: usize = 32;
 pub struct Sandbox {
     pub bwrap: PathBuf,
     pub system: Vec<SystemEntry>,
+    /// The session seccomp filter, compiled once, as bwrap reads it.
+    seccomp: Vec<u8>,
+    /// The per-session cgroups: always in the guest's rootfs; `None` off
+    /// the guest (tests) or in the initramfs without cgroup2.
+    cgroups: Option<SessionCgroups>,
+}
+
+impl Sandbox {
+    pub fn new(
+        bwrap: PathBuf,
+        system: Vec<SystemEntry>,
+        cgroups: Option<SessionCgroups>,
+    ) -> Result<Self, SeccompError> {
+        let seccomp = seccomp::to_bytes(&seccomp::session_filter()?);
+        Ok(Sandbox {
+            bwrap,
+            system,
+            seccomp,
+            cgroups,
+        })
+    }
+}
+
+/// What a session spawn (one that did not ask for `sandbox: false`) does
+/// when the agent has no sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WithoutSandbox {
+    /// The busybox test initramfs (no `coworkvm.rootfs=` on the kernel
+    /// command line): run directly as root, as the tests of the bare
+    /// agent expect.
+    RunDirectly,
+    /// The Debian rootfs: refuse, with this message. A session never runs
+    /// unsandboxed because a disk or bwrap is missing.
+    Refuse(String),
+}
+
+impl WithoutSandbox {
+    /// Refuse with `reasons` in the Debian rootfs; run directly only in
+    /// the test initramfs.
+    pub fn decide(rootfs: bool, reasons: &[String]) -> Self {
+        if rootfs {
+            WithoutSandbox::Refuse(format!(
+                "sessions are unavailable: {}; refusing to run unsandboxed",
+                reasons.join("; ")
+            ))
+        } else {
+            WithoutSandbox::RunDirectly
+        }
+    }
+}
+
+/// Whether the VMM booted the Debian rootfs: the kernel command line names
+/// one (`coworkvm.rootfs=`, whatever its value: a malformed one is still
+/// not the test initramfs).
+pub fn names_a_rootfs(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("coworkvm.rootfs="))
 }
 
 pub struct Agent {
@@ -30,6 +91,7 @@ pub struct Agent {
     sessions_root: PathBuf,
     sessions: Option<Sessions>,
     sandbox: Option<Sandbox>,
+    without_sandbox: WithoutSandbox,
     sdk: Option<SdkStore>,
     /// `addApprovedOauthToken`: kept in memory only, never logged. The
     /// vendor's guest hands them to its egress proxy (which comes in a
@@ -50,51 +112,100 @@ fn is_mount_point(path: &Path) -> bool {
 }
 
 impl Agent {
-    /// The agent as the guest runs it: `/sessions`, `/etc`, `/usr/bin/bwrap`.
-    /// Without a mounted session disk or without bwrap (the busybox test
-    /// initramfs), spawns run directly as root in `/`, as before; the
+    /// The agent as the guest runs it: `/sessions`, `/etc`, `/usr/bin/bwrap`,
+    /// cgroup2 at `/sys/fs/cgroup`. In the Debian rootfs, anything missing
+    /// means every session spawn is refused (`WithoutSandbox::Refuse`); only
+    /// the busybox test initramfs runs them directly as root in `/`. The
     /// reason is logged once, here.
     pub fn detect(procs: Procs) -> Self {
+        let pid1 = std::process::id() == 1;
+        let rootfs = match std::fs::read_to_string("/proc/cmdline") {
+            Ok(cmdline) => names_a_rootfs(&cmdline),
+            Err(e) => {
+                // Not knowing is not the test initramfs: fail closed.
+                eprintln!("coworkvm-agent: /proc/cmdline: {e}");
+                pid1
+            }
+        };
+        if pid1 {
+            crate::init::protect_from_oom();
+        }
+        let mut why = Vec::new();
         let root = PathBuf::from("/sessions");
         let sessions = if is_mount_point(&root) {
-            match Sessions::open(&root, Path::new("/etc")) {
-                Ok(s) => Ok(s),
-                Err(e) => Err(format!("the session disk is unusable: {e}")),
+            Sessions::open(&root, Path::new("/etc"))
+                .map_err(|e| why.push(format!("the session disk at /sessions is unusable: {e}")))
+                .ok()
+        } else {
+            why.push("/sessions is not mounted".to_owned());
+            None
+        };
+        // Only PID 1 owns the machine's cgroups: never a host's.
+        let cgroups = if pid1 {
+            match SessionCgroups::for_guest() {
+                Ok(c) => Some(c),
+                Err(e) if rootfs => {
+                    why.push(format!("per-session cgroups are unavailable: {e}"));
+                    None
+                }
+                Err(e) => {
+                    eprintln!(
+                        "coworkvm-agent: per-session cgroups are unavailable: {e}; \
+                         sessions run without resource limits"
+                    );
+                    None
+                }
             }
         } else {
-            Err("no session disk is mounted at /sessions".to_owned())
+            None
         };
         let bwrap = Path::new(sandbox::BWRAP);
         // SAFETY: geteuid takes no arguments and cannot fail.
         let root_user = unsafe { libc::geteuid() } == 0;
         let sandbox = if !bwrap.is_file() {
-            Err(format!("{} is absent", bwrap.display()))
+            why.push(format!("{} is absent", bwrap.display()));
+            None
         } else if !root_user {
-            Err("the agent does not run as root".to_owned())
+            why.push("the agent does not run as root".to_owned());
+            None
+        } else if rootfs && cgroups.is_none() {
+            None
         } else {
-            Ok(Sandbox {
-                bwrap: bwrap.to_owned(),
-                system: sandbox::scan_system(Path::new("/")),
-            })
+            Sandbox::new(
+                bwrap.to_owned(),
+                sandbox::scan_system(Path::new("/")),
+                cgroups,
+            )
+            .map_err(|e| why.push(e.to_string()))
+            .ok()
         };
-        let mut why = Vec::new();
-        if let Err(e) = &sessions {
-            why.push(e.clone());
-        }
-        if let Err(e) = &sandbox {
-            why.push(e.clone());
-        }
-        if why.is_empty() {
+        let without_sandbox = WithoutSandbox::decide(rootfs, &why);
+        if sessions.is_some() && sandbox.is_some() {
+            let limits = sandbox
+                .as_ref()
+                .and_then(|s| s.cgroups.as_ref())
+                .and_then(|c| c.limits())
+                .map(|l| {
+                    format!(
+                        ", each in its cgroup sessions/cowork<uid> (pids.max {}, memory.max {})",
+                        l.session_pids, l.session_memory
+                    )
+                })
+                .unwrap_or_default();
             eprintln!(
-                "coworkvm-agent: sessions run as their own users under bubblewrap in /sessions/<name>"
+                "coworkvm-agent: sessions run as their own users under bubblewrap in \
+                 /sessions/<name>{limits}"
             );
+        } else if let WithoutSandbox::Refuse(msg) = &without_sandbox {
+            eprintln!("coworkvm-agent: {msg}");
         } else {
             eprintln!(
-                "coworkvm-agent: spawns run directly as root in /, without a sandbox: {}",
+                "coworkvm-agent: no rootfs on the kernel command line (the test initramfs): \
+                 spawns run directly as root in /, without a sandbox: {}",
                 why.join("; ")
             );
         }
-        Self::new(procs, root, sessions.ok(), sandbox.ok())
+        Self::new(procs, root, sessions, sandbox, without_sandbox)
     }
 
     pub fn new(
@@ -102,6 +213,7 @@ impl Agent {
         sessions_root: PathBuf,
         sessions: Option<Sessions>,
         sandbox: Option<Sandbox>,
+        without_sandbox: WithoutSandbox,
     ) -> Self {
         let sdk = sessions
             .as_ref()
@@ -111,6 +223,7 @@ impl Agent {
             sessions_root,
             sessions,
             sandbox,
+            without_sandbox,
             sdk,
             oauth_tokens: Vec::new(),
         }
@@ -191,6 +304,9 @@ impl Agent {
                     sdk_dir,
                     system: sb.system.clone(),
                     info_fd: None,
+                    seccomp_fd: None,
+                    passwd_fd: None,
+                    group_fd: None,
                 };
                 if !env.contains_key("PATH") && !program.contains('/') {
                     let path = spec.base_env(sd.uid)["PATH"].clone();
@@ -198,10 +314,37 @@ impl Agent {
                         return Err(format!("cannot run {}: not found in {path}", p.command));
                     }
                 }
+                let memfd = |name: &std::ffi::CStr, data: &[u8]| {
+                    seccomp::sealed_memfd(name, data).map_err(|e| e.to_string())
+                };
+                let seccomp_fd = memfd(c"coworkvm-seccomp", &sb.seccomp)?;
+                let passwd_fd = memfd(
+                    c"coworkvm-passwd",
+                    sandbox::passwd(sd.uid, &sd.path).as_bytes(),
+                )?;
+                let group_fd = memfd(c"coworkvm-group", sandbox::group(sd.uid).as_bytes())?;
+                let cgroup_procs = match &sb.cgroups {
+                    Some(c) => Some(
+                        c.enter_fd(sd.uid)
+                            .map_err(|e| format!("the session's cgroup: {e}"))?,
+                    ),
+                    None => None,
+                };
                 let (info_r, info_w) =
                     sandbox::info_pipe().map_err(|e| format!("info pipe: {e}"))?;
                 spec.info_fd = Some(sandbox::raw(&info_w));
-                let cmd = sandbox::command(&sb.bwrap, &spec, sd.uid, &program, &p.args, &env);
+                spec.seccomp_fd = Some(sandbox::raw(&seccomp_fd));
+                spec.passwd_fd = Some(sandbox::raw(&passwd_fd));
+                spec.group_fd = Some(sandbox::raw(&group_fd));
+                let cmd = sandbox::command(
+                    &sb.bwrap,
+                    &spec,
+                    sd.uid,
+                    &program,
+                    &p.args,
+                    &env,
+                    cgroup_procs.as_ref().map(sandbox::raw),
+                );
                 crate::debug!(
                     "spawn {}: session {} uid {} cwd {} command {}",
                     p.id,
@@ -213,13 +356,23 @@ impl Agent {
                 let r = self
                     .procs
                     .spawn(&p.id, &p.name, cmd, encoding, Some(info_r), &p.command);
-                // Our copy of the write end: bwrap holds its own.
-                drop(info_w);
+                // Our copies: bwrap holds its own.
+                drop((info_w, seccomp_fd, passwd_fd, group_fd, cgroup_procs));
                 r?;
             }
             _ => {
+                if let (true, WithoutSandbox::Refuse(msg)) = (wants_sandbox, &self.without_sandbox)
+                {
+                    return Err(msg.clone());
+                }
+                // The test initramfs, or `sandbox: false`: the VM owner's
+                // root command (`coworkvm run`), which the helper never
+                // forwards from a client.
                 crate::debug!("spawn {}: unsandboxed, command {}", p.id, p.command);
-                let cmd = Procs::direct_command(p, &program);
+                let mut cmd = Procs::direct_command(p, &program);
+                // SAFETY: reset_oom_score_adj makes only async-signal-safe
+                // system calls on static data.
+                unsafe { cmd.pre_exec(sandbox::reset_oom_score_adj) };
                 self.procs
                     .spawn(&p.id, &p.name, cmd, encoding, None, &p.command)?;
             }
@@ -354,7 +507,13 @@ mod tests {
         std::fs::create_dir_all(dir.join("sessions")).unwrap();
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         let s = Sessions::open(&dir.join("sessions"), &dir.join("etc")).unwrap();
-        Agent::new(Procs::default(), dir.join("sessions"), Some(s), None)
+        Agent::new(
+            Procs::default(),
+            dir.join("sessions"),
+            Some(s),
+            None,
+            WithoutSandbox::RunDirectly,
+        )
     }
 
     #[test]
@@ -375,7 +534,13 @@ mod tests {
 
     #[test]
     fn without_a_session_disk_the_disk_methods_say_so() {
-        let mut a = Agent::new(Procs::default(), "/nonexistent".into(), None, None);
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::RunDirectly,
+        );
         assert!(a.disk_info().unwrap_err().contains("not mounted"));
         assert!(a
             .delete_sessions(&["x".into()])
@@ -385,6 +550,107 @@ mod tests {
             .install_sdk(&InstallSdkParams::default())
             .unwrap_err()
             .contains("not mounted"));
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+    }
+
+    #[test]
+    fn only_a_rootfs_on_the_command_line_makes_the_sandbox_mandatory() {
+        assert!(names_a_rootfs(
+            "console=ttyS0 coworkvm.rootfs=vda coworkvm.sessions=vdb"
+        ));
+        // A value the agent would not mount is still a rootfs boot.
+        assert!(names_a_rootfs("coworkvm.rootfs=../x"));
+        assert!(names_a_rootfs("coworkvm.rootfs="));
+        assert!(!names_a_rootfs("console=ttyS0 coworkvm.sessions=vdb"));
+        assert!(!names_a_rootfs("xcoworkvm.rootfs=vda"));
+        let why = ["/sessions is not mounted".to_owned()];
+        assert_eq!(
+            WithoutSandbox::decide(true, &why),
+            WithoutSandbox::Refuse(
+                "sessions are unavailable: /sessions is not mounted; refusing to run unsandboxed"
+                    .into()
+            )
+        );
+        assert_eq!(
+            WithoutSandbox::decide(false, &why),
+            WithoutSandbox::RunDirectly
+        );
+    }
+
+    fn spawn_params(id: &str, sandbox: Option<bool>) -> SpawnParams {
+        serde_json::from_value(json!({
+            "id": id, "name": "alpha", "command": "true", "isResume": false,
+            "sandbox": sandbox,
+        }))
+        .unwrap()
+    }
+
+    /// The Debian rootfs without a session disk or bwrap: a session spawn
+    /// is refused, never run as root; no `sandbox` capability.
+    #[test]
+    fn in_the_rootfs_a_session_without_a_sandbox_is_refused() {
+        let why = [
+            "/sessions is not mounted".to_owned(),
+            "/usr/bin/bwrap is absent".to_owned(),
+        ];
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(true, &why),
+        );
+        for sandbox in [None, Some(true)] {
+            let e = a.spawn(&spawn_params("s", sandbox)).unwrap_err();
+            assert_eq!(
+                e,
+                "sessions are unavailable: /sessions is not mounted; /usr/bin/bwrap is absent; \
+                 refusing to run unsandboxed"
+            );
+        }
+        assert!(!a.procs.is_in_use("s"), "nothing was started");
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+        // With a session disk but no sandbox: refused all the same.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("sessions")).unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        let s = Sessions::open(&d.path().join("sessions"), &d.path().join("etc")).unwrap();
+        let mut a = Agent::new(
+            Procs::default(),
+            d.path().join("sessions"),
+            Some(s),
+            None,
+            WithoutSandbox::decide(true, &["/usr/bin/bwrap is absent".to_owned()]),
+        );
+        let e = a.spawn(&spawn_params("s", None)).unwrap_err();
+        assert!(e.contains("/usr/bin/bwrap is absent"), "{e}");
+        assert!(e.contains("refusing to run unsandboxed"), "{e}");
+        assert!(!a.capabilities().contains(&"sandbox".to_string()));
+        assert!(!d.path().join("sessions/alpha").exists());
+    }
+
+    /// The VM owner's `sandbox: false` (coworkvm run's root command) is not
+    /// a session and runs; the test initramfs runs sessions directly.
+    #[test]
+    fn root_commands_and_the_initramfs_run_directly() {
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(true, &["/sessions is not mounted".to_owned()]),
+        );
+        a.spawn(&spawn_params("root", Some(false))).unwrap();
+        assert!(a.procs.is_in_use("root"));
+        let mut a = Agent::new(
+            Procs::default(),
+            "/nonexistent".into(),
+            None,
+            None,
+            WithoutSandbox::decide(false, &["/sessions is not mounted".to_owned()]),
+        );
+        a.spawn(&spawn_params("initramfs", None)).unwrap();
+        assert!(a.procs.is_in_use("initramfs"));
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
     }
 

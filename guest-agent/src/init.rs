@@ -1,4 +1,5 @@
-//! PID 1 duties: the pseudo filesystems, kernel modules, power-off.
+//! PID 1 duties: the pseudo filesystems (cgroup2 included), kernel modules,
+//! power-off.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -31,6 +32,24 @@ pub fn mount_pseudo_filesystems() {
     mount("devtmpfs", "/dev", "devtmpfs", "");
     mount("tmpfs", "/tmp", "tmpfs", "mode=1777");
     mount("tmpfs", "/run", "tmpfs", "mode=0755");
+}
+
+/// cgroup2 at `target` (`/sys/fs/cgroup`), for the per-session groups
+/// (`crate::cgroup`). `nsdelegate`: a cgroup namespace is a delegation
+/// boundary, so nothing inside a sandbox's namespace can write to the
+/// interface files of its own group even where ownership would allow it.
+pub fn mount_cgroup2(target: &str) {
+    mount("cgroup2", target, "cgroup2", "nsdelegate");
+}
+
+/// `oom_score_adj` -1000 for the agent. The kernel never OOM-kills the
+/// global init anyway (`oom_unkillable_task`); this says so explicitly and
+/// holds should the agent ever run under another init. Children inherit
+/// it: every spawn resets its own to 0 (`crate::sandbox::reset_oom_score_adj`).
+pub fn protect_from_oom() {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        eprintln!("coworkvm-agent: oom_score_adj: {e}");
+    }
 }
 
 /// Loads `/lib/modules/<release>/load-order` (dependencies first) with

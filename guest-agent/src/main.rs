@@ -6,6 +6,7 @@
 //! requests; and the SDK install.
 
 mod agent;
+mod cgroup;
 mod conn;
 mod init;
 mod procs;
@@ -14,6 +15,7 @@ mod sandbox;
 #[cfg(test)]
 mod sandbox_it;
 mod sdk;
+mod seccomp;
 mod sessions;
 
 static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

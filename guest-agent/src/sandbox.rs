@@ -21,11 +21,21 @@
 //! SIGKILL to the sandbox's group kills its pid 1, and the kernel then kills
 //! every process in the pid namespace, including any that left the group.
 //!
+//! Before it drops root, the forked child moves itself into the session's
+//! cgroup (`crate::cgroup`) and resets its `oom_score_adj` to 0 (the agent
+//! keeps -1000 for itself), so every process of the sandbox is counted
+//! against the session's limits and is the OOM killer's to choose.
+//! bwrap installs the session seccomp filter (`crate::seccomp`, handed over
+//! as `--seccomp FD`) right before it executes the command.
+//!
 //! The view of the system: `/usr` and `/etc` read-only, `/bin`, `/sbin`,
 //! `/lib*` as the links they are (or read-only binds where they are
 //! directories), `/opt` read-only when present, a fresh `/proc`, a minimal
 //! `/dev`, an empty tmpfs `/tmp`, and `/sessions/<name>` read-write at the
-//! same path: HOME and the default working directory. Nothing else of the
+//! same path: HOME and the default working directory. `/etc/passwd` and
+//! `/etc/group` are the session's own, read-only (`--ro-bind-data`): root,
+//! nobody and the session's user, so no session learns the others' names
+//! and homes from the guest's files. Nothing else of the
 //! session disk is visible except the installed SDK, read-only. The network
 //! namespace has only loopback: the egress proxy that will be the session's
 //! way out comes later.
@@ -86,6 +96,38 @@ pub struct Spec {
     pub system: Vec<SystemEntry>,
     /// The write end of the info pipe, passed as `--info-fd`.
     pub info_fd: Option<i32>,
+    /// The compiled session filter (`crate::seccomp`), as `--seccomp`.
+    pub seccomp_fd: Option<i32>,
+    /// The session's `/etc/passwd` and `/etc/group` (`passwd`, `group`),
+    /// as `--ro-bind-data`.
+    pub passwd_fd: Option<i32>,
+    pub group_fd: Option<i32>,
+}
+
+/// The passwd of a session's sandbox: root, nobody, and the session's user
+/// with `home`. Unmapped ids show as 65534 inside the user namespace.
+pub fn passwd(uid: u32, home: &Path) -> String {
+    let home = home.to_string_lossy();
+    // passwd's fields are ':'-separated lines.
+    let home = if home.contains([':', '\n']) {
+        "/nonexistent".into()
+    } else {
+        home
+    };
+    format!(
+        "root:x:0:0:root:/root:/bin/bash\n\
+         nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+         {user}:x:{uid}:{uid}:coworkvm session:{home}:/bin/bash\n",
+        user = user_name(uid)
+    )
+}
+
+/// The group file of a session's sandbox: root, nogroup, the session's.
+pub fn group(uid: u32) -> String {
+    format!(
+        "root:x:0:\nnogroup:x:65534:\n{user}:x:{uid}:\n",
+        user = user_name(uid)
+    )
 }
 
 impl Spec {
@@ -118,6 +160,15 @@ impl Spec {
                 SystemEntry::Symlink { target, at } => push(&[&"--symlink", target, at]),
             }
         }
+        // After the system view: these are bound over its /etc's files.
+        for (fd, at) in [
+            (self.passwd_fd, "/etc/passwd"),
+            (self.group_fd, "/etc/group"),
+        ] {
+            if let Some(fd) = fd {
+                push(&[&"--perms", &"0644", &"--ro-bind-data", &fd.to_string(), &at]);
+            }
+        }
         push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
         push(&[&"--bind", &self.session_dir, &self.session_dir]);
         if let Some(sdk) = &self.sdk_dir {
@@ -126,6 +177,9 @@ impl Spec {
         push(&[&"--chdir", &self.cwd]);
         if let Some(fd) = self.info_fd {
             push(&[&"--info-fd", &fd.to_string()]);
+        }
+        if let Some(fd) = self.seccomp_fd {
+            push(&[&"--seccomp", &fd.to_string()]);
         }
         push(&[&"--", &program]);
         for x in args {
@@ -171,7 +225,8 @@ pub fn info_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The `Command` that runs `program` in the sandbox as `uid`: stdio piped,
-/// environment `base_env` + `env`.
+/// environment `base_env` + `env`. `cgroup_procs`: the session group's
+/// `cgroup.procs`, open for writing (`crate::cgroup::SessionCgroups::enter_fd`).
 pub fn command(
     bwrap: &Path,
     spec: &Spec,
@@ -179,6 +234,7 @@ pub fn command(
     program: &str,
     args: &[String],
     env: &BTreeMap<String, String>,
+    cgroup_procs: Option<i32>,
 ) -> Command {
     let mut cmd = Command::new(bwrap);
     cmd.args(spec.args(program, args))
@@ -186,24 +242,38 @@ pub fn command(
         .envs(spec.base_env(uid))
         .envs(env)
         .current_dir("/")
-        .uid(uid)
-        .gid(uid)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let info_fd = spec.info_fd;
+    let inherited = [spec.info_fd, spec.seccomp_fd, spec.passwd_fd, spec.group_fd];
     // SAFETY: the closure runs in the forked child before exec and makes
-    // only async-signal-safe system calls (setsid, prctl, fcntl) on plain
-    // integers; it allocates nothing and touches no lock.
+    // only async-signal-safe system calls (write, open, close, setsid,
+    // setgroups, setgid, setuid, prctl, fcntl) on integers, a static string
+    // and stack buffers; it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the session's group while still root (the group and its
+            // cgroup.procs belong to root), before bwrap forks anything.
+            if let Some(fd) = cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            reset_oom_score_adj()?;
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The session's user, no supplementary groups.
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(fd) = info_fd {
+            for fd in inherited.into_iter().flatten() {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -212,6 +282,32 @@ pub fn command(
         });
     }
     cmd
+}
+
+/// Sets the calling process's `oom_score_adj` to 0: the agent runs at
+/// -1000 (the OOM killer never picks PID 1), which its children would
+/// inherit, leaving the killer nothing to pick in a session's group. Run
+/// as root, this also makes 0 the floor the session cannot go below.
+/// Async-signal-safe: for `pre_exec`.
+pub fn reset_oom_score_adj() -> std::io::Result<()> {
+    // SAFETY: open, write and close on a static NUL-terminated path and a
+    // static buffer; the descriptor is closed before returning.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if !ok {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Reads bwrap's info JSON from `fd` until it parses; returns `child-pid`.
@@ -257,6 +353,9 @@ mod tests {
                 },
             ],
             info_fd: Some(7),
+            seccomp_fd: Some(8),
+            passwd_fd: Some(9),
+            group_fd: Some(10),
         }
     }
 
@@ -300,6 +399,13 @@ mod tests {
         ));
         assert!(has(&a, &["--chdir", "/sessions/s1/work"]));
         assert!(has(&a, &["--info-fd", "7"]));
+        assert!(has(&a, &["--seccomp", "8"]));
+        // The session's passwd and group, over the system /etc's, read-only.
+        let at = |seq: &[&str]| a.windows(seq.len()).position(|w| w == seq);
+        let etc = at(&["--ro-bind", "/etc", "/etc"]).unwrap();
+        let pw = at(&["--perms", "0644", "--ro-bind-data", "9", "/etc/passwd"]).unwrap();
+        let gr = at(&["--perms", "0644", "--ro-bind-data", "10", "/etc/group"]).unwrap();
+        assert!(etc < pw && etc < gr, "{a:?}");
         // The command comes last, after `--`, its args untouched.
         assert_eq!(&a[a.len() - 4..], ["--", "sh", "-c", "echo hi"]);
         // Nothing binds the whole session disk or the root read-write.
@@ -315,6 +421,27 @@ mod tests {
         // A command that looks like an option is still the command.
         let a = strings(&spec().args("--version", &[]));
         assert_eq!(&a[a.len() - 2..], ["--", "--version"]);
+    }
+
+    #[test]
+    fn accounts_name_only_the_session() {
+        let p = passwd(1001, Path::new("/sessions/alpha"));
+        assert_eq!(
+            p,
+            "root:x:0:0:root:/root:/bin/bash\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n\
+             cowork1001:x:1001:1001:coworkvm session:/sessions/alpha:/bin/bash\n"
+        );
+        assert_eq!(
+            group(1001),
+            "root:x:0:\nnogroup:x:65534:\ncowork1001:x:1001:\n"
+        );
+        // A home that would add a field or a line is not written.
+        for bad in ["/sessions/a:b", "/sessions/a\nevil:x:0:0::/:/bin/sh"] {
+            let p = passwd(1002, Path::new(bad));
+            assert_eq!(p.lines().count(), 3, "{p}");
+            assert!(p.ends_with(":/nonexistent:/bin/bash\n"), "{p}");
+        }
     }
 
     #[test]

@@ -17,7 +17,8 @@ use socket_proto::frame::read_frame;
 use socket_proto::guest::{GuestEvent, GuestFrame};
 use socket_proto::host::SpawnParams;
 
-use crate::agent::{Agent, Sandbox};
+use crate::agent::{Agent, Sandbox, WithoutSandbox};
+use crate::cgroup::{is_cgroup2, SessionCgroups};
 use crate::conn::Sender;
 use crate::procs::Procs;
 use crate::sandbox::{scan_system, BWRAP};
@@ -58,7 +59,7 @@ struct Outcome {
 }
 
 impl Rig {
-    fn new() -> Self {
+    fn with_cgroups(cgroups: Option<SessionCgroups>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // The session user must be able to reach its directory.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -90,11 +91,14 @@ impl Rig {
                 }
             }
         });
-        let sandbox = Sandbox {
-            bwrap: BWRAP.into(),
-            system: scan_system(Path::new("/")),
-        };
-        let agent = Agent::new(procs, root.clone(), Some(sessions), Some(sandbox));
+        let sandbox = Sandbox::new(BWRAP.into(), scan_system(Path::new("/")), cgroups).unwrap();
+        let agent = Agent::new(
+            procs,
+            root.clone(),
+            Some(sessions),
+            Some(sandbox),
+            WithoutSandbox::Refuse("unused: the sandbox is there".into()),
+        );
         Rig {
             agent,
             events,
@@ -187,27 +191,121 @@ fn rand_id() -> u64 {
 }
 
 fn uid_processes(uid: u32) -> usize {
-    let mut n = 0;
+    uid_pids(uid).len()
+}
 
+/// The processes whose real uid is `uid`.
+fn uid_pids(uid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
         if let Ok(s) = std::fs::read_to_string(e.path().join("status")) {
             if s.lines().any(|l| {
                 l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
             }) {
-                n += 1;
+                v.push(pid);
             }
         }
     }
-    n
+    v
 }
 
+/// The interpreter the probes need, or why the test cannot run.
+fn have_perl() -> bool {
+    if Path::new("/usr/bin/perl").is_file() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("the sandbox probes need /usr/bin/perl");
+    }
+    eprintln!("SKIPPED: the sandbox probes need /usr/bin/perl");
+    false
+}
+
+/// A cgroup2 hierarchy of this host that root can make groups in: the
+/// unified one, or the hybrid layout's `unified`.
+fn host_cgroup2() -> Option<std::path::PathBuf> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(Path::new)
+        .find(|p| is_cgroup2(p))
+        .map(Path::to_owned)
+}
+
+/// What the probes print inside a sandbox.
+const PROBES: &str = r#"
+perl -e 'socket(my $s, 40, 1, 0) ? print "vsock=open\n" : print "vsock=denied $!\n"'
+perl -e 'socket(my $s, 17, 3, 0) ? print "packet=open\n" : print "packet=denied $!\n"'
+perl -e 'use Socket; socket(my $srv, AF_INET, SOCK_STREAM, 0) or die "socket: $!";
+  bind($srv, pack_sockaddr_in(0, inet_aton("127.0.0.1"))) or die "bind: $!"; listen($srv, 1);
+  my ($port) = unpack_sockaddr_in(getsockname($srv));
+  socket(my $c, AF_INET, SOCK_STREAM, 0) or die "socket: $!";
+  connect($c, pack_sockaddr_in($port, inet_aton("127.0.0.1"))) ? print "inet=ok\n" : print "inet=$!\n"'
+perl -e 'use Socket; socketpair(my $a, my $b, AF_UNIX, SOCK_STREAM, 0) ? print "unix=ok\n" : print "unix=$!\n"'
+grep '^Seccomp:' /proc/self/status
+echo "init-$(grep '^Seccomp:' /proc/1/status)"
+echo "me=$(id -un)"
+echo "--passwd"; cat /etc/passwd; echo "--group"; cat /etc/group; echo "--end"
+getent passwd cowork1003 >/dev/null && echo "getent-gamma=yes" || echo "getent-gamma=no"
+getent passwd cowork1004 >/dev/null && echo "getent-delta=yes" || echo "getent-delta=no"
+touch /etc/passwd 2>/dev/null && echo "passwd-write=yes" || echo "passwd-write=no"
+"#;
+
+/// The lines of `out` between `--from` and `--to`.
+fn section<'a>(out: &'a str, from: &str, to: &str) -> Vec<&'a str> {
+    out.lines()
+        .skip_while(|l| *l != from)
+        .skip(1)
+        .take_while(|l| *l != to)
+        .collect()
+}
+
+/// The sandbox tests, in one: every rig's reaper waits for any child of
+/// this process (as PID 1 does in the guest), so two rigs, at once or one
+/// after the other, would take each other's exits.
 #[test]
-fn sessions_run_in_bwrap_as_their_own_users() {
+fn sessions_run_in_bwrap() {
     if !available() {
         return;
     }
-    let mut rig = Rig::new();
+    // A test group in this host's cgroup2 hierarchy (no controllers needed:
+    // the test checks the move into the group, not the limits).
+    let cg_base = host_cgroup2().map(|b| b.join(format!("coworkvm-it-{}", std::process::id())));
+    let cgroups = cg_base.as_ref().and_then(|b| {
+        std::fs::create_dir(b)
+            .and_then(|_| SessionCgroups::without_limits(b).map_err(std::io::Error::other))
+            .map_err(|e| eprintln!("SKIPPED (cgroup part): {}: {e}", b.display()))
+            .ok()
+    });
+    if cg_base.is_none() {
+        eprintln!("SKIPPED (cgroup part): this host has no cgroup2 hierarchy");
+    }
+    let cg_base = cg_base.filter(|_| cgroups.is_some());
+    let mut rig = Rig::with_cgroups(cgroups);
+    own_users_signals_and_janitor(&mut rig);
+    if have_perl() {
+        filtered_with_own_accounts_in_their_cgroup(&mut rig, cg_base.as_deref());
+    }
+    // Leave no groups behind on the host.
+    if let Some(base) = cg_base {
+        for _ in 0..50 {
+            for uid in crate::sessions::FIRST_UID..crate::sessions::FIRST_UID + 4 {
+                let _ = std::fs::remove_dir(base.join(format!("sessions/cowork{uid}")));
+            }
+            let _ = std::fs::remove_dir(base.join("sessions"));
+            if std::fs::remove_dir(&base).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
 
+/// Identity, namespaces, the view of the disk, cwd, stdin, signals, the
+/// janitor: sessions alpha and beta (the first two uids).
+fn own_users_signals_and_janitor(rig: &mut Rig) {
     // Identity, pid namespace, privileges, network, the view of the disk.
     let o = rig.run(
         "alpha",
@@ -367,4 +465,108 @@ fn sessions_run_in_bwrap_as_their_own_users() {
     }))
     .unwrap();
     assert!(rig.agent.spawn(&p).unwrap_err().contains("not found"));
+}
+
+/// The adversarial half of issue 11 on the session side: no vsock (the
+/// agent channel) or other odd socket families from a session, only the
+/// session's own user in its passwd and group, and every process of the
+/// session in its cgroup.
+fn filtered_with_own_accounts_in_their_cgroup(rig: &mut Rig, cg_base: Option<&Path>) {
+    // Sessions gamma and delta: the third and fourth uids.
+    let uid = crate::sessions::FIRST_UID + 2;
+
+    let o = rig.run("gamma", PROBES);
+    let out = &o.stdout;
+    assert_eq!(o.code, Some(0), "{o:?}");
+    // AF_VSOCK (40) and AF_PACKET (17): EPERM from the filter.
+    assert!(
+        out.contains("vsock=denied Operation not permitted\n"),
+        "{o:?}"
+    );
+    assert!(
+        out.contains("packet=denied Operation not permitted\n"),
+        "{o:?}"
+    );
+    // Loopback TCP and unix sockets still work.
+    assert!(out.contains("inet=ok\n"), "{o:?}");
+    assert!(out.contains("unix=ok\n"), "{o:?}");
+    assert!(out.contains("\nSeccomp:\t2\n"), "{o:?}");
+    // bwrap's init (pid 1 in the sandbox, which a session could ptrace)
+    // is filtered too.
+    assert!(out.contains("init-Seccomp:\t2\n"), "{o:?}");
+    // Its own passwd and group: root, nobody, itself; read-only.
+    assert!(out.contains(&format!("me=cowork{uid}\n")), "{o:?}");
+    let home = rig.root.join("gamma");
+    assert_eq!(
+        section(out, "--passwd", "--group"),
+        [
+            "root:x:0:0:root:/root:/bin/bash",
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin",
+            &format!(
+                "cowork{uid}:x:{uid}:{uid}:coworkvm session:{}:/bin/bash",
+                home.display()
+            ),
+        ],
+        "{o:?}"
+    );
+    assert_eq!(
+        section(out, "--group", "--end"),
+        [
+            "root:x:0:",
+            "nogroup:x:65534:",
+            &format!("cowork{uid}:x:{uid}:")
+        ],
+        "{o:?}"
+    );
+    assert!(out.contains("passwd-write=no"), "{o:?}");
+
+    // A second session sees itself, not the first.
+    let o = rig.run("delta", PROBES);
+    let out = &o.stdout;
+    assert!(out.contains(&format!("me=cowork{}\n", uid + 1)), "{o:?}");
+    assert!(out.contains("getent-delta=yes"), "{o:?}");
+    assert!(out.contains("getent-gamma=no"), "{o:?}");
+    assert!(
+        !out.contains(&format!("cowork{uid}")) && !out.contains("/gamma"),
+        "{o:?}"
+    );
+    assert!(
+        out.contains("vsock=denied Operation not permitted\n"),
+        "{o:?}"
+    );
+
+    let Some(base) = cg_base else {
+        return;
+    };
+    // Every process of the session, the outer bwrap included, is in the
+    // session's group; the agent (this process) is not.
+    let mut seen = HashMap::new();
+    rig.spawn("bg", "gamma", "sleep 1000 & echo started; wait", None)
+        .unwrap();
+    rig.first_stdout("bg", &mut seen);
+    std::thread::sleep(Duration::from_millis(200));
+    let rel = |p: &Path| {
+        let top = host_cgroup2().unwrap();
+        format!("0::/{}", p.strip_prefix(&top).unwrap().display())
+    };
+    let group = rel(&base.join(format!("sessions/cowork{uid}")));
+    let pids = uid_pids(uid);
+    assert!(pids.len() >= 3, "bwrap, its init, sh, sleep: {pids:?}");
+    for pid in &pids {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cg.lines().any(|l| l == group),
+            "pid {pid} is not in {group}: {cg}"
+        );
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    assert!(!own.contains("coworkvm-it"), "{own}");
+    rig.agent
+        .procs
+        .kill(
+            "bg",
+            Some(&socket_proto::host::Signal::Name("SIGKILL".into())),
+        )
+        .unwrap();
+    rig.wait("bg", &mut seen);
 }

@@ -15,7 +15,8 @@
 //!
 //! The rootfs's `/etc` is a tmpfs overlay, so the passwd and group entries
 //! of the users in use are added again each boot, when a session first
-//! spawns (`cowork<uid>`).
+//! spawns (`cowork<uid>`). No sandbox sees these files: each gets its own
+//! passwd and group naming only its user (`crate::sandbox::passwd`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
