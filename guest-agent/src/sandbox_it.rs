@@ -288,7 +288,7 @@ fn sessions_run_in_bwrap_as_their_own_users() {
 
     // stdin reaches the command through bwrap.
     rig.spawn("cat", "alpha", "cat; echo done", None).unwrap();
-    rig.agent.procs.stdin("cat", "hello\n", true);
+    rig.agent.procs.stdin("cat", "hello\n", true).unwrap();
     let o = rig.wait("cat", &mut HashMap::new());
     assert_eq!(o.stdout, "hello\ndone\n");
     assert_eq!(o.code, Some(0));
