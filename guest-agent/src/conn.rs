@@ -636,3 +636,364 @@ pub fn read_session_file(root: &Path, name: &str, path: &str) -> Result<Vec<u8>,
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::Receiver;
+    use std::time::Instant;
+
+    #[test]
+    fn the_source_port_is_the_highest_free_privileged_one() {
+        assert!(AGENT_SOURCE_PORTS.end() < &1024 && AGENT_SOURCE_PORTS.start() > &0);
+        let in_use = |p: u32| p >= 1021;
+        let mut tried = Vec::new();
+        let got = bind_first_free(AGENT_SOURCE_PORTS, |p| {
+            tried.push(p);
+            if in_use(p) {
+                Err(io::Error::from_raw_os_error(libc::EADDRINUSE))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        assert_eq!(got, 1020);
+        assert_eq!(tried, [1023, 1022, 1021, 1020]);
+        // Not allowed to bind a privileged port (a session would be): no
+        // fallback to an unprivileged one, the search stops.
+        let mut calls = 0;
+        let e = bind_first_free(AGENT_SOURCE_PORTS, |_| {
+            calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EACCES))
+        })
+        .unwrap_err();
+        assert_eq!(calls, 1);
+        assert!(matches!(e, DialError::Bind { port: 1023, .. }), "{e}");
+        // Every one in use.
+        let mut tried = Vec::new();
+        let e = bind_first_free(AGENT_SOURCE_PORTS, |p| {
+            tried.push(p);
+            Err(io::Error::from_raw_os_error(libc::EADDRINUSE))
+        })
+        .unwrap_err();
+        assert!(matches!(e, DialError::NoFreePort(_)), "{e}");
+        assert_eq!(tried.len(), 1023);
+        assert!(tried.iter().all(|p| AGENT_SOURCE_PORTS.contains(p)));
+    }
+
+    /// `<tmp>/sessions/{s1,s2,.coworkvm}` with a file in each.
+    fn session_disk() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("sessions");
+        for dir in ["s1", "s2", ".coworkvm"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("s1/f"), b"hello").unwrap();
+        std::fs::create_dir(root.join("s1/sub")).unwrap();
+        std::fs::write(root.join("s1/sub/g"), b"deep").unwrap();
+        std::fs::write(root.join("s2/secret"), b"s2's").unwrap();
+        std::fs::write(root.join(".coworkvm/users.json"), b"{}").unwrap();
+        (d, root)
+    }
+
+    /// `read_session_file` on another thread: a hang fails the test
+    /// instead of stalling it.
+    fn read_within(root: &Path, name: &str, path: &str) -> Result<Vec<u8>, ReadFileError> {
+        let (root, name, owned) = (root.to_owned(), name.to_owned(), path.to_owned());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_session_file(&root, &name, &owned));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("readFile of {path} hung"))
+    }
+
+    #[test]
+    fn read_file_returns_a_regular_files_bytes() {
+        let (_d, root) = session_disk();
+        let abs = |p: &str| root.join(p).to_string_lossy().into_owned();
+        assert_eq!(read_within(&root, "s1", &abs("s1/f")).unwrap(), b"hello");
+        assert_eq!(read_within(&root, "s1", &abs("s1/sub/g")).unwrap(), b"deep");
+        assert_eq!(
+            read_within(&root, "s1", &abs("s1/./sub/../f")).unwrap(),
+            b"hello"
+        );
+        // Relative to the session directory.
+        assert_eq!(read_within(&root, "s1", "sub/g").unwrap(), b"deep");
+        std::fs::write(root.join("s1/empty"), b"").unwrap();
+        assert_eq!(read_within(&root, "s1", "empty").unwrap(), b"");
+    }
+
+    #[test]
+    fn read_file_of_a_fifo_fails_at_once() {
+        let (_d, root) = session_disk();
+        let fifo = root.join("s1/fifo");
+        let c = CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, live for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let started = Instant::now();
+        let e = read_within(&root, "s1", fifo.to_str().unwrap()).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(e, ReadFileError::NotRegular { kind: "a FIFO", .. }),
+            "{e}"
+        );
+        let e = read_within(&root, "s1", root.join("s1/sub").to_str().unwrap()).unwrap_err();
+        assert!(
+            e.to_string().contains("is a directory, not a regular file"),
+            "{e}"
+        );
+        let e = read_within(&root, "s1", root.join("s1").to_str().unwrap()).unwrap_err();
+        assert!(matches!(e, ReadFileError::NotRegular { .. }), "{e}");
+    }
+
+    #[test]
+    fn read_file_follows_no_link_into_another_session() {
+        let (_d, root) = session_disk();
+        let s1 = root.join("s1");
+        std::os::unix::fs::symlink(root.join("s2/secret"), s1.join("abs-link")).unwrap();
+        std::os::unix::fs::symlink("../s2/secret", s1.join("rel-link")).unwrap();
+        std::os::unix::fs::symlink("f", s1.join("inner-link")).unwrap();
+        std::os::unix::fs::symlink(root.join("s2"), s1.join("dir-link")).unwrap();
+        for p in ["abs-link", "rel-link", "inner-link", "dir-link/secret"] {
+            let e = read_within(&root, "s1", s1.join(p).to_str().unwrap()).unwrap_err();
+            assert!(matches!(e, ReadFileError::Symlink { .. }), "{p}: {e}");
+            assert!(e.to_string().contains("symbolic link"), "{p}: {e}");
+        }
+        // The session directory itself swapped for a link to another one.
+        std::os::unix::fs::symlink(root.join("s2"), root.join("s3")).unwrap();
+        let e = read_within(&root, "s3", root.join("s3/secret").to_str().unwrap()).unwrap_err();
+        assert!(matches!(e, ReadFileError::SessionDir { .. }), "{e}");
+    }
+
+    #[test]
+    fn read_file_cannot_climb_out_of_the_session() {
+        let (_d, root) = session_disk();
+        let s1 = root.join("s1");
+        for p in [
+            s1.join("../.coworkvm/users.json"),
+            s1.join("sub/../../s2/secret"),
+            PathBuf::from("../.coworkvm/users.json"),
+            PathBuf::from("sub/../../../etc/passwd"),
+            root.join("s2/secret"),
+            PathBuf::from("/etc/passwd"),
+            PathBuf::from("/proc/self/environ"),
+        ] {
+            let e = read_within(&root, "s1", p.to_str().unwrap()).unwrap_err();
+            assert!(
+                matches!(e, ReadFileError::Outside { .. }),
+                "{}: {e}",
+                p.display()
+            );
+            assert!(e.to_string().contains("is outside"), "{e}");
+        }
+        for name in ["..", ".coworkvm/..", "", "a/b"] {
+            assert!(read_within(&root, name, "f").is_err(), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn read_file_refuses_a_huge_file_without_reading_it() {
+        let (_d, root) = session_disk();
+        let huge = root.join("s1/huge");
+        let f = File::create(&huge).unwrap();
+        f.set_len(1 << 30).unwrap(); // sparse: costs no disk
+        drop(f);
+        let started = Instant::now();
+        let e = read_within(&root, "s1", huge.to_str().unwrap()).unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(
+            matches!(e, ReadFileError::TooLarge { size, .. } if size == 1 << 30),
+            "{e}"
+        );
+        let text = e.to_string();
+        assert!(text.contains(&(1u64 << 30).to_string()), "{text}");
+        assert!(text.contains(&READ_FILE_MAX_BYTES.to_string()), "{text}");
+        // At the limit it is read; one byte over, not.
+        std::fs::write(root.join("s1/max"), vec![7u8; READ_FILE_MAX_BYTES as usize]).unwrap();
+        assert_eq!(
+            read_within(&root, "s1", "max").unwrap().len() as u64,
+            READ_FILE_MAX_BYTES
+        );
+        File::options()
+            .append(true)
+            .open(root.join("s1/max"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        assert!(matches!(
+            read_within(&root, "s1", "max"),
+            Err(ReadFileError::TooLarge { .. })
+        ));
+        // And the largest answer still fits in one frame.
+        let content =
+            base64::engine::general_purpose::STANDARD
+                .encode(vec![0u8; READ_FILE_MAX_BYTES as usize]);
+        let frame = GuestFrame::result(FrameId("x".repeat(1000)), json!({ "content": content }));
+        socket_proto::frame::encode_frame(&frame).unwrap();
+    }
+
+    #[test]
+    fn read_file_refuses_a_hard_link_to_a_file_its_session_does_not_own() {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root to give the session directory away");
+            return;
+        }
+        let (_d, root) = session_disk();
+        std::os::unix::fs::chown(root.join("s1"), Some(1001), Some(1001)).unwrap();
+        std::fs::hard_link(root.join(".coworkvm/users.json"), root.join("s1/users")).unwrap();
+        let e = read_within(&root, "s1", "users").unwrap_err();
+        assert!(matches!(e, ReadFileError::ForeignLink { .. }), "{e}");
+        // The session's own file with a second name is its own.
+        std::fs::write(root.join("s1/mine"), b"m").unwrap();
+        std::os::unix::fs::chown(root.join("s1/mine"), Some(1001), Some(1001)).unwrap();
+        std::fs::hard_link(root.join("s1/mine"), root.join("s1/mine2")).unwrap();
+        assert_eq!(read_within(&root, "s1", "mine2").unwrap(), b"m");
+    }
+
+    #[test]
+    fn the_worker_queue_is_bounded_and_answers_busy() {
+        let workers = Workers::start(1, 1).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (ran_tx, ran_rx) = mpsc::channel::<u32>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        let job = |n: u32| -> Job {
+            let (release_rx, ran_tx) = (release_rx.clone(), ran_tx.clone());
+            Box::new(move || {
+                let _ = release_rx.lock().unwrap().recv();
+                let _ = ran_tx.send(n);
+            })
+        };
+        workers.run(job(1)).unwrap();
+        // The one worker is busy with job 1 once the queue is empty again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers.run(job(2)).is_err() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let e = workers.run(job(3)).unwrap_err();
+        assert!(e.to_string().starts_with("the agent is busy"), "{e}");
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        let mut ran: Vec<u32> = (0..2)
+            .map(|_| ran_rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        ran.sort();
+        assert_eq!(ran, [1, 2]);
+    }
+
+    /// An agent on `<tmp>/sessions` whose frames come back on the receiver.
+    fn agent_and_frames() -> (
+        tempfile::TempDir,
+        Arc<Agent>,
+        Sender,
+        Receiver<socket_proto::JsonObject>,
+    ) {
+        let (d, root) = session_disk();
+        let agent = Agent::new(crate::procs::Procs::default(), root, None, None);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let sender = Sender::new(File::from(OwnedFd::from(theirs)));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(ours);
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                let _ = tx.send(obj);
+            }
+        });
+        (d, Arc::new(agent), sender, rx)
+    }
+
+    fn request(id: &str, method: &str, params: Value) -> GuestFrame {
+        GuestFrame::Request {
+            id: FrameId(id.into()),
+            method: method.into(),
+            params,
+        }
+    }
+
+    fn response(frames: &Receiver<socket_proto::JsonObject>, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let f = frames
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no answer to {id}"));
+            if f.get("id").and_then(Value::as_str) == Some(id) {
+                return Value::Object(f);
+            }
+        }
+    }
+
+    #[test]
+    fn with_every_worker_stuck_quick_requests_are_still_answered() {
+        let (_d, agent, sender, frames) = agent_and_frames();
+        let workers = Workers::start(1, 1).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release_rx = Arc::new(Mutex::new(release_rx));
+        // Occupy the worker and fill the queue.
+        let stuck = || -> Job {
+            let r = release_rx.clone();
+            Box::new(move || {
+                let _ = r.lock().unwrap().recv();
+            })
+        };
+        workers.run(stuck()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers.run(stuck()).is_err() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let read = json!({"processName": "s1", "filePath": "f"});
+        handle(
+            &agent,
+            &workers,
+            &sender,
+            request("r1", "readFile", read.clone()),
+        );
+        let r = response(&frames, "r1");
+        assert!(r["error"].to_string().contains("the agent is busy"), "{r}");
+        // A spawn refused as busy gives its id back.
+        let spawn =
+            json!({"id": "p", "name": "s1", "command": "true", "args": [], "isResume": false});
+        handle(&agent, &workers, &sender, request("r2", "spawn", spawn));
+        assert!(response(&frames, "r2")["error"]
+            .to_string()
+            .contains("busy"));
+        assert!(!agent.procs.is_in_use("p"));
+        assert_eq!(agent.procs.running("p"), None);
+        handle(
+            &agent,
+            &workers,
+            &sender,
+            request("r3", "isProcessRunning", json!({"id": "p"})),
+        );
+        assert_eq!(response(&frames, "r3")["result"], json!({"running": false}));
+        handle(
+            &agent,
+            &workers,
+            &sender,
+            request("r4", "agent.info", json!({})),
+        );
+        assert_eq!(response(&frames, "r4")["result"]["agent"], "coworkvm-agent");
+        // Once the workers are free, the same readFile is answered.
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            handle(
+                &agent,
+                &workers,
+                &sender,
+                request("r5", "readFile", read.clone()),
+            );
+            let r = response(&frames, "r5");
+            if r["result"]["content"] == "aGVsbG8=" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{r}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

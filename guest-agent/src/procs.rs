@@ -49,7 +49,13 @@ pub const MAX_FINISHED_PROCESSES: usize = 1024;
 
 /// The most `stdin` chunks waiting for one process's writer (the one being
 /// written included); a chunk past it is refused, not dropped silently.
+/// Small chunks are joined up to [`STDIN_JOIN_BYTES`], so a burst of short
+/// lines takes few.
 pub const MAX_STDIN_CHUNKS: usize = 64;
+
+/// Chunks queued for a writer are joined while the result stays this small
+/// (a pipe's default buffer).
+const STDIN_JOIN_BYTES: usize = 64 * 1024;
 
 /// The most `stdin` bytes waiting for one process's writer.
 pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
@@ -205,7 +211,10 @@ impl StdinQueue {
                 });
             }
             s.bytes += len;
-            s.chunks.push_back(bytes);
+            match s.chunks.back_mut() {
+                Some(last) if last.len() + len <= STDIN_JOIN_BYTES => last.extend(bytes),
+                _ => s.chunks.push_back(bytes),
+            }
         }
         s.eof |= eof;
         self.ready.notify_one();
@@ -302,12 +311,13 @@ fn write_stdin(queue: Arc<StdinQueue>, pipe: File) {
 /// the process's end while the pipe is full.
 fn nonblocking_stdin(stdin: ChildStdin) -> io::Result<File> {
     let fd = OwnedFd::from(stdin);
-    // SAFETY: fcntl(2) on a descriptor we own; no memory involved.
+    // SAFETY: fcntl(2) F_GETFL on a descriptor we own; no memory involved.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0
-        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-    {
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl(2) F_SETFL on a descriptor we own; no memory involved.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(File::from(fd))
@@ -322,8 +332,22 @@ fn grow_pipe(fd: &impl AsRawFd, size: usize) {
     }
 }
 
-/// Starts a named thread; the error says which.
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many more threads [`start_thread`] may start from this
+    /// thread before it fails as a system out of threads does.
+    static THREADS_LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Starts a named thread.
 fn start_thread(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    #[cfg(test)]
+    if let Some(left) = THREADS_LEFT.get() {
+        if left == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        THREADS_LEFT.set(Some(left - 1));
+    }
     std::thread::Builder::new().name(name).spawn(f).map(drop)
 }
 
@@ -938,5 +962,369 @@ mod tests {
         assert_eq!(exit_of(false, Some(15), Some(143), None), (Some(143), None));
         assert_eq!(exit_of(true, Some(9), None, Some(9)), (None, Some(9)));
         assert_eq!(exit_of(true, Some(15), Some(0), None), (Some(0), None));
+    }
+
+    use std::io::BufReader;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::Receiver;
+
+    use socket_proto::frame::read_frame;
+
+    /// Procs whose events arrive on the receiver.
+    fn procs_with_events() -> (Procs, Receiver<GuestEvent>) {
+        let procs = Procs::default();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        procs.set_sender(Some(Sender::new(File::from(OwnedFd::from(theirs)))));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(ours);
+            while let Ok(Some(obj)) = read_frame(&mut r) {
+                if let Ok(Some(GuestFrame::Event { event, params })) = GuestFrame::parse(obj) {
+                    if let Ok(ev) = GuestEvent::parse(&event, params) {
+                        let _ = tx.send(ev);
+                    }
+                }
+            }
+        });
+        (procs, rx)
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        cmd
+    }
+
+    /// `id`'s stdout until it holds `want` bytes (30 s at most).
+    fn stdout_of(events: &Receiver<GuestEvent>, id: &str, want: usize) -> String {
+        let mut out = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(GuestEvent::Stdout { id: i, data }) if i == id => out.push_str(&data),
+                Ok(_) => {}
+                Err(_) => panic!("{id}: {} of {want} bytes of stdout came", out.len()),
+            }
+        }
+        out
+    }
+
+    /// `id`'s base64 stdout, decoded event by event, until it holds `want`
+    /// bytes.
+    fn base64_stdout_of(events: &Receiver<GuestEvent>, id: &str, want: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(GuestEvent::Stdout { id: i, data }) if i == id => out.extend(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .unwrap(),
+                ),
+                Ok(_) => {}
+                Err(_) => panic!("{id}: {} of {want} bytes of stdout came", out.len()),
+            }
+        }
+        out
+    }
+
+    /// Whether a process with this exact argument exists (not a zombie:
+    /// a zombie's cmdline is empty).
+    fn process_with_arg(arg: &str) -> bool {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+        })
+    }
+
+    #[test]
+    fn a_process_that_never_reads_stdin_blocks_only_its_own_writer() {
+        let (procs, events) = procs_with_events();
+        procs
+            .spawn(
+                "deaf",
+                "a",
+                sh("exec sleep 60"),
+                StreamEncoding::Utf8,
+                None,
+                "sleep",
+            )
+            .unwrap();
+        procs
+            .spawn(
+                "cat",
+                "b",
+                sh("exec cat"),
+                StreamEncoding::Utf8,
+                None,
+                "cat",
+            )
+            .unwrap();
+        // 300 x 64 KiB (18.75 MiB) at a process that never reads: each call
+        // answers at once; past the bound the chunks are refused, never
+        // dropped quietly.
+        let feeder = procs.clone();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let chunk = "x".repeat(64 * 1024);
+            let results: Vec<_> = (0..300)
+                .map(|_| feeder.stdin("deaf", &chunk, false))
+                .collect();
+            let _ = done_tx.send(results);
+        });
+        let results = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("writeStdin to a process that does not read blocked the caller");
+        // The chunk bound, plus what the pipe's 64 KiB buffer took.
+        let accepted = results.iter().filter(|r| r.is_ok()).count();
+        assert!(
+            (MAX_STDIN_CHUNKS..=MAX_STDIN_CHUNKS + 2).contains(&accepted),
+            "{accepted} chunks accepted"
+        );
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(matches!(refused, StdinError::Full { .. }), "{refused}");
+        assert!(refused.loses_data());
+        assert!(
+            refused.to_string().contains("stdin of deaf is full"),
+            "{refused}"
+        );
+        // Another process's stdin still flows, in order.
+        let mut want = String::new();
+        for i in 0..200 {
+            let line = format!("line {i}\n");
+            procs.stdin("cat", &line, false).unwrap();
+            want.push_str(&line);
+        }
+        procs.stdin("cat", "", true).unwrap();
+        assert_eq!(stdout_of(&events, "cat", want.len()), want);
+        // Nothing more is taken after the end of the stream.
+        assert!(matches!(
+            procs.stdin("cat", "late", false),
+            Err(StdinError::Closed(_))
+        ));
+        // Killing the deaf process frees its writer and its bytes.
+        procs
+            .kill("deaf", Some(&Signal::Name("KILL".into())))
+            .unwrap();
+        let total = lock(&procs.inner).stdin_total.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while total.load(Ordering::Relaxed) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the deaf process's stdin is still held"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn stdin_chunks_are_bounded_in_number_and_bytes() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let q = StdinQueue::new(total.clone());
+        // Large chunks: the byte bound.
+        let mib = 1024 * 1024;
+        let mut n = 0;
+        while q.push("p", vec![0; mib], false).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, MAX_STDIN_BYTES / mib);
+        q.close();
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+        // Small ones are joined, and the count bounds the unjoinable.
+        let q = StdinQueue::new(total.clone());
+        for _ in 0..10_000 {
+            q.push("p", b"ab".to_vec(), false).unwrap();
+        }
+        assert_eq!(lock(&q.state).chunks.len(), 1);
+        let q = StdinQueue::new(total.clone());
+        let mut n = 0;
+        while q.push("p", vec![0; STDIN_JOIN_BYTES], false).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, MAX_STDIN_CHUNKS);
+        assert_eq!(
+            total.load(Ordering::Relaxed),
+            MAX_STDIN_CHUNKS * STDIN_JOIN_BYTES + 20_000
+        );
+        q.close();
+        // All queues together: a third queue hits the agent-wide bound.
+        let queues: Vec<_> = (0..MAX_STDIN_BYTES_TOTAL / MAX_STDIN_BYTES)
+            .map(|_| StdinQueue::new(total.clone()))
+            .collect();
+        let e = queues
+            .iter()
+            .flat_map(|q| (0..16).map(move |_| q.push("p", vec![0; 1024 * 1024], false)))
+            .find_map(Result::err)
+            .unwrap();
+        assert!(matches!(e, StdinError::AgentFull { .. }), "{e}");
+        assert!(total.load(Ordering::Relaxed) <= MAX_STDIN_BYTES_TOTAL);
+        // Past the end of the stream nothing is taken.
+        let q = StdinQueue::new(Arc::new(AtomicUsize::new(0)));
+        q.push("p", b"x".to_vec(), true).unwrap();
+        assert!(matches!(
+            q.push("p", b"y".to_vec(), false),
+            Err(StdinError::Closed(_))
+        ));
+    }
+
+    #[test]
+    fn stdin_sent_before_the_spawn_ran_arrives_first_and_in_order() {
+        let (procs, events) = procs_with_events();
+        procs.reserve("early", "s", StreamEncoding::Base64).unwrap();
+        assert_eq!(procs.running("early"), Some((true, None)));
+        assert!(matches!(
+            procs.kill("early", None),
+            Err(ProcError::Starting(_))
+        ));
+        assert!(matches!(
+            procs.reserve("early", "s", StreamEncoding::Utf8),
+            Err(ProcError::InUse(_))
+        ));
+        assert!(procs.running_sessions().contains("s"));
+        procs.stdin("early", "b25l", false).unwrap(); // "one"
+        procs.stdin("early", "dHdv", true).unwrap(); // "two"
+        procs
+            .spawn(
+                "early",
+                "s",
+                sh("exec cat"),
+                StreamEncoding::Base64,
+                None,
+                "cat",
+            )
+            .unwrap();
+        procs.unreserve("early"); // taken by the spawn: nothing to drop
+        assert_eq!(base64_stdout_of(&events, "early", 6), b"onetwo");
+    }
+
+    #[test]
+    fn stdin_that_is_not_base64_is_refused_and_ends_the_stream() {
+        let (procs, events) = procs_with_events();
+        procs
+            .spawn(
+                "b",
+                "s",
+                sh("cat; echo END"),
+                StreamEncoding::Base64,
+                None,
+                "cat",
+            )
+            .unwrap();
+        procs.stdin("b", "aGk=", false).unwrap(); // "hi"
+        let e = procs.stdin("b", "not base64!", false).unwrap_err();
+        assert!(e.loses_data(), "{e}");
+        assert_eq!(base64_stdout_of(&events, "b", 6), b"hiEND\n");
+    }
+
+    #[test]
+    fn processes_are_bounded() {
+        let procs = Procs::default();
+        for i in 0..MAX_PROCESSES {
+            procs
+                .reserve(&format!("p{i}"), "s", StreamEncoding::Utf8)
+                .unwrap();
+        }
+        let e = procs
+            .reserve("one-more", "s", StreamEncoding::Utf8)
+            .unwrap_err();
+        assert!(matches!(e, ProcError::TooMany), "{e}");
+        assert!(e.to_string().contains("too many processes"));
+        // A spawn without a reservation is counted too.
+        let e = procs
+            .spawn(
+                "direct",
+                "s",
+                sh("true"),
+                StreamEncoding::Utf8,
+                None,
+                "true",
+            )
+            .unwrap_err();
+        assert!(matches!(e, ProcError::TooMany), "{e}");
+        procs.unreserve("p0");
+        procs
+            .reserve("one-more", "s", StreamEncoding::Utf8)
+            .unwrap();
+    }
+
+    #[test]
+    fn finished_processes_are_forgotten_oldest_first() {
+        let mut inner = Inner::default();
+        let n = MAX_FINISHED_PROCESSES + 10;
+        for serial in 0..n as u64 {
+            let id = format!("p{serial}");
+            inner.by_id.insert(id.clone(), serial);
+            inner.procs.insert(
+                serial,
+                Proc {
+                    id,
+                    session: "s".into(),
+                    pgid: 0,
+                    sandbox_pgid: None,
+                    sandboxed: false,
+                    last_signal: None,
+                    stdin: StdinQueue::new(inner.stdin_total.clone()),
+                    encoding: StreamEncoding::Utf8,
+                    exit: Some((Some(0), None)),
+                    open_pipes: 0,
+                    pumps: 0,
+                    exit_sent: false,
+                    retired: false,
+                },
+            );
+            inner.settle(serial);
+        }
+        assert_eq!(inner.procs.len(), MAX_FINISHED_PROCESSES);
+        assert_eq!(inner.by_id.len(), MAX_FINISHED_PROCESSES);
+        assert!(!inner.by_id.contains_key("p9"));
+        assert!(inner.by_id.contains_key("p10"));
+        assert_eq!(inner.live(), 0);
+    }
+
+    #[test]
+    fn a_spawn_whose_threads_cannot_start_fails_and_its_process_is_killed() {
+        let (procs, events) = procs_with_events();
+        // Unique, so the test can look for it in /proc.
+        let marker = format!("{}.{}", 600 + std::process::id() % 100, std::process::id());
+        for threads_left in [0, 1, 2] {
+            THREADS_LEFT.set(Some(threads_left));
+            let e = procs
+                .spawn(
+                    "t",
+                    "s",
+                    sh(&format!("exec sleep {marker}")),
+                    StreamEncoding::Utf8,
+                    None,
+                    "sleep",
+                )
+                .unwrap_err();
+            THREADS_LEFT.set(None);
+            assert!(matches!(e, ProcError::Thread { .. }), "{e}");
+            assert!(e.to_string().contains("the process was killed"), "{e}");
+            // The id is free again and nothing about it is reported.
+            assert!(!procs.is_in_use("t"));
+            assert_eq!(procs.running("t"), None);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process_with_arg(&marker) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the process outlived its failed spawn"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // Zombies may stay unreaped here (no reaper in this test); the
+        // agent's reaper reaps strangers. No exit event was sent for them.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(events
+            .try_iter()
+            .all(|e| !matches!(e, GuestEvent::Exit { .. })));
+        assert_eq!(lock(&procs.inner).live(), 0);
     }
 }
