@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Value};
 use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams, SpawnResult};
@@ -92,11 +93,12 @@ pub struct Agent {
     sessions: Option<Sessions>,
     sandbox: Option<Sandbox>,
     without_sandbox: WithoutSandbox,
-    sdk: Option<SdkStore>,
+    /// Locked per request: the SDK requests of one transfer come in order.
+    sdk: Option<Mutex<SdkStore>>,
     /// `addApprovedOauthToken`: kept in memory only, never logged. The
     /// vendor's guest hands them to its egress proxy (which comes in a
     /// later issue); nothing reads them yet.
-    oauth_tokens: Vec<Secret<String>>,
+    oauth_tokens: Mutex<Vec<Secret<String>>>,
 }
 
 /// Whether `path` is a mount point: another device than its parent's.
@@ -217,7 +219,7 @@ impl Agent {
     ) -> Self {
         let sdk = sessions
             .as_ref()
-            .map(|s| SdkStore::new(s.state_dir().join("sdk")));
+            .map(|s| Mutex::new(SdkStore::new(s.state_dir().join("sdk"))));
         Agent {
             procs,
             sessions_root,
@@ -225,7 +227,7 @@ impl Agent {
             sandbox,
             without_sandbox,
             sdk,
-            oauth_tokens: Vec::new(),
+            oauth_tokens: Mutex::new(Vec::new()),
         }
     }
 
@@ -267,20 +269,18 @@ impl Agent {
     /// `claude` (the runtime) is the installed SDK's binary, once there is one.
     fn resolve_program(&self, command: &str) -> (String, Option<PathBuf>) {
         if RUNTIME_COMMANDS.contains(&command) {
-            if let Some(bin) = self.sdk.as_ref().and_then(|s| s.current()) {
+            if let Some(bin) = self.sdk_current() {
                 let dir = bin.parent().map(Path::to_owned);
                 return (bin.to_string_lossy().into_owned(), dir);
             }
         }
         let dir = self
-            .sdk
-            .as_ref()
-            .and_then(|s| s.current())
+            .sdk_current()
             .and_then(|b| b.parent().map(Path::to_owned));
         (command.to_owned(), dir)
     }
 
-    pub fn spawn(&mut self, p: &SpawnParams) -> Result<Value, String> {
+    pub fn spawn(&self, p: &SpawnParams) -> Result<Value, String> {
         validate_name(&p.name)?;
         if self.procs.is_in_use(&p.id) {
             return Err(format!("process id {} is already in use", p.id));
@@ -380,8 +380,8 @@ impl Agent {
         Ok(serde_json::to_value(SpawnResult { failed_mounts }).unwrap_or(json!({})))
     }
 
-    pub fn install_sdk(&mut self, p: &InstallSdkParams) -> Result<Value, String> {
-        let sdk = self.sdk_store()?;
+    pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, String> {
+        let mut sdk = self.sdk_store()?;
         let r = sdk.begin(p)?;
         if !r.cached {
             eprintln!(
@@ -393,32 +393,43 @@ impl Agent {
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_chunk(&mut self, c: &InstallSdkChunkParams) -> Result<Value, String> {
+    pub fn install_sdk_chunk(&self, c: &InstallSdkChunkParams) -> Result<Value, String> {
         let r = self.sdk_store()?.chunk(c)?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_commit(&mut self, version: &str) -> Result<Value, String> {
+    pub fn install_sdk_commit(&self, version: &str) -> Result<Value, String> {
         let r = self.sdk_store()?.commit(version)?;
         eprintln!("coworkvm-agent: SDK {version} installed at {}", r.path);
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    fn sdk_store(&mut self) -> Result<&mut SdkStore, String> {
-        self.sdk.as_mut().ok_or_else(|| {
+    fn sdk_store(&self) -> Result<MutexGuard<'_, SdkStore>, String> {
+        let sdk = self.sdk.as_ref().ok_or_else(|| {
             "installSdk: the session disk is not mounted at /sessions, so there is nowhere \
              to keep the SDK"
                 .to_owned()
-        })
+        })?;
+        Ok(sdk.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    pub fn add_oauth_token(&mut self, token: Secret<String>) {
-        self.oauth_tokens.retain(|t| t.expose() != token.expose());
-        self.oauth_tokens.push(token);
-        if self.oauth_tokens.len() > MAX_TOKENS {
-            self.oauth_tokens.remove(0);
+    /// The installed SDK's binary, if any.
+    fn sdk_current(&self) -> Option<PathBuf> {
+        let sdk = self.sdk.as_ref()?;
+        sdk.lock().unwrap_or_else(PoisonError::into_inner).current()
+    }
+
+    pub fn add_oauth_token(&self, token: Secret<String>) {
+        let mut tokens = self
+            .oauth_tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        tokens.retain(|t| t.expose() != token.expose());
+        tokens.push(token);
+        if tokens.len() > MAX_TOKENS {
+            tokens.remove(0);
         }
-        crate::debug!("approved OAuth tokens held: {}", self.oauth_tokens.len());
+        crate::debug!("approved OAuth tokens held: {}", tokens.len());
     }
 
     pub fn disk_info(&self) -> Result<Value, String> {
@@ -519,22 +530,23 @@ mod tests {
     #[test]
     fn tokens_are_kept_without_duplicates_and_never_printed() {
         let d = tempfile::tempdir().unwrap();
-        let mut a = agent_on(d.path());
+        let a = agent_on(d.path());
         a.add_oauth_token(Secret::new("sk-ant-secret-1".into()));
         a.add_oauth_token(Secret::new("sk-ant-secret-1".into()));
         a.add_oauth_token(Secret::new("sk-ant-secret-2".into()));
-        assert_eq!(a.oauth_tokens.len(), 2);
+        assert_eq!(a.oauth_tokens.lock().unwrap().len(), 2);
         assert!(!format!("{:?}", a.oauth_tokens).contains("sk-ant"));
         for i in 0..100 {
             a.add_oauth_token(Secret::new(format!("t{i}")));
         }
-        assert_eq!(a.oauth_tokens.len(), MAX_TOKENS);
-        assert_eq!(a.oauth_tokens.last().unwrap().expose(), "t99");
+        let tokens = a.oauth_tokens.lock().unwrap();
+        assert_eq!(tokens.len(), MAX_TOKENS);
+        assert_eq!(tokens.last().unwrap().expose(), "t99");
     }
 
     #[test]
     fn without_a_session_disk_the_disk_methods_say_so() {
-        let mut a = Agent::new(
+        let a = Agent::new(
             Procs::default(),
             "/nonexistent".into(),
             None,
@@ -593,7 +605,7 @@ mod tests {
             "/sessions is not mounted".to_owned(),
             "/usr/bin/bwrap is absent".to_owned(),
         ];
-        let mut a = Agent::new(
+        let a = Agent::new(
             Procs::default(),
             "/nonexistent".into(),
             None,
@@ -615,7 +627,7 @@ mod tests {
         std::fs::create_dir_all(d.path().join("sessions")).unwrap();
         std::fs::create_dir_all(d.path().join("etc")).unwrap();
         let s = Sessions::open(&d.path().join("sessions"), &d.path().join("etc")).unwrap();
-        let mut a = Agent::new(
+        let a = Agent::new(
             Procs::default(),
             d.path().join("sessions"),
             Some(s),
@@ -633,7 +645,7 @@ mod tests {
     /// a session and runs; the test initramfs runs sessions directly.
     #[test]
     fn root_commands_and_the_initramfs_run_directly() {
-        let mut a = Agent::new(
+        let a = Agent::new(
             Procs::default(),
             "/nonexistent".into(),
             None,
@@ -642,7 +654,7 @@ mod tests {
         );
         a.spawn(&spawn_params("root", Some(false))).unwrap();
         assert!(a.procs.is_in_use("root"));
-        let mut a = Agent::new(
+        let a = Agent::new(
             Procs::default(),
             "/nonexistent".into(),
             None,
@@ -657,7 +669,7 @@ mod tests {
     #[test]
     fn claude_resolves_to_the_installed_sdk() {
         let d = tempfile::tempdir().unwrap();
-        let mut a = agent_on(d.path());
+        let a = agent_on(d.path());
         assert_eq!(a.resolve_program("claude").0, "claude");
         let data = b"#!/bin/sh\necho sdk\n";
         use sha2::Digest;

@@ -84,7 +84,25 @@ fn main() {
     let steps = if pid1 { prepare_disks() } else { Vec::new() };
     let procs = procs::Procs::default();
     let reaper = procs.clone();
-    std::thread::spawn(move || reaper.reap_forever());
+    let started = std::thread::Builder::new()
+        .name("agent-reaper".into())
+        .spawn(move || {
+            let Err(e) = reaper.reap_forever();
+            fatal(&format!("cannot start the reaper's drain thread: {e}"));
+        });
+    if let Err(e) = started {
+        fatal(&format!("cannot start the reaper thread: {e}"));
+    }
+    let workers = conn::Workers::start(conn::WORKER_THREADS, conn::MAX_QUEUED_REQUESTS)
+        .unwrap_or_else(|e| fatal(&format!("cannot start the request workers: {e}")));
     let agent = agent::Agent::detect(procs);
-    conn::serve(agent, steps);
+    conn::serve(agent, workers, steps);
+}
+
+/// The agent cannot work at all (a thread it needs from boot on could not
+/// be made): says why on the console and exits, which as PID 1 stops the
+/// guest.
+fn fatal(why: &str) -> ! {
+    eprintln!("coworkvm-agent: fatal: {why}");
+    std::process::exit(1)
 }

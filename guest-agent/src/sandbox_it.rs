@@ -386,7 +386,7 @@ fn own_users_signals_and_janitor(rig: &mut Rig) {
 
     // stdin reaches the command through bwrap.
     rig.spawn("cat", "alpha", "cat; echo done", None).unwrap();
-    rig.agent.procs.stdin("cat", "hello\n", true);
+    rig.agent.procs.stdin("cat", "hello\n", true).unwrap();
     let o = rig.wait("cat", &mut HashMap::new());
     assert_eq!(o.stdout, "hello\ndone\n");
     assert_eq!(o.code, Some(0));

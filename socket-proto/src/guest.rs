@@ -49,6 +49,13 @@ use crate::sdk::{InstallSdkChunkParams, InstallSdkCommitParams};
 
 /// The vsock port the agent dials on the host (CID 2).
 pub const AGENT_VSOCK_PORT: u32 = 51234;
+/// The source ports the agent binds before it dials [`AGENT_VSOCK_PORT`],
+/// tried from the highest down: the privileged ones. Linux vsock lets a
+/// socket bind a port below 1024 only with `CAP_NET_BIND_SERVICE` in the
+/// initial user namespace, which the agent (root, PID 1) has and session
+/// processes never do; so the host accepts a guest-initiated stream to the
+/// agent's port only from one of these.
+pub const AGENT_SOURCE_PORTS: std::ops::RangeInclusive<u32> = 1..=1023;
 /// Version of this protocol that `agent.info` reports.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The name `coworkvm-agent` reports in `agent.info`.
