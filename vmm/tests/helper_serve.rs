@@ -74,6 +74,8 @@ struct FakeVm {
     no_agent: bool,
     /// The agent does not advertise the session sandbox.
     no_sandbox: bool,
+    /// While set, the agent reads nothing (after the frame in hand).
+    stop_reading: AtomicBool,
 }
 
 impl FakeVm {
@@ -119,7 +121,18 @@ impl FakeVm {
                         "params": {"step": "mountSessions", "status": "completed"}}));
             send(json!({"type": "event", "event": "ready"}));
             let mut r = std::io::BufReader::new(s);
-            while let Ok(Some(obj)) = read_frame(&mut r) {
+            loop {
+                if self.stop_reading.load(Ordering::SeqCst) {
+                    // A hung agent: the connection stays open, unread.
+                    if self.powered_off.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                let Ok(Some(obj)) = read_frame(&mut r) else {
+                    break;
+                };
                 let f = Value::Object(obj);
                 self.handle(&f, &send, &w);
             }
@@ -164,6 +177,20 @@ impl FakeVm {
                                         "params": {"url": "https://example.invalid/"}}));
                             send(event("frobnicated", json!({"id": pid})));
                             send(event("stdout", json!({"id": pid, "data": "after"})));
+                            return;
+                        }
+                        if cmd == "flood" {
+                            // args: [count, bytes]; paced so that a client
+                            // that reads keeps up.
+                            send(reply(json!({})));
+                            let n = p["args"][0].as_str().unwrap_or("0").parse().unwrap_or(0);
+                            let len = p["args"][1].as_str().unwrap_or("0").parse().unwrap_or(0);
+                            let chunk = "y".repeat(len);
+                            for i in 0..n {
+                                send(event("stdout", json!({"id": pid, "data": chunk, "seq": i})));
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            send(event("stdout", json!({"id": pid, "data": "end"})));
                             return;
                         }
                         if cmd == "slow" {
@@ -1402,4 +1429,250 @@ fn the_binary_under_another_name_serves_as_the_client_starts_it_and_stops_on_sig
     assert!(err.contains("SIGTERM: stopping"), "{err}");
     assert!(!err.contains('\x1b'), "no colour codes in the client's log");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 11: the agent channel and the helper's bounds.
+
+/// A process in the guest dials the agent's port after the agent: the
+/// helper closes that connection on arrival, never hands it the next
+/// spawn, and nothing it sends (a forged `exit`, `stdout`) reaches the
+/// client.
+#[test]
+fn a_second_agent_connection_never_replaces_the_first_and_is_not_heard() {
+    let h = serve("hijack");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let mut sub = Subscriber::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    pipe.ok(
+        "spawn",
+        json!({"id": "victim", "name": "s1", "command": "cat", "isResume": false}),
+    );
+    sub.until("stdout victim", |e| {
+        e["type"] == "stdout" && e["id"] == "victim"
+    });
+
+    let spec = h.launcher.specs.lock().unwrap()[0].clone();
+    let port = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
+    let mut hijackers = Vec::new();
+    for _ in 0..16 {
+        let mut s = UnixStream::connect(&port).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for f in [
+            json!({"type": "event", "event": "ready"}),
+            json!({"type": "event", "event": "exit",
+                   "params": {"id": "victim", "code": 0, "signal": null}}),
+            json!({"type": "event", "event": "stdout",
+                   "params": {"id": "victim", "data": "FORGED"}}),
+        ] {
+            // The helper may have closed it already: then the write fails.
+            let _ = write_frame(&mut s, &f);
+        }
+        hijackers.push(s);
+    }
+    // Each is closed by the helper without a byte.
+    for s in &mut hijackers {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a second agent connection got {other:?}"),
+        }
+    }
+    // The agent still serves: the next spawn goes to it, its output comes.
+    pipe.ok(
+        "spawn",
+        json!({"id": "p2", "name": "s1", "command": "echo", "isResume": false,
+               "env": {"SECRET": "s3cr3t"}}),
+    );
+    sub.until("exit p2", |e| e["type"] == "exit" && e["id"] == "p2");
+    let vm = h.launcher.last();
+    assert_eq!(
+        vm.methods().iter().filter(|m| *m == "spawn").count(),
+        2,
+        "{:?}",
+        vm.methods()
+    );
+    assert!(
+        !sub.seen
+            .iter()
+            .any(|e| e["data"] == "FORGED" || (e["type"] == "exit" && e["id"] == "victim")),
+        "a forged event reached the client: {:?}",
+        sub.seen
+    );
+    assert_eq!(
+        pipe.ok("isProcessRunning", json!({"id": "victim"})),
+        json!({"running": true})
+    );
+    let text = log_text();
+    assert!(
+        text.contains("refused another connection on the guest agent's port"),
+        "{text}"
+    );
+    assert!(!text.contains("reconnected"), "{text}");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// One subscriber never reads while 12 MiB of output flows (the tests'
+/// budget is 4 MiB): it is dropped, its connection closed, and the
+/// subscriber that reads gets every event.
+#[test]
+fn an_idle_subscriber_over_its_byte_budget_is_dropped_and_a_busy_one_keeps_its_events() {
+    let h = serve("budget");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let mut idle = Subscriber::open(sock);
+    let mut busy = Subscriber::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    let count = 12usize;
+    let len = 1usize << 20;
+    assert!(count * len > 2 * EVENT_BUDGET);
+    pipe.ok(
+        "spawn",
+        json!({"id": "f", "name": "s", "command": "flood", "isResume": false,
+               "args": [count.to_string(), len.to_string()]}),
+    );
+    let mut got = 0;
+    loop {
+        let e = busy.next();
+        busy.seen.clear(); // 12 MiB need not stay
+        if e["type"] == "stdout" && e["id"] == "f" {
+            if e["data"] == "end" {
+                break;
+            }
+            assert_eq!(e["seq"], got, "in order, none lost");
+            got += 1;
+        }
+    }
+    assert_eq!(got, count, "the busy subscriber got every event");
+    // The idle one: what its socket held, then the end.
+    let mut idle_got = 0;
+    while let Some(e) = recv(&mut idle.s) {
+        if e["type"] == "stdout" && e["data"] == "end" {
+            panic!("the idle subscriber was not dropped");
+        }
+        idle_got += 1;
+    }
+    assert!(idle_got < count, "{idle_got}");
+    assert!(
+        log_text().contains("fell over"),
+        "the drop is logged: {}",
+        log_text()
+    );
+    // It resubscribes and is told the current state.
+    let mut again = Subscriber::open(sock);
+    assert_eq!(again.next()["type"], "networkStatus");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// The agent stops reading while writeStdin floods it: stopVM still
+/// answers within its bound (the shutdown request's send times out, then
+/// SIGTERM), and so does a query on another connection meanwhile.
+#[test]
+fn stop_vm_returns_within_its_bound_when_the_agent_stops_reading() {
+    let h = serve("hung");
+    let sock = h.socket.clone();
+    let mut pipe = Pipe::open(&sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(&sock, true);
+    pipe.ok(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "cat", "isResume": false}),
+    );
+    let vm = h.launcher.last();
+    vm.stop_reading.store(true, Ordering::SeqCst);
+    // 600 x 64 KiB of stdin: more than the socket, the write queue (256
+    // frames) and the requests in flight (32) hold together.
+    let chunk = "z".repeat(64 * 1024);
+    let (full_tx, full_rx) = std::sync::mpsc::channel();
+    let flooder = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let s = UnixStream::connect(&sock).unwrap();
+            let mut r = s.try_clone().unwrap();
+            // Replies are read as they come: the first "not reading" one
+            // says the agent's queue is full.
+            std::thread::spawn(move || {
+                let _ = r.set_read_timeout(Some(Duration::from_secs(120)));
+                while let Some(reply) = recv(&mut r) {
+                    let e = reply["error"].as_str().unwrap_or("");
+                    if e.contains("not reading") {
+                        let _ = full_tx.send(e.to_string());
+                    }
+                }
+            });
+            let mut s = s;
+            for i in 0..600 {
+                let f =
+                    json!({"method": "writeStdin", "id": i, "params": {"id": "p", "data": chunk}});
+                if write_frame(&mut s, &f).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let e = full_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("writeStdin fails once the agent's queue is full");
+    assert_eq!(
+        e,
+        "the guest agent is not reading (no room to send within 5s)"
+    );
+    assert!(is_running(&sock), "queries still answer");
+    let t = Instant::now();
+    let mut s = connect(&sock);
+    s.set_read_timeout(Some(
+        coworkvm::helper::vm::STOP_VM_BOUND + Duration::from_secs(5),
+    ))
+    .unwrap();
+    write_frame(&mut s, &json!({"method": "stopVM", "params": {}})).unwrap();
+    let r = recv(&mut s).expect("stopVM answers");
+    let took = t.elapsed();
+    assert_eq!(r["success"], true, "{r}");
+    assert!(
+        took <= coworkvm::helper::vm::STOP_VM_BOUND,
+        "stopVM took {took:?}"
+    );
+    assert!(!is_running(&sock));
+    let text = log_text();
+    assert!(
+        text.contains("stopVM: shutdown request: the guest agent is not reading"),
+        "the shutdown request found the queue full: {:?}",
+        text.lines()
+            .filter(|l| l.contains("stopVM") || l.contains("VM exited"))
+            .collect::<Vec<_>>()
+    );
+    drop(flooder);
+}
+
+/// An agent that does not advertise the session sandbox gets no spawn.
+#[test]
+fn spawn_is_refused_when_the_agent_has_no_sandbox() {
+    let h = serve("nosandbox");
+    let sock = &h.socket;
+    h.launcher.no_sandbox.store(true, Ordering::SeqCst);
+    let mut pipe = Pipe::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "echo", "isResume": false,
+               "env": {"SECRET": "x"}}),
+    );
+    assert_eq!(r["success"], false, "{r}");
+    assert_eq!(
+        r["error"],
+        "refusing to spawn: the guest agent did not advertise the session sandbox \
+         (capability \"sandbox\"), so the process would run unsandboxed"
+    );
+    let vm = h.launcher.last();
+    assert!(
+        !vm.methods().contains(&"spawn".to_string()),
+        "{:?}",
+        vm.methods()
+    );
+    pipe.ok("stopVM", json!({}));
 }
