@@ -214,6 +214,7 @@ impl EventHub {
                 );
                 qs.overflowed = true;
                 qs.frames.clear();
+                qs.bytes = 0;
                 drop(qs);
                 q.ready.notify_one();
                 return false;
