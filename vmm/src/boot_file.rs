@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex};
 pub enum BootFileError {
     /// The path could not be opened.
     #[error("cannot open {0}: {1}")]
-    Open(PathBuf, #[source] io::Error),
+    Open(PathBuf, io::Error),
     /// `fd:N` names no open descriptor (or one given twice).
     #[error("fd:{0} is not an open descriptor inherited by this process: {1}")]
-    BadFd(RawFd, #[source] io::Error),
+    BadFd(RawFd, io::Error),
     /// `fd:N` names standard input, output or error.
     #[error("fd:{0} is a standard stream, not a boot file (use 3 or above)")]
     StdFd(RawFd),
@@ -39,7 +39,7 @@ pub enum BootFileError {
     NotAFile(String),
     /// fstat or fcntl failed.
     #[error("cannot examine {0}: {1}")]
-    Stat(String, #[source] io::Error),
+    Stat(String, io::Error),
 }
 
 /// An open file to boot from: shared, so the configuration that holds it

@@ -426,8 +426,16 @@ mod tests {
 
         let dir = RunDir::create_in(&base).unwrap();
         assert_ne!(dir.path(), planted.as_path());
-        let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("coworkvm-run-") && name.len() == 25, "{name}");
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with("coworkvm-run-") && name.len() == 25,
+            "{name}"
+        );
         let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let console = dir.create_console().unwrap();

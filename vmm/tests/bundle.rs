@@ -1057,13 +1057,15 @@ fn mkfifo(path: &Path) {
 
 /// Runs `f` on a thread and gives its result, or panics after `limit`
 /// (a hang would otherwise hang the test).
-fn within<T: Send + 'static>(limit: std::time::Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit)
-        .expect("no answer in time: it hangs")
+    rx.recv_timeout(limit).expect("no answer in time: it hangs")
 }
 
 /// `manifest.json` as a FIFO (nobody ever writes it): prepare answers with

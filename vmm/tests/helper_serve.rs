@@ -1676,3 +1676,66 @@ fn spawn_is_refused_when_the_agent_has_no_sandbox() {
     );
     pipe.ok("stopVM", json!({}));
 }
+
+/// The real launcher hands the VMM the boot files as inherited descriptors
+/// named `fd:N` on its command line, the same open files the image source
+/// opened (no path to resolve again), the session disk read-write and the
+/// rest read-only. The "VMM" here is a script that reports what it got.
+#[test]
+fn the_launcher_passes_the_boot_files_as_inherited_descriptors() {
+    use coworkvm::helper::vm::ProcessLauncher;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("fdpass");
+    let script = dir.join("fake-vmm");
+    let out = dir.join("out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in fd:*) n=${{a#fd:}}; n=${{n%,ro}}; \
+             echo \"$a $(readlink /proc/$$/fd/$n) $(grep flags /proc/$$/fdinfo/$n | tr -d '\\t')\" \
+             >> {out};; esac; done\n",
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bundle = make_bundle(&dir);
+    let images = BundleFiles.prepare(&bundle, Some(1)).unwrap();
+    let spec = LaunchSpec {
+        images,
+        cpus: 1,
+        mem_mib: 128,
+        vsock: dir.join("vsock.sock"),
+        console: dir.join("console.log"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let how = rt.block_on(async {
+        let vm = ProcessLauncher { exe: script }.launch(&spec).unwrap();
+        vm.exited.await.unwrap()
+    });
+    assert_eq!(how, "exit status: 0");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("fd:")).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (line, (file, ro)) in lines.iter().zip([
+        ("vmlinuz", true),
+        ("initrd.img", true),
+        ("rootfs.img", true),
+        ("sessiondata.img", false),
+    ]) {
+        let path = bundle.join(file);
+        assert!(line.contains(&format!(" {} ", path.display())), "{line}");
+        assert_eq!(
+            line.split(' ').next().unwrap().ends_with(",ro"),
+            file == "rootfs.img"
+        );
+        // fdinfo flags are octal: O_RDWR is 02, O_RDONLY 00.
+        let flags = line.rsplit("flags:").next().unwrap().trim();
+        let mode = u32::from_str_radix(flags, 8).unwrap() & 0o3;
+        assert_eq!(mode, if ro { 0 } else { 2 }, "{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -645,3 +645,65 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An agent whose connection is one end of a socket pair; the other end
+    /// is read and never answered.
+    async fn silent_agent() -> (Arc<Agent>, Arc<EventHub>) {
+        let hub = Arc::new(EventHub::new());
+        let agent = Agent::new(hub.clone(), None);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (generation, rx) = agent.admit().unwrap();
+        assert!(agent.admit().is_none(), "one connection per boot");
+        tokio::spawn(agent.clone().run_connection(ours, generation, rx));
+        tokio::spawn(async move {
+            let mut theirs = theirs;
+            let mut buf = vec![0u8; 64 * 1024];
+            while theirs.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        (agent, hub)
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (agent, _hub) = silent_agent().await;
+            let mut waiting = Vec::new();
+            for _ in 0..MAX_PENDING {
+                let a = agent.clone();
+                waiting.push(tokio::spawn(async move {
+                    a.request(&GuestRequest::AgentInfo, Duration::from_secs(600))
+                        .await
+                }));
+            }
+            while lock(&agent.pending).len() < MAX_PENDING {
+                tokio::task::yield_now().await;
+            }
+            let e = agent
+                .request(&GuestRequest::AgentInfo, Duration::from_secs(1))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AgentError::TooManyRequests(MAX_PENDING)), "{e}");
+            // The VM goes: every waiter learns it, and the map is empty.
+            agent.disconnect();
+            for w in waiting {
+                assert!(matches!(w.await.unwrap(), Err(AgentError::Disconnected(_))));
+            }
+            assert!(lock(&agent.pending).is_empty());
+            assert!(matches!(
+                agent
+                    .request(&GuestRequest::AgentInfo, Duration::from_secs(1))
+                    .await,
+                Err(AgentError::NotConnected)
+            ));
+        });
+    }
+}
