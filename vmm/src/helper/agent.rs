@@ -12,7 +12,7 @@
 //! | what | bound |
 //! |---|---|
 //! | agent connections per boot | 1 ([`Agent::serve`]); later ones are closed on arrival |
-//! | one send to the agent | [`SEND_TIMEOUT`] for room in the write queue of [`WRITE_QUEUE`] frames |
+//! | one send to the agent | [`SEND_TIMEOUT`] for room in the write queue ([`WRITE_QUEUE`] frames, [`WRITE_QUEUE_BYTES`]) |
 //! | requests to the agent in flight | [`MAX_PENDING`] |
 //! | guest events passed to the client | [`FORWARDED_GUEST_EVENTS`] |
 //! | guest requests passed to the client | [`FORWARDED_GUEST_REQUESTS`] (none) |
@@ -33,7 +33,7 @@ use socket_proto::redact::Redacted;
 use socket_proto::ClientEvent;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::events::{EventHub, CONNECTED, NOT_CONNECTED};
@@ -52,6 +52,15 @@ pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Frames queued for the agent before a sender waits (back-pressure).
 pub const WRITE_QUEUE: usize = 256;
+
+/// Bytes queued for the agent (and being written) at most: 32 MiB, so a
+/// client that floods `writeStdin` at an agent that does not read holds
+/// that much, not [`WRITE_QUEUE`] frames of up to 10 MiB each.
+pub const WRITE_QUEUE_BYTES: usize = 32 << 20;
+
+/// One frame for the agent and its share of [`WRITE_QUEUE_BYTES`],
+/// returned once written.
+type Outgoing = (Vec<u8>, OwnedSemaphorePermit);
 
 /// Requests to the agent that may await their answer at once; more are
 /// refused ([`AgentError::TooManyRequests`]). The client has at most
@@ -124,7 +133,8 @@ type Pending = oneshot::Sender<Result<Value, GuestError>>;
 
 struct Conn {
     generation: u64,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
 }
 
 /// The agent channel's state over one boot: it only moves forward.
@@ -264,14 +274,19 @@ impl Agent {
     }
 
     /// Makes a new connection the agent's, when this boot has none yet.
-    fn admit(&self) -> Option<(u64, mpsc::Receiver<Vec<u8>>)> {
+    fn admit(&self) -> Option<(u64, mpsc::Receiver<Outgoing>)> {
         let mut link = lock(&self.link);
         if !matches!(*link, Link::Waiting) {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-        *link = Link::Current(Conn { generation, tx });
+        let (tx, rx) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
+        let budget = Arc::new(Semaphore::new(WRITE_QUEUE_BYTES));
+        *link = Link::Current(Conn {
+            generation,
+            tx,
+            budget,
+        });
         Some((generation, rx))
     }
 
@@ -331,13 +346,22 @@ impl Agent {
     }
 
     async fn send_bytes(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
-        let tx = match &*lock(&self.link) {
-            Link::Current(c) => c.tx.clone(),
+        let (tx, budget) = match &*lock(&self.link) {
+            Link::Current(c) => (c.tx.clone(), c.budget.clone()),
             _ => return Err(AgentError::NotConnected),
         };
-        match tokio::time::timeout(SEND_TIMEOUT, tx.send(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(AgentError::NotConnected),
+        let share = bytes.len().min(WRITE_QUEUE_BYTES) as u32;
+        let send = async move {
+            let permit = budget
+                .acquire_many_owned(share)
+                .await
+                .map_err(|_| AgentError::NotConnected)?;
+            tx.send((bytes, permit))
+                .await
+                .map_err(|_| AgentError::NotConnected)
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, send).await {
+            Ok(r) => r,
             Err(_) => Err(AgentError::SendTimeout(SEND_TIMEOUT)),
         }
     }
@@ -392,12 +416,12 @@ impl Agent {
         self: Arc<Self>,
         stream: UnixStream,
         generation: u64,
-        mut rx: mpsc::Receiver<Vec<u8>>,
+        mut rx: mpsc::Receiver<Outgoing>,
     ) {
         let (mut rd, mut wr) = stream.into_split();
         tracing::info!("guest agent connected");
         let writer = tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
+            while let Some((bytes, _share)) = rx.recv().await {
                 if let Err(e) = wr.write_all(&bytes).await {
                     tracing::debug!("writing to the guest agent: {e}");
                     break;
@@ -500,7 +524,10 @@ impl Agent {
         }
         let answer = GuestFrame::unknown_method(id.clone(), method);
         if let (Ok(bytes), Link::Current(c)) = (encode_frame(&answer), &*lock(&self.link)) {
-            let _ = c.tx.try_send(bytes);
+            let share = bytes.len().min(WRITE_QUEUE_BYTES) as u32;
+            if let Ok(permit) = c.budget.clone().try_acquire_many_owned(share) {
+                let _ = c.tx.try_send((bytes, permit));
+            }
         }
     }
 

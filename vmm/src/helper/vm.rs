@@ -687,10 +687,30 @@ async fn run_blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(VmError::Launch(format!("a preparation task failed: {e}"))))
 }
 
+/// How much of the console log's end is read to log its last lines: the
+/// guest writes the file, so it is never read whole.
+const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
+
 fn log_console_tail(console: &Path) {
-    let Ok(text) = std::fs::read(console) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = crate::bundle::fsutil::open_regular(console, false) else {
         return;
     };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)))
+        .is_err()
+    {
+        return;
+    }
+    let mut text = Vec::new();
+    if file
+        .take(CONSOLE_TAIL_BYTES)
+        .read_to_end(&mut text)
+        .is_err()
+    {
+        return;
+    }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     let from = lines.len().saturating_sub(20);
