@@ -340,7 +340,8 @@ impl Agent {
             _ => None,
         };
         match generation {
-            Some(g) => self.connection_lost(g),
+            // The caller reports the processes, with its own reason.
+            Some(g) => self.connection_lost(g, None),
             None => *lock(&self.link) = Link::Ended,
         }
     }
@@ -452,7 +453,7 @@ impl Agent {
             }
         }
         writer.abort();
-        self.connection_lost(generation);
+        self.connection_lost(generation, Some("the guest agent's connection dropped"));
     }
 
     fn fail_pending(&self) {
@@ -460,7 +461,9 @@ impl Agent {
         lock(&self.pending).clear();
     }
 
-    fn connection_lost(&self, generation: u64) {
+    /// The current connection is gone; `lost` says why its processes
+    /// are reported ended (`None`: the caller reports them).
+    fn connection_lost(&self, generation: u64, lost: Option<&str>) {
         {
             let mut link = lock(&self.link);
             if !matches!(&*link, Link::Current(c) if c.generation == generation) {
@@ -478,7 +481,9 @@ impl Agent {
         }
         self.events.set_network_status(NOT_CONNECTED);
         // Nothing can reach the guest's processes any more.
-        self.report_lost_processes("the guest agent's connection dropped");
+        if let Some(why) = lost {
+            self.report_lost_processes(why);
+        }
     }
 
     fn handle(self: &Arc<Self>, frame: GuestFrame) {
