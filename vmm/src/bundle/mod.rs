@@ -22,7 +22,7 @@ pub mod session_disk;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use coworkvm_rootfs::manifest::{FileEntry, Manifest, MANIFEST_FILE};
@@ -112,11 +112,14 @@ impl BundleLock {
             source,
         };
         let path = dir.join(LOCK_FILE);
+        // O_NOFOLLOW: a `.lock` planted as a link is refused, not followed
+        // to a file elsewhere (opening a FIFO read-write never blocks).
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
         {
             Ok(file) => file,
