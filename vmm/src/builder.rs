@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::acpi::{self, VirtioMmioSlot};
 use crate::arch::x86_64::smbios::{self, MachineUuid};
 use crate::arch::x86_64::{boot, cpu, layout, regs};
+use crate::boot_file::BootFile;
 use crate::device_manager::{DeviceManager, MachineRequest, VirtioSlot};
 use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialPort};
 use crate::devices::virtio::block::{Block, DiskImage};
@@ -28,30 +29,11 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off no_timer
 /// How many console lines to show when the guest dies.
 const TAIL_LINES: usize = 40;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A disk for the guest: an open image (see [`crate::boot_file`]).
+#[derive(Debug, Clone)]
 pub struct DiskSpec {
-    pub path: PathBuf,
+    pub file: BootFile,
     pub read_only: bool,
-}
-
-impl std::str::FromStr for DiskSpec {
-    type Err = String;
-    /// `PATH` or `PATH,ro` (also `PATH,rw`).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (path, read_only) = match s.rsplit_once(',') {
-            Some((p, "ro")) => (p, true),
-            Some((p, "rw")) => (p, false),
-            Some((_, opt)) => return Err(format!("unknown disk option '{opt}' (ro or rw)")),
-            None => (s, false),
-        };
-        if path.is_empty() {
-            return Err("empty disk path".into());
-        }
-        Ok(Self {
-            path: path.into(),
-            read_only,
-        })
-    }
 }
 
 /// A virtio-vsock device with its hybrid Unix-socket host side.
@@ -63,8 +45,8 @@ pub struct VsockSpec {
 
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub kernel: BootFile,
+    pub initrd: Option<BootFile>,
     pub disks: Vec<DiskSpec>,
     pub cpus: u8,
     pub mem_mib: u64,
@@ -168,11 +150,12 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
         .map_err(|e| BuildError::GuestMemory(e.to_string()))?;
     let vm = Vm::new(mem.clone(), true)?;
 
-    let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+    let kernel = boot::load_kernel_file(&mem, cfg.kernel.name(), cfg.kernel.file())?;
     let initrd = match &cfg.initrd {
-        Some(p) => Some(boot::load_initrd(
+        Some(f) => Some(boot::load_initrd_file(
             &mem,
-            p,
+            f.name(),
+            f.file(),
             kernel.setup_header.initrd_addr_max,
             kernel.kernel_end,
         )?),
@@ -193,7 +176,11 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut disks = Vec::new();
     for d in &cfg.disks {
-        let block = Block::new(DiskImage::open(&d.path, d.read_only)?);
+        let file = d
+            .file
+            .try_clone_file()
+            .map_err(|e| BuildError::Io("duplicating a disk descriptor", e))?;
+        let block = Block::new(DiskImage::from_file(d.file.name(), file, d.read_only)?);
         disks.extend(block.disk());
         devices.push(Box::new(block));
     }
@@ -310,24 +297,6 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn disk_spec_parsing() {
-        let d: DiskSpec = "/a/b.img,ro".parse().unwrap();
-        assert_eq!(
-            d,
-            DiskSpec {
-                path: "/a/b.img".into(),
-                read_only: true
-            }
-        );
-        let d: DiskSpec = "/a/b.img".parse().unwrap();
-        assert!(!d.read_only);
-        let d: DiskSpec = "/a/b.img,rw".parse().unwrap();
-        assert!(!d.read_only);
-        assert!("/a,xx".parse::<DiskSpec>().is_err());
-        assert!(",ro".parse::<DiskSpec>().is_err());
-    }
 
     #[test]
     fn exit_codes() {

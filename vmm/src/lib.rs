@@ -3,6 +3,7 @@
 //! described in ACPI.
 
 pub mod arch;
+pub mod boot_file;
 pub mod builder;
 pub mod bundle;
 pub mod device_manager;

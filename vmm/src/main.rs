@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coworkvm::arch::x86_64::smbios::MachineUuid;
+use coworkvm::boot_file::{BootFile, DiskArg, FileArg};
 use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
 use coworkvm::bundle::{Bundle, SeedOutcome};
 use coworkvm::doctor;
@@ -76,15 +77,17 @@ enum BundleCommand {
 
 #[derive(clap::Args)]
 struct BootArgs {
-    /// bzImage of the guest kernel.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Initramfs (cpio, optionally compressed).
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Disk image: PATH or PATH,ro. Repeat for more disks (vda, vdb, ...).
-    #[arg(long = "disk")]
-    disks: Vec<DiskSpec>,
+    /// bzImage of the guest kernel: PATH, or fd:N (a descriptor inherited
+    /// from the parent process, as `coworkvm serve` passes its files).
+    #[arg(long, value_name = "PATH|fd:N")]
+    kernel: FileArg,
+    /// Initramfs (cpio, optionally compressed): PATH or fd:N.
+    #[arg(long, value_name = "PATH|fd:N")]
+    initrd: Option<FileArg>,
+    /// Disk image: PATH or fd:N, then ",ro" for read-only; a PATH may be a
+    /// block device. Repeat for more disks (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH|fd:N[,ro]")]
+    disks: Vec<DiskArg>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
@@ -168,13 +171,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let machine = if args.kernel.is_some() || args.initrd.is_some() {
         // A bare kernel + initramfs (the busybox test image): no rootfs,
         // no session disk, no identity unless --uuid.
+        let kernel = default_path(args.kernel, "COWORKVM_KERNEL", "build/kernel/vmlinuz");
+        let initrd = default_path(
+            args.initrd,
+            "COWORKVM_INITRD",
+            "build/agent-initrd.cpio.zst",
+        );
         MachineConfig {
-            kernel: default_path(args.kernel, "COWORKVM_KERNEL", "build/kernel/vmlinuz"),
-            initrd: Some(default_path(
-                args.initrd,
-                "COWORKVM_INITRD",
-                "build/agent-initrd.cpio.zst",
-            )),
+            kernel: BootFile::open_path(&kernel, false)?,
+            initrd: Some(BootFile::open_path(&initrd, false)?),
             disks: vec![],
             cpus: args.cpus,
             mem_mib: args.mem,
@@ -199,11 +204,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             initrd: Some(p.initrd),
             disks: vec![
                 DiskSpec {
-                    path: p.rootfs,
+                    file: p.rootfs,
                     read_only: true,
                 },
                 DiskSpec {
-                    path: p.session_disk,
+                    file: p.session_disk,
                     read_only: false,
                 },
             ],
@@ -283,11 +288,31 @@ fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
     args
 }
 
+/// Opens (or takes over, for `fd:N`) every file `boot` was given.
+fn open_boot_files(
+    args: &BootArgs,
+) -> Result<(BootFile, Option<BootFile>, Vec<DiskSpec>), coworkvm::boot_file::BootFileError> {
+    let kernel = args.kernel.open(false)?;
+    let initrd = args.initrd.as_ref().map(|i| i.open(false)).transpose()?;
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| {
+            Ok(DiskSpec {
+                file: d.file.open(!d.read_only)?,
+                read_only: d.read_only,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((kernel, initrd, disks))
+}
+
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let (kernel, initrd, disks) = open_boot_files(&args)?;
     let cfg = MachineConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        disks: args.disks,
+        kernel,
+        initrd,
+        disks,
         cpus: args.cpus,
         mem_mib: args.mem,
         cmdline: args.cmdline,

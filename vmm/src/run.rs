@@ -61,11 +61,109 @@ fn block_sigint() -> libc::sigset_t {
     }
 }
 
+/// The private directory of one `coworkvm run`: `coworkvm-run-XXXXXXXXXXXX`
+/// (random) under `$XDG_RUNTIME_DIR`, else `$TMPDIR`, else `/tmp`, made
+/// with `mkdir` mode 0700 (mkdtemp semantics: an existing directory is
+/// never taken, whoever made it), and removed when dropped unless
+/// [`RunDir::keep`] was called.
+pub struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+/// How many random names [`RunDir::create_in`] tries.
+const RUN_DIR_ATTEMPTS: usize = 16;
+
+impl RunDir {
+    /// A new run directory under the default base (see [`RunDir`]).
+    pub fn create() -> Result<Self, RunError> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        Self::create_in(&base)
+    }
+
+    /// A new run directory under `base`.
+    pub fn create_in(base: &std::path::Path) -> Result<Self, RunError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut last = None;
+        for _ in 0..RUN_DIR_ATTEMPTS {
+            let mut salt = [0u8; 6];
+            crate::bundle::fsutil::random_bytes(&mut salt)
+                .map_err(|e| RunError::Io("choosing a run directory name", e))?;
+            let name: String = salt.iter().map(|b| format!("{b:02x}")).collect();
+            let path = base.join(format!("coworkvm-run-{name}"));
+            // Not recursive: mkdir fails on anything already there.
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(RunDir { path, keep: false }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(RunError::Io("creating the run directory", e)),
+            }
+        }
+        Err(RunError::Io(
+            "creating the run directory",
+            last.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into()),
+        ))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Creates `console.log` in it: `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600,
+    /// so a file or a link that is somehow there already is never written.
+    pub fn create_console(&self) -> Result<PathBuf, RunError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path.join("console.log");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| RunError::Io("creating the console log", e))?;
+        Ok(path)
+    }
+
+    /// Leaves the directory in place (a failed boot's console log).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// Runs the command; returns its exit code (128+N when signal N ended it).
-pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
-    let dir = std::env::temp_dir().join(format!("coworkvm-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| RunError::Io("creating the run directory", e))?;
-    let uds = dir.join("vsock.sock");
+/// The run directory goes on every way out, except when the VM ended or
+/// stalled before its agent connected: then its console log stays, and
+/// the error names it.
+pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
+    let mut dir = RunDir::create()?;
+    let console = match &cfg.machine.console {
+        Some(c) => c.clone(),
+        None => dir.create_console()?,
+    };
+    let r = run_in(cfg, &dir, &console);
+    if matches!(r, Err(RunError::VmEnded(_) | RunError::Timeout(_))) {
+        if dir.path().join("console.log") == console {
+            dir.keep();
+        }
+        eprintln!("coworkvm: the guest console log is {}", console.display());
+    }
+    r
+}
+
+fn run_in(mut cfg: RunConfig, dir: &RunDir, console: &std::path::Path) -> Result<i32, RunError> {
+    let uds = dir.path().join("vsock.sock");
     let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", uds.display()));
     let listener =
         UnixListener::bind(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
@@ -76,9 +174,7 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
         guest_cid: 3,
         uds: uds.clone(),
     });
-    if cfg.machine.console.is_none() {
-        cfg.machine.console = Some(dir.join("console.log"));
-    }
+    cfg.machine.console = Some(console.to_owned());
     let sigset = block_sigint();
 
     let (vm_tx, vm_rx) = mpsc::channel();
@@ -90,9 +186,14 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
 
     // Wait for the agent to dial in.
     let start = Instant::now();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
     let stream = loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            // Only the VMM, our own uid, delivers the agent; the first such
+            // connection is the agent's (see helper::agent::Agent::serve).
+            Ok((s, _)) if peer_uid(&s) == Some(uid) => break s,
+            Ok(_) => eprintln!("coworkvm: refused a vsock connection from another user"),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(RunError::Io("accepting the agent", e)),
         }
@@ -108,6 +209,9 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // No second connection: later dials are refused by the kernel.
+    drop(listener);
+    let _ = std::fs::remove_file(&agent_path);
     let _ = stream.set_nonblocking(false);
     let writer = std::sync::Arc::new(Mutex::new(
         stream
@@ -246,8 +350,30 @@ pub fn run(mut cfg: RunConfig) -> Result<i32, RunError> {
         Ok(Err(e)) => eprintln!("coworkvm: the VM failed: {e}"),
         Err(_) => eprintln!("coworkvm: the VM did not power off in time"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(code)
+}
+
+/// The uid of a Unix socket's peer (SO_PEERCRED).
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live
+    // local of that size, for the descriptor `s` owns.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
 }
 
 /// Output data of a process spawned with `encoding: base64`.
@@ -281,6 +407,56 @@ fn exit_code(code: Option<i32>, signal: Option<&Value>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An attacker who pre-creates `coworkvm-run-*` directories (the old
+    /// predictable name among them) with `console.log` linked to a file of
+    /// the user's gets nothing: the run directory is a new one, 0700, and
+    /// its console log never follows a link.
+    #[test]
+    fn a_planted_run_directory_is_never_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("coworkvm-runbase-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let canary = base.join("canary");
+        std::fs::write(&canary, b"secret").unwrap();
+        let planted = base.join(format!("coworkvm-run-{}", std::process::id()));
+        std::fs::create_dir_all(&planted).unwrap();
+        std::os::unix::fs::symlink(&canary, planted.join("console.log")).unwrap();
+
+        let dir = RunDir::create_in(&base).unwrap();
+        assert_ne!(dir.path(), planted.as_path());
+        let name = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with("coworkvm-run-") && name.len() == 25,
+            "{name}"
+        );
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let console = dir.create_console().unwrap();
+        std::fs::write(&console, b"boot log").unwrap();
+        // A console.log that is there already (a link) is refused.
+        std::fs::remove_file(&console).unwrap();
+        std::os::unix::fs::symlink(&canary, &console).unwrap();
+        assert!(dir.create_console().is_err());
+        assert_eq!(std::fs::read(&canary).unwrap(), b"secret");
+
+        // Removed when dropped; kept when asked.
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+        let mut kept = RunDir::create_in(&base).unwrap();
+        kept.keep();
+        let path = kept.path().to_owned();
+        drop(kept);
+        assert!(path.is_dir());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn exit_codes_follow_the_shell() {

@@ -978,3 +978,139 @@ fn session_disk_size_comes_from_argument_then_config_then_default() {
     let zero = TempDir::new("config-zero");
     assert!(SessionDisk::ensure(zero.path(), Some(0)).is_err());
 }
+
+// ---------------------------------------------------------------------------
+// Issue 11: bundle files by descriptor, never through a link or a FIFO.
+
+/// A host file the guest must never reach, with its content and mtime.
+struct Canary {
+    path: PathBuf,
+    mtime: i64,
+}
+
+impl Canary {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("canary-secret");
+        std::fs::write(&path, b"the user's secret, not a disk").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().mtime();
+        Canary { path, mtime }
+    }
+
+    fn assert_untouched(&self) {
+        assert_eq!(
+            std::fs::read(&self.path).unwrap(),
+            b"the user's secret, not a disk"
+        );
+        assert_eq!(std::fs::metadata(&self.path).unwrap().mtime(), self.mtime);
+    }
+}
+
+/// `sessiondata.img` (or another boot file) replaced by a symbolic link to
+/// a host file: startVM's preparation refuses it and never opens the file
+/// it points at.
+#[test]
+fn a_boot_file_symlinked_to_a_host_file_is_refused_and_the_file_untouched() {
+    use coworkvm::helper::{BundleImages, ImageSource};
+    let v1 = images("v1");
+    let images_dir = v1.images_dir();
+    let root = TempDir::new("symlink");
+    let dir = root.path().join("bundle");
+    prepared_from(&dir, images_dir.path());
+    let canary = Canary::new(root.path());
+    let source = BundleImages {
+        images_dir: images_dir.path().to_owned(),
+    };
+    // It boots as it is.
+    source.prepare(&dir, None).unwrap();
+
+    std::fs::remove_file(dir.join(SESSION_DISK_FILE)).unwrap();
+    std::os::unix::fs::symlink(&canary.path, dir.join(SESSION_DISK_FILE)).unwrap();
+    let e = source.prepare(&dir, None).unwrap_err().to_string();
+    assert!(
+        e.contains(SESSION_DISK_FILE) && e.contains("not a regular file"),
+        "{e}"
+    );
+    canary.assert_untouched();
+    std::fs::remove_file(dir.join(SESSION_DISK_FILE)).unwrap();
+
+    // The same for the files the guest only reads.
+    for file in ["vmlinuz", "initrd.img", ROOTFS_FILE] {
+        let real = root.path().join(format!("{file}.real"));
+        std::fs::rename(dir.join(file), &real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.join(file)).unwrap();
+        let e = source.prepare(&dir, None).unwrap_err().to_string();
+        assert!(
+            e.contains(file) && e.contains("symbolic link"),
+            "{file}: {e}"
+        );
+        std::fs::remove_file(dir.join(file)).unwrap();
+        std::fs::rename(&real, dir.join(file)).unwrap();
+    }
+    canary.assert_untouched();
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Runs `f` on a thread and gives its result, or panics after `limit`
+/// (a hang would otherwise hang the test).
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).expect("no answer in time: it hangs")
+}
+
+/// `manifest.json` as a FIFO (nobody ever writes it): prepare answers with
+/// a clear error at once instead of hanging under the bundle lock; one
+/// over 1 MiB is refused before it is read whole.
+#[test]
+fn a_fifo_or_huge_manifest_is_a_clear_error_quickly() {
+    let v1 = images("v1");
+    let root = TempDir::new("fifo");
+    let dir = root.path().join("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    v1.drop_into(&dir);
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    mkfifo(&dir.join("manifest.json"));
+    let d = dir.clone();
+    let r = within(std::time::Duration::from_secs(10), move || {
+        Bundle::open(&d).unwrap().prepare(Some(1)).map(|_| ())
+    });
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("manifest.json") && e.contains("not a regular file"),
+        "{e}"
+    );
+    // The lock was released: the next prepare gets as far.
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let mut huge = v1.manifest();
+    huge.resize(2 << 20, b' ');
+    std::fs::write(dir.join("manifest.json"), huge).unwrap();
+    let d = dir.clone();
+    let e = within(std::time::Duration::from_secs(10), move || {
+        Bundle::open(&d).unwrap().prepare(Some(1)).map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("larger than the 1048576 bytes"), "{e}");
+    // A FIFO seeding source is refused as quickly.
+    let images = TempDir::new("fifo-images");
+    v1.write_dir(images.path());
+    std::fs::remove_file(images.path().join("manifest.json")).unwrap();
+    mkfifo(&images.path().join("manifest.json"));
+    let (d, i) = (dir.clone(), images.path().to_owned());
+    let e = within(std::time::Duration::from_secs(10), move || {
+        Bundle::open(&d).unwrap().seed_from(&i).map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}

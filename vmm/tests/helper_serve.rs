@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use coworkvm::boot_file::BootFile;
 use coworkvm::helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
 use coworkvm::helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use serde_json::{json, Value};
@@ -71,6 +72,10 @@ struct FakeVm {
     sdk: Mutex<(Value, Vec<u8>)>,
     ignore_term: bool,
     no_agent: bool,
+    /// The agent does not advertise the session sandbox.
+    no_sandbox: bool,
+    /// While set, the agent reads nothing (after the frame in hand).
+    stop_reading: AtomicBool,
 }
 
 impl FakeVm {
@@ -116,10 +121,22 @@ impl FakeVm {
                         "params": {"step": "mountSessions", "status": "completed"}}));
             send(json!({"type": "event", "event": "ready"}));
             let mut r = std::io::BufReader::new(s);
-            while let Ok(Some(obj)) = read_frame(&mut r) {
+            loop {
+                if self.stop_reading.load(Ordering::SeqCst) {
+                    // A hung agent: the connection stays open, unread.
+                    if self.powered_off.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                let Ok(Some(obj)) = read_frame(&mut r) else {
+                    break;
+                };
                 let f = Value::Object(obj);
                 self.handle(&f, &send, &w);
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -142,8 +159,15 @@ impl FakeVm {
                 let p = &f["params"];
                 let reply = |result: Value| json!({"type": "response", "id": id, "result": result});
                 match f["method"].as_str().unwrap_or("") {
-                    "agent.info" => send(reply(json!({"agent": "fake-agent", "version": "0",
-                                                      "protocol": 1, "capabilities": []}))),
+                    "agent.info" => {
+                        let caps = if self.no_sandbox {
+                            json!([])
+                        } else {
+                            json!(["sandbox"])
+                        };
+                        send(reply(json!({"agent": "fake-agent", "version": "0",
+                                          "protocol": 1, "capabilities": caps})))
+                    }
                     "spawn" => {
                         let pid = p["id"].as_str().unwrap_or("").to_string();
                         let cmd = p["command"].as_str().unwrap_or("");
@@ -151,6 +175,22 @@ impl FakeVm {
                             send(reply(json!({})));
                             send(json!({"type": "request", "id": "g1", "method": "openUrl",
                                         "params": {"url": "https://example.invalid/"}}));
+                            send(event("frobnicated", json!({"id": pid})));
+                            send(event("stdout", json!({"id": pid, "data": "after"})));
+                            return;
+                        }
+                        if cmd == "flood" {
+                            // args: [count, bytes]; paced so that a client
+                            // that reads keeps up.
+                            send(reply(json!({})));
+                            let n = p["args"][0].as_str().unwrap_or("0").parse().unwrap_or(0);
+                            let len = p["args"][1].as_str().unwrap_or("0").parse().unwrap_or(0);
+                            let chunk = "y".repeat(len);
+                            for i in 0..n {
+                                send(event("stdout", json!({"id": pid, "data": chunk, "seq": i})));
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            send(event("stdout", json!({"id": pid, "data": "end"})));
                             return;
                         }
                         if cmd == "slow" {
@@ -256,11 +296,21 @@ impl ImageSource for BundleFiles {
             let f = std::fs::File::create(&session_disk).unwrap();
             f.set_len(disk_gb.unwrap_or(10) << 30).unwrap();
         }
+        let open = |p: PathBuf, writable: bool| {
+            let f = coworkvm::bundle::fsutil::open_regular(&p, writable).map_err(|source| {
+                VmError::Io {
+                    what: "opening",
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+            Ok::<_, VmError>(BootFile::new(p, f))
+        };
         Ok(VmImages {
-            kernel: bundle.join("vmlinuz"),
-            initrd: bundle.join("initrd.img"),
-            rootfs: bundle.join("rootfs.img"),
-            session_disk,
+            kernel: open(bundle.join("vmlinuz"), false)?,
+            initrd: open(bundle.join("initrd.img"), false)?,
+            rootfs: open(bundle.join("rootfs.img"), false)?,
+            session_disk: open(session_disk, true)?,
             machine_uuid: None,
         })
     }
@@ -272,6 +322,7 @@ struct FakeLauncher {
     specs: Mutex<Vec<LaunchSpec>>,
     ignore_term: AtomicBool,
     no_agent: AtomicBool,
+    no_sandbox: AtomicBool,
 }
 
 impl FakeLauncher {
@@ -291,6 +342,7 @@ impl VmLauncher for FakeLauncher {
             exit: Mutex::new(Some(exit_tx)),
             ignore_term: self.ignore_term.load(Ordering::SeqCst),
             no_agent: self.no_agent.load(Ordering::SeqCst),
+            no_sandbox: self.no_sandbox.load(Ordering::SeqCst),
             ..Default::default()
         });
         let path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
@@ -329,6 +381,10 @@ struct Served {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// The tests' per-subscriber event budget: small, so that going over it
+/// takes little output.
+const EVENT_BUDGET: usize = 4 << 20;
 
 fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -383,6 +439,7 @@ fn try_serve(
                 run_dir,
                 home,
                 debug_switch: None,
+                event_budget: EVENT_BUDGET,
             });
             let _ = tx.send(Ok(()));
             listener
@@ -729,29 +786,49 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
     let r = pipe.call("kill", json!({"signal": 9}));
     assert_eq!(r["error"], "bad params for kill: missing field `id`");
 
-    // A guest request reaches the client as a `request` event; the
-    // client's sendGuestResponse goes back as a response frame.
+    // A guest request of a method outside the documented set (all of
+    // them: none is documented) and an undocumented event never reach the
+    // client: the request is answered "unknown method" to the guest.
     pipe.ok(
         "spawn",
         json!({"id": "p4", "name": "s1", "command": "askhost", "isResume": false}),
     );
-    let req = sub.until("request", |e| e["type"] == "request");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.responses.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no answer reached the guest");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(
-        req,
-        json!({"type": "request", "id": "g1", "method": "openUrl",
-               "params": {"url": "https://example.invalid/"}})
+        vm.responses.lock().unwrap()[0],
+        json!({"type": "response", "id": "g1",
+               "error": {"code": -32601, "message": "unknown method: openUrl"}})
     );
+    // The event the fake sends after both comes through; nothing before it.
+    sub.until("stdout p4", |e| e["type"] == "stdout" && e["id"] == "p4");
+    assert!(
+        !sub.seen
+            .iter()
+            .any(|e| e["type"] == "request" || e["type"] == "frobnicated"),
+        "{:?}",
+        sub.seen
+    );
+    let text = log_text();
+    assert!(
+        text.contains("dropped a guest request \"openUrl\""),
+        "{text}"
+    );
+    // The client's sendGuestResponse still goes back as a response frame.
     pipe.ok(
         "sendGuestResponse",
         json!({"id": "g1", "resultJson": "{\"ok\":true}"}),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.responses.lock().unwrap().is_empty() {
+    while vm.responses.lock().unwrap().len() < 2 {
         assert!(Instant::now() < deadline, "no response reached the guest");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(
-        vm.responses.lock().unwrap()[0],
+        vm.responses.lock().unwrap()[1],
         json!({"type": "response", "id": "g1", "result": {"ok": true}})
     );
 
@@ -800,35 +877,39 @@ fn a_vmm_crash_ends_everything_and_start_works_again() {
     );
     sub.until("stdout", |e| e["type"] == "stdout" && e["id"] == "long");
 
-    // The agent's connection drops: not connected at once, still running;
-    // the agent redials and is connected again.
+    // The agent's connection drops: not connected at once, as if the VM
+    // had died (its processes are lost), though the VMM still runs. The
+    // agent's redial is refused: one agent connection per boot.
     let vm = h.launcher.last();
     vm.hold_redial.store(true, Ordering::SeqCst);
     vm.drop_connection();
     poll_connected(sock, false);
     assert!(is_running(sock));
-    sub.until("NOT_CONNECTED", |e| {
-        e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED"
-    });
-    vm.hold_redial.store(false, Ordering::SeqCst);
-    poll_connected(sock, true);
-    sub.until("CONNECTED", |e| {
-        e["type"] == "networkStatus" && e["status"] == "CONNECTED"
-    });
-
-    // The VMM dies.
-    vm.power_off("signal: 11 (SIGSEGV) (core dumped)");
     let mark = sub.seen.len();
     let exit = sub.until("exit for the lost process", |e| {
         e["type"] == "exit" && e["id"] == "long"
     });
     assert_eq!(exit["signal"], "SIGKILL");
-    // The agent's connection drops with the VM: NOT_CONNECTED comes before
-    // or after the exit.
+    // NOT_CONNECTED comes before or after the exit.
     let not_connected = |e: &Value| e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED";
     if !sub.seen[mark..].iter().any(not_connected) {
         sub.until("NOT_CONNECTED", not_connected);
     }
+    vm.hold_redial.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log_text().contains("refused another connection on the guest agent's port") {
+        assert!(Instant::now() < deadline, "the redial was not refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        one_shot(sock, "isGuestConnected", json!({}))["result"]["connected"],
+        false,
+        "a redial never becomes the agent"
+    );
+
+    // The VMM dies.
+    vm.power_off("signal: 11 (SIGSEGV) (core dumped)");
     let deadline = Instant::now() + Duration::from_secs(5);
     while is_running(sock) {
         assert!(
@@ -1347,5 +1428,314 @@ fn the_binary_under_another_name_serves_as_the_client_starts_it_and_stops_on_sig
     assert!(err.contains("serving"), "{err}");
     assert!(err.contains("SIGTERM: stopping"), "{err}");
     assert!(!err.contains('\x1b'), "no colour codes in the client's log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Issue 11: the agent channel and the helper's bounds.
+
+/// A process in the guest dials the agent's port after the agent: the
+/// helper closes that connection on arrival, never hands it the next
+/// spawn, and nothing it sends (a forged `exit`, `stdout`) reaches the
+/// client.
+#[test]
+fn a_second_agent_connection_never_replaces_the_first_and_is_not_heard() {
+    let h = serve("hijack");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let mut sub = Subscriber::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    pipe.ok(
+        "spawn",
+        json!({"id": "victim", "name": "s1", "command": "cat", "isResume": false}),
+    );
+    sub.until("stdout victim", |e| {
+        e["type"] == "stdout" && e["id"] == "victim"
+    });
+
+    let spec = h.launcher.specs.lock().unwrap()[0].clone();
+    let port = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
+    let mut hijackers = Vec::new();
+    for _ in 0..16 {
+        let mut s = UnixStream::connect(&port).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for f in [
+            json!({"type": "event", "event": "ready"}),
+            json!({"type": "event", "event": "exit",
+                   "params": {"id": "victim", "code": 0, "signal": null}}),
+            json!({"type": "event", "event": "stdout",
+                   "params": {"id": "victim", "data": "FORGED"}}),
+        ] {
+            // The helper may have closed it already: then the write fails.
+            let _ = write_frame(&mut s, &f);
+        }
+        hijackers.push(s);
+    }
+    // Each is closed by the helper without a byte.
+    for s in &mut hijackers {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("a second agent connection got {other:?}"),
+        }
+    }
+    // The agent still serves: the next spawn goes to it, its output comes.
+    pipe.ok(
+        "spawn",
+        json!({"id": "p2", "name": "s1", "command": "echo", "isResume": false,
+               "env": {"SECRET": "s3cr3t"}}),
+    );
+    sub.until("exit p2", |e| e["type"] == "exit" && e["id"] == "p2");
+    let vm = h.launcher.last();
+    assert_eq!(
+        vm.methods().iter().filter(|m| *m == "spawn").count(),
+        2,
+        "{:?}",
+        vm.methods()
+    );
+    assert!(
+        !sub.seen
+            .iter()
+            .any(|e| e["data"] == "FORGED" || (e["type"] == "exit" && e["id"] == "victim")),
+        "a forged event reached the client: {:?}",
+        sub.seen
+    );
+    assert_eq!(
+        pipe.ok("isProcessRunning", json!({"id": "victim"})),
+        json!({"running": true})
+    );
+    let text = log_text();
+    assert!(
+        text.contains("refused another connection on the guest agent's port"),
+        "{text}"
+    );
+    assert!(!text.contains("reconnected"), "{text}");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// One subscriber never reads while 12 MiB of output flows (the tests'
+/// budget is 4 MiB): it is dropped, its connection closed, and the
+/// subscriber that reads gets every event.
+#[test]
+fn an_idle_subscriber_over_its_byte_budget_is_dropped_and_a_busy_one_keeps_its_events() {
+    let h = serve("budget");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let mut idle = Subscriber::open(sock);
+    let mut busy = Subscriber::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    let count = 12usize;
+    let len = 1usize << 20;
+    assert!(count * len > 2 * EVENT_BUDGET);
+    pipe.ok(
+        "spawn",
+        json!({"id": "f", "name": "s", "command": "flood", "isResume": false,
+               "args": [count.to_string(), len.to_string()]}),
+    );
+    let mut got = 0;
+    loop {
+        let e = busy.next();
+        busy.seen.clear(); // 12 MiB need not stay
+        if e["type"] == "stdout" && e["id"] == "f" {
+            if e["data"] == "end" {
+                break;
+            }
+            assert_eq!(e["seq"], got, "in order, none lost");
+            got += 1;
+        }
+    }
+    assert_eq!(got, count, "the busy subscriber got every event");
+    // The idle one: what its socket held, then the end.
+    let mut idle_got = 0;
+    while let Some(e) = recv(&mut idle.s) {
+        if e["type"] == "stdout" && e["data"] == "end" {
+            panic!("the idle subscriber was not dropped");
+        }
+        idle_got += 1;
+    }
+    assert!(idle_got < count, "{idle_got}");
+    assert!(
+        log_text().contains("fell over"),
+        "the drop is logged: {}",
+        log_text()
+    );
+    // It resubscribes and is told the current state.
+    let mut again = Subscriber::open(sock);
+    assert_eq!(again.next()["type"], "networkStatus");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// The agent stops reading while writeStdin floods it: stopVM still
+/// answers within its bound (the shutdown request's send times out, then
+/// SIGTERM), and so does a query on another connection meanwhile.
+#[test]
+fn stop_vm_returns_within_its_bound_when_the_agent_stops_reading() {
+    let h = serve("hung");
+    let sock = h.socket.clone();
+    let mut pipe = Pipe::open(&sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(&sock, true);
+    pipe.ok(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "cat", "isResume": false}),
+    );
+    let vm = h.launcher.last();
+    vm.stop_reading.store(true, Ordering::SeqCst);
+    // 600 x 64 KiB of stdin: more than the socket, the write queue (256
+    // frames) and the requests in flight (32) hold together.
+    let chunk = "z".repeat(64 * 1024);
+    let (full_tx, full_rx) = std::sync::mpsc::channel();
+    let flooder = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let s = UnixStream::connect(&sock).unwrap();
+            let mut r = s.try_clone().unwrap();
+            // Replies are read as they come: the first "not reading" one
+            // says the agent's queue is full.
+            std::thread::spawn(move || {
+                let _ = r.set_read_timeout(Some(Duration::from_secs(120)));
+                while let Some(reply) = recv(&mut r) {
+                    let e = reply["error"].as_str().unwrap_or("");
+                    if e.contains("not reading") {
+                        let _ = full_tx.send(e.to_string());
+                    }
+                }
+            });
+            let mut s = s;
+            for i in 0..600 {
+                let f =
+                    json!({"method": "writeStdin", "id": i, "params": {"id": "p", "data": chunk}});
+                if write_frame(&mut s, &f).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let e = full_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("writeStdin fails once the agent's queue is full");
+    assert_eq!(
+        e,
+        "the guest agent is not reading (no room to send within 5s)"
+    );
+    assert!(is_running(&sock), "queries still answer");
+    let t = Instant::now();
+    let mut s = connect(&sock);
+    s.set_read_timeout(Some(
+        coworkvm::helper::vm::STOP_VM_BOUND + Duration::from_secs(5),
+    ))
+    .unwrap();
+    write_frame(&mut s, &json!({"method": "stopVM", "params": {}})).unwrap();
+    let r = recv(&mut s).expect("stopVM answers");
+    let took = t.elapsed();
+    assert_eq!(r["success"], true, "{r}");
+    assert!(
+        took <= coworkvm::helper::vm::STOP_VM_BOUND,
+        "stopVM took {took:?}"
+    );
+    assert!(!is_running(&sock));
+    let text = log_text();
+    assert!(
+        text.contains("stopVM: shutdown request: the guest agent is not reading"),
+        "the shutdown request found the queue full: {:?}",
+        text.lines()
+            .filter(|l| l.contains("stopVM") || l.contains("VM exited"))
+            .collect::<Vec<_>>()
+    );
+    drop(flooder);
+}
+
+/// An agent that does not advertise the session sandbox gets no spawn.
+#[test]
+fn spawn_is_refused_when_the_agent_has_no_sandbox() {
+    let h = serve("nosandbox");
+    let sock = &h.socket;
+    h.launcher.no_sandbox.store(true, Ordering::SeqCst);
+    let mut pipe = Pipe::open(sock);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(sock, true);
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "echo", "isResume": false,
+               "env": {"SECRET": "x"}}),
+    );
+    assert_eq!(r["success"], false, "{r}");
+    assert_eq!(
+        r["error"],
+        "refusing to spawn: the guest agent did not advertise the session sandbox \
+         (capability \"sandbox\"), so the process would run unsandboxed"
+    );
+    let vm = h.launcher.last();
+    assert!(
+        !vm.methods().contains(&"spawn".to_string()),
+        "{:?}",
+        vm.methods()
+    );
+    pipe.ok("stopVM", json!({}));
+}
+
+/// The real launcher hands the VMM the boot files as inherited descriptors
+/// named `fd:N` on its command line, the same open files the image source
+/// opened (no path to resolve again), the session disk read-write and the
+/// rest read-only. The "VMM" here is a script that reports what it got.
+#[test]
+fn the_launcher_passes_the_boot_files_as_inherited_descriptors() {
+    use coworkvm::helper::vm::ProcessLauncher;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("fdpass");
+    let script = dir.join("fake-vmm");
+    let out = dir.join("out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in fd:*) n=${{a#fd:}}; n=${{n%,ro}}; \
+             echo \"$a $(readlink /proc/$$/fd/$n) $(grep flags /proc/$$/fdinfo/$n | tr -d '\\t')\" \
+             >> {out};; esac; done\n",
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bundle = make_bundle(&dir);
+    let images = BundleFiles.prepare(&bundle, Some(1)).unwrap();
+    let spec = LaunchSpec {
+        images,
+        cpus: 1,
+        mem_mib: 128,
+        vsock: dir.join("vsock.sock"),
+        console: dir.join("console.log"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let how = rt.block_on(async {
+        let vm = ProcessLauncher { exe: script }.launch(&spec).unwrap();
+        vm.exited.await.unwrap()
+    });
+    assert_eq!(how, "exit status: 0");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("fd:")).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (line, (file, ro)) in lines.iter().zip([
+        ("vmlinuz", true),
+        ("initrd.img", true),
+        ("rootfs.img", true),
+        ("sessiondata.img", false),
+    ]) {
+        let path = bundle.join(file);
+        assert!(line.contains(&format!(" {} ", path.display())), "{line}");
+        assert_eq!(
+            line.split(' ').next().unwrap().ends_with(",ro"),
+            file == "rootfs.img"
+        );
+        // fdinfo flags are octal: O_RDWR is 02, O_RDONLY 00.
+        let flags = line.rsplit("flags:").next().unwrap().trim();
+        let mode = u32::from_str_radix(flags, 8).unwrap() & 0o3;
+        assert_eq!(mode, if ro { 0 } else { 2 }, "{line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -95,7 +95,7 @@ pub struct Expanded {
 /// into the same `rootfs.img.partial`.
 pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>, ExpandError> {
     let zst_path = dir.join(ROOTFS_ZST_FILE);
-    let compressed = match File::open(&zst_path) {
+    let compressed = match super::fsutil::open_regular(&zst_path, false) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {

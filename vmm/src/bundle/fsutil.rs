@@ -5,7 +5,8 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,66 @@ use coworkvm_rootfs::manifest::FileEntry;
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Opens a bundle file without trusting the name: `O_NOFOLLOW` (a symbolic
+/// link planted in the bundle is refused, not followed to a host file),
+/// `O_CLOEXEC`, and `O_NONBLOCK` for the open itself (a FIFO cannot hang
+/// it); then only a regular file is taken, and `O_NONBLOCK` is cleared.
+/// Errors keep their kind (`NotFound` stays `NotFound`); a link or another
+/// kind of file is `InvalidInput` with a text that says so.
+pub fn open_regular(path: &Path, writable: bool) -> io::Result<File> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is a symbolic link; bundle files must be regular files",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl F_GETFL/F_SETFL on the descriptor `file` owns; no
+    // memory is passed.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Reads a small bundle file through [`open_regular`], refusing one over
+/// `max` bytes before reading more than `max + 1`.
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path, false)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("it is larger than the {max} bytes allowed"),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Fills `buf` from the kernel's CSPRNG.

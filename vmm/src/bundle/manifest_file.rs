@@ -22,9 +22,14 @@ pub struct LoadedManifest {
     pub bytes: Vec<u8>,
 }
 
-/// Reads and checks a manifest; `None` when the file does not exist.
+/// The largest `manifest.json` read: 1 MiB (coworkvm's are a few KiB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Reads and checks a manifest; `None` when the file does not exist. The
+/// file must be a regular file (no symbolic link, no FIFO: see
+/// [`super::fsutil::open_regular`]) of at most [`MAX_MANIFEST_BYTES`].
 pub fn load_manifest(path: &Path) -> Result<Option<LoadedManifest>, ManifestError> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match super::fsutil::read_bounded(path, MAX_MANIFEST_BYTES) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {

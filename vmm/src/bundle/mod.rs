@@ -22,7 +22,7 @@ pub mod session_disk;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use coworkvm_rootfs::manifest::{FileEntry, Manifest, MANIFEST_FILE};
@@ -83,6 +83,12 @@ pub enum BundleError {
         size: u64,
         listed: u64,
     },
+    #[error("cannot use {file} in {dir}: {source}")]
+    Open {
+        file: &'static str,
+        dir: PathBuf,
+        source: io::Error,
+    },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error(transparent)]
@@ -106,11 +112,14 @@ impl BundleLock {
             source,
         };
         let path = dir.join(LOCK_FILE);
+        // O_NOFOLLOW: a `.lock` planted as a link is refused, not followed
+        // to a file elsewhere (opening a FIFO read-write never blocks).
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
         {
             Ok(file) => file,
@@ -156,6 +165,40 @@ pub struct PreparedBundle {
     pub expanded: Option<Expanded>,
     /// Set when this prepare created the session disk.
     pub session_disk_created: bool,
+}
+
+/// The bundle's boot files, open: what the VMM gets instead of paths.
+#[derive(Debug)]
+pub struct OpenedImages {
+    pub kernel: File,
+    pub initrd: File,
+    /// Read-only.
+    pub rootfs: File,
+    /// Read-write.
+    pub session_disk: File,
+}
+
+impl PreparedBundle {
+    /// Opens the boot files with [`fsutil::open_regular`]: a symbolic link
+    /// or anything but a regular file in their place is refused, so the
+    /// guest never gets a host file that a link points at.
+    pub fn open_images(&self) -> Result<OpenedImages, BundleError> {
+        let open = |file: &'static str, writable: bool| {
+            fsutil::open_regular(&self.dir.join(file), writable).map_err(|source| {
+                BundleError::Open {
+                    file,
+                    dir: self.dir.clone(),
+                    source,
+                }
+            })
+        };
+        Ok(OpenedImages {
+            kernel: open(KERNEL_FILE, false)?,
+            initrd: open(INITRD_FILE, false)?,
+            rootfs: open(ROOTFS_FILE, false)?,
+            session_disk: open(SESSION_DISK_FILE, true)?,
+        })
+    }
 }
 
 /// What [`Bundle::seed_from`] did.

@@ -20,6 +20,8 @@ pub const DEFAULT_DISK_SIZE_GB: u64 = 10;
 /// sparse file that the guest's mkfs then takes ages over.
 pub const MAX_DISK_SIZE_GB: u64 = 64 * 1024;
 const GIB: u64 = 1 << 30;
+/// The largest `config.json` read (it holds one number).
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionDiskError {
@@ -29,7 +31,7 @@ pub enum SessionDiskError {
     ConfigInvalid { dir: PathBuf, reason: String },
     #[error("a session disk of {0} GB is not possible (1 to {MAX_DISK_SIZE_GB} GB)")]
     BadSize(u64),
-    #[error("{SESSION_DISK_FILE} in {dir} is not a regular file")]
+    #[error("{SESSION_DISK_FILE} in {dir} is not a regular file (a symbolic link is refused)")]
     NotAFile { dir: PathBuf },
     #[error("cannot create {SESSION_DISK_FILE} in {dir}: {source}")]
     Create { dir: PathBuf, source: io::Error },
@@ -48,7 +50,7 @@ pub struct BundleConfig {
 impl BundleConfig {
     /// The bundle's `config.json`, or defaults when it has none.
     pub fn load(dir: &Path) -> Result<Self, SessionDiskError> {
-        let text = match std::fs::read(dir.join(CONFIG_FILE)) {
+        let text = match fsutil::read_bounded(&dir.join(CONFIG_FILE), MAX_CONFIG_BYTES) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => {
@@ -139,10 +141,12 @@ impl SessionDisk {
         }
     }
 
-    /// The bundle's session disk, `None` when there is none yet.
+    /// The bundle's session disk, `None` when there is none yet. A
+    /// symbolic link is refused, not followed: the guest gets the disk
+    /// read-write, and a link would give it any host file of the user's.
     pub fn existing(dir: &Path) -> Result<Option<Self>, SessionDiskError> {
         let path = dir.join(SESSION_DISK_FILE);
-        match std::fs::metadata(&path) {
+        match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(SessionDisk {
                 size_bytes: meta.size(),
                 path,

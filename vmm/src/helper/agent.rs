@@ -1,15 +1,25 @@
 //! The connection to the guest agent: `RUNDIR/vsock.sock_51234`, where the
 //! VMM's hybrid vsock delivers the agent's dial to CID 2 port 51234.
 //!
-//! One [`Agent`] per VM. It accepts the agent's connections (the agent
-//! redials whenever its connection drops; the newest connection wins),
-//! correlates requests and responses by id, turns guest events into client
-//! events on the [`EventHub`], and tracks which processes run so that a VM
-//! that dies can still report an `exit` for each of them.
+//! One [`Agent`] per VM boot. It accepts exactly one agent connection per
+//! boot (see [`Agent::serve`] for why), correlates requests and responses
+//! by id, turns guest events into client events on the [`EventHub`] (only
+//! the documented ones), and tracks which processes run so that a VM that
+//! dies can still report an `exit` for each of them.
+//!
+//! Bounds (each hit is logged and answered, never a stall):
+//!
+//! | what | bound |
+//! |---|---|
+//! | agent connections per boot | 1 ([`Agent::serve`]); later ones are closed on arrival |
+//! | one send to the agent | [`SEND_TIMEOUT`] for room in the write queue ([`WRITE_QUEUE`] frames, [`WRITE_QUEUE_BYTES`]) |
+//! | requests to the agent in flight | [`MAX_PENDING`] |
+//! | guest events passed to the client | [`FORWARDED_GUEST_EVENTS`] |
+//! | guest requests passed to the client | [`FORWARDED_GUEST_REQUESTS`] (none) |
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,18 +33,69 @@ use socket_proto::redact::Redacted;
 use socket_proto::ClientEvent;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::events::{EventHub, CONNECTED, NOT_CONNECTED};
 use super::wire::read_frame;
+use super::LogLimit;
 
 /// How long a forwarded request may wait for the agent's answer (the client
 /// itself gives up after 30 s).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long one frame may wait for room in the agent's write queue. An agent
+/// that stops reading fills the socket and then the queue; every sender
+/// (a client method, `stopVM`, SIGTERM's clean stop) then fails after this
+/// long instead of waiting for ever.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Frames queued for the agent before a sender waits (back-pressure).
-const WRITE_QUEUE: usize = 256;
+pub const WRITE_QUEUE: usize = 256;
+
+/// Bytes queued for the agent (and being written) at most: 32 MiB, so a
+/// client that floods `writeStdin` at an agent that does not read holds
+/// that much, not [`WRITE_QUEUE`] frames of up to 10 MiB each.
+pub const WRITE_QUEUE_BYTES: usize = 32 << 20;
+
+/// One frame for the agent and its share of [`WRITE_QUEUE_BYTES`],
+/// returned once written.
+type Outgoing = (Vec<u8>, OwnedSemaphorePermit);
+
+/// Requests to the agent that may await their answer at once; more are
+/// refused ([`AgentError::TooManyRequests`]). The client has at most
+/// 32 in flight per connection; this bounds the map against many
+/// connections.
+pub const MAX_PENDING: usize = 1024;
+
+/// How long the agent may take to answer `agent.info` after `ready`.
+pub const AGENT_INFO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The capability an agent advertises in `agent.info` when it runs every
+/// spawn in the session sandbox (its own user under bubblewrap). Without
+/// it the helper forwards no `spawn`: a client process would run as root.
+pub const SANDBOX_CAPABILITY: &str = "sandbox";
+
+/// Guest events the helper passes on to the client: the documented set
+/// (docs/protocol.md, the host protocol's event table). `ready` is the
+/// helper's own. Anything else is dropped with a (rate-limited) log line:
+/// the client never sees an event it did not ask for.
+pub const FORWARDED_GUEST_EVENTS: &[&str] = &[
+    "stdout",
+    "stderr",
+    "exit",
+    "error",
+    "networkStatus",
+    "apiReachability",
+    "startupStep",
+];
+
+/// Guest-to-host request methods the helper passes on to the client as
+/// `request` events. The protocol documents the mechanism but no method,
+/// and coworkvm-agent sends none, so the set is empty: every guest request
+/// is answered "unknown method" and dropped with a (rate-limited) log line.
+/// A method joins this list once the client contract documents it.
+pub const FORWARDED_GUEST_REQUESTS: &[&str] = &[];
 
 /// Why a request to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +109,18 @@ pub enum AgentError {
     /// No answer in time.
     #[error("the guest agent did not answer {0} within {1:?}")]
     Timeout(String, Duration),
+    /// The agent did not take the frame in time: it stopped reading.
+    #[error("the guest agent is not reading (no room to send within {0:?})")]
+    SendTimeout(Duration),
+    /// Too many requests await the agent's answer.
+    #[error("too many requests to the guest agent in flight ({0})")]
+    TooManyRequests(usize),
+    /// The agent did not advertise the session sandbox.
+    #[error(
+        "refusing to spawn: the guest agent did not advertise the session sandbox \
+         (capability \"{SANDBOX_CAPABILITY}\"), so the process would run unsandboxed"
+    )]
+    NoSandbox,
     /// The agent answered with an error (its text, as the client sees it).
     #[error("{}", .0.message())]
     Guest(GuestError),
@@ -60,20 +133,37 @@ type Pending = oneshot::Sender<Result<Value, GuestError>>;
 
 struct Conn {
     generation: u64,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
+}
+
+/// The agent channel's state over one boot: it only moves forward.
+enum Link {
+    /// No agent connection yet.
+    Waiting,
+    /// The one agent connection of this boot.
+    Current(Conn),
+    /// The agent's connection dropped: no other is accepted this boot.
+    Ended,
 }
 
 /// The helper's side of the guest protocol, for one VM.
 pub struct Agent {
     events: Arc<EventHub>,
-    conn: Mutex<Option<Conn>>,
+    link: Mutex<Link>,
     connected: watch::Sender<bool>,
+    /// `agent.info`'s capabilities, once asked (empty when it has none).
+    capabilities: Mutex<Vec<String>>,
     pending: Mutex<HashMap<String, Pending>>,
     next_id: AtomicU64,
     generation: AtomicU64,
     running: Mutex<BTreeSet<String>>,
     /// `hostProxyConfig` to send after `ready` (from `startVM`'s `apiProbeURL`).
     proxy_config: Option<HostProxyConfig>,
+    /// Set by the first `ready`.
+    ready_seen: AtomicBool,
+    refused_log: LogLimit,
+    dropped_log: LogLimit,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,13 +175,17 @@ impl Agent {
     pub fn new(events: Arc<EventHub>, proxy_config: Option<HostProxyConfig>) -> Arc<Self> {
         Arc::new(Self {
             events,
-            conn: Mutex::new(None),
+            link: Mutex::new(Link::Waiting),
             connected: watch::Sender::new(false),
+            capabilities: Mutex::new(Vec::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             generation: AtomicU64::new(0),
             running: Mutex::new(BTreeSet::new()),
             proxy_config,
+            ready_seen: AtomicBool::new(false),
+            refused_log: LogLimit::new(),
+            dropped_log: LogLimit::new(),
         })
     }
 
@@ -106,7 +200,26 @@ impl Agent {
         UnixListener::bind(path)
     }
 
-    /// Accepts the agent's connections until aborted.
+    /// Accepts the agent's connection until aborted: the FIRST connection
+    /// of this boot whose peer is our uid (SO_PEERCRED; the VMM connects on
+    /// the guest's behalf) becomes the agent's, once and for all.
+    ///
+    /// Why one per boot, even after the agent's connection drops: inside
+    /// the guest any session process could dial vsock port 51234 (vsock has
+    /// no network namespace), and the VMM delivers every such dial here as
+    /// a connection from our own uid, so nothing on this side tells the
+    /// agent from a session. The agent dials first, at boot, before any
+    /// session exists; from then on a new connection is an impostor, and
+    /// the agent's own connection drops in practice only when the VM dies.
+    /// Accepting a redial would let a session that can break the agent's
+    /// connection take its place and receive every later `spawn` (its
+    /// `env`, `oauthToken`). So a dropped agent connection ends the
+    /// channel: the VM is reported `NOT_CONNECTED` as if dead, its
+    /// processes as lost, and the client restarts the VM.
+    ///
+    /// Every later connection is closed on arrival with one (rate-limited)
+    /// log line; none gets a task or a buffer, so connection floods cost
+    /// one accept each and never grow the helper.
     pub fn serve(self: &Arc<Self>, listener: UnixListener) -> JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
@@ -115,6 +228,7 @@ impl Agent {
                 let stream = match listener.accept().await {
                     Ok((s, _)) => s,
                     Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
                         tracing::warn!("accepting the guest agent: {e}");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
@@ -123,24 +237,65 @@ impl Agent {
                 match stream.peer_cred() {
                     Ok(c) if c.uid() == uid => {}
                     Ok(c) => {
-                        tracing::warn!(
-                            "refused a vsock connection from uid {} (not ours)",
-                            c.uid()
-                        );
+                        if let Some(n) = me.refused_log.allow() {
+                            tracing::warn!(
+                                "refused a vsock connection from uid {} (not ours){}",
+                                c.uid(),
+                                LogLimit::suffix(n)
+                            );
+                        }
                         continue;
                     }
                     Err(e) => {
-                        tracing::warn!("refused a vsock connection: no peer credentials: {e}");
+                        if let Some(n) = me.refused_log.allow() {
+                            tracing::warn!(
+                                "refused a vsock connection: no peer credentials: {e}{}",
+                                LogLimit::suffix(n)
+                            );
+                        }
                         continue;
                     }
                 }
+                let Some((generation, rx)) = me.admit() else {
+                    if let Some(n) = me.refused_log.allow() {
+                        tracing::warn!(
+                            "refused another connection on the guest agent's port: the agent \
+                             connects once per boot{}",
+                            LogLimit::suffix(n)
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let me = me.clone();
-                tokio::spawn(async move { me.run_connection(stream).await });
+                tokio::spawn(async move { me.run_connection(stream, generation, rx).await });
             }
         })
     }
 
-    /// True between the agent's `ready` and the loss of its connection.
+    /// Makes a new connection the agent's, when this boot has none yet.
+    fn admit(&self) -> Option<(u64, mpsc::Receiver<Outgoing>)> {
+        let mut link = lock(&self.link);
+        if !matches!(*link, Link::Waiting) {
+            return None;
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
+        let budget = Arc::new(Semaphore::new(WRITE_QUEUE_BYTES));
+        *link = Link::Current(Conn {
+            generation,
+            tx,
+            budget,
+        });
+        Some((generation, rx))
+    }
+
+    fn is_current(&self, generation: u64) -> bool {
+        matches!(&*lock(&self.link), Link::Current(c) if c.generation == generation)
+    }
+
+    /// True between the agent's `ready` (and its `agent.info`) and the loss
+    /// of its connection.
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
     }
@@ -151,6 +306,11 @@ impl Agent {
         tokio::time::timeout(timeout, rx.wait_for(|c| *c))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether the agent advertised `capability` in `agent.info`.
+    pub fn has_capability(&self, capability: &str) -> bool {
+        lock(&self.capabilities).iter().any(|c| c == capability)
     }
 
     /// Forgets the running processes and returns them (the VM is gone).
@@ -175,21 +335,39 @@ impl Agent {
     /// Drops the current connection (the VM is gone): pending requests fail
     /// and `isGuestConnected` turns false.
     pub fn disconnect(&self) {
-        let generation = lock(&self.conn).as_ref().map(|c| c.generation);
-        if let Some(g) = generation {
-            self.connection_lost(g);
+        let generation = match &*lock(&self.link) {
+            Link::Current(c) => Some(c.generation),
+            _ => None,
+        };
+        match generation {
+            // The caller reports the processes, with its own reason.
+            Some(g) => self.connection_lost(g, None),
+            None => *lock(&self.link) = Link::Ended,
         }
     }
 
     async fn send_bytes(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
-        let tx = lock(&self.conn)
-            .as_ref()
-            .map(|c| c.tx.clone())
-            .ok_or(AgentError::NotConnected)?;
-        tx.send(bytes).await.map_err(|_| AgentError::NotConnected)
+        let (tx, budget) = match &*lock(&self.link) {
+            Link::Current(c) => (c.tx.clone(), c.budget.clone()),
+            _ => return Err(AgentError::NotConnected),
+        };
+        let share = bytes.len().min(WRITE_QUEUE_BYTES) as u32;
+        let send = async move {
+            let permit = budget
+                .acquire_many_owned(share)
+                .await
+                .map_err(|_| AgentError::NotConnected)?;
+            tx.send((bytes, permit))
+                .await
+                .map_err(|_| AgentError::NotConnected)
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, send).await {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::SendTimeout(SEND_TIMEOUT)),
+        }
     }
 
-    /// Sends one frame as it is.
+    /// Sends one frame as it is (waits at most [`SEND_TIMEOUT`]).
     pub async fn send_frame(&self, frame: &GuestFrame) -> Result<(), AgentError> {
         self.send_bytes(encode_frame(frame)?).await
     }
@@ -199,7 +377,8 @@ impl Agent {
         self.send_frame(&GuestFrame::notification(n)).await
     }
 
-    /// Sends a request and waits for its response's `result`.
+    /// Sends a request and waits for its response's `result`: at most
+    /// [`SEND_TIMEOUT`] to send, then `timeout` for the answer.
     pub async fn request(
         &self,
         req: &GuestRequest,
@@ -208,7 +387,16 @@ impl Agent {
         let id = format!("h{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let bytes = encode_frame(&GuestFrame::from_request(id.clone(), req))?;
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id.clone(), tx);
+        {
+            let mut pending = lock(&self.pending);
+            if pending.len() >= MAX_PENDING {
+                tracing::warn!(
+                    "refused a request to the guest agent: {MAX_PENDING} already await an answer"
+                );
+                return Err(AgentError::TooManyRequests(MAX_PENDING));
+            }
+            pending.insert(id.clone(), tx);
+        }
         if let Err(e) = self.send_bytes(bytes).await {
             lock(&self.pending).remove(&id);
             return Err(e);
@@ -225,19 +413,16 @@ impl Agent {
         }
     }
 
-    async fn run_connection(self: Arc<Self>, stream: UnixStream) {
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+    async fn run_connection(
+        self: Arc<Self>,
+        stream: UnixStream,
+        generation: u64,
+        mut rx: mpsc::Receiver<Outgoing>,
+    ) {
         let (mut rd, mut wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-        let replaced = lock(&self.conn).replace(Conn { generation, tx });
-        if let Some(old) = replaced {
-            tracing::info!("the guest agent reconnected; dropping its old connection");
-            self.fail_pending();
-            drop(old);
-        }
-        tracing::info!("guest agent connected (connection {generation})");
+        tracing::info!("guest agent connected");
         let writer = tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
+            while let Some((bytes, _share)) = rx.recv().await {
                 if let Err(e) = wr.write_all(&bytes).await {
                     tracing::debug!("writing to the guest agent: {e}");
                     break;
@@ -245,22 +430,30 @@ impl Agent {
             }
         });
         loop {
-            match read_frame(&mut rd).await {
-                Ok(Some(obj)) => match GuestFrame::parse(obj) {
-                    Ok(Some(frame)) => self.handle(frame),
-                    Ok(None) => tracing::warn!("ignoring a guest frame without a type"),
-                    Err(e) => tracing::warn!("ignoring a bad guest frame: {e}"),
-                },
+            let frame = match read_frame(&mut rd).await {
+                Ok(Some(obj)) => obj,
                 Ok(None) => break,
-                Err(e) if e.is_recoverable() => tracing::warn!("bad frame from the guest: {e}"),
+                Err(e) if e.is_recoverable() => {
+                    tracing::warn!("bad frame from the guest: {e}");
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!("guest agent connection broken: {e}");
                     break;
                 }
+            };
+            // Only the current connection speaks for the guest.
+            if !self.is_current(generation) {
+                break;
+            }
+            match GuestFrame::parse(frame) {
+                Ok(Some(frame)) => self.handle(frame),
+                Ok(None) => tracing::warn!("ignoring a guest frame without a type"),
+                Err(e) => tracing::warn!("ignoring a bad guest frame: {e}"),
             }
         }
         writer.abort();
-        self.connection_lost(generation);
+        self.connection_lost(generation, Some("the guest agent's connection dropped"));
     }
 
     fn fail_pending(&self) {
@@ -268,17 +461,28 @@ impl Agent {
         lock(&self.pending).clear();
     }
 
-    fn connection_lost(&self, generation: u64) {
-        let mut conn = lock(&self.conn);
-        if conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return; // an older connection; a newer one is current
+    /// The current connection is gone; `lost` says why its processes
+    /// are reported ended (`None`: the caller reports them).
+    fn connection_lost(&self, generation: u64, lost: Option<&str>) {
+        {
+            let mut link = lock(&self.link);
+            if !matches!(&*link, Link::Current(c) if c.generation == generation) {
+                return;
+            }
+            *link = Link::Ended;
         }
-        *conn = None;
-        drop(conn);
         self.fail_pending();
-        if self.connected.send_replace(false) {
-            tracing::info!("guest agent disconnected");
-            self.events.set_network_status(NOT_CONNECTED);
+        let was_connected = self.connected.send_replace(false);
+        tracing::info!(
+            "guest agent disconnected; no other connection is accepted until the VM restarts"
+        );
+        if was_connected {
+            tracing::debug!("isGuestConnected is false from now on");
+        }
+        self.events.set_network_status(NOT_CONNECTED);
+        // Nothing can reach the guest's processes any more.
+        if let Some(why) = lost {
+            self.report_lost_processes(why);
         }
     }
 
@@ -295,25 +499,62 @@ impl Agent {
                 });
             }
             GuestFrame::Event { event, params } => self.handle_event(event, params),
-            f @ GuestFrame::Request { .. } => {
-                tracing::debug!("guest request for the client: {}", Redacted(&f));
-                if let Some(obj) = f.to_client_frame() {
-                    self.events.publish(obj);
-                }
-            }
+            f @ GuestFrame::Request { .. } => self.handle_guest_request(f),
             GuestFrame::Notification { method, .. } => {
                 tracing::debug!("ignoring a notification {method} from the guest");
             }
         }
     }
 
+    /// A guest request for the client: passed on when its method is in
+    /// [`FORWARDED_GUEST_REQUESTS`]; otherwise answered "unknown method"
+    /// (without waiting for room: a full queue drops the answer) and
+    /// dropped.
+    fn handle_guest_request(&self, f: GuestFrame) {
+        let GuestFrame::Request { id, method, .. } = &f else {
+            return;
+        };
+        if FORWARDED_GUEST_REQUESTS.contains(&method.as_str()) {
+            tracing::debug!("guest request for the client: {}", Redacted(&f));
+            if let Some(obj) = f.to_client_frame() {
+                self.events.publish(obj);
+            }
+            return;
+        }
+        if let Some(n) = self.dropped_log.allow() {
+            tracing::warn!(
+                "dropped a guest request {method:?}: not a request the client takes{}",
+                LogLimit::suffix(n)
+            );
+        }
+        let answer = GuestFrame::unknown_method(id.clone(), method);
+        if let (Ok(bytes), Link::Current(c)) = (encode_frame(&answer), &*lock(&self.link)) {
+            let share = bytes.len().min(WRITE_QUEUE_BYTES) as u32;
+            if let Ok(permit) = c.budget.clone().try_acquire_many_owned(share) {
+                let _ = c.tx.try_send((bytes, permit));
+            }
+        }
+    }
+
     fn handle_event(self: &Arc<Self>, event: String, params: Value) {
+        if event == "ready" {
+            self.observe(&event, params);
+            return;
+        }
+        if !FORWARDED_GUEST_EVENTS.contains(&event.as_str()) {
+            if let Some(n) = self.dropped_log.allow() {
+                tracing::warn!(
+                    "dropped a guest event {event:?}: not an event the client takes{}",
+                    LogLimit::suffix(n)
+                );
+            }
+            return;
+        }
         // Output is the hot path and the helper only passes it on: no typed
         // parse (a copy of every chunk) for it.
         if event != "stdout" && event != "stderr" {
             self.observe(&event, params.clone());
         }
-        // `ready` is the helper's own; it flattens to nothing.
         if let Some(obj) = flatten_event(&event, &params) {
             self.events.publish(obj);
         }
@@ -323,14 +564,13 @@ impl Agent {
     fn observe(self: &Arc<Self>, event: &str, params: Value) {
         match GuestEvent::parse(event, params) {
             Ok(GuestEvent::Ready) => {
-                if !self.connected.send_replace(true) {
-                    tracing::info!("guest agent ready");
-                    if self.events.network_status() == NOT_CONNECTED {
-                        self.events.set_network_status(CONNECTED);
-                    }
-                    let me = self.clone();
-                    tokio::spawn(async move { me.after_ready().await });
+                // Once per boot: a repeated `ready` starts nothing.
+                if self.ready_seen.swap(true, Ordering::SeqCst) {
+                    tracing::debug!("ignoring a repeated ready from the guest");
+                    return;
                 }
+                let me = self.clone();
+                tokio::spawn(async move { me.after_ready().await });
             }
             Ok(GuestEvent::Exit {
                 id, code, signal, ..
@@ -361,10 +601,14 @@ impl Agent {
                 tracing::info!("guest API reachability: {status}")
             }
             Ok(GuestEvent::Stdout { .. } | GuestEvent::Stderr { .. }) => {}
-            Err(e) => tracing::debug!("passing on a guest event this helper does not know: {e}"),
+            Err(e) => tracing::debug!("a guest event this helper cannot read: {e}"),
         }
     }
 
+    /// After `ready`: the proxy configuration, then `agent.info` for the
+    /// agent's capabilities, then `isGuestConnected` turns true. In that
+    /// order, so that the client's first `spawn` (it waits for
+    /// `isGuestConnected`) finds the capabilities known.
     async fn after_ready(self: Arc<Self>) {
         if let Some(cfg) = &self.proxy_config {
             let n = GuestNotification::HostProxyConfig(cfg.clone());
@@ -372,19 +616,51 @@ impl Agent {
                 tracing::debug!("hostProxyConfig: {e}");
             }
         }
-        match self
-            .request(&GuestRequest::AgentInfo, Duration::from_secs(10))
+        let capabilities = match self
+            .request(&GuestRequest::AgentInfo, AGENT_INFO_TIMEOUT)
             .await
         {
             Ok(v) => {
                 let field = |k: &str| v.get(k).map(|x| x.to_string()).unwrap_or_default();
                 let (agent, version, protocol) =
                     (field("agent"), field("version"), field("protocol"));
-                tracing::info!("guest agent: {agent} {version} (protocol {protocol})");
+                let caps: Vec<String> = v
+                    .get("capabilities")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                tracing::info!(
+                    "guest agent: {agent} {version} (protocol {protocol}; capabilities {})",
+                    caps.join(", ")
+                );
+                caps
             }
-            Err(e) => tracing::info!(
-                "the guest agent has no agent.info ({e}); assuming a vendor-compatible agent"
-            ),
+            Err(e) => {
+                tracing::info!(
+                    "the guest agent has no agent.info ({e}); assuming a vendor-compatible \
+                     agent without the session sandbox"
+                );
+                Vec::new()
+            }
+        };
+        if !capabilities.iter().any(|c| c == SANDBOX_CAPABILITY) {
+            tracing::warn!(
+                "the guest agent does not advertise the session sandbox; spawns will be refused"
+            );
+        }
+        *lock(&self.capabilities) = capabilities;
+        // The connection may have dropped meanwhile: then it stays down.
+        let still = matches!(&*lock(&self.link), Link::Current(_));
+        if still && !self.connected.send_replace(true) {
+            tracing::info!("guest agent ready");
+            if self.events.network_status() == NOT_CONNECTED {
+                self.events.set_network_status(CONNECTED);
+            }
         }
     }
 
@@ -399,5 +675,67 @@ impl Agent {
                 oom_kill_count: None,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An agent whose connection is one end of a socket pair; the other end
+    /// is read and never answered.
+    async fn silent_agent() -> (Arc<Agent>, Arc<EventHub>) {
+        let hub = Arc::new(EventHub::new());
+        let agent = Agent::new(hub.clone(), None);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (generation, rx) = agent.admit().unwrap();
+        assert!(agent.admit().is_none(), "one connection per boot");
+        tokio::spawn(agent.clone().run_connection(ours, generation, rx));
+        tokio::spawn(async move {
+            let mut theirs = theirs;
+            let mut buf = vec![0u8; 64 * 1024];
+            while theirs.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        (agent, hub)
+    }
+
+    #[test]
+    fn requests_in_flight_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (agent, _hub) = silent_agent().await;
+            let mut waiting = Vec::new();
+            for _ in 0..MAX_PENDING {
+                let a = agent.clone();
+                waiting.push(tokio::spawn(async move {
+                    a.request(&GuestRequest::AgentInfo, Duration::from_secs(600))
+                        .await
+                }));
+            }
+            while lock(&agent.pending).len() < MAX_PENDING {
+                tokio::task::yield_now().await;
+            }
+            let e = agent
+                .request(&GuestRequest::AgentInfo, Duration::from_secs(1))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AgentError::TooManyRequests(MAX_PENDING)), "{e}");
+            // The VM goes: every waiter learns it, and the map is empty.
+            agent.disconnect();
+            for w in waiting {
+                assert!(matches!(w.await.unwrap(), Err(AgentError::Disconnected(_))));
+            }
+            assert!(lock(&agent.pending).is_empty());
+            assert!(matches!(
+                agent
+                    .request(&GuestRequest::AgentInfo, Duration::from_secs(1))
+                    .await,
+                Err(AgentError::NotConnected)
+            ));
+        });
     }
 }

@@ -16,7 +16,7 @@ use socket_proto::host::{
 use socket_proto::redact::Redacted;
 use socket_proto::Response;
 
-use super::agent::{Agent, AgentError, REQUEST_TIMEOUT};
+use super::agent::{Agent, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
 use super::vm::Sizing;
 use super::Helper;
 
@@ -172,9 +172,15 @@ pub fn failed_mounts(additional: &Value) -> Vec<Value> {
 }
 
 async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response {
-    let Some(agent) = helper.vm.agent() else {
+    let Some(agent) = helper.vm.agent().filter(|a| a.is_connected()) else {
         return req.err(AgentError::NotConnected.to_string());
     };
+    // Fail closed: an agent that cannot sandbox the process would run it
+    // as root in the guest, beside every other session.
+    if !agent.has_capability(SANDBOX_CAPABILITY) {
+        tracing::warn!("spawn {} refused: {}", p.id, AgentError::NoSandbox);
+        return req.err(AgentError::NoSandbox.to_string());
+    }
     let mut ours = p
         .additional_mounts
         .as_ref()

@@ -40,6 +40,9 @@ pub struct HelperConfig {
     pub home: Option<PathBuf>,
     /// Flips the helper's log filter for `setDebugLogging`.
     pub debug_switch: Option<DebugSwitch>,
+    /// Bytes of events each subscriber may fall behind
+    /// ([`events::EVENT_BUDGET_BYTES`] in production).
+    pub event_budget: usize,
 }
 
 impl HelperConfig {
@@ -57,6 +60,7 @@ impl HelperConfig {
             run_dir: run_dir_for(socket),
             home: std::env::var_os("HOME").map(PathBuf::from),
             debug_switch: None,
+            event_budget: events::EVENT_BUDGET_BYTES,
         })
     }
 }
@@ -76,7 +80,7 @@ pub struct Helper {
 impl Helper {
     /// A helper with no VM yet.
     pub fn new(cfg: HelperConfig) -> Arc<Self> {
-        let events = Arc::new(events::EventHub::new());
+        let events = Arc::new(events::EventHub::with_budget(cfg.event_budget));
         let vm = Arc::new(vm::VmManager::new(
             cfg.images,
             cfg.launcher,
@@ -109,6 +113,51 @@ pub fn run_dir_for(socket: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, so that the client
+/// can always connect: the helper's own descriptors are bounded elsewhere
+/// ([`server::MAX_CONNECTIONS`] client connections, one agent connection
+/// per VM), and the soft default (often 1024) is below what those bounds
+/// allow together. Failure is logged, not fatal.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!("RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads one rlimit from `raised`, a live local.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            "raising RLIMIT_NOFILE to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::debug!("RLIMIT_NOFILE {} -> {}", lim.rlim_cur, lim.rlim_max);
+    }
+}
+
+/// The current soft `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, a live local.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur
+}
+
 /// The effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -119,6 +168,7 @@ pub fn euid() -> u32 {
 /// cleanly. Blocks the calling thread (a current-thread runtime: every VMM
 /// is forked from this thread, which `PR_SET_PDEATHSIG` relies on).
 pub fn serve(socket: &Path, debug_switch: Option<DebugSwitch>) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -139,4 +189,55 @@ pub fn serve(socket: &Path, debug_switch: Option<DebugSwitch>) -> anyhow::Result
         listener.run(helper, shutdown).await;
         Ok(())
     })
+}
+
+/// A log line allowed at most once per [`LogLimit::INTERVAL`]: what a guest
+/// or a client can trigger at will (refused connections, dropped events)
+/// must not flood the log.
+pub struct LogLimit {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogLimit {
+    /// At most one line per this long.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// A limit that allows its first line.
+    pub const fn new() -> Self {
+        Self {
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` the lines suppressed
+    /// since the last one; `None` (and one more suppressed) otherwise.
+    pub fn allow(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match st.0 {
+            Some(last) if now.duration_since(last) < Self::INTERVAL => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                st.0 = Some(now);
+                Some(std::mem::take(&mut st.1))
+            }
+        }
+    }
+
+    /// `" (N more like it suppressed)"`, or nothing for 0.
+    pub fn suffix(suppressed: u64) -> String {
+        if suppressed == 0 {
+            String::new()
+        } else {
+            format!(" ({suppressed} more like it suppressed)")
+        }
+    }
 }

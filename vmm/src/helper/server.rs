@@ -22,10 +22,10 @@ use socket_proto::host::{HostMethod, HostRequest};
 use socket_proto::Response;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use super::events::EventFrame;
+use super::events::{Next, Subscription};
 use super::{euid, Helper};
 
 /// Connections served at once; more are closed on arrival.
@@ -181,18 +181,15 @@ impl Listener {
             });
         }
         tracing::info!("shutting down");
-        if let Err(e) = helper.vm.stop_vm().await {
-            tracing::error!("stopping the VM: {e}");
-        }
+        helper.vm.shutdown().await;
         self.remove();
     }
 }
 
 enum Out {
     Frame(Vec<u8>),
-    Event(EventFrame),
-    /// Close the connection for writing (a subscriber that lagged).
-    Close,
+    /// From now on, also write this subscription's events.
+    Subscribe(Subscription),
 }
 
 fn encode_response(r: &Response) -> Vec<u8> {
@@ -208,21 +205,61 @@ pub async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
     let (mut rd, mut wr) = stream.into_split();
     let (out, mut out_rx) = mpsc::channel::<Out>(WRITE_QUEUE);
     let writer = tokio::spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            let r = match &o {
-                Out::Frame(b) => wr.write_all(b).await,
-                Out::Event(b) => wr.write_all(b).await,
-                Out::Close => break,
+        let mut events: Option<Subscription> = None;
+        loop {
+            let next_event = async {
+                match &events {
+                    Some(sub) => sub.next().await,
+                    None => std::future::pending().await,
+                }
             };
-            if r.is_err() {
-                break;
+            tokio::select! {
+                // Replies first: a flood of events does not delay them.
+                biased;
+                o = out_rx.recv() => match o {
+                    Some(Out::Frame(b)) => {
+                        if wr.write_all(&b).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Out::Subscribe(sub)) => events = Some(sub),
+                    None => break,
+                },
+                n = next_event => match n {
+                    Next::Event(f) => {
+                        let Some(sub) = &events else { break };
+                        // A client that stops reading blocks this write;
+                        // going over the budget meanwhile ends it.
+                        let written = tokio::select! {
+                            r = wr.write_all(&f) => r.is_ok(),
+                            budget = sub.dropped() => {
+                                tracing::warn!(
+                                    "closing an event subscriber that fell over {budget} bytes \
+                                     behind; it resubscribes"
+                                );
+                                false
+                            }
+                        };
+                        sub.written(f.len());
+                        if !written {
+                            break;
+                        }
+                    }
+                    Next::Overflowed { budget } => {
+                        tracing::warn!(
+                            "closing an event subscriber that fell over {budget} bytes behind; \
+                             it resubscribes"
+                        );
+                        break;
+                    }
+                },
             }
         }
         let _ = wr.shutdown().await;
     });
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    let mut events: Option<tokio::task::JoinHandle<()>> = None;
+    let mut subscribed = false;
     loop {
         let obj = match super::wire::read_frame(&mut rd).await {
             Ok(Some(obj)) => obj,
@@ -255,20 +292,16 @@ pub async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
             }
         };
         if let HostMethod::SubscribeEvents(p) = &req.method {
-            if events.is_none() {
+            let _ = out.send(Out::Frame(encode_response(&req.ok()))).await;
+            if !subscribed {
+                subscribed = true;
                 tracing::info!(
                     "event subscriber connected ({})",
                     p.user_data_name.as_deref().unwrap_or("no profile")
                 );
-                // Ack first, then the current state, then every event.
-                let (snapshot, rx) = helper.events.subscribe();
-                let _ = out.send(Out::Frame(encode_response(&req.ok()))).await;
-                for f in snapshot {
-                    let _ = out.send(Out::Event(f)).await;
-                }
-                events = Some(tokio::spawn(forward_events(rx, out.clone())));
-            } else {
-                let _ = out.send(Out::Frame(encode_response(&req.ok()))).await;
+                // Ack first (above), then the current state, then every
+                // event: the subscription's queue starts with the state.
+                let _ = out.send(Out::Subscribe(helper.events.subscribe())).await;
             }
             continue;
         }
@@ -286,32 +319,11 @@ pub async fn serve_connection(helper: Arc<Helper>, stream: UnixStream) {
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    if let Some(ev) = events {
+    if subscribed {
         // The client closed its side: it is gone (the client never
         // half-closes an event stream).
-        ev.abort();
         tracing::info!("event subscriber disconnected");
     }
     drop(out);
     let _ = writer.await;
-}
-
-async fn forward_events(mut rx: broadcast::Receiver<EventFrame>, out: mpsc::Sender<Out>) {
-    loop {
-        match rx.recv().await {
-            Ok(f) => {
-                if out.send(Out::Event(f)).await.is_err() {
-                    return;
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    "an event subscriber fell {n} events behind; closing it so that it resubscribes"
-                );
-                let _ = out.send(Out::Close).await;
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
 }

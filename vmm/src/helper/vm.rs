@@ -12,6 +12,7 @@
 //!   end. Production uses [`ProcessLauncher`]; tests use a double.
 
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +25,12 @@ use socket_proto::ClientEvent;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::agent::Agent;
+use super::agent::{Agent, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
 use coworkvm_rootfs::manifest::MANIFEST_FILE;
 
 use crate::arch::x86_64::smbios::MachineUuid;
+use crate::boot_file::BootFile;
 use crate::bundle::Bundle;
 
 /// Guest memory when neither `startVM` nor `configure` says.
@@ -45,6 +47,28 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const TERM_GRACE: Duration = Duration::from_secs(5);
 /// See [`SHUTDOWN_GRACE`].
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// `stopVM`: how long the agent may take to answer `shutdown` (sending it
+/// takes at most [`SEND_TIMEOUT`] more).
+pub const SHUTDOWN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// `stopVM`: after a failed `shutdown` request, how long the VMM may take
+/// to exit on its own (the agent's connection drops as the guest powers
+/// off, which fails the request) before SIGTERM.
+pub const SHUTDOWN_FAILED_GRACE: Duration = Duration::from_secs(2);
+
+/// The longest `stopVM` takes once it holds the lifecycle lock, SIGKILL
+/// included, whatever the agent does (an agent that stopped reading makes
+/// the `shutdown` send time out): send ([`SEND_TIMEOUT`], 5 s) + answer
+/// ([`SHUTDOWN_REQUEST_TIMEOUT`], 5 s) + power-off ([`SHUTDOWN_GRACE`],
+/// 20 s) + SIGTERM ([`TERM_GRACE`], 5 s) + SIGKILL ([`KILL_GRACE`], 5 s) =
+/// 40 s. A `createVM` or `startVM` in progress holds the lock first; SIGTERM
+/// does not wait for it (see [`VmManager::shutdown`]).
+pub const STOP_VM_BOUND: Duration = Duration::from_secs(
+    SEND_TIMEOUT.as_secs()
+        + SHUTDOWN_REQUEST_TIMEOUT.as_secs()
+        + SHUTDOWN_GRACE.as_secs()
+        + TERM_GRACE.as_secs()
+        + KILL_GRACE.as_secs(),
+);
 
 /// Why a VM operation failed; the text goes to the client as the error.
 #[derive(Debug, thiserror::Error)]
@@ -81,17 +105,18 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// What a VM boots from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a VM boots from: open files (the VMM gets the descriptors, never
+/// a bundle path to resolve).
+#[derive(Debug, Clone)]
 pub struct VmImages {
     /// The guest kernel (bzImage).
-    pub kernel: PathBuf,
+    pub kernel: BootFile,
     /// The initramfs with `coworkvm-agent` as `/init`.
-    pub initrd: PathBuf,
+    pub initrd: BootFile,
     /// The OS disk, attached read-only as vda.
-    pub rootfs: PathBuf,
+    pub rootfs: BootFile,
     /// The session disk, read-write as vdb.
-    pub session_disk: PathBuf,
+    pub session_disk: BootFile,
     /// The machine UUID (SMBIOS), when the bundle has one.
     pub machine_uuid: Option<MachineUuid>,
 }
@@ -132,18 +157,19 @@ impl ImageSource for BundleImages {
         if let Some(e) = &p.expanded {
             tracing::info!("expanded the rootfs in {}: {e:?}", bundle.display());
         }
+        let files = p.open_images()?;
         Ok(VmImages {
-            kernel: p.kernel,
-            initrd: p.initrd,
-            rootfs: p.rootfs,
-            session_disk: p.session_disk,
+            kernel: BootFile::new(p.kernel, files.kernel),
+            initrd: BootFile::new(p.initrd, files.initrd),
+            rootfs: BootFile::new(p.rootfs, files.rootfs),
+            session_disk: BootFile::new(p.session_disk, files.session_disk),
             machine_uuid: Some(p.identity.machine_id.uuid()),
         })
     }
 }
 
 /// Everything the VMM needs for one boot.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LaunchSpec {
     /// Disks, kernel and identity.
     pub images: VmImages,
@@ -182,16 +208,20 @@ pub trait VmLauncher: Send + Sync {
     fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError>;
 }
 
-/// The `coworkvm boot` arguments for `spec`.
+/// The `coworkvm boot` arguments for `spec`. The boot files go as
+/// `fd:N`, N the descriptor number of each [`BootFile`] in this process;
+/// [`ProcessLauncher`] makes exactly those descriptors survive `exec`
+/// ([`inherited_fds`]), so the child finds them under the same numbers.
 pub fn boot_args(spec: &LaunchSpec) -> Vec<OsString> {
+    let fd = |f: &BootFile| -> OsString { format!("fd:{}", f.file().as_raw_fd()).into() };
     let mut a: Vec<OsString> = vec!["boot".into(), "--kernel".into()];
-    a.push(spec.images.kernel.clone().into());
+    a.push(fd(&spec.images.kernel));
     a.push("--initrd".into());
-    a.push(spec.images.initrd.clone().into());
-    let mut ro = spec.images.rootfs.clone().into_os_string();
+    a.push(fd(&spec.images.initrd));
+    let mut ro = fd(&spec.images.rootfs);
     ro.push(",ro");
     a.extend(["--disk".into(), ro, "--disk".into()]);
-    a.push(spec.images.session_disk.clone().into());
+    a.push(fd(&spec.images.session_disk));
     a.push("--vsock".into());
     a.push(spec.vsock.clone().into());
     if let Some(u) = &spec.images.machine_uuid {
@@ -209,6 +239,12 @@ pub fn boot_args(spec: &LaunchSpec) -> Vec<OsString> {
     ]);
     a.push(spec.console.clone().into());
     a
+}
+
+/// The descriptors the VMM child inherits: the boot files of `spec`.
+pub fn inherited_fds(spec: &LaunchSpec) -> [RawFd; 4] {
+    let i = &spec.images;
+    [&i.kernel, &i.initrd, &i.rootfs, &i.session_disk].map(|f| f.file().as_raw_fd())
 }
 
 /// Runs the VMM as a child process: `EXE boot ...` ([`boot_args`]).
@@ -234,10 +270,18 @@ impl VmLauncher for ProcessLauncher {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(false);
         let parent = std::process::id();
+        // Opened close-on-exec; the child clears the flag on exactly these
+        // (the spec's files stay open in the helper until launch returns).
+        let keep = inherited_fds(spec);
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, getppid).
+        // makes async-signal-safe calls (fcntl, prctl, getppid).
         unsafe {
             cmd.pre_exec(move || {
+                for fd in keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -557,8 +601,33 @@ impl VmManager {
         let _ = ended_tx.send(Some(how));
     }
 
+    /// The helper's own stop (SIGTERM, SIGINT): [`stop_vm`](Self::stop_vm)
+    /// within [`STOP_VM_BOUND`], lifecycle lock included; past that (a
+    /// `startVM` still preparing holds the lock), SIGKILL to the VMM at
+    /// once. Either way the VMM is dead or killed when this returns, and it
+    /// dies with the helper in any case (`PR_SET_PDEATHSIG`).
+    pub async fn shutdown(&self) {
+        match tokio::time::timeout(STOP_VM_BOUND, self.stop_vm()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("stopping the VM: {e}"),
+            Err(_) => {
+                if let Some(inst) = self.current() {
+                    tracing::warn!(
+                        "the VM did not stop within {STOP_VM_BOUND:?}; killing {}",
+                        inst.name
+                    );
+                    inst.stopping.store(true, Ordering::SeqCst);
+                    let _ = inst.control.send(VmSignal::Kill);
+                    let mut ended = inst.ended.clone();
+                    let _ = tokio::time::timeout(KILL_GRACE, ended.wait_for(|v| v.is_some())).await;
+                }
+            }
+        }
+    }
+
     /// `stopVM`: asks the agent to shut down, waits for the VMM, then
-    /// SIGTERM, then SIGKILL. Nothing running: does nothing.
+    /// SIGTERM, then SIGKILL: at most [`STOP_VM_BOUND`] once it holds the
+    /// lifecycle lock. Nothing running: does nothing.
     pub async fn stop_vm(&self) -> Result<(), VmError> {
         let _guard = self.lifecycle.lock().await;
         let Some(inst) = self.current() else {
@@ -578,7 +647,7 @@ impl VmManager {
         if inst.agent.is_connected() {
             match inst
                 .agent
-                .request(&GuestRequest::Shutdown, Duration::from_secs(5))
+                .request(&GuestRequest::Shutdown, SHUTDOWN_REQUEST_TIMEOUT)
                 .await
             {
                 Ok(_) => {
@@ -591,7 +660,7 @@ impl VmManager {
                 // The agent's connection may drop as the guest powers off.
                 Err(e) => {
                     tracing::warn!("stopVM: shutdown request: {e}");
-                    if wait(Duration::from_secs(2)).await {
+                    if wait(SHUTDOWN_FAILED_GRACE).await {
                         return Ok(());
                     }
                 }
@@ -618,10 +687,30 @@ async fn run_blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(VmError::Launch(format!("a preparation task failed: {e}"))))
 }
 
+/// How much of the console log's end is read to log its last lines: the
+/// guest writes the file, so it is never read whole.
+const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
+
 fn log_console_tail(console: &Path) {
-    let Ok(text) = std::fs::read(console) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = crate::bundle::fsutil::open_regular(console, false) else {
         return;
     };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)))
+        .is_err()
+    {
+        return;
+    }
+    let mut text = Vec::new();
+    if file
+        .take(CONSOLE_TAIL_BYTES)
+        .read_to_end(&mut text)
+        .is_err()
+    {
+        return;
+    }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     let from = lines.len().saturating_sub(20);
@@ -636,12 +725,19 @@ mod tests {
 
     #[test]
     fn boot_args_match_the_vmm_cli() {
+        let dir = std::env::temp_dir().join(format!("coworkvm-bootargs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, b"x").unwrap();
+            BootFile::new(&p, std::fs::File::open(&p).unwrap())
+        };
         let spec = LaunchSpec {
             images: VmImages {
-                kernel: "/b/vmlinuz".into(),
-                initrd: "/b/initrd.img".into(),
-                rootfs: "/b/rootfs.img".into(),
-                session_disk: "/b/sessiondata.img".into(),
+                kernel: file("vmlinuz"),
+                initrd: file("initrd.img"),
+                rootfs: file("rootfs.img"),
+                session_disk: file("sessiondata.img"),
                 machine_uuid: Some(
                     MachineUuid::parse("12345678-9abc-def0-1234-56789abcdef0").unwrap(),
                 ),
@@ -655,12 +751,16 @@ mod tests {
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
+        let [k, i, r, s] = inherited_fds(&spec);
         assert_eq!(
             args.join(" "),
-            "boot --kernel /b/vmlinuz --initrd /b/initrd.img --disk /b/rootfs.img,ro \
-             --disk /b/sessiondata.img --vsock /r/vsock.sock \
-             --uuid 12345678-9abc-def0-1234-56789abcdef0 --cpus 2 --mem 2048 \
-             --cmdline quiet coworkvm.rootfs=vda coworkvm.sessions=vdb --console /r/console.log"
+            format!(
+                "boot --kernel fd:{k} --initrd fd:{i} --disk fd:{r},ro \
+                 --disk fd:{s} --vsock /r/vsock.sock \
+                 --uuid 12345678-9abc-def0-1234-56789abcdef0 --cpus 2 --mem 2048 \
+                 --cmdline quiet coworkvm.rootfs=vda coworkvm.sessions=vdb --console /r/console.log"
+            )
         );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

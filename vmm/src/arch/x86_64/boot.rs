@@ -60,8 +60,14 @@ struct BootParamsPod(boot_params);
 unsafe impl ByteValued for BootParamsPod {}
 
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+    let file = File::open(path).map_err(|e| BootError::Open(path.display().to_string(), e))?;
+    load_kernel_file(mem, path, &file)
+}
+
+/// [`load_kernel`] from an open file; `path` names it in errors.
+pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path, file: &File) -> Result<LoadedKernel> {
     let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|e| BootError::Open(name.clone(), e))?;
+    let mut file = file;
     let loaded = BzImage::load(
         mem,
         None,
@@ -96,8 +102,20 @@ pub fn load_initrd(
     initrd_addr_max: u32,
     kernel_end: u64,
 ) -> Result<(GuestAddress, u64)> {
+    let file = File::open(path).map_err(|e| BootError::Open(path.display().to_string(), e))?;
+    load_initrd_file(mem, path, &file, initrd_addr_max, kernel_end)
+}
+
+/// [`load_initrd`] from an open file; `path` names it in errors.
+pub fn load_initrd_file(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &File,
+    initrd_addr_max: u32,
+    kernel_end: u64,
+) -> Result<(GuestAddress, u64)> {
     let name = path.display().to_string();
-    let mut file = File::open(path).map_err(|e| BootError::Open(name.clone(), e))?;
+    let mut file = file;
     let size = file
         .seek(SeekFrom::End(0))
         .map_err(|e| BootError::Initrd(name.clone(), e))?;

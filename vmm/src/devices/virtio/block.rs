@@ -165,6 +165,12 @@ impl DiskImage {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::Open(path.to_owned(), e))?;
+        Self::from_file(path, file, read_only)
+    }
+
+    /// A disk from an open image (see `crate::boot_file`); `path` names it
+    /// in errors and gives the disk's serial (its last component).
+    pub fn from_file(path: &Path, file: File, read_only: bool) -> Result<Self, BlockError> {
         // Block devices report 0 in metadata; seeking to the end works for both.
         let size = {
             use std::io::Seek;
