@@ -281,6 +281,9 @@ pub fn serve(agent: Agent, workers: Workers, steps: Vec<crate::StartupStep>) -> 
             }
         }
         agent.procs.set_sender(None);
+        // The helper takes one agent connection per boot and closes any
+        // later one at once: redialing without a pause would spin.
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
