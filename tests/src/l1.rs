@@ -120,10 +120,12 @@ mount -t tmpfs -o size=1500m tmp /tmp
 mount -t debugfs debugfs /sys/kernel/debug
 fail() {{ echo "{ERROR_MARKER} $*"; poweroff -f; sleep 60; }}
 # The heartbeat goes to the second serial port, never into a case's output.
+# It sleeps as `busybox`, not `sleep`: cases look for a leftover sleep.
 [ -c /dev/ttyS1 ] || fail "no /dev/ttyS1 for the heartbeat"
 while :; do
-    echo "{HEARTBEAT_MARKER} $(cut -d' ' -f1 /proc/uptime)"
-    sleep {HEARTBEAT_PERIOD_S}
+    read -r up rest </proc/uptime
+    echo "{HEARTBEAT_MARKER} $up"
+    /bin/busybox sleep {HEARTBEAT_PERIOD_S}
 done >/dev/ttyS1 2>&1 &
 export RIG_HEARTBEAT_PID=$!
 rel=$(uname -r)
@@ -993,7 +995,7 @@ mod tests {
         assert!(s.trim_end().ends_with("poweroff -f"));
         // The heartbeat: on ttyS1, before the modules load, spared by reap.
         assert!(s.contains("done >/dev/ttyS1 2>&1 &\nexport RIG_HEARTBEAT_PID=$!\n"));
-        assert!(s.contains(&format!("sleep {HEARTBEAT_PERIOD_S}\n")));
+        assert!(s.contains(&format!("/bin/busybox sleep {HEARTBEAT_PERIOD_S}\n")));
         assert!(s.find("RIG_HEARTBEAT_PID=").unwrap() < s.find("insmod").unwrap());
         assert!(s.contains("[ \"$p\" != \"$RIG_HEARTBEAT_PID\" ] || continue"));
         // A module that fails to load says so.

@@ -2,6 +2,8 @@
 //! and goes quiet, as L1 did when `make bench` hung under TCG), the runner
 //! ends that L1 after the silence limit instead of waiting for the case
 //! time-outs, and runs the cases it had not finished in a fresh L1, once.
+//! A case that is quiet for longer than the silence limit is not a hang:
+//! L1's heartbeat keeps it alive.
 //! Needs only the kernel and busybox (`make kernel`), like rig_qemu_l2.
 
 use std::time::Duration;
@@ -36,9 +38,16 @@ sleep 600
 "#,
         n = FLAG.len()
     );
+    let quiet = format!(
+        "sleep {}; echo @@HANG quiet-done",
+        SILENCE.as_secs() * 3 / 2
+    );
     let batch = Batch {
         cases: vec![
             Case::new("first", "echo @@HANG first-ran", 60),
+            // Longer than the silence limit without a word: the heartbeat
+            // alone keeps this L1 alive.
+            Case::new("quiet", &quiet, 120),
             Case::new("freeze", &freeze, FREEZE_TIMEOUT_S),
             Case::new("last", "echo @@HANG last-ran", 60),
         ],
@@ -74,6 +83,16 @@ sleep 600
     assert!(
         result.console.contains("@@HANG freezing"),
         "the first L1 ran the freeze\n{report}"
+    );
+    let quiet = result.case("quiet");
+    assert!(
+        quiet.passed() && quiet.has_line("@@HANG quiet-done"),
+        "a quiet case is no hang while the heartbeat goes on\n{report}"
+    );
+    assert_eq!(
+        result.console.matches("@@RIG-BEGIN quiet").count(),
+        1,
+        "{report}"
     );
     let freeze = result.case("freeze");
     assert!(
