@@ -21,8 +21,6 @@
 set -euo pipefail
 BUILD=${BUILD:-build}
 SERIES=${COWORKVM_KERNEL_SERIES:-}
-mkdir -p "$BUILD/debs"
-BUILD=$(cd "$BUILD" && pwd)
 # Bump when the layout of build/kernel changes, so old caches are redone.
 LAYOUT=2
 # apt lists older than this are refreshed before a kernel is picked.
@@ -34,6 +32,8 @@ if [ -n "$SERIES" ] && ! [[ $SERIES =~ ^[0-9]+\.[0-9]+$ ]]; then
     log "COWORKVM_KERNEL_SERIES=$SERIES: want a kernel series such as 6.1 or 6.12"
     exit 1
 fi
+mkdir -p "$BUILD/debs"
+BUILD=$(cd "$BUILD" && pwd)
 
 # The directory apt keeps its package lists in (APT_CONFIG may move it).
 LISTS=$(eval "$(apt-config shell L Dir::State::Lists/d)"; echo "${L:-/var/lib/apt/lists/}")
