@@ -505,8 +505,9 @@ pub fn tail(text: &str, n: usize) -> String {
 /// Runs `cases` in L1 boots made by `boot` (given the cases to run and the
 /// attempt, 0 or 1; it returns the boot and whether it was retried). When
 /// an L1 hangs, it is ended and the cases it did not finish run once more
-/// in a fresh L1; a second hang leaves them unfinished (`rc: None`).
-/// `@@RIG-ERROR` on either boot is an error.
+/// in a fresh L1; a second hang leaves them unfinished (`rc: None`). The
+/// fresh L1 gets the same disks, as the hung one left them. `@@RIG-ERROR`
+/// on either boot is an error.
 pub fn run_with_rerun(
     cases: &[Case],
     mut boot: impl FnMut(&[&Case], u32) -> Result<(Boot, bool)>,
