@@ -11,7 +11,7 @@
 //! `tests/guest/serial-bench.init`), same kernel, vCPUs and memory.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -170,6 +170,7 @@ done
     };
     let result = batch.run(paths)?;
     let _ = std::fs::remove_dir_all(&scratch);
+    let mut missing = unfinished_cases(&result);
     let mut host = String::new();
     if helper_runs {
         host.push_str(&render_helper(&result.case("helper").output));
@@ -182,34 +183,94 @@ done
     let serial_out: Vec<String> = (0..stream_runs)
         .map(|r| result.case(&format!("serial{r}")).output.clone())
         .collect();
+    for (name, outs, tag) in [
+        ("agent", &agent_out, "@@BENCH"),
+        ("serial", &serial_out, "@@BENCH-SERIAL"),
+    ] {
+        for (r, o) in outs.iter().enumerate() {
+            if tagged(o, tag).is_empty() {
+                missing.push(format!("{name}{r}: no {tag} result"));
+            }
+        }
+    }
+    if helper_runs && tagged(&result.case("helper").output, "@@HELPER-BENCH").is_empty() {
+        missing.push("helper: no @@HELPER-BENCH result".into());
+    }
     let mut streams = render_streams(&agent_out, &serial_out, mib);
     streams.push_str(&host);
+    streams.push_str(&rerun_note(&result));
     if runs == 0 {
         let report =
             format!("# Stream benchmark: coworkvm agent vs QEMU virtio-serial\n\n{streams}");
-        print!("{report}");
-        std::fs::write(&out, &report)?;
-        eprintln!("bench: written to {}", out.display());
-        return Ok(());
+        return write_results(&out, &report, &missing);
     }
     let case = result.case("bench");
     let cw = parse_samples(&case.output, "coworkvm");
     let qm = parse_samples(&case.output, "qemu");
+    for (vmm, got) in [("coworkvm", cw.len()), ("qemu", qm.len())] {
+        if got < runs as usize {
+            missing.push(format!("bench: {got} of {runs} {vmm} boot samples"));
+        }
+    }
     if cw.is_empty() || qm.is_empty() {
         bail!(
-            "no samples (coworkvm {}, qemu {}); output:\n{}",
+            "no samples (coworkvm {}, qemu {}), {} kept as it was; output:\n{}",
             cw.len(),
             qm.len(),
+            out.display(),
             case.output
         );
     }
     let mut report = render(&cw, &qm, &result, paths)?;
     report.push_str(&streams);
+    write_results(&out, &report, &missing)
+}
+
+/// The cases of `result` that did not finish with status 0, each with why.
+pub fn unfinished_cases(result: &crate::BatchResult) -> Vec<String> {
+    result
+        .cases
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| match c.rc {
+            None => format!("{}: did not finish", c.name),
+            Some(rc) => format!("{}: exit status {rc}", c.name),
+        })
+        .collect()
+}
+
+/// A line for the report when the rig reran cases after a hung L1.
+fn rerun_note(result: &crate::BatchResult) -> String {
+    if result.rerun.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nRig: {} ran a second time, in a fresh L1, after the first one hung ({}).\n",
+        result.rerun.join(", "),
+        result.hangs.join("; ")
+    )
+}
+
+/// Prints `report` and writes it to `out` (whole, through a rename) when
+/// nothing is `missing`; otherwise `out` keeps the previous run's results
+/// and the error names what is missing. A partial table must never replace
+/// a complete one.
+pub fn write_results(out: &Path, report: &str, missing: &[String]) -> Result<()> {
     print!("{report}");
+    if !missing.is_empty() {
+        bail!(
+            "incomplete benchmark run, {} not written (it keeps the previous results); \
+             missing: {}",
+            out.display(),
+            missing.join("; ")
+        );
+    }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, &report)?;
+    let tmp = out.with_extension("md.tmp");
+    std::fs::write(&tmp, report).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
     eprintln!("bench: written to {}", out.display());
     Ok(())
 }
@@ -639,6 +700,59 @@ mod tests {
         let st = stats(&[3.0, 1.0, 2.0, 10.0]).unwrap();
         assert_eq!((st.median, st.min, st.max), (2.5, 1.0, 10.0));
         assert!(stats(&[]).is_none());
+    }
+
+    fn result_of(cases: &[(&str, Option<i32>)]) -> crate::BatchResult {
+        crate::BatchResult {
+            mode: crate::Mode::L1,
+            cases: cases
+                .iter()
+                .map(|(n, rc)| crate::CaseResult {
+                    name: n.to_string(),
+                    rc: *rc,
+                    output: String::new(),
+                })
+                .collect(),
+            console: String::new(),
+            retried: false,
+            wall: std::time::Duration::ZERO,
+            l1_up: None,
+            l1_uptime_at_up: None,
+            rerun: vec!["agent0".into()],
+            hangs: vec!["L1 silent for 60 s during case agent0".into()],
+        }
+    }
+
+    /// The `make bench` of 2026-11-29: L1 hung after 7 of 10 boot pairs and
+    /// the partial tables replaced bench/results.md. Now the file stays.
+    #[test]
+    fn an_incomplete_run_keeps_the_previous_results() {
+        let dir = crate::Scratch::new("bench-out").unwrap();
+        let out = dir.path.join("results.md");
+        std::fs::write(&out, "previous complete results\n").unwrap();
+        let r = result_of(&[("bench", None), ("helper", Some(0)), ("agent0", Some(3))]);
+        let missing = unfinished_cases(&r);
+        assert_eq!(missing, ["bench: did not finish", "agent0: exit status 3"]);
+        let e = write_results(&out, "# partial\n", &missing).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("bench: did not finish"), "{msg}");
+        assert!(msg.contains("keeps the previous results"), "{msg}");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "previous complete results\n"
+        );
+        // A complete run replaces it, and says when cases were rerun.
+        let ok = result_of(&[("bench", Some(0))]);
+        assert!(unfinished_cases(&ok).is_empty());
+        let report = format!("# new\n{}", rerun_note(&ok));
+        write_results(&out, &report, &[]).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("# new\n"));
+        assert!(
+            text.contains("agent0 ran a second time, in a fresh L1"),
+            "{text}"
+        );
+        assert!(!dir.path.join("results.md.tmp").exists());
     }
 
     #[test]

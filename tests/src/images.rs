@@ -43,9 +43,10 @@ fn tree_size(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The images directory for a rig run, or why there is none.
+/// The images directory for a rig run (`images` in [`crate::build_dir`]),
+/// or why there is none.
 pub fn images_dir(root: &Path) -> Result<PathBuf> {
-    let dir = root.join("build/images");
+    let dir = crate::build_dir(root).join("images");
     if !dir.join("manifest.json").exists() {
         bail!("{} is missing: run `make build`", dir.display());
     }

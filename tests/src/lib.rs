@@ -54,6 +54,17 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// The build directory of the workspace at `root`: `COWORKVM_BUILD_DIR`
+/// (relative to `root` unless absolute) or `root/build`. A second kernel,
+/// e.g. `BUILD=build/k61 COWORKVM_KERNEL_SERIES=6.1 scripts/fetch-kernel.sh`,
+/// is tested with `COWORKVM_BUILD_DIR=build/k61`.
+pub fn build_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("COWORKVM_BUILD_DIR") {
+        Some(d) if !d.is_empty() => root.join(d),
+        _ => root.join("build"),
+    }
+}
+
 /// Where the build put everything the rig needs.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -95,17 +106,18 @@ impl Paths {
             .parent()
             .context("workspace root")?
             .to_path_buf();
-        let build = root.join("build");
+        let build = build_dir(&root);
         let release_dir = root.join("target/x86_64-unknown-linux-gnu/release");
         let coworkvm = std::env::var_os("COWORKVM_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| release_dir.join("coworkvm"));
-        let version = std::fs::read_to_string(build.join("kernel/version"))
-            .context("build/kernel/version missing: run `make kernel`")?;
+        let version_file = build.join("kernel/version");
+        let version = std::fs::read_to_string(&version_file)
+            .with_context(|| format!("{} missing: run `make kernel`", version_file.display()))?;
         let kernel_release = version
             .lines()
             .find_map(|l| l.strip_prefix("release="))
-            .context("build/kernel/version has no release= line")?
+            .with_context(|| format!("{} has no release= line", version_file.display()))?
             .to_owned();
         let p = Self {
             kernel: build.join("kernel/vmlinuz"),
@@ -327,6 +339,22 @@ impl CaseResult {
     }
 }
 
+/// How the rig runs a batch.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// L1 mode: how long an L1 that is up may be silent (no console output,
+    /// no heartbeat) before it counts as hung ([`l1::silence_limit`]).
+    pub silence_limit: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            silence_limit: l1::silence_limit(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct BatchResult {
     pub mode: Mode,
@@ -340,6 +368,11 @@ pub struct BatchResult {
     pub l1_up: Option<Duration>,
     /// L1 mode: L1's own uptime (s) at its init, from `/proc/uptime`.
     pub l1_uptime_at_up: Option<f64>,
+    /// L1 mode: the cases run a second time, in a fresh L1, because the
+    /// first one hung before they finished.
+    pub rerun: Vec<String>,
+    /// L1 mode: why each hung L1 was ended.
+    pub hangs: Vec<String>,
 }
 
 impl BatchResult {
@@ -381,6 +414,12 @@ impl BatchResult {
             },
             self.wall.as_secs_f64()
         );
+        for h in &self.hangs {
+            s.push_str(&format!("L1 hung: {h}\n"));
+        }
+        if !self.rerun.is_empty() {
+            s.push_str(&format!("rerun in a fresh L1: {}\n", self.rerun.join(" ")));
+        }
         for c in &self.cases {
             s.push_str(&format!("=== case {}: rc {:?}\n{}", c.name, c.rc, c.output));
         }
@@ -459,15 +498,22 @@ impl Batch {
     /// Runs every case, in order, in the mode [`mode`] picks (printed with
     /// its reason). An error means the rig itself could not run the batch
     /// (no QEMU, L1 never came up, no /dev/kvm in L1) and carries the
-    /// console; a case that fails is a result, not an error.
+    /// console; a case that fails is a result, not an error. A hung L1 is
+    /// ended and the cases it did not finish rerun once in a fresh one
+    /// ([`BatchResult::rerun`]).
     pub fn run(&self, paths: &Paths) -> Result<BatchResult> {
+        self.run_with(paths, &RunOptions::default())
+    }
+
+    /// [`Self::run`] with `opts` instead of the defaults.
+    pub fn run_with(&self, paths: &Paths, opts: &RunOptions) -> Result<BatchResult> {
         self.validate()?;
         let (mode, why) = mode(paths);
         eprintln!("rig: mode {mode:?}: {why}");
         let start = Instant::now();
         let mut result = match mode {
             Mode::Direct => self.run_direct(paths)?,
-            Mode::L1 => l1::run(self, paths)?,
+            Mode::L1 => l1::run(self, paths, opts)?,
         };
         result.wall = start.elapsed();
         let summary: Vec<String> = result
@@ -482,9 +528,18 @@ impl Batch {
             })
             .collect();
         eprintln!(
-            "rig: batch took {:.1} s: {}",
+            "rig: batch took {:.1} s: {}{}",
             result.wall.as_secs_f64(),
-            summary.join(", ")
+            summary.join(", "),
+            if result.rerun.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} rerun in a fresh L1 after: {})",
+                    result.rerun.join(" "),
+                    result.hangs.join("; ")
+                )
+            }
         );
         Ok(result)
     }
@@ -569,6 +624,8 @@ impl Batch {
             wall: Duration::ZERO,
             l1_up: None,
             l1_uptime_at_up: None,
+            rerun: vec![],
+            hangs: vec![],
         })
     }
 }

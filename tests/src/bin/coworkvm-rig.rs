@@ -59,11 +59,29 @@ exit $rc"#,
         );
     }
     println!(
-        "(ran in {:?} mode, {:.1} s)",
+        "(ran in {:?} mode, {:.1} s; {})",
         result.mode,
-        result.wall.as_secs_f64()
+        result.wall.as_secs_f64(),
+        images_kernel(&images, paths)
     );
     Ok(())
+}
+
+/// The guest kernel of the images (their manifest) and the Debian package
+/// it came from (`kernel/version`, written by scripts/fetch-kernel.sh).
+fn images_kernel(images: &std::path::Path, paths: &Paths) -> String {
+    let release = std::fs::read(images.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<coworkvm_rootfs::manifest::Manifest>(&b).ok())
+        .map_or_else(|| "unknown".into(), |m| m.kernel_version);
+    let package = std::fs::read_to_string(paths.build.join("kernel/version"))
+        .ok()
+        .and_then(|v| {
+            v.lines()
+                .find_map(|l| l.strip_prefix("package=").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "package unknown".into());
+    format!("images' kernel {release}, from {package}")
 }
 
 fn main() -> Result<()> {
