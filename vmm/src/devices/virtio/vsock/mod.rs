@@ -12,6 +12,8 @@ pub mod credit;
 pub mod handshake;
 pub mod muxer;
 pub mod packet;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
