@@ -1767,6 +1767,52 @@ mod tests {
     }
 
     #[test]
+    fn guest_refusing_a_host_stream_closes_the_host_socket() {
+        let mut h = harness();
+        let mut host = UnixStream::connect(&h.uds).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        host.write_all(
+            b"CONNECT 7777
+",
+        )
+        .unwrap();
+        for _ in 0..3 {
+            h.poll(Duration::from_millis(20)).unwrap();
+        }
+        assert_eq!(
+            ops(&h.drain_rx().unwrap()),
+            [(Op::Request, FIRST_HOST_PORT, 7777)]
+        );
+        // Nobody listens on guest port 7777.
+        h.send(&guest_header(Op::Rst, 7777, FIRST_HOST_PORT), &[])
+            .unwrap();
+        assert_eq!(h.muxer.connection_count(), 0);
+        assert_closed(&mut host);
+    }
+
+    #[test]
+    fn guest_half_close_reaches_the_host_as_eof_and_the_host_may_answer() {
+        let mut h = harness();
+        let agent = h.listen(AGENT_PORT).unwrap();
+        let mut host = open_stream(&mut h, &agent, 1000);
+        let mut rw = guest_header(Op::Rw, 1000, AGENT_PORT);
+        rw.len = 3;
+        h.send(&rw, b"req").unwrap();
+        let mut sd = guest_header(Op::Shutdown, 1000, AGENT_PORT);
+        sd.flags = SHUTDOWN_SEND;
+        h.send(&sd, &[]).unwrap();
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"req");
+        assert_eq!(h.muxer.connection_count(), 1, "half closed only");
+        host.write_all(b"answer").unwrap();
+        h.poll(Duration::from_millis(100)).unwrap();
+        let rx = h.drain_rx().unwrap();
+        assert_eq!(ops(&rx), [(Op::Rw, AGENT_PORT, 1000)]);
+        assert_eq!(rx[0].1, b"answer");
+    }
+
+    #[test]
     fn host_peer_of_another_user_is_refused() {
         let mut h = harness();
         // SAFETY: geteuid(2) takes nothing and cannot fail.
