@@ -7,7 +7,7 @@ STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
 # Build outputs go to target/ and build/ only, whatever the caller's setting.
 export CARGO_TARGET_DIR := $(CURDIR)/target
 
-.PHONY: all deps kernel kernel-6.1 test-kernel-6.1 build images rootfs-refresh deb lint test run bench clean
+.PHONY: all deps kernel kernel-6.1 test-kernel-6.1 build images rootfs-refresh deb lint test run bench fuzz clean
 
 all: build
 
@@ -68,6 +68,21 @@ run: build
 
 bench: build
 	$(RELEASE_DIR)/coworkvm-rig bench --out bench/results.md
+
+# Runs each cargo-fuzz target for FUZZ_SECONDS (not part of `make test`).
+# cargo-fuzz passes nightly flags (-Zsanitizer=address); RUSTC_BOOTSTRAP=1
+# lets the stable toolchain accept them. Each fuzz crate builds into its
+# own fuzz/target, away from the static release build in target/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := socket-proto:decode vmm:vsock_tx
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	    crate=$${t%%:*}; target=$${t#*:}; \
+	    echo "== cargo fuzz run $$target ($$crate/fuzz, $(FUZZ_SECONDS) s)"; \
+	    (cd $$crate && CARGO_TARGET_DIR=$(CURDIR)/$$crate/fuzz/target RUSTC_BOOTSTRAP=1 \
+	        cargo fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS)); \
+	done
 
 clean:
 	cargo clean

@@ -1,7 +1,9 @@
 //! End-to-end: the userspace virtio-vsock device with its hybrid Unix-socket
 //! host side. The guest opens 4 concurrent streams to a host echo server
-//! (1 MiB each way per stream, byte-checked), is refused on a port nobody
-//! listens on, and accepts a stream the host opens with `CONNECT <port>`.
+//! (1 MiB each way per stream, byte-checked) from privileged source ports,
+//! is refused on a port nobody listens on and, from an unprivileged source
+//! port, on the echo server's port, and accepts a stream the host opens with
+//! `CONNECT <port>`.
 
 use coworkvm_tests::{paths_or_skip, Batch, Case};
 
@@ -57,6 +59,12 @@ exit $rc
     assert!(
         refused.len() == 1 && refused[0].starts_with("5999"),
         "a port nobody listens on is refused: {refused:?}\n{}",
+        ctx()
+    );
+    let unprivileged = c.lines_with("guest: @@VSOCK unprivileged refused port=");
+    assert!(
+        unprivileged.len() == 1 && unprivileged[0].starts_with("5000"),
+        "a stream from an unprivileged source port is refused: {unprivileged:?}\n{}",
         ctx()
     );
     let host = c.lines_with("@@VSOCK host-connect OK");

@@ -1,8 +1,14 @@
 //! Test peer for the vsock device, on both sides of the VM.
 //!
-//! Guest side (AF_VSOCK):
+//! Guest side (AF_VSOCK; streams to the host bind a privileged source port
+//! first, as the VMM accepts guest streams only from ports below 1024, so
+//! these run as root):
 //!   vsock-probe guest-echo PORT BYTES STREAMS  send BYTES on each of STREAMS
 //!                                              streams to host PORT, expect them echoed
+//!   vsock-probe guest-connect-refused PORT     a stream to host PORT is refused
+//!   vsock-probe guest-connect-unprivileged PORT
+//!                                              a stream from an unprivileged source port
+//!                                              (auto-bound, >= 1024) to host PORT is refused
 //!   vsock-probe guest-listen PORT              accept one stream, answer a line
 //! Host side (hybrid vsock Unix sockets):
 //!   vsock-probe echo-server PATH               echo every connection to PATH
@@ -36,8 +42,44 @@ fn vsock_socket() -> std::io::Result<i32> {
     }
 }
 
+/// Binds `fd` to a free privileged port (the highest below 1024 not in use),
+/// as the guest agent does before dialing the host.
+fn bind_privileged(fd: i32) -> std::io::Result<u32> {
+    for port in (1..1024).rev() {
+        let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+        // SAFETY: `addr` is a live sockaddr_vm and the length matches it.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_vm>() as u32,
+            )
+        };
+        if r == 0 {
+            return Ok(port);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EADDRINUSE) {
+            return Err(e);
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::EADDRINUSE))
+}
+
+/// A stream to `cid`:`port` from a privileged source port.
 fn vsock_connect(cid: u32, port: u32) -> std::io::Result<File> {
+    vsock_connect_from(cid, port, true)
+}
+
+/// A stream to `cid`:`port`; from a privileged source port, or from the
+/// one the kernel picks (always 1024 or above).
+fn vsock_connect_from(cid: u32, port: u32, privileged: bool) -> std::io::Result<File> {
     let fd = vsock_socket()?;
+    // SAFETY: fd is ours and owned by nothing else; File closes it on error.
+    let f = unsafe { File::from_raw_fd(fd) };
+    if privileged {
+        bind_privileged(fd)?;
+    }
     let addr = vsock_addr(cid, port);
     // SAFETY: `addr` is a live sockaddr_vm and the length matches it.
     let r = unsafe {
@@ -47,8 +89,6 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<File> {
             std::mem::size_of::<libc::sockaddr_vm>() as u32,
         )
     };
-    // SAFETY: fd is ours and owned by nothing else.
-    let f = unsafe { File::from_raw_fd(fd) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -175,6 +215,13 @@ fn main() {
                 num(1)
             )),
             Err(e) => Ok(format!("refused port={} ({e})", num(1))),
+        },
+        "guest-connect-unprivileged" => match vsock_connect_from(2, num(1) as u32, false) {
+            Ok(_) => Err(format!(
+                "port {} accepted a stream from an unprivileged source port",
+                num(1)
+            )),
+            Err(e) => Ok(format!("unprivileged refused port={} ({e})", num(1))),
         },
         "guest-listen" => guest_listen(num(1) as u32).map(|l| format!("listen got={l}")),
         "echo-server" => echo_server(&arg(1)).map(|()| "echo-server done".into()),

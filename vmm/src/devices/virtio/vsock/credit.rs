@@ -44,6 +44,11 @@ impl Credit {
         self.buf_alloc
     }
 
+    /// Bytes passed on to the host so far (wrapping).
+    pub fn fwd_cnt(&self) -> u32 {
+        self.fwd_cnt.0
+    }
+
     /// The `fwd_cnt` to put in a header; remembers that the guest was told.
     pub fn fwd_cnt_for_header(&mut self) -> u32 {
         self.fwd_cnt_told = self.fwd_cnt;

@@ -7,11 +7,19 @@
 //! stream ([`muxer`]); all host sockets are non-blocking and every stream's
 //! buffering is bounded by the credit it grants ([`credit`]), so a stalled
 //! reader stalls only its own stream.
+//!
+//! A guest stream reaches `<uds>_P` only from a privileged guest port
+//! (below [`muxer::PRIVILEGED_PORT_LIMIT`], which only guest root can bind):
+//! a session process cannot dial the helper's agent socket. Connections,
+//! queued control packets and pending handshakes are bounded, and host
+//! peers on `<uds>` must be the VMM's user or root ([`muxer`]).
 
 pub mod credit;
 pub mod handshake;
 pub mod muxer;
 pub mod packet;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
