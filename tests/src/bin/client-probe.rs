@@ -377,7 +377,8 @@ socket(my $d, 40, 2, 0) or print "vsock-dgram=denied\n";
 socket(my $p, 17, 3, 0) or print "packet=denied\n";
 socket(my $i, 2, 1, 0) and print "inet=ok\n";
 socket(my $u, 1, 1, 0) and print "unix=ok\n";
-my $r = syscall(425, 8, "\0" x 120);
+my $params = "\0" x 120;
+my $r = syscall(425, 8, $params);
 print "io_uring=", ($r < 0 ? "denied:" . ($!+0) : "open"), "\n";
 "#;
     let r = pipe.call(

@@ -164,6 +164,8 @@ pub struct Agent {
     ready_seen: AtomicBool,
     refused_log: LogLimit,
     dropped_log: LogLimit,
+    /// Guest `error` events: their text and their rate are the guest's.
+    guest_error_log: LogLimit,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -186,6 +188,7 @@ impl Agent {
             ready_seen: AtomicBool::new(false),
             refused_log: LogLimit::new(),
             dropped_log: LogLimit::new(),
+            guest_error_log: LogLimit::new(),
         })
     }
 
@@ -588,8 +591,11 @@ impl Agent {
                         lock(&self.running).remove(id);
                     }
                 }
-                let about = id.map(|i| format!(" (process {i})")).unwrap_or_default();
-                tracing::warn!("guest error{about}: {message}");
+                if let Some(n) = self.guest_error_log.allow() {
+                    // Debug formatting escapes the guest's control characters.
+                    let about = id.map(|i| format!(" (process {i:?})")).unwrap_or_default();
+                    tracing::warn!("guest error{about}: {message:?}{}", LogLimit::suffix(n));
+                }
             }
             Ok(GuestEvent::StartupStep { step, status }) => {
                 tracing::info!("guest start-up step {step}: {status}");
