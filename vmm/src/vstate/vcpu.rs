@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::device_manager::{DeviceManager, MachineRequest};
+use crate::sandbox::seccomp::ThreadFilter;
 
 /// Why a vCPU stopped running; sent to the VMM's main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,23 +66,38 @@ pub fn handle_exit(exit: VcpuExit, devices: &DeviceManager) -> Option<VcpuEvent>
 }
 
 /// Starts vCPU `id`'s thread. The thread ends after reporting one event.
+/// With a `filter`, the thread confines itself before its first KVM_RUN;
+/// if it cannot, it reports that as fatal and never runs the guest.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
     devices: Arc<DeviceManager>,
     events: Sender<VcpuEvent>,
+    filter: Option<ThreadFilter>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || loop {
-            let event = match vcpu.run() {
-                Ok(exit) => handle_exit(exit, &devices),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(VcpuEvent::Fatal(format!("KVM_RUN on vcpu{id}: {e}"))),
-            };
-            if let Some(ev) = event {
-                let _ = events.send(ev);
-                return;
+        .spawn(move || {
+            if let Some(f) = filter {
+                if let Err(e) = f.install() {
+                    let _ = events.send(VcpuEvent::Fatal(format!("vcpu{id}: {e}")));
+                    return;
+                }
             }
+            run_loop(id, &mut vcpu, &devices, &events)
         })
+}
+
+fn run_loop(id: u8, vcpu: &mut VcpuFd, devices: &DeviceManager, events: &Sender<VcpuEvent>) {
+    loop {
+        let event = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuEvent::Fatal(format!("KVM_RUN on vcpu{id}: {e}"))),
+        };
+        if let Some(ev) = event {
+            let _ = events.send(ev);
+            return;
+        }
+    }
 }
