@@ -30,7 +30,7 @@ use crate::{parse_console, Batch, BatchResult, Mode, Paths, Scratch};
 
 /// Modules L1 loads: KVM for the VMM under test (kvm-intel just fails to
 /// load on the emulated AMD CPU), virtio_blk for the batch's disks.
-pub const L1_MODULES: &[&str] = &["kvm-amd", "kvm-intel", "virtio_blk"];
+pub const L1_MODULES: &[&str] = &["kvm-amd", "kvm-intel", "virtio_pci", "virtio_blk"];
 pub const UP_MARKER: &str = "@@RIG-L1-UP";
 pub const ERROR_MARKER: &str = "@@RIG-ERROR";
 pub const DONE_MARKER: &str = "@@RIG-DONE";
