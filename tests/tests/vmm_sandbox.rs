@@ -71,10 +71,23 @@ fn a_guest_runs_under_the_vmm_sandbox() {
 
     let sb = result.case("sandboxed");
     let ctx = || result.context("sandboxed");
-    assert_eq!(sb.lines_with("@@SB rc="), ["0"], "clean power-off\n{}", ctx());
+    assert_eq!(
+        sb.lines_with("@@SB rc="),
+        ["0"],
+        "clean power-off\n{}",
+        ctx()
+    );
     assert_eq!(sb.lines_with("@@SB guest-done="), ["1"], "{}", ctx());
     let threads = sb.lines_with("@@SB thread ");
-    for name in ["coworkvm", "vcpu0", "vcpu1", "worker-spawner", "virtio-blk", "virtio-rng", "virtio-vsock"] {
+    for name in [
+        "coworkvm",
+        "vcpu0",
+        "vcpu1",
+        "worker-spawner",
+        "virtio-blk",
+        "virtio-rng",
+        "virtio-vsock",
+    ] {
         assert!(
             threads.iter().any(|t| t.starts_with(&format!("{name} "))),
             "no {name} thread\n{}",
@@ -91,7 +104,11 @@ fn a_guest_runs_under_the_vmm_sandbox() {
         "the VMM reports its sandbox\n{}",
         ctx()
     );
-    for line in sb.output.lines().filter(|l| l.contains("the VMM is sandboxed")) {
+    for line in sb
+        .output
+        .lines()
+        .filter(|l| l.contains("the VMM is sandboxed"))
+    {
         println!("rig: {}", line.trim());
     }
     println!("rig: userns {:?}", sb.lines_with("@@SB userns="));

@@ -301,15 +301,26 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
     };
     let devices = Arc::new(DeviceManager::new(serial, slots, disks));
     let (tx, rx) = mpsc::channel();
+    // The vCPUs and this thread meet at `start` once all are confined.
+    let confinement = sandbox.as_ref().map(|s| vcpu::VcpuConfinement {
+        filter: s.filters.vcpu.clone(),
+        start: Arc::new(std::sync::Barrier::new(vcpus.len() + 1)),
+    });
     for (id, fd) in vcpus.into_iter().enumerate() {
-        let filter = sandbox.as_ref().map(|s| s.filters.vcpu.clone());
-        vcpu::spawn(id as u8, fd, devices.clone(), tx.clone(), filter)
-            .map_err(|e| BuildError::Io("starting a vCPU thread", e))?;
+        vcpu::spawn(
+            id as u8,
+            fd,
+            devices.clone(),
+            tx.clone(),
+            confinement.clone(),
+        )
+        .map_err(|e| BuildError::Io("starting a vCPU thread", e))?;
     }
     drop(tx);
     // The main thread confines itself last: it started the threads above.
-    if let Some(s) = &sandbox {
+    if let (Some(s), Some(c)) = (&sandbox, &confinement) {
         s.filters.main.install().map_err(SandboxError::from)?;
+        c.start.wait();
     }
     tracing::debug!(cpus = cfg.cpus, mem_mib = cfg.mem_mib, "guest started");
 

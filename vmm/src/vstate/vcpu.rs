@@ -1,7 +1,7 @@
 //! vCPU threads: each runs KVM_RUN in a loop and hands I/O exits to the devices.
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -65,21 +65,33 @@ pub fn handle_exit(exit: VcpuExit, devices: &DeviceManager) -> Option<VcpuEvent>
     }
 }
 
+/// How a vCPU thread of a sandboxed VMM starts: it installs `filter`, then
+/// waits at `start` until every other thread is confined too (the main
+/// thread confines itself last), so no guest instruction runs while any
+/// VMM thread is still unconfined.
+#[derive(Clone)]
+pub struct VcpuConfinement {
+    pub filter: ThreadFilter,
+    pub start: Arc<Barrier>,
+}
+
 /// Starts vCPU `id`'s thread. The thread ends after reporting one event.
-/// With a `filter`, the thread confines itself before its first KVM_RUN;
-/// if it cannot, it reports that as fatal and never runs the guest.
+/// With a `confinement`, the thread confines itself before its first
+/// KVM_RUN; if it cannot, it reports that as fatal and never runs the guest.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
     devices: Arc<DeviceManager>,
     events: Sender<VcpuEvent>,
-    filter: Option<ThreadFilter>,
+    confinement: Option<VcpuConfinement>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
-            if let Some(f) = filter {
-                if let Err(e) = f.install() {
+            if let Some(c) = confinement {
+                let installed = c.filter.install();
+                c.start.wait();
+                if let Err(e) = installed {
                     let _ = events.send(VcpuEvent::Fatal(format!("vcpu{id}: {e}")));
                     return;
                 }
