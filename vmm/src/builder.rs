@@ -1,6 +1,5 @@
 //! Assembles a machine from a [`MachineConfig`] and runs it to the end.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -14,12 +13,15 @@ use crate::arch::x86_64::smbios::{self, MachineUuid};
 use crate::arch::x86_64::{boot, cpu, layout, regs};
 use crate::boot_file::BootFile;
 use crate::device_manager::{DeviceManager, MachineRequest, VirtioSlot};
-use crate::devices::legacy::serial::{ConsoleSink, ConsoleTail, SerialPort};
+use crate::devices::legacy::serial::{
+    self as serial, BoundedConsole, ConsoleOut, ConsoleSink, ConsoleTail, SerialPort,
+};
 use crate::devices::virtio::block::{Block, DiskImage};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
+use crate::sandbox::{self, Policy, Sandbox, SandboxError};
 use crate::vstate::stats;
 use crate::vstate::vcpu::{self, VcpuEvent};
 use crate::vstate::vm::Vm;
@@ -91,6 +93,8 @@ pub enum BuildError {
     Io(&'static str, std::io::Error),
     #[error("KVM_{0} failed: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    #[error("cannot sandbox the VMM: {0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// How the guest ended.
@@ -124,8 +128,17 @@ pub struct RunOutcome {
 
 const MAX_CPUS: u8 = 32;
 
-/// Boots the machine and blocks until the guest powers off or dies.
+/// Boots the machine unconfined and blocks until the guest powers off or
+/// dies (for `coworkvm run`, which boots inside its own process).
 pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
+    run_with(cfg, false)
+}
+
+/// Boots the machine and blocks until the guest powers off or dies. With
+/// `sandboxed`, the process confines itself ([`crate::sandbox`]) once
+/// every file is open and before the first vCPU runs: the process must
+/// then be single-threaded when this is called.
+pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, BuildError> {
     if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
         return Err(BuildError::Cpus {
             got: cfg.cpus,
@@ -164,10 +177,13 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
 
     // Console.
     let tail = Arc::new(Mutex::new(ConsoleTail::new(TAIL_LINES)));
-    let out: Box<dyn std::io::Write + Send> = match &cfg.console {
-        Some(p) => Box::new(File::create(p).map_err(|e| BuildError::Console(p.clone(), e))?),
-        None => Box::new(std::io::stdout()),
+    let out = match &cfg.console {
+        Some(p) => ConsoleOut::File(
+            serial::open_console(p).map_err(|e| BuildError::Console(p.clone(), e))?,
+        ),
+        None => ConsoleOut::Stream(Box::new(std::io::stdout())),
     };
+    let out = Box::new(BoundedConsole::new(out, serial::CONSOLE_BOUND));
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| BuildError::Io("eventfd", e))?;
     vm.register_irqfd(&serial_irq, layout::IRQ_SERIAL)?;
     let serial = SerialPort::new(serial_irq, ConsoleSink::new(out, tail.clone()));
@@ -256,13 +272,43 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
         vcpus.push(fd);
     }
 
+    // Everything is open: confine the process before the guest runs. The
+    // largest file the VMM writes is a disk image or the console log.
+    let sandbox: Option<Sandbox> = if sandboxed {
+        let largest_disk = disks
+            .iter()
+            .map(|d| d.sectors() * crate::devices::virtio::block::SECTOR_SIZE)
+            .max()
+            .unwrap_or(0);
+        let max_file_size = largest_disk.max(serial::CONSOLE_BOUND + serial::CONSOLE_MARKER_MAX);
+        let policy = Policy::new(cfg.vsock.as_ref().map(|v| v.uds.as_path()), max_file_size);
+        Some(sandbox::enter(&policy)?)
+    } else {
+        None
+    };
     let devices = Arc::new(DeviceManager::new(serial, slots, disks));
     let (tx, rx) = mpsc::channel();
+    // The vCPUs and this thread meet at `start` once all are confined.
+    let confinement = sandbox.as_ref().map(|s| vcpu::VcpuConfinement {
+        filter: s.filters.vcpu.clone(),
+        start: Arc::new(std::sync::Barrier::new(vcpus.len() + 1)),
+    });
     for (id, fd) in vcpus.into_iter().enumerate() {
-        vcpu::spawn(id as u8, fd, devices.clone(), tx.clone())
-            .map_err(|e| BuildError::Io("starting a vCPU thread", e))?;
+        vcpu::spawn(
+            id as u8,
+            fd,
+            devices.clone(),
+            tx.clone(),
+            confinement.clone(),
+        )
+        .map_err(|e| BuildError::Io("starting a vCPU thread", e))?;
     }
     drop(tx);
+    // The main thread confines itself last: it started the threads above.
+    if let (Some(s), Some(c)) = (&sandbox, &confinement) {
+        s.filters.main.install().map_err(SandboxError::from)?;
+        c.start.wait();
+    }
     tracing::debug!(cpus = cfg.cpus, mem_mib = cfg.mem_mib, "guest started");
 
     let event = rx

@@ -11,4 +11,5 @@ pub mod devices;
 pub mod doctor;
 pub mod helper;
 pub mod run;
+pub mod sandbox;
 pub mod vstate;

@@ -48,6 +48,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Test hook: set up boot's sandbox and make one access (vmm/tests/sandbox.rs).
+    #[command(hide = true)]
+    SandboxProbe(coworkvm::sandbox::probe::ProbeArgs),
 }
 
 #[derive(Subcommand)]
@@ -113,6 +116,10 @@ struct BootArgs {
     /// Print the number of VM exits when the guest ends (on stderr).
     #[arg(long)]
     report_exits: bool,
+    /// Run the VMM unconfined: no seccomp, Landlock, namespaces or rlimits.
+    /// For debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
 }
 
 #[derive(clap::Args)]
@@ -323,7 +330,14 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         }),
         machine_uuid: args.uuid,
     };
-    let outcome = builder::run(&cfg).context("cannot boot the guest")?;
+    if args.no_sandbox {
+        eprintln!(
+            "coworkvm: warning: --no-sandbox: the VMM runs unconfined (no seccomp, Landlock, \
+             namespaces or rlimits); a guest that breaks a device model gets all of your \
+             privileges"
+        );
+    }
+    let outcome = builder::run_with(&cfg, !args.no_sandbox).context("cannot boot the guest")?;
     if args.report_exits {
         match outcome.vm_exits {
             Some(n) => eprintln!("coworkvm: vm-exits={n}"),
@@ -469,6 +483,9 @@ fn main() -> ExitCode {
             coworkvm::helper::serve(&socket, Some(debug_switch)).map(|()| ExitCode::SUCCESS)
         }
         Command::Boot(args) => boot(args),
+        Command::SandboxProbe(args) => Ok(ExitCode::from(
+            coworkvm::sandbox::probe::run(&args).clamp(0, 255) as u8,
+        )),
         Command::Run(args) => run(args),
         Command::Bundle { command } => bundle(command),
         Command::Doctor { json } => {

@@ -1,12 +1,13 @@
 //! vCPU threads: each runs KVM_RUN in a loop and hands I/O exits to the devices.
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::device_manager::{DeviceManager, MachineRequest};
+use crate::sandbox::seccomp::ThreadFilter;
 
 /// Why a vCPU stopped running; sent to the VMM's main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,24 +65,51 @@ pub fn handle_exit(exit: VcpuExit, devices: &DeviceManager) -> Option<VcpuEvent>
     }
 }
 
+/// How a vCPU thread of a sandboxed VMM starts: it installs `filter`, then
+/// waits at `start` until every other thread is confined too (the main
+/// thread confines itself last), so no guest instruction runs while any
+/// VMM thread is still unconfined.
+#[derive(Clone)]
+pub struct VcpuConfinement {
+    pub filter: ThreadFilter,
+    pub start: Arc<Barrier>,
+}
+
 /// Starts vCPU `id`'s thread. The thread ends after reporting one event.
+/// With a `confinement`, the thread confines itself before its first
+/// KVM_RUN; if it cannot, it reports that as fatal and never runs the guest.
 pub fn spawn(
     id: u8,
     mut vcpu: VcpuFd,
     devices: Arc<DeviceManager>,
     events: Sender<VcpuEvent>,
+    confinement: Option<VcpuConfinement>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || loop {
-            let event = match vcpu.run() {
-                Ok(exit) => handle_exit(exit, &devices),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(VcpuEvent::Fatal(format!("KVM_RUN on vcpu{id}: {e}"))),
-            };
-            if let Some(ev) = event {
-                let _ = events.send(ev);
-                return;
+        .spawn(move || {
+            if let Some(c) = confinement {
+                let installed = c.filter.install();
+                c.start.wait();
+                if let Err(e) = installed {
+                    let _ = events.send(VcpuEvent::Fatal(format!("vcpu{id}: {e}")));
+                    return;
+                }
             }
+            run_loop(id, &mut vcpu, &devices, &events)
         })
+}
+
+fn run_loop(id: u8, vcpu: &mut VcpuFd, devices: &DeviceManager, events: &Sender<VcpuEvent>) {
+    loop {
+        let event = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuEvent::Fatal(format!("KVM_RUN on vcpu{id}: {e}"))),
+        };
+        if let Some(ev) = event {
+            let _ = events.send(ev);
+            return;
+        }
+    }
 }

@@ -103,10 +103,11 @@ impl DeviceWorker {
     {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker_stop = stop.try_clone().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || run(worker_stop))
-            .map_err(ActivateError::Worker)?;
+        // Through the sandbox's spawner when the VMM is sandboxed, so the
+        // worker gets its own seccomp filter rather than its vCPU's.
+        let handle =
+            crate::sandbox::spawner::spawn_worker(name, Box::new(move || run(worker_stop)))
+                .map_err(ActivateError::Worker)?;
         Ok(Self {
             stop,
             handle: Some(handle),
