@@ -2,7 +2,8 @@
 //! (one read-only disk, an rng, 256 MiB, 1 vCPU) in coworkvm and in QEMU
 //! microvm, alternately, in one batch, and compares time to a console
 //! marker, VM exits up to the marker (KVM's debugfs; independent of the
-//! machine's speed) and peak RSS.
+//! machine's speed) and peak RSS; and the same coworkvm boot with
+//! `--no-sandbox`, for the VMM sandbox's cost.
 //!
 //! In the same batch it measures the agent path (coworkvm-agent's stdout
 //! and stdin over coworkvm's vsock, driven by `agent-probe --bench`) and,
@@ -119,6 +120,10 @@ for i in $(seq 1 {runs}); do
       --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
       | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
   echo "@@SAMPLE coworkvm $s"
+  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $COWORKVM boot --no-sandbox --kernel $KERNEL \
+      --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
+      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
+  echo "@@SAMPLE unconfined $s"
   s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $QEMU -M microvm -enable-kvm -cpu host \
       -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
       -kernel $KERNEL -initrd $P/bench.cpio.zst -append "{CMDLINE}" \
@@ -146,7 +151,7 @@ done
     );
     let mut cases = Vec::new();
     if runs > 0 {
-        cases.push(Case::new("bench", &script, 60 + 60 * runs as u64));
+        cases.push(Case::new("bench", &script, 60 + 90 * runs as u64));
     }
     // The helper with real VMs needs the images on a disk and a bundle disk.
     let mut disks = Vec::new();
@@ -207,7 +212,12 @@ done
     let case = result.case("bench");
     let cw = parse_samples(&case.output, "coworkvm");
     let qm = parse_samples(&case.output, "qemu");
-    for (vmm, got) in [("coworkvm", cw.len()), ("qemu", qm.len())] {
+    let unconfined = parse_samples(&case.output, "unconfined");
+    for (vmm, got) in [
+        ("coworkvm", cw.len()),
+        ("qemu", qm.len()),
+        ("coworkvm --no-sandbox", unconfined.len()),
+    ] {
         if got < runs as usize {
             missing.push(format!("bench: {got} of {runs} {vmm} boot samples"));
         }
@@ -222,6 +232,7 @@ done
         );
     }
     let mut report = render(&cw, &qm, &result, paths)?;
+    report.push_str(&render_sandbox_cost(&cw, &unconfined)?);
     report.push_str(&streams);
     write_results(&out, &report, &missing)
 }
@@ -487,6 +498,54 @@ fn render(
     Ok(s)
 }
 
+/// The VMM sandbox's cost: the same boots with the sandbox (the default)
+/// and with `--no-sandbox`, alternating in the same loop as the QEMU runs.
+fn render_sandbox_cost(sandboxed: &[Sample], unconfined: &[Sample]) -> Result<String> {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "## The VMM sandbox's cost
+"
+    )?;
+    writeln!(
+        s,
+        "The boot above, `coworkvm boot` as the helper runs it (sandboxed: no_new_privs, \
+         rlimits, namespaces, Landlock, a seccomp filter per thread) against `coworkvm boot \
+         --no-sandbox`, {} runs each, alternating in the same loop.\n",
+        sandboxed.len().min(unconfined.len())
+    )?;
+    writeln!(
+        s,
+        "| metric | sandboxed median (min-max) | --no-sandbox median (min-max) | sandboxed / unconfined |"
+    )?;
+    writeln!(s, "|---|---|---|---|")?;
+    let rows: [(&str, &str, fn(&Sample) -> Option<f64>); 3] = [
+        ("time to marker", "ms", |x| Some(x.marker_ms as f64)),
+        ("VM exits to marker", "", |x| x.vm_exits.map(|e| e as f64)),
+        ("peak RSS", "MiB", |x| Some(x.max_rss_kib as f64 / 1024.0)),
+    ];
+    for (name, unit, get) in rows {
+        let a: Vec<f64> = sandboxed.iter().filter_map(get).collect();
+        let b: Vec<f64> = unconfined.iter().filter_map(get).collect();
+        match (stats(&a), stats(&b)) {
+            (Some(x), Some(y)) => writeln!(
+                s,
+                "| {name} | {:.0} {unit} ({:.0}-{:.0}) | {:.0} {unit} ({:.0}-{:.0}) | {:.2} |",
+                x.median,
+                x.min,
+                x.max,
+                y.median,
+                y.min,
+                y.max,
+                x.median / y.median
+            )?,
+            _ => writeln!(s, "| {name} | n/a | n/a | n/a |")?,
+        }
+    }
+    writeln!(s)?;
+    Ok(s)
+}
+
 /// The images, measured on the host: a rebuild with the Debian tree cached
 /// (a new release tag forces everything after mmdebstrap), the sizes, and
 /// bundle expansion (`coworkvm bundle prepare`: seed copy, streaming zstd
@@ -700,6 +759,25 @@ mod tests {
         let st = stats(&[3.0, 1.0, 2.0, 10.0]).unwrap();
         assert_eq!((st.median, st.min, st.max), (2.5, 1.0, 10.0));
         assert!(stats(&[]).is_none());
+    }
+
+    #[test]
+    fn sandbox_cost_is_a_ratio_of_medians() {
+        let sample = |ms, exits| Sample {
+            marker_ms: ms,
+            vm_exits: Some(exits),
+            max_rss_kib: 4096,
+        };
+        let table = render_sandbox_cost(
+            &[sample(110, 50), sample(130, 50), sample(120, 52)],
+            &[sample(100, 50), sample(100, 50)],
+        )
+        .unwrap();
+        assert!(table.contains("| time to marker | 120 ms (110-130) | 100 ms (100-100) | 1.20 |"));
+        assert!(table.contains("| peak RSS | 4 MiB (4-4) | 4 MiB (4-4) | 1.00 |"));
+        assert!(table.contains("2 runs each"));
+        let empty = render_sandbox_cost(&[], &[]).unwrap();
+        assert!(empty.contains("| time to marker | n/a | n/a | n/a |"));
     }
 
     fn result_of(cases: &[(&str, Option<i32>)]) -> crate::BatchResult {
