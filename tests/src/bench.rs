@@ -519,7 +519,8 @@ fn render_sandbox_cost(sandboxed: &[Sample], unconfined: &[Sample]) -> Result<St
         "| metric | sandboxed median (min-max) | --no-sandbox median (min-max) | sandboxed / unconfined |"
     )?;
     writeln!(s, "|---|---|---|---|")?;
-    let rows: [(&str, &str, fn(&Sample) -> Option<f64>); 3] = [
+    type Metric = fn(&Sample) -> Option<f64>;
+    let rows: [(&str, &str, Metric); 3] = [
         ("time to marker", "ms", |x| Some(x.marker_ms as f64)),
         ("VM exits to marker", "", |x| x.vm_exits.map(|e| e as f64)),
         ("peak RSS", "MiB", |x| Some(x.max_rss_kib as f64 / 1024.0)),

@@ -110,6 +110,7 @@ fn sessions_cannot_escape_or_starve_each_other() {
         "isGuestConnected turns true",
         "the VMM has no_new_privs",
         "the VMM runs under a seccomp filter",
+        "the VMM's root is its vsock directory",
         "the victim runs with its environment",
         "a session cannot create an AF_VSOCK socket",
         "a session cannot create datagram vsock or packet sockets",

@@ -203,8 +203,18 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
     devices.push(Box::new(
         Rng::new().map_err(|e| BuildError::Io("/dev/urandom", e))?,
     ));
-    if let Some(v) = &cfg.vsock {
-        devices.push(Box::new(Vsock::new(v.guest_cid, &v.uds)?));
+    // Sandboxed, the vsock device names its sockets relative to their
+    // directory, which becomes the VMM's root.
+    let vsock_uds = match &cfg.vsock {
+        Some(v) if sandboxed => Some(
+            sandbox::enter_vsock_dir(&v.uds)
+                .map_err(|e| BuildError::Io("entering the vsock directory", e))?,
+        ),
+        Some(v) => Some(v.uds.clone()),
+        None => None,
+    };
+    if let (Some(v), Some(uds)) = (&cfg.vsock, &vsock_uds) {
+        devices.push(Box::new(Vsock::new(v.guest_cid, uds)?));
     }
 
     let mut slots = Vec::new();
@@ -281,7 +291,7 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
             .max()
             .unwrap_or(0);
         let max_file_size = largest_disk.max(serial::CONSOLE_BOUND + serial::CONSOLE_MARKER_MAX);
-        let policy = Policy::new(cfg.vsock.as_ref().map(|v| v.uds.as_path()), max_file_size);
+        let policy = Policy::new(vsock_uds.as_deref(), max_file_size);
         Some(sandbox::enter(&policy)?)
     } else {
         None

@@ -170,12 +170,54 @@ fn the_vsock_worker_still_reaches_the_hosts_vsock_sockets() {
             "--thread",
             "vsock-worker",
             "--access",
-            &format!("connect:{}", port.display()),
+            // As the muxer dials it: by name, in the vsock directory.
+            "connect:v.sock_1234",
         ],
     );
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("probe: ok: connected"),
         "the muxer's connect to <uds>_PORT must work in the sandbox\n{}",
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// A Unix socket outside the vsock directory, such as the helper's own
+/// (which admits the user's uid and so would take a VMM's connection):
+/// the sandboxed VMM cannot even name it, since its root is the vsock
+/// directory.
+#[test]
+fn the_vmm_cannot_reach_a_unix_socket_outside_its_vsock_directory() {
+    let dir = TempDir::new("outside");
+    let vm_dir = dir.0.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let uds = vm_dir.join("v.sock");
+    let helper = dir.0.join("helper.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&helper).unwrap();
+    let access = format!("connect:{}", helper.display());
+    let args = |sandbox: bool| {
+        let mut a = vec!["--vsock", uds.to_str().unwrap()];
+        if !sandbox {
+            a.push("--no-sandbox");
+        }
+        a.extend(["--thread", "vsock-worker", "--access", access.as_str()]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |sandbox: bool| {
+        let a = args(sandbox);
+        probe(&dir.0, &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let control = run(false);
+    assert!(
+        String::from_utf8_lossy(&control.stdout).contains("probe: ok: connected"),
+        "control: unconfined, the socket is reachable\n{}",
+        text(&control)
+    );
+    let o = run(true);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("probe: error") && out.contains("No such file or directory"),
+        "the sandboxed VMM reached a socket outside its vsock directory\n{}",
         text(&o)
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));

@@ -341,6 +341,14 @@ fn escape(socket: &str, bundle: &str) {
                 field("Seccomp:") == "2",
                 field("Seccomp:"),
             );
+            // Its root is the directory of its vsock sockets, not `/`.
+            let root = std::fs::read_link(format!("/proc/{pid}/root"));
+            p.check(
+                "the VMM's root is its vsock directory",
+                root.as_ref()
+                    .is_ok_and(|r| r != std::path::Path::new("/") && r.is_dir()),
+                format!("{root:?}"),
+            );
         }
         None => p.check("found the VMM process", false, "no coworkvm boot child"),
     }

@@ -126,6 +126,41 @@ pub struct Applied {
     /// The Landlock ABI the kernel offers (0: none) and how the ruleset was enforced.
     pub landlock_abi: i32,
     pub landlock: &'static str,
+    /// Whether the process's root is now the vsock directory; why not, if
+    /// it had one and is not.
+    pub chroot: bool,
+    pub chroot_error: Option<String>,
+}
+
+/// Makes the vsock socket's directory the working directory and returns
+/// the socket's name relative to it. The vsock device binds that name and
+/// dials `<name>_PORT` by it, which stays valid once [`apply_process`]
+/// makes the directory the process's root.
+pub fn enter_vsock_dir(uds: &Path) -> io::Result<PathBuf> {
+    let name = uds.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: the vsock socket path has no file name", uds.display()),
+        )
+    })?;
+    if let Some(dir) = uds.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::env::set_current_dir(dir)?;
+    }
+    Ok(PathBuf::from(name))
+}
+
+/// Makes `dir` the process's root and working directory. A VMM taken over
+/// can then name no file outside it: not the user's home, not the helper's
+/// socket (which Landlock below ABI 9 would let it `connect()` to).
+/// Needs `CAP_SYS_CHROOT`, which the process has in its new user namespace
+/// (or as root); the capabilities are dropped right after.
+fn chroot_into(dir: &Path) -> io::Result<()> {
+    std::env::set_current_dir(dir)?;
+    // SAFETY: chroot reads one NUL-terminated path that outlives the call.
+    if unsafe { libc::chroot(c".".as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
 }
 
 fn check(what: &'static str, rc: libc::c_int) -> Result<(), SandboxError> {
@@ -283,18 +318,36 @@ pub fn apply_process(policy: &Policy) -> Result<Applied, SandboxError> {
         Ok(ns) => (ns.to_string(), None),
         Err(e) => (String::new(), Some(e)),
     };
+    let (chroot, chroot_error) = match &policy.vsock_dir {
+        Some(dir) => match chroot_into(dir) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(format!("chroot to {}: {e}", dir.display()))),
+        },
+        None => (false, None),
+    };
     drop_capabilities()?;
     // After the namespaces: entering a user namespace resets dumpable.
     // SAFETY: prctl with integer arguments only.
     check("PR_SET_DUMPABLE", unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0)
     })?;
-    let (landlock_abi, landlock) = landlock(policy)?;
+    // Inside the chroot the vsock directory is the root.
+    let landlock_policy = if chroot {
+        Policy {
+            vsock_dir: Some(PathBuf::from("/")),
+            ..policy.clone()
+        }
+    } else {
+        policy.clone()
+    };
+    let (landlock_abi, landlock) = landlock(&landlock_policy)?;
     Ok(Applied {
         namespaces,
         namespace_error,
         landlock_abi,
         landlock,
+        chroot,
+        chroot_error,
     })
 }
 
@@ -316,10 +369,14 @@ pub fn enter(policy: &Policy) -> Result<Sandbox, SandboxError> {
         namespaces = %applied.namespaces,
         landlock_abi = applied.landlock_abi,
         landlock = applied.landlock,
+        chroot = applied.chroot,
         "the VMM is sandboxed"
     );
     if let Some(e) = &applied.namespace_error {
         tracing::warn!("the VMM runs without its own namespaces: {e}");
+    }
+    if let Some(e) = &applied.chroot_error {
+        tracing::warn!("the VMM keeps the host's file system as its root: {e}");
     }
     Ok(Sandbox { filters, applied })
 }

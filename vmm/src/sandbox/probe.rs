@@ -118,7 +118,16 @@ pub fn run(args: &ProbeArgs) -> i32 {
                 return 2;
             }
         };
-        let policy = Policy::new(args.vsock.as_deref(), 64 << 20);
+        // As `boot` does: the vsock socket by its name in its directory.
+        let uds = match args.vsock.as_deref().map(super::enter_vsock_dir) {
+            Some(Ok(name)) => Some(name),
+            Some(Err(e)) => {
+                say(&format!("probe: setup failed: {e}"));
+                return 2;
+            }
+            None => None,
+        };
+        let policy = Policy::new(uds.as_deref(), 64 << 20);
         if let Err(e) = super::apply_process(&policy) {
             say(&format!("probe: setup failed: {e}"));
             return 2;
