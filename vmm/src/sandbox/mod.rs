@@ -45,10 +45,14 @@
 //!    VMM with a line naming it and exit status
 //!    [`seccomp::SECCOMP_KILL_STATUS`] (159).
 //!
+//! 7. **chroot** into the vsock socket's directory (in the new user
+//!    namespace, before the capabilities go): the VMM can name no file
+//!    outside it, so before Landlock ABI 9 it still cannot `connect()` to
+//!    the helper's socket or any other Unix socket of the user's.
+//!
 //! What it does not cover: a guest that takes over the VMM still has the
-//! VMM's open files (its disks read-write, the console, KVM) and can
-//! connect to any Unix socket it can name (before Landlock ABI 9), which
-//! includes the helper's own socket when that lies in the vsock directory;
+//! VMM's open files (its disks read-write, the console, KVM) and the
+//! sockets in its vsock directory;
 //! the filters are per thread but the threads share one address space, so
 //! code execution in one thread can in principle borrow another's
 //! allowances. `coworkvm boot --no-sandbox` turns all of this off, for
