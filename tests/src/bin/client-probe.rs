@@ -370,10 +370,23 @@ fn escape(socket: &str, bundle: &str) {
         ev.stdout("v1"),
     );
 
-    // The attacker tries to open the agent's channel: AF_VSOCK (40) to
+    // A victim process that holds its secret while the attacker looks.
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "v-hold", "name": "victim", "command": "sh",
+               "args": ["-c", "echo holding; exec sleep 300"],
+               "env": {"VICTIM_SECRET": victim_secret}}),
+    );
+    p.check("spawn a victim that holds its secret", ok(&r), &r);
+    ev.wait_stdout("v-hold", "holding", short);
+
+    // The attacker reads every environment it can see, then tries to open
+    // the agent's channel: AF_VSOCK (40) to
     // CID 2 port 51234, from an automatic and from a privileged port;
     // then io_uring, which could create sockets behind seccomp's back.
     let attack = r#"
+for my $f (glob("/proc/[0-9]*/environ")) {
+  open(my $e, "<", $f) or next; local $/; my $env = <$e>; print "environ $f: $env\n"; }
 sub vs { my ($src) = @_;
   socket(my $s, 40, 1, 0) or return "socket:" . ($!+0);
   if ($src) { bind($s, pack("SSLLCx3", 40, 0, $src, 0xFFFFFFFF, 0)) or return "bind:" . ($!+0); }
@@ -396,7 +409,10 @@ print "io_uring=", ($r < 0 ? "denied:" . ($!+0) : "open"), "\n";
     p.check("spawn the attacker", ok(&r), &r);
     let exit = ev.exit_of("a1", short);
     let out = ev.stdout("a1");
-    println!("@@CLIENT attacker-output {}", out.replace('\n', " | "));
+    println!(
+        "@@CLIENT attacker-output {}",
+        out.replace(['\n', '\0'], " | ")
+    );
     p.check("the attacker ran", exit.is_some(), format!("{exit:?}"));
     // EPERM is 1: seccomp's answer, not the kernel's lack of a device.
     p.check(
@@ -420,10 +436,12 @@ print "io_uring=", ($r < 0 ? "denied:" . ($!+0) : "open"), "\n";
         &out,
     );
     p.check(
-        "the victim's secret never reaches the attacker",
-        !out.contains(victim_secret),
+        "the attacker read environments, none the victim's",
+        out.contains("environ /proc/") && !out.contains(victim_secret),
         &out,
     );
+    let r = pipe.call("kill", json!({"id": "v-hold", "signal": "SIGKILL"}));
+    p.check("kill the holding victim", ok(&r), &r);
 
     // The attacker's view of the guest: its own user only.
     let r = pipe.call(

@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// (a client method, `stopVM`, SIGTERM's clean stop) then fails after this
 /// long instead of waiting for ever.
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Start-up steps logged each boot before they count as a flood.
+const STARTUP_STEPS_LOGGED: u32 = 16;
 
 /// Frames queued for the agent before a sender waits (back-pressure).
 pub const WRITE_QUEUE: usize = 256;
@@ -166,6 +169,10 @@ pub struct Agent {
     dropped_log: LogLimit,
     /// Guest `error` events: their text and their rate are the guest's.
     guest_error_log: LogLimit,
+    /// Other guest-driven lines (bad frames, start-up steps, statuses,
+    /// exits of unknown ids).
+    guest_event_log: LogLimit,
+    startup_steps_seen: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,6 +196,8 @@ impl Agent {
             refused_log: LogLimit::new(),
             dropped_log: LogLimit::new(),
             guest_error_log: LogLimit::new(),
+            guest_event_log: LogLimit::new(),
+            startup_steps_seen: AtomicU32::new(0),
         })
     }
 
@@ -437,7 +446,9 @@ impl Agent {
                 Ok(Some(obj)) => obj,
                 Ok(None) => break,
                 Err(e) if e.is_recoverable() => {
-                    tracing::warn!("bad frame from the guest: {e}");
+                    if let Some(n) = self.guest_event_log.allow() {
+                        tracing::warn!("bad frame from the guest: {e}{}", LogLimit::suffix(n));
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -451,8 +462,19 @@ impl Agent {
             }
             match GuestFrame::parse(frame) {
                 Ok(Some(frame)) => self.handle(frame),
-                Ok(None) => tracing::warn!("ignoring a guest frame without a type"),
-                Err(e) => tracing::warn!("ignoring a bad guest frame: {e}"),
+                Ok(None) => {
+                    if let Some(n) = self.guest_event_log.allow() {
+                        tracing::warn!(
+                            "ignoring a guest frame without a type{}",
+                            LogLimit::suffix(n)
+                        );
+                    }
+                }
+                Err(e) => {
+                    if let Some(n) = self.guest_event_log.allow() {
+                        tracing::warn!("ignoring a bad guest frame: {e}{}", LogLimit::suffix(n));
+                    }
+                }
             }
         }
         writer.abort();
@@ -578,11 +600,24 @@ impl Agent {
             Ok(GuestEvent::Exit {
                 id, code, signal, ..
             }) => {
-                lock(&self.running).remove(&id);
-                match (code, signal) {
-                    (Some(c), _) => tracing::info!("process {id} exited with code {c}"),
-                    (None, Some(s)) => tracing::info!("process {id} ended by signal {s}"),
-                    (None, None) => tracing::info!("process {id} exited"),
+                // One line per process the client started; exits for ids
+                // it did not start are the guest's to repeat, so limited.
+                let known = lock(&self.running).remove(&id);
+                let suffix = if known {
+                    Some(String::new())
+                } else {
+                    self.guest_event_log.allow().map(LogLimit::suffix)
+                };
+                if let Some(suffix) = suffix {
+                    match (code, signal) {
+                        (Some(c), _) => {
+                            tracing::info!("process {id:?} exited with code {c}{suffix}")
+                        }
+                        (None, Some(s)) => {
+                            tracing::info!("process {id:?} ended by signal {s:?}{suffix}")
+                        }
+                        (None, None) => tracing::info!("process {id:?} exited{suffix}"),
+                    }
                 }
             }
             Ok(GuestEvent::Error { id, message, fatal }) => {
@@ -598,13 +633,30 @@ impl Agent {
                 }
             }
             Ok(GuestEvent::StartupStep { step, status }) => {
-                tracing::info!("guest start-up step {step}: {status}");
+                // A boot has a handful of steps, each worth its line; past
+                // STARTUP_STEPS_LOGGED they are the guest's flood.
+                let nth = self.startup_steps_seen.fetch_add(1, Ordering::Relaxed);
+                let limited = if nth < STARTUP_STEPS_LOGGED {
+                    Some(0)
+                } else {
+                    self.guest_event_log.allow()
+                };
+                if let Some(n) = limited {
+                    tracing::info!(
+                        "guest start-up step {step:?}: {status:?}{}",
+                        LogLimit::suffix(n)
+                    );
+                }
             }
             Ok(GuestEvent::NetworkStatus { status }) => {
-                tracing::info!("guest network status: {status}")
+                if let Some(n) = self.guest_event_log.allow() {
+                    tracing::info!("guest network status: {status:?}{}", LogLimit::suffix(n))
+                }
             }
             Ok(GuestEvent::ApiReachability { status }) => {
-                tracing::info!("guest API reachability: {status}")
+                if let Some(n) = self.guest_event_log.allow() {
+                    tracing::info!("guest API reachability: {status:?}{}", LogLimit::suffix(n))
+                }
             }
             Ok(GuestEvent::Stdout { .. } | GuestEvent::Stderr { .. }) => {}
             Err(e) => tracing::debug!("a guest event this helper cannot read: {e}"),

@@ -207,22 +207,38 @@ fn thread_count() -> Option<usize> {
 
 /// Enters new user, mount, network and IPC namespaces, or (root without a
 /// user namespace) the latter three; says which, or why none.
-fn enter_namespaces() -> Result<&'static str, String> {
+fn enter_namespaces() -> Result<Result<&'static str, String>, SandboxError> {
     let others = libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC;
+    // SAFETY: geteuid/getegid take nothing and cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // SAFETY: unshare takes flags only; on success the calling (only)
     // thread is in the new namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWUSER | others) } == 0 {
-        return Ok("user,mnt,net,ipc");
+        // Past this point the process is in the namespace: an unmapped one
+        // must not go on (see `map_own_ids`).
+        map_own_ids(uid, gid)
+            .map_err(|e| SandboxError::Sys("mapping the user namespace's ids", e))?;
+        return Ok(Ok("user,mnt,net,ipc"));
     }
     let with_user = io::Error::last_os_error();
     // SAFETY: as above.
     if unsafe { libc::unshare(others) } == 0 {
-        return Ok("mnt,net,ipc");
+        return Ok(Ok("mnt,net,ipc"));
     }
-    Err(format!(
+    Ok(Err(format!(
         "unshare: {with_user} (with a user namespace), {} (without)",
         io::Error::last_os_error()
-    ))
+    )))
+}
+
+/// Maps the VMM's own uid and gid 1:1 into its new user namespace.
+/// Unmapped, the VMM would see itself and every peer as the overflow uid,
+/// and the vsock listener's `SO_PEERCRED` check (its own user only) would
+/// let every host user in.
+fn map_own_ids(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
 }
 
 /// Drops every capability (in the new user namespace, or root's).
@@ -318,10 +334,14 @@ pub fn apply_process(policy: &Policy) -> Result<Applied, SandboxError> {
             io::Error::last_os_error(),
         ));
     }
-    let (namespaces, namespace_error) = match enter_namespaces() {
+    let (namespaces, namespace_error) = match enter_namespaces()? {
         Ok(ns) => (ns.to_string(), None),
         Err(e) => (String::new(), Some(e)),
     };
+    // A panic's backtrace would open /proc/self/exe, which the filters
+    // forbid: the kill would then name openat and hide the panic's text.
+    // Single-threaded here, so changing the environment is sound.
+    std::env::set_var("RUST_BACKTRACE", "0");
     let (chroot, chroot_error) = match &policy.vsock_dir {
         Some(dir) => match chroot_into(dir) {
             Ok(()) => (true, None),

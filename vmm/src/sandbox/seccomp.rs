@@ -208,11 +208,18 @@ fn common() -> Rules {
     allow_if(&mut r, libc::SYS_mprotect, no_exec());
     // Debug builds of std check that a descriptor is open before closing it.
     allow_fcntls(&mut r, &[libc::F_GETFD]);
-    // abort(): tgkill(own pid, own tid, SIGABRT) only.
+    // abort(): tgkill(own pid, own tid, SIGABRT) only. The filters are
+    // compiled in the VMM's own process, so its pid is known here; without
+    // it a VMM taken over could abort any process of the user's.
+    // SAFETY: getpid(2) takes nothing and cannot fail.
+    let pid = unsafe { libc::getpid() } as u64;
     allow_if(
         &mut r,
         libc::SYS_tgkill,
-        vec![rule(vec![dword(2, SeccompCmpOp::Eq, libc::SIGABRT as u64)])],
+        vec![rule(vec![
+            dword(0, SeccompCmpOp::Eq, pid),
+            dword(2, SeccompCmpOp::Eq, libc::SIGABRT as u64),
+        ])],
     );
     r
 }

@@ -45,6 +45,8 @@ pub struct Vsock {
     uds_path: PathBuf,
     /// Bound at creation so host programs can connect as soon as the VMM runs.
     listener: Option<UnixListener>,
+    /// Who may connect to `uds_path`, decided before any sandbox.
+    peer_policy: muxer::PeerPolicy,
     config: [u8; 8],
 }
 
@@ -69,6 +71,7 @@ impl Vsock {
             guest_cid,
             uds_path: uds_path.to_owned(),
             listener: Some(listener),
+            peer_policy: muxer::PeerPolicy::current_user(),
             config: guest_cid.to_le_bytes(),
         })
     }
@@ -109,8 +112,9 @@ impl VirtioDevice for Vsock {
         };
         let cid = self.guest_cid;
         let uds = self.uds_path.clone();
+        let peer_policy = self.peer_policy;
         DeviceWorker::spawn("virtio-vsock".into(), move |stop| {
-            match muxer::Muxer::new(cid, uds, listener, ctx, stop) {
+            match muxer::Muxer::new(cid, uds, listener, ctx, stop, peer_policy) {
                 Ok(mut m) => m.run(),
                 Err(e) => tracing::error!("vsock: cannot start: {e}"),
             }

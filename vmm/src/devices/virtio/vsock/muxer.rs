@@ -205,6 +205,8 @@ pub struct PeerPolicy {
 }
 
 impl PeerPolicy {
+    /// The VMM's own user. Taken on the main thread when the device is
+    /// made: the vsock worker's seccomp filter has no `geteuid`.
     pub fn current_user() -> Self {
         // SAFETY: geteuid(2) takes nothing and cannot fail.
         let owner_uid = unsafe { libc::geteuid() };
@@ -369,6 +371,7 @@ impl Muxer {
         listener: UnixListener,
         ctx: ActivateContext,
         stop: EventFd,
+        peer_policy: PeerPolicy,
     ) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -394,7 +397,7 @@ impl Muxer {
             uds_path,
             listener,
             listener_paused_until: None,
-            peer_policy: PeerPolicy::current_user(),
+            peer_policy,
             mem: ctx.mem,
             queues: ctx.queues,
             queue_events: ctx.queue_events,

@@ -183,7 +183,14 @@ impl Harness {
             acked_features: 0,
         };
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let muxer = Muxer::new(GUEST_CID, uds.clone(), listener, ctx, stop.try_clone()?)?;
+        let muxer = Muxer::new(
+            GUEST_CID,
+            uds.clone(),
+            listener,
+            ctx,
+            stop.try_clone()?,
+            super::muxer::PeerPolicy::current_user(),
+        )?;
         Ok(Self {
             muxer,
             mem,
