@@ -884,7 +884,10 @@ fn a_vmm_crash_ends_everything_and_start_works_again() {
     vm.hold_redial.store(true, Ordering::SeqCst);
     vm.drop_connection();
     poll_connected(sock, false);
-    assert!(is_running(sock));
+    assert!(
+        !is_running(sock),
+        "a VM whose agent channel ended is out of reach: not running"
+    );
     let mark = sub.seen.len();
     let exit = sub.until("exit for the lost process", |e| {
         e["type"] == "exit" && e["id"] == "long"
@@ -929,6 +932,33 @@ fn a_vmm_crash_ends_everything_and_start_works_again() {
     pipe.ok("startVM", json!({"bundlePath": bundle}));
     assert_eq!(h.launcher.launches(), 2);
     poll_connected(sock, true);
+    pipe.ok("stopVM", json!({}));
+}
+
+/// The agent's connection drops while its VMM still runs (the order in
+/// which a SIGKILLed VMM's two ends are seen): the client's next startVM
+/// must stop that VMM and boot a new one, not answer "already runs".
+#[test]
+fn start_after_the_agent_channel_ended_replaces_the_vm() {
+    let h = serve("channel-ended");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    poll_connected(sock, true);
+    let vm = h.launcher.last();
+    vm.hold_redial.store(true, Ordering::SeqCst);
+    vm.drop_connection();
+    poll_connected(sock, false);
+    assert!(!is_running(sock));
+    pipe.ok("startVM", json!({"bundlePath": bundle}));
+    assert_eq!(h.launcher.launches(), 2, "a new VMM was started");
+    assert!(
+        log_text().contains("ended; stopping it first"),
+        "the old VMM was stopped first"
+    );
+    poll_connected(sock, true);
+    assert!(is_running(sock));
     pipe.ok("stopVM", json!({}));
 }
 

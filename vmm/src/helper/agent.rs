@@ -312,6 +312,12 @@ impl Agent {
         *self.connected.borrow()
     }
 
+    /// Whether this boot's agent connection came and dropped: no other is
+    /// accepted, so the VM is out of reach until it restarts.
+    pub fn channel_ended(&self) -> bool {
+        matches!(&*lock(&self.link), Link::Ended)
+    }
+
     /// Waits until the agent is ready, or `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let mut rx = self.connected.subscribe();

@@ -412,9 +412,12 @@ impl VmManager {
         lock(&self.current).clone()
     }
 
-    /// `isRunning`.
+    /// `isRunning`: a VMM runs and its agent channel has not ended. A VM
+    /// whose channel ended can never be reached again this boot (the helper
+    /// takes one agent connection per boot), so it counts as stopped: the
+    /// client's next `startVM` replaces it.
     pub fn is_running(&self) -> bool {
-        self.current().is_some()
+        self.current().is_some_and(|i| !i.agent.channel_ended())
     }
 
     /// `isGuestConnected`.
@@ -451,9 +454,16 @@ impl VmManager {
     /// client polls `isGuestConnected`). Already running: does nothing.
     pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmError> {
         let _guard = self.lifecycle.lock().await;
-        if self.is_running() {
-            tracing::info!("startVM: the VM already runs");
-            return Ok(());
+        if let Some(inst) = self.current() {
+            if !inst.agent.channel_ended() {
+                tracing::info!("startVM: the VM already runs");
+                return Ok(());
+            }
+            tracing::info!(
+                "startVM: the guest agent's channel of {} ended; stopping it first",
+                inst.name
+            );
+            self.stop_instance(inst).await?;
         }
         if p.bundle_path.is_empty() {
             return Err(VmError::NoBundle);
@@ -633,6 +643,12 @@ impl VmManager {
         let Some(inst) = self.current() else {
             return Ok(());
         };
+        self.stop_instance(inst).await
+    }
+
+    /// Stops one VMM: the guest's shutdown, SIGTERM, SIGKILL, each with its
+    /// grace; the caller holds the lifecycle lock.
+    async fn stop_instance(&self, inst: Arc<Instance>) -> Result<(), VmError> {
         inst.stopping.store(true, Ordering::SeqCst);
         tracing::info!("stopVM: stopping {}", inst.name);
         let ended = inst.ended.clone();
