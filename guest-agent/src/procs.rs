@@ -200,11 +200,18 @@ impl StdinQueue {
                     s.full_logged = true;
                     eprintln!("coworkvm-agent: {e}");
                 }
+                // The bytes are refused, but an end of input they carried
+                // still ends it: the process is never left waiting for an
+                // EOF that was sent.
+                s.eof |= eof;
+                self.ready.notify_one();
                 return Err(e);
             }
             let before = self.total.fetch_add(len, Ordering::Relaxed);
             if before + len > MAX_STDIN_BYTES_TOTAL {
                 self.total.fetch_sub(len, Ordering::Relaxed);
+                s.eof |= eof;
+                self.ready.notify_one();
                 return Err(StdinError::AgentFull {
                     id: id.to_owned(),
                     len,
@@ -1134,6 +1141,10 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, MAX_STDIN_BYTES / mib);
+        // A refused chunk that ends the input still ends it.
+        assert!(!lock(&q.state).eof);
+        assert!(q.push("p", vec![0; mib], true).is_err());
+        assert!(lock(&q.state).eof, "the EOF of a refused chunk was lost");
         q.close();
         assert_eq!(total.load(Ordering::Relaxed), 0);
         // Small ones are joined, and the count bounds the unjoinable.
