@@ -149,8 +149,10 @@ fn check_kind(file: &File, name: &str) -> Result<(), BootFileError> {
     }
 }
 
-/// Clears `O_NONBLOCK` (set to open a path safely, or by the parent).
-fn set_blocking(file: &File, name: &str) -> Result<(), BootFileError> {
+/// Clears `O_NONBLOCK` on `file` (set to open a path without hanging on a
+/// FIFO, or by the parent): the one place that does it, for boot files and
+/// bundle files alike.
+pub fn clear_nonblocking(file: &File) -> io::Result<()> {
     let fd = file.as_raw_fd();
     // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor `file` owns; no memory
     // is passed.
@@ -163,12 +165,13 @@ fn set_blocking(file: &File, name: &str) -> Result<(), BootFileError> {
         }
     };
     if rc < 0 {
-        return Err(BootFileError::Stat(
-            name.to_owned(),
-            io::Error::last_os_error(),
-        ));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn set_blocking(file: &File, name: &str) -> Result<(), BootFileError> {
+    clear_nonblocking(file).map_err(|e| BootFileError::Stat(name.to_owned(), e))
 }
 
 /// A boot file as `coworkvm boot` takes it: `fd:N` or a path (a file whose

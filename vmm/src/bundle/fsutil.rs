@@ -6,7 +6,6 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -47,20 +46,7 @@ pub fn open_regular(path: &Path, writable: bool) -> io::Result<File> {
             "it is not a regular file",
         ));
     }
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl F_GETFL/F_SETFL on the descriptor `file` owns; no
-    // memory is passed.
-    let rc = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK)
-        }
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::boot_file::clear_nonblocking(&file)?;
     Ok(file)
 }
 
