@@ -3,6 +3,5 @@
 
 pub mod cpio;
 pub mod initramfs;
-pub mod manifest;
 pub mod modules;
 pub mod rootfs;

@@ -23,7 +23,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{self, Compression, InitramfsSpec};
-use crate::manifest::{hex, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
+use socket_proto::manifest::{hex, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
 
 /// The Debian packages of the rootfs beyond minbase.
 pub const PACKAGES: &str = include_str!("../packages.txt");

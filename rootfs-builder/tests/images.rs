@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use coworkvm_rootfs::manifest::{Manifest, MANIFEST_FILE};
 use coworkvm_rootfs::rootfs::{self, DEFAULT_EPOCH, IMAGE_FILES};
+use socket_proto::manifest::{Manifest, MANIFEST_FILE};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

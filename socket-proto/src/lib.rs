@@ -66,6 +66,7 @@
 pub mod frame;
 pub mod guest;
 pub mod host;
+pub mod manifest;
 pub mod params;
 pub mod redact;
 pub mod sdk;

@@ -5,11 +5,8 @@
 pub mod arch;
 pub mod boot_file;
 pub mod builder;
-pub mod bundle;
 pub mod device_manager;
 pub mod devices;
 pub mod doctor;
-pub mod helper;
-pub mod run;
 pub mod sandbox;
 pub mod vstate;

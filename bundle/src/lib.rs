@@ -25,8 +25,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use coworkvm_rootfs::manifest::{FileEntry, Manifest, MANIFEST_FILE};
 use serde::Serialize;
+use socket_proto::manifest::{FileEntry, Manifest, MANIFEST_FILE};
 
 pub use expand::{Expanded, APPLIED_MANIFEST_FILE, ROOTFS_FILE, ROOTFS_ZST_FILE};
 pub use identity::{BundleIdentity, MacAddress, MachineId};

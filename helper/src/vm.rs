@@ -27,11 +27,11 @@ use tokio::task::JoinHandle;
 
 use super::agent::{Agent, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
-use coworkvm_rootfs::manifest::MANIFEST_FILE;
+use socket_proto::manifest::MANIFEST_FILE;
 
-use crate::arch::x86_64::smbios::MachineUuid;
-use crate::boot_file::BootFile;
-use crate::bundle::Bundle;
+use coworkvm_bundle::Bundle;
+use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
+use coworkvm_vmm::boot_file::BootFile;
 
 /// Guest memory when neither `startVM` nor `configure` says.
 pub const DEFAULT_MEM_MIB: u64 = 2048;
@@ -85,7 +85,7 @@ pub enum VmError {
     },
     /// The bundle could not be seeded or prepared.
     #[error(transparent)]
-    Bundle(#[from] crate::bundle::BundleError),
+    Bundle(#[from] coworkvm_bundle::BundleError),
     /// The VMM could not be started.
     #[error("cannot start the VMM: {0}")]
     Launch(String),
@@ -709,7 +709,7 @@ const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
 
 fn log_console_tail(console: &Path) {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = crate::bundle::fsutil::open_regular(console, false) else {
+    let Ok(mut file) = coworkvm_bundle::fsutil::open_regular(console, false) else {
         return;
     };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use coworkvm::boot_file::BootFile;
-use coworkvm::helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
-use coworkvm::helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
+use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
+use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
+use coworkvm_vmm::boot_file::BootFile;
 use serde_json::{json, Value};
 use socket_proto::frame::{encode_frame, read_frame, write_frame};
 use socket_proto::guest::AGENT_VSOCK_PORT;
@@ -297,7 +297,7 @@ impl ImageSource for BundleFiles {
             f.set_len(disk_gb.unwrap_or(10) << 30).unwrap();
         }
         let open = |p: PathBuf, writable: bool| {
-            let f = coworkvm::bundle::fsutil::open_regular(&p, writable).map_err(|source| {
+            let f = coworkvm_bundle::fsutil::open_regular(&p, writable).map_err(|source| {
                 VmError::Io {
                     what: "opening",
                     path: p.clone(),
@@ -977,7 +977,7 @@ fn stop_escalates_to_sigterm_and_sigkill() {
     let t = Instant::now();
     pipe.ok("stopVM", json!({}));
     assert!(
-        t.elapsed() >= coworkvm::helper::vm::TERM_GRACE,
+        t.elapsed() >= coworkvm_helper::vm::TERM_GRACE,
         "SIGTERM was given its grace"
     );
     assert!(!is_running(sock));
@@ -1414,53 +1414,6 @@ fn a_peer_with_another_uid_is_refused() {
     assert!(!is_running(&h.socket));
 }
 
-#[test]
-fn the_binary_under_another_name_serves_as_the_client_starts_it_and_stops_on_sigterm() {
-    let dir = temp_dir("bin");
-    let sock = dir.join("run/claude-cowork-vm.sock");
-    // Standing in for the stock helper: a symlink under its name, started
-    // as the client starts it, with no subcommand.
-    let helper = dir.join("cowork-vm-helper");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_coworkvm"), &helper).unwrap();
-    let mut child = std::process::Command::new(&helper)
-        .args(["-socket", sock.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .env("COWORKVM_IMAGES", dir.join("no-images"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the helper never bound its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!is_running(&sock));
-    let empty = dir.join("bundle");
-    std::fs::create_dir_all(&empty).unwrap();
-    let r = one_shot(&sock, "startVM", json!({"bundlePath": empty}));
-    // The real image source: an empty bundle and no images to seed it from.
-    assert!(r["error"].as_str().unwrap().contains("rootfs.img"), "{r}");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    assert!(!sock.exists(), "socket removed on exit");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(err.contains("serving"), "{err}");
-    assert!(err.contains("SIGTERM: stopping"), "{err}");
-    assert!(!err.contains('\x1b'), "no colour codes in the client's log");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
 // ---------------------------------------------------------------------------
 // Issue 11: the agent channel and the helper's bounds.
 
@@ -1655,7 +1608,7 @@ fn stop_vm_returns_within_its_bound_when_the_agent_stops_reading() {
     let t = Instant::now();
     let mut s = connect(&sock);
     s.set_read_timeout(Some(
-        coworkvm::helper::vm::STOP_VM_BOUND + Duration::from_secs(5),
+        coworkvm_helper::vm::STOP_VM_BOUND + Duration::from_secs(5),
     ))
     .unwrap();
     write_frame(&mut s, &json!({"method": "stopVM", "params": {}})).unwrap();
@@ -1663,7 +1616,7 @@ fn stop_vm_returns_within_its_bound_when_the_agent_stops_reading() {
     let took = t.elapsed();
     assert_eq!(r["success"], true, "{r}");
     assert!(
-        took <= coworkvm::helper::vm::STOP_VM_BOUND,
+        took <= coworkvm_helper::vm::STOP_VM_BOUND,
         "stopVM took {took:?}"
     );
     assert!(!is_running(&sock));
@@ -1713,7 +1666,7 @@ fn spawn_is_refused_when_the_agent_has_no_sandbox() {
 /// rest read-only. The "VMM" here is a script that reports what it got.
 #[test]
 fn the_launcher_passes_the_boot_files_as_inherited_descriptors() {
-    use coworkvm::helper::vm::ProcessLauncher;
+    use coworkvm_helper::vm::ProcessLauncher;
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("fdpass");
     let script = dir.join("fake-vmm");

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use coworkvm_rootfs::manifest::FileEntry;
+use socket_proto::manifest::FileEntry;
 
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -46,7 +46,7 @@ pub fn open_regular(path: &Path, writable: bool) -> io::Result<File> {
             "it is not a regular file",
         ));
     }
-    crate::boot_file::clear_nonblocking(&file)?;
+    coworkvm_vmm::boot_file::clear_nonblocking(&file)?;
     Ok(file)
 }
 

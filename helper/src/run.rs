@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use socket_proto::frame::{read_frame, write_frame};
 use socket_proto::guest::{GuestEvent, GuestFrame, AGENT_VSOCK_PORT};
 
-use crate::builder::{self, GuestExit, MachineConfig, VsockSpec};
+use coworkvm_vmm::builder::{self, GuestExit, MachineConfig, VsockSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -91,7 +91,7 @@ impl RunDir {
         let mut last = None;
         for _ in 0..RUN_DIR_ATTEMPTS {
             let mut salt = [0u8; 6];
-            crate::bundle::fsutil::random_bytes(&mut salt)
+            coworkvm_bundle::fsutil::random_bytes(&mut salt)
                 .map_err(|e| RunError::Io("choosing a run directory name", e))?;
             let name: String = salt.iter().map(|b| format!("{b:02x}")).collect();
             let path = base.join(format!("coworkvm-run-{name}"));

@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use coworkvm::arch::x86_64::smbios::MachineUuid;
-use coworkvm::boot_file::{BootFile, DiskArg, FileArg};
-use coworkvm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
-use coworkvm::bundle::{Bundle, SeedOutcome};
-use coworkvm::doctor;
-use coworkvm::helper::vm::{BundleImages, ImageSource, GUEST_CMDLINE};
-use coworkvm_rootfs::manifest::MANIFEST_FILE;
+use coworkvm_bundle::{Bundle, SeedOutcome};
+use coworkvm_helper::vm::{BundleImages, ImageSource, GUEST_CMDLINE};
+use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
+use coworkvm_vmm::boot_file::{BootFile, DiskArg, FileArg};
+use coworkvm_vmm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
+use coworkvm_vmm::doctor;
+use socket_proto::manifest::MANIFEST_FILE;
 
 #[derive(Parser)]
 #[command(
@@ -50,7 +50,7 @@ enum Command {
     },
     /// Test hook: set up boot's sandbox and make one access (vmm/tests/sandbox.rs).
     #[command(hide = true)]
-    SandboxProbe(coworkvm::sandbox::probe::ProbeArgs),
+    SandboxProbe(coworkvm_vmm::sandbox::probe::ProbeArgs),
 }
 
 #[derive(Subcommand)]
@@ -227,7 +227,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             machine_uuid: args.uuid.or(p.machine_uuid),
         }
     };
-    let code = coworkvm::run::run(coworkvm::run::RunConfig {
+    let code = coworkvm_helper::run::run(coworkvm_helper::run::RunConfig {
         machine,
         command: args.command,
         connect_timeout: std::time::Duration::from_secs(180),
@@ -244,7 +244,7 @@ fn base_filter(default: &str) -> tracing_subscriber::EnvFilter {
 
 /// One readable line per event on stderr. Returns the switch that
 /// `setDebugLogging` flips (debug on, or back to the base filter).
-fn init_logging(default: &'static str) -> coworkvm::helper::DebugSwitch {
+fn init_logging(default: &'static str) -> coworkvm_helper::DebugSwitch {
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -298,7 +298,7 @@ fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
 /// Opens (or takes over, for `fd:N`) every file `boot` was given.
 fn open_boot_files(
     args: &BootArgs,
-) -> Result<(BootFile, Option<BootFile>, Vec<DiskSpec>), coworkvm::boot_file::BootFileError> {
+) -> Result<(BootFile, Option<BootFile>, Vec<DiskSpec>), coworkvm_vmm::boot_file::BootFileError> {
     let kernel = args.kernel.open(false)?;
     let initrd = args.initrd.as_ref().map(|i| i.open(false)).transpose()?;
     let disks = args
@@ -479,12 +479,12 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Serve { socket } => {
-            let socket = socket.unwrap_or_else(coworkvm::helper::default_socket_path);
-            coworkvm::helper::serve(&socket, Some(debug_switch)).map(|()| ExitCode::SUCCESS)
+            let socket = socket.unwrap_or_else(coworkvm_helper::default_socket_path);
+            coworkvm_helper::serve(&socket, Some(debug_switch)).map(|()| ExitCode::SUCCESS)
         }
         Command::Boot(args) => boot(args),
         Command::SandboxProbe(args) => Ok(ExitCode::from(
-            coworkvm::sandbox::probe::run(&args).clamp(0, 255) as u8,
+            coworkvm_vmm::sandbox::probe::run(&args).clamp(0, 255) as u8,
         )),
         Command::Run(args) => run(args),
         Command::Bundle { command } => bundle(command),

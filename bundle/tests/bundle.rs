@@ -11,14 +11,14 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, OnceLock};
 
-use coworkvm::bundle::identity::{self, MACHINE_ID_FILE, MAC_FILE};
-use coworkvm::bundle::session_disk::SessionDisk;
-use coworkvm::bundle::{
+use coworkvm_bundle::identity::{self, MACHINE_ID_FILE, MAC_FILE};
+use coworkvm_bundle::session_disk::SessionDisk;
+use coworkvm_bundle::{
     Bundle, BundleError, BundleIdentity, SeedOutcome, APPLIED_MANIFEST_FILE, ROOTFS_FILE,
     ROOTFS_ZST_FILE, SESSION_DISK_FILE,
 };
-use coworkvm_rootfs::manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
 use sha2::{Digest, Sha256};
+use socket_proto::manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
 
 const MIB: usize = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -86,7 +86,7 @@ fn compress(data: &[u8]) -> Vec<u8> {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    coworkvm_rootfs::manifest::hex(&Sha256::digest(data))
+    socket_proto::manifest::hex(&Sha256::digest(data))
 }
 
 fn entry(data: &[u8]) -> FileEntry {
@@ -238,7 +238,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, String> {
                     }
                 }
             }
-            (n, coworkvm_rootfs::manifest::hex(&hasher.finalize()))
+            (n, socket_proto::manifest::hex(&hasher.finalize()))
         })
         .collect()
 }
@@ -1010,7 +1010,7 @@ impl Canary {
 /// it points at.
 #[test]
 fn a_boot_file_symlinked_to_a_host_file_is_refused_and_the_file_untouched() {
-    use coworkvm::helper::{BundleImages, ImageSource};
+    use coworkvm_helper::{BundleImages, ImageSource};
     let v1 = images("v1");
     let images_dir = v1.images_dir();
     let root = TempDir::new("symlink");

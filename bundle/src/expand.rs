@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use super::fsutil::{self, TempFileGuard};
 use super::manifest_file::{load_manifest, ManifestError};
 use super::BundleLock;
-use coworkvm_rootfs::manifest::MANIFEST_FILE;
+use socket_proto::manifest::MANIFEST_FILE;
 
 pub const ROOTFS_FILE: &str = "rootfs.img";
 pub const ROOTFS_ZST_FILE: &str = "rootfs.img.zst";
@@ -190,7 +190,7 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
             actual: written,
         });
     }
-    let actual = coworkvm_rootfs::manifest::hex(&hasher.finalize());
+    let actual = socket_proto::manifest::hex(&hasher.finalize());
     if !actual.eq_ignore_ascii_case(&entry.sha256) {
         return Err(ExpandError::HashMismatch {
             dir: dir.to_owned(),

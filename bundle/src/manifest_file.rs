@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use coworkvm_rootfs::manifest::{Manifest, MANIFEST_FORMAT};
+use socket_proto::manifest::{Manifest, MANIFEST_FORMAT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {

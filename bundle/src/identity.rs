@@ -6,7 +6,7 @@
 //! unreadable or malformed is an error, left as it is for a person to look
 //! at.
 
-use crate::arch::x86_64::smbios::MachineUuid;
+use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -254,7 +254,7 @@ mod tests {
             b[6],
             b[8],
             b[9],
-            coworkvm_rootfs::manifest::hex(&b[10..16])
+            socket_proto::manifest::hex(&b[10..16])
         )
     }
 

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod events;
 pub mod methods;
+pub mod run;
 pub mod server;
 pub mod vm;
 pub mod wire;
@@ -52,7 +53,7 @@ impl HelperConfig {
     pub fn production(socket: &Path) -> std::io::Result<Self> {
         Ok(Self {
             images: Arc::new(BundleImages {
-                images_dir: crate::bundle::Bundle::default_images_dir(),
+                images_dir: coworkvm_bundle::Bundle::default_images_dir(),
             }),
             launcher: Arc::new(ProcessLauncher {
                 exe: std::env::current_exe()?,
