@@ -581,7 +581,7 @@ pub fn images_section(paths: &Paths) -> Result<String> {
         );
     }
     let warm_build = t.elapsed().as_secs_f64();
-    let m: coworkvm_rootfs::manifest::Manifest =
+    let m: socket_proto::manifest::Manifest =
         serde_json::from_slice(&std::fs::read(images.join("manifest.json"))?)?;
     let size = |f: &str| m.file(f).map_or(0, |e| e.size);
     let img_mb = size("rootfs.img") as f64 / 1e6;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use coworkvm_rootfs::manifest::{FileEntry, Manifest};
+use socket_proto::manifest::{FileEntry, Manifest};
 
 /// `/etc/coworkvm-release` of the update made by [`images_disk`].
 pub const UPDATE_RELEASE: &str = "coworkvm-e2e-update";

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use coworkvm_rootfs::manifest::Manifest;
 use coworkvm_tests::{images, in_ci, Paths};
+use socket_proto::manifest::Manifest;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

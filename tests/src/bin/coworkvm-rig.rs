@@ -72,7 +72,7 @@ exit $rc"#,
 fn images_kernel(images: &std::path::Path, paths: &Paths) -> String {
     let release = std::fs::read(images.join("manifest.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<coworkvm_rootfs::manifest::Manifest>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<socket_proto::manifest::Manifest>(&b).ok())
         .map_or_else(|| "unknown".into(), |m| m.kernel_version);
     let package = std::fs::read_to_string(paths.build.join("kernel/version"))
         .ok()
