@@ -57,6 +57,7 @@ impl HelperConfig {
             }),
             launcher: Arc::new(ProcessLauncher {
                 exe: std::env::current_exe()?,
+                inherit_stderr: false,
             }),
             run_dir: run_dir_for(socket),
             home: std::env::var_os("HOME").map(PathBuf::from),
