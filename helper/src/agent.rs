@@ -713,8 +713,11 @@ impl Agent {
             }
         };
         if !capabilities.iter().any(|c| c == SANDBOX_CAPABILITY) {
-            tracing::warn!(
-                "the guest agent does not advertise the session sandbox; spawns will be refused"
+            // Info, not a warning: `coworkvm run` boots such guests on
+            // purpose (the bare initramfs), and its terminal shows warnings.
+            tracing::info!(
+                "the guest agent does not advertise the session sandbox; the client's spawns \
+                 will be refused"
             );
         }
         *lock(&self.capabilities) = capabilities;
