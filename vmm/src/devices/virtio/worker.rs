@@ -9,12 +9,12 @@
 //!
 //! A worker that cannot go on does not just end, leaving the driver to wait
 //! forever for buffers that never come back. When the driver breaks a ring
-//! (an available index more than a queue's size ahead, a head index beyond
-//! the queue: see [`next_chain`]), when epoll fails, or when the handler
-//! panics, the worker logs one error line naming the device, sets
-//! DEVICE_NEEDS_RESET (virtio 1.2 section 2.1) where the transport shows it
-//! in the Status register, raises a configuration change interrupt, and
-//! ends. The VMM and the other devices go on; the driver's reset (status 0)
+//! (an available index more than a queue's size ahead, see [`next_chain`];
+//! a head index beyond the queue, which `add_used` refuses; a ring outside
+//! guest memory), when epoll fails, or when the handler panics, the worker
+//! logs one error line naming the device, sets DEVICE_NEEDS_RESET (virtio
+//! 1.2 section 2.1) where the transport shows it in the Status register,
+//! raises a configuration change interrupt, and ends. The VMM and the other devices go on; the driver's reset (status 0)
 //! joins the ended thread and a new DRIVER_OK starts a fresh one.
 //!
 //! Panic containment depends on the build: it holds where panics unwind
