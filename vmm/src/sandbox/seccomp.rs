@@ -94,7 +94,7 @@ impl ThreadKind {
     }
 
     /// The worker kind for a device worker thread, by the thread name that
-    /// `DeviceWorker::spawn` gives it. An unknown device gets the bare
+    /// `DeviceWorker::start` gives it. An unknown device gets the bare
     /// event-loop list: it fails loudly (a named SIGSYS) rather than open.
     pub fn for_worker(thread_name: &str) -> Self {
         match thread_name {

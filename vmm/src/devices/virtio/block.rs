@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap, Le32, Le64};
 
+use super::worker::{next_chain, notify_used, BrokenQueue, DeviceHandler};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceWorker, QueueEventLoop, VirtioDevice,
-    VirtioInterrupt, Wake, TYPE_BLOCK,
+    read_config, ActivateContext, ActivateError, DeviceWorker, VirtioDevice, VirtioInterrupt,
+    TYPE_BLOCK,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -312,19 +312,42 @@ impl DiskImage {
     }
 }
 
+/// The part of `struct virtio_blk_config` (virtio 1.2 section 5.2.4) this
+/// device offers: the fields up to `seg_max` (VIRTIO_BLK_F_SEG_MAX). The
+/// rest (geometry, blk_size, ...) belongs to features it does not offer
+/// and reads as zeroes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Disk size in 512-byte sectors.
+    pub capacity: Le64,
+    /// Largest segment (VIRTIO_BLK_F_SIZE_MAX, not offered): zero.
+    pub size_max: Le32,
+    /// Most data segments in one request.
+    pub seg_max: Le32,
+}
+
+// SAFETY: BlockConfig is repr(C) with only little-endian integer fields,
+// 8 + 4 + 4 bytes with no padding (asserted below), so every byte pattern
+// is a valid value and it has no references.
+unsafe impl ByteValued for BlockConfig {}
+const _: () = assert!(std::mem::size_of::<BlockConfig>() == 16);
+
 /// virtio-blk device: config space and queue worker around a [`DiskImage`].
 pub struct Block {
     disk: Option<Arc<DiskImage>>,
-    config: [u8; 24],
+    config: BlockConfig,
     label: String,
 }
 
 impl Block {
     pub fn new(disk: DiskImage) -> Self {
-        let mut config = [0u8; 24];
-        config[0..8].copy_from_slice(&disk.sectors().to_le_bytes());
-        // seg_max at offset 12: the most data segments in one request.
-        config[12..16].copy_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes());
+        let config = BlockConfig {
+            capacity: disk.sectors().into(),
+            size_max: 0.into(),
+            // A request's chain is its header, its data and its status.
+            seg_max: (QUEUE_SIZE as u32 - 2).into(),
+        };
         let label = disk.path().display().to_string();
         Self {
             disk: Some(Arc::new(disk)),
@@ -354,7 +377,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+        read_config(&self.config, offset, data)
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<DeviceWorker, ActivateError> {
@@ -376,9 +399,16 @@ impl VirtioDevice for Block {
                     expected: 1,
                     got: q.len(),
                 })?;
-        let name = format!("blk:{}", self.label);
-        DeviceWorker::spawn("virtio-blk".into(), move |stop| {
-            run_worker(&name, disk, mem, queue, queue_events, interrupt, stop)
+        let device = format!("virtio-blk ({})", self.label);
+        let worker_interrupt = interrupt.clone();
+        DeviceWorker::start("virtio-blk", device, queue_events, interrupt, move |_| {
+            Ok(BlockWorker {
+                disk,
+                mem,
+                queue,
+                interrupt: worker_interrupt,
+                bounce: Vec::new(),
+            })
         })
     }
 }
@@ -393,8 +423,9 @@ fn chain_segments(chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Vec
         .collect()
 }
 
-/// Serves every available request; returns false if the queue itself is
-/// broken (ring outside guest memory).
+/// Serves every available request; returns whether any was. An error is a
+/// ring the driver broke (see [`next_chain`]); a malformed request is not
+/// one, it is answered with an error status.
 pub fn process_queue(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
@@ -404,7 +435,7 @@ pub fn process_queue(
     let mut used_any = false;
     loop {
         queue.disable_notification(mem)?;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
             let segments = chain_segments(chain);
             let (status, len, status_addr) = match parse_request(mem, &segments) {
@@ -436,55 +467,31 @@ pub fn process_queue(
     Ok(used_any)
 }
 
-fn run_worker(
-    name: &str,
+/// The worker's side of the device: its one queue.
+struct BlockWorker {
     disk: Arc<DiskImage>,
     mem: GuestMemoryMmap,
-    mut queue: Queue,
-    queue_events: Vec<EventFd>,
+    queue: Queue,
     interrupt: Arc<VirtioInterrupt>,
-    stop: EventFd,
-) {
-    let events = match QueueEventLoop::new(&stop, &queue_events) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!("{name}: epoll set-up failed: {e}");
-            return;
+    bounce: Vec<u8>,
+}
+
+impl DeviceHandler for BlockWorker {
+    type Error = BrokenQueue;
+
+    fn queue_event(&mut self, queue: usize) -> Result<(), BrokenQueue> {
+        let broken = |error| BrokenQueue { queue, error };
+        if process_queue(&self.disk, &self.mem, &mut self.queue, &mut self.bounce)
+            .map_err(broken)?
+        {
+            notify_used(&mut self.queue, &self.mem, &self.interrupt).map_err(broken)?;
         }
-    };
-    let mut bounce = Vec::new();
-    loop {
-        let wakes = match events.wait(&stop, &queue_events) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!("{name}: waiting for queue events: {e}");
-                return;
-            }
-        };
-        if wakes.contains(&Wake::Stop) {
-            return;
-        }
-        match process_queue(&disk, &mem, &mut queue, &mut bounce) {
-            Ok(true) => {
-                if queue.needs_notification(&mem).unwrap_or(true) {
-                    if let Err(e) = interrupt.signal_used_queue() {
-                        tracing::error!("{name}: raising interrupt: {e}");
-                    }
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                // The driver broke its own ring; nothing more can be served
-                // until it resets the device.
-                tracing::error!("{name}: queue is unusable: {e:?}");
-                return;
-            }
-        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -714,6 +721,134 @@ mod tests {
         // All three chains were returned to the driver.
         let used_idx: u16 = m.read_obj(vq.used_addr().checked_add(2).unwrap()).unwrap();
         assert!(used_idx >= 1, "the good request completed");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn config_fields_sit_at_their_spec_offsets() {
+        use std::mem::offset_of;
+        assert_eq!(offset_of!(BlockConfig, capacity), 0);
+        assert_eq!(offset_of!(BlockConfig, size_max), 8);
+        assert_eq!(offset_of!(BlockConfig, seg_max), 12);
+    }
+
+    #[test]
+    fn config_reads_at_every_offset_and_width() {
+        let (d, path) = disk(true, 0x1234);
+        let dev = Block::new(d);
+        // virtio_blk_config as the spec lays it out, then zeroes.
+        let mut spec = Vec::new();
+        spec.extend_from_slice(&0x1234u64.to_le_bytes());
+        spec.extend_from_slice(&0u32.to_le_bytes());
+        spec.extend_from_slice(&(QUEUE_SIZE as u32 - 2).to_le_bytes());
+        spec.resize(64, 0);
+        for offset in 0..48u64 {
+            for len in 1..=8usize {
+                let mut got = [0xa5u8; 8];
+                dev.read_config(offset, &mut got[..len]);
+                let want = &spec[offset as usize..offset as usize + len];
+                assert_eq!(&got[..len], want, "offset {offset} len {len}");
+            }
+        }
+        for offset in [0x1000, u32::MAX as u64, u64::MAX - 3, u64::MAX] {
+            let mut got = [0xa5u8; 8];
+            dev.read_config(offset, &mut got);
+            assert_eq!(got, [0; 8], "offset {offset:#x}");
+        }
+        let mut wide = [0xa5u8; 32];
+        dev.read_config(12, &mut wide);
+        assert_eq!(&wide[..4], &spec[12..16]);
+        assert!(wide[4..].iter().all(|&b| b == 0));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// How a driver breaks its ring.
+    #[derive(Clone, Copy)]
+    pub(crate) enum Breakage {
+        /// The available index runs more than the queue's size ahead.
+        AvailIndexBeyondSize,
+        /// The available ring names a head beyond the descriptor table.
+        HeadBeyondQueue,
+    }
+
+    /// A 16-entry queue broken as `how`, and the memory it lives in.
+    pub(crate) fn broken_queue(how: Breakage) -> (GuestMemoryMmap, Queue) {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        match how {
+            Breakage::AvailIndexBeyondSize => vq.avail().idx().store(17),
+            Breakage::HeadBeyondQueue => {
+                vq.avail().ring().ref_at(0).unwrap().store(16);
+                vq.avail().idx().store(1);
+            }
+        }
+        let q: Queue = vq.create_queue().unwrap();
+        (m.clone(), q)
+    }
+
+    /// Activates `dev` on `queue`, kicks it and returns its worker and
+    /// interrupt.
+    pub(crate) fn activate_and_kick(
+        dev: &mut dyn VirtioDevice,
+        mem: GuestMemoryMmap,
+        queue: Queue,
+    ) -> (DeviceWorker, Arc<VirtioInterrupt>) {
+        let evt = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let worker = dev
+            .activate(ActivateContext {
+                mem,
+                queues: vec![queue],
+                queue_events: vec![evt],
+                interrupt: interrupt.clone(),
+                acked_features: 0,
+            })
+            .unwrap();
+        kick.write(1).unwrap();
+        (worker, interrupt)
+    }
+
+    #[test]
+    fn a_broken_ring_stops_the_worker_with_needs_reset() {
+        use crate::devices::virtio::worker::tests::{assert_ends, assert_reported};
+        for how in [Breakage::AvailIndexBeyondSize, Breakage::HeadBeyondQueue] {
+            let (d, path) = disk(false, 8);
+            let mut dev = Block::new(d);
+            let (m, q) = broken_queue(how);
+            let (worker, interrupt) = activate_and_kick(&mut dev, m, q);
+            assert_ends(worker);
+            assert_reported(&interrupt);
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_good_ring_keeps_the_worker_serving() {
+        use crate::devices::virtio::INT_USED_RING;
+        let (d, path) = disk(false, 8);
+        let mut dev = Block::new(d);
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        header(&m, 0x10_000, VIRTIO_BLK_T_IN, 1);
+        vq.build_desc_chain(&[
+            desc(0x10_000, 16, F_NEXT, 1),
+            desc(0x20_000, 512, F_NEXT | F_WRITE, 2),
+            desc(0x30_000, 1, F_WRITE, 0),
+        ])
+        .unwrap();
+        let q: Queue = vq.create_queue().unwrap();
+        let (worker, interrupt) = activate_and_kick(&mut dev, m.clone(), q);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while interrupt.status() & INT_USED_RING == 0 {
+            assert!(std::time::Instant::now() < deadline, "request served");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!worker.is_finished());
+        assert!(!interrupt.needs_reset());
+        let status: u8 = m.read_obj(GuestAddress(0x30_000)).unwrap();
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        drop(worker);
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -115,8 +115,15 @@ impl MmioTransport {
         self.worker.is_some()
     }
 
+    /// The Status register as the driver reads it: what the driver wrote,
+    /// and DEVICE_NEEDS_RESET once the device (its worker, or this
+    /// transport at activation) has failed.
     pub fn status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | STATUS_DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     fn device_features(&self) -> u64 {
@@ -165,7 +172,7 @@ impl MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| q.ready() as u32),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: length all-ones means "none".
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
@@ -258,8 +265,11 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set (virtio 1.2 section
+        // 2.1.2): a driver writing back what it read neither sets nor
+        // clears it; only a reset does.
+        let mut v = v & !STATUS_DEVICE_NEEDS_RESET;
         // FEATURES_OK only sticks for a modern driver (VERSION_1 accepted).
-        let mut v = v;
         if v & STATUS_FEATURES_OK != 0
             && self.status & STATUS_FEATURES_OK == 0
             && self.driver_features & VIRTIO_F_VERSION_1 == 0
@@ -278,14 +288,14 @@ impl MmioTransport {
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
                 tracing::warn!(queue = i, "virtio-mmio: driver set up an invalid queue");
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.set_needs_reset();
                 return;
             }
             match Queue::try_from(q.state()) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
                     tracing::warn!(queue = i, "virtio-mmio: queue state rejected: {e:?}");
-                    self.status |= STATUS_DEVICE_NEEDS_RESET;
+                    self.set_needs_reset();
                     return;
                 }
             }
@@ -299,7 +309,7 @@ impl MmioTransport {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!("virtio-mmio: cloning queue eventfds: {e}");
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.set_needs_reset();
                 return;
             }
         };
@@ -317,8 +327,15 @@ impl MmioTransport {
                     device = self.device.device_type(),
                     "virtio-mmio: activation failed: {e}"
                 );
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.set_needs_reset();
             }
+        }
+    }
+
+    /// Activation failed: the driver learns it as from a failed worker.
+    fn set_needs_reset(&self) {
+        if let Err(e) = self.interrupt.set_needs_reset() {
+            tracing::error!("virtio-mmio: raising the config interrupt: {e}");
         }
     }
 
@@ -335,16 +352,37 @@ impl MmioTransport {
         self.device_features_select = 0;
         self.driver_features_select = 0;
         self.driver_features = 0;
-        self.interrupt.ack(u32::MAX);
+        // After the worker is joined: a failing worker cannot set the flag
+        // again behind the reset.
+        self.interrupt.reset();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, QueueEventLoop, Wake};
+    use crate::devices::virtio::worker::tests::wait_finished;
+    use crate::devices::virtio::worker::{BrokenQueue, DeviceHandler};
+    use crate::devices::virtio::{ActivateError, INT_CONFIG_CHANGE};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::GuestAddress;
+
+    /// Serves nothing; a notification of queue 1 finds it broken, as a
+    /// real device finds a ring the driver corrupted.
+    struct DummyHandler;
+
+    impl DeviceHandler for DummyHandler {
+        type Error = BrokenQueue;
+        fn queue_event(&mut self, queue: usize) -> Result<(), BrokenQueue> {
+            if queue == 1 {
+                return Err(BrokenQueue {
+                    queue,
+                    error: virtio_queue::Error::InvalidAvailRingIndex,
+                });
+            }
+            Ok(())
+        }
+    }
 
     struct DummyDevice {
         activations: Arc<AtomicUsize>,
@@ -368,11 +406,13 @@ mod tests {
         fn activate(&mut self, ctx: ActivateContext) -> Result<DeviceWorker, ActivateError> {
             assert_eq!(ctx.queues.len(), 2);
             self.activations.fetch_add(1, Ordering::SeqCst);
-            let evts = ctx.queue_events;
-            DeviceWorker::spawn("dummy".into(), move |stop| {
-                let el = QueueEventLoop::new(&stop, &evts).unwrap();
-                while !el.wait(&stop, &evts).unwrap().contains(&Wake::Stop) {}
-            })
+            DeviceWorker::start(
+                "dummy",
+                "dummy".into(),
+                ctx.queue_events,
+                ctx.interrupt,
+                |_| Ok(DummyHandler),
+            )
         }
         fn reset(&mut self) {
             self.resets.fetch_add(1, Ordering::SeqCst);
@@ -534,6 +574,54 @@ mod tests {
         assert!(!t.is_activated());
         assert_eq!(act.load(Ordering::SeqCst), 0);
         assert_ne!(rd(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_failed_worker_shows_needs_reset_until_the_driver_resets() {
+        let (mut t, act, resets) = transport();
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000);
+        setup_queue(&mut t, 1, 0x2_0000);
+        wr(&mut t, REG_STATUS, ok);
+        assert!(t.is_activated());
+        assert_eq!(rd(&mut t, REG_STATUS), ok);
+
+        // The device finds queue 1 broken: its worker ends and says so.
+        wr(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert!(wait_finished(t.worker.as_ref().unwrap()));
+        assert_eq!(rd(&mut t, REG_STATUS), ok | STATUS_DEVICE_NEEDS_RESET);
+        assert_ne!(rd(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG_CHANGE, 0);
+        assert_eq!(t.interrupt().irqfd().read().unwrap(), 1);
+        // The driver acknowledging the interrupt or writing the status
+        // back does not clear it.
+        wr(&mut t, REG_INTERRUPT_ACK, INT_CONFIG_CHANGE);
+        wr(&mut t, REG_STATUS, ok | STATUS_DEVICE_NEEDS_RESET);
+        assert_eq!(rd(&mut t, REG_STATUS), ok | STATUS_DEVICE_NEEDS_RESET);
+
+        // Reset, then the device can be set up and activated again.
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), 0);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x1_0000);
+        setup_queue(&mut t, 1, 0x2_0000);
+        wr(&mut t, REG_STATUS, ok);
+        assert_eq!(act.load(Ordering::SeqCst), 2);
+        assert_eq!(rd(&mut t, REG_STATUS), ok);
+        assert!(!t.worker.as_ref().unwrap().is_finished());
+    }
+
+    #[test]
+    fn the_driver_cannot_set_needs_reset() {
+        let (mut t, _, _) = transport();
+        wr(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DEVICE_NEEDS_RESET,
+        );
+        assert_eq!(rd(&mut t, REG_STATUS), STATUS_ACKNOWLEDGE);
     }
 
     #[test]

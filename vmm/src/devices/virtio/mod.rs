@@ -1,23 +1,26 @@
 //! virtio devices and their transport.
 //!
 //! A device implements [`VirtioDevice`]: it describes itself (type, queues,
-//! features, config space) and, once the driver sets DRIVER_OK, takes its
-//! queues into a worker thread of its own. The transport ([`mmio`]) knows
-//! nothing about any particular device.
+//! features, config space) and, once the driver sets DRIVER_OK, serves its
+//! queues on a worker thread of its own, which is always the loop of
+//! [`worker`]. The transport ([`mmio`]) knows nothing about any particular
+//! device.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
+pub mod worker;
+
+pub use worker::DeviceWorker;
 
 /// virtio device ids (virtio 1.2, section 5).
 pub const TYPE_BLOCK: u32 = 2;
@@ -32,11 +35,14 @@ pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// The interrupt line of one device: the status bits the driver reads back,
-/// and the irqfd that KVM turns into an edge on the device's GSI.
+/// and the irqfd that KVM turns into an edge on the device's GSI. It also
+/// carries the one piece of device status a worker reports on its own,
+/// DEVICE_NEEDS_RESET, which the transport shows in its Status register.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    needs_reset: AtomicBool,
 }
 
 impl VirtioInterrupt {
@@ -44,6 +50,7 @@ impl VirtioInterrupt {
         Ok(Self {
             status: AtomicU32::new(0),
             irqfd: EventFd::new(EFD_NONBLOCK)?,
+            needs_reset: AtomicBool::new(false),
         })
     }
 
@@ -68,6 +75,25 @@ impl VirtioInterrupt {
         self.status.fetch_or(bits, Ordering::SeqCst);
         self.irqfd.write(1)
     }
+
+    /// The device can no longer work until the driver resets it: sets
+    /// DEVICE_NEEDS_RESET and, as virtio 1.2 section 2.1.2 requires once
+    /// DRIVER_OK is set, sends a configuration change notification.
+    pub fn set_needs_reset(&self) -> io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal(INT_CONFIG_CHANGE)
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The driver reset the device (its worker has been joined): nothing
+    /// pending, nothing to report.
+    pub fn reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+    }
 }
 
 /// What a device gets when the driver has set it up.
@@ -89,41 +115,6 @@ pub enum ActivateError {
     Worker(io::Error),
 }
 
-/// A device's running worker thread; dropping it stops the thread.
-pub struct DeviceWorker {
-    stop: EventFd,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl DeviceWorker {
-    /// Spawns `run(stop)`: the worker must return soon after `stop` becomes readable.
-    pub fn spawn<F>(name: String, run: F) -> Result<Self, ActivateError>
-    where
-        F: FnOnce(EventFd) + Send + 'static,
-    {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker_stop = stop.try_clone().map_err(ActivateError::Worker)?;
-        // Through the sandbox's spawner when the VMM is sandboxed, so the
-        // worker gets its own seccomp filter rather than its vCPU's.
-        let handle =
-            crate::sandbox::spawner::spawn_worker(name, Box::new(move || run(worker_stop)))
-                .map_err(ActivateError::Worker)?;
-        Ok(Self {
-            stop,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for DeviceWorker {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// One virtio device as the transport sees it.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
@@ -139,6 +130,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {}
 }
 
+/// Reads `data.len()` bytes of the config space `config` from `offset`: the
+/// driver may read at any offset with any width, and what lies beyond the
+/// structure reads as zeroes.
+pub fn read_config<T: ByteValued>(config: &T, offset: u64, data: &mut [u8]) {
+    read_config_bytes(config.as_slice(), offset, data)
+}
+
 /// Copies `data.len()` bytes of a config space `config` from `offset`;
 /// reads beyond its end return zeroes rather than failing.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -151,65 +149,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
-}
-
-/// Waits on a device's queue events and its stop event; shared by the
-/// single-purpose workers of blk and rng.
-pub struct QueueEventLoop {
-    epoll: vmm_sys_util::epoll::Epoll,
-}
-
-/// What woke the worker.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Wake {
-    Stop,
-    Queue(usize),
-}
-
-impl QueueEventLoop {
-    pub fn new(stop: &EventFd, queue_events: &[EventFd]) -> io::Result<Self> {
-        use std::os::fd::AsRawFd;
-        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-        let epoll = vmm_sys_util::epoll::Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, u64::MAX),
-        )?;
-        for (i, evt) in queue_events.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
-        Ok(Self { epoll })
-    }
-
-    /// Blocks until something is ready; consumes the eventfd counters.
-    pub fn wait(&self, stop: &EventFd, queue_events: &[EventFd]) -> io::Result<Vec<Wake>> {
-        use vmm_sys_util::epoll::EpollEvent;
-        let mut events = [EpollEvent::default(); 8];
-        let n = loop {
-            match self.epoll.wait(-1, &mut events) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        let mut wakes = Vec::with_capacity(n);
-        for ev in &events[..n] {
-            let data = ev.data();
-            if data == u64::MAX {
-                let _ = stop.read();
-                wakes.push(Wake::Stop);
-            } else if let Some(evt) = queue_events.get(data as usize) {
-                let _ = evt.read();
-                wakes.push(Wake::Queue(data as usize));
-            }
-        }
-        Ok(wakes)
-    }
 }
 
 #[cfg(test)]
@@ -240,20 +179,18 @@ mod tests {
     }
 
     #[test]
-    fn worker_stops_on_drop() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let w = DeviceWorker::spawn("t".into(), move |stop| {
-            let el = QueueEventLoop::new(&stop, &[]).unwrap();
-            loop {
-                if el.wait(&stop, &[]).unwrap().contains(&Wake::Stop) {
-                    tx.send(()).unwrap();
-                    return;
-                }
-            }
-        })
-        .unwrap();
-        drop(w);
-        rx.try_recv()
-            .expect("worker saw the stop event before join returned");
+    fn needs_reset_raises_the_config_interrupt_until_reset() {
+        let i = VirtioInterrupt::new().unwrap();
+        assert!(!i.needs_reset());
+        i.set_needs_reset().unwrap();
+        assert!(i.needs_reset());
+        assert_eq!(i.status(), INT_CONFIG_CHANGE);
+        assert_eq!(i.irqfd().read().unwrap(), 1);
+        // Acknowledging the interrupt leaves the device needing a reset.
+        i.ack(INT_CONFIG_CHANGE);
+        assert!(i.needs_reset());
+        i.reset();
+        assert!(!i.needs_reset());
+        assert_eq!(i.status(), 0);
     }
 }

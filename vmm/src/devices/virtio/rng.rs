@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{next_chain, notify_used, BrokenQueue, DeviceHandler};
 use super::{
-    ActivateContext, ActivateError, DeviceWorker, QueueEventLoop, VirtioDevice, VirtioInterrupt,
-    Wake, TYPE_RNG,
+    ActivateContext, ActivateError, DeviceWorker, VirtioDevice, VirtioInterrupt, TYPE_RNG,
 };
 
 pub const QUEUE_SIZE: u16 = 64;
@@ -43,6 +42,7 @@ impl VirtioDevice for Rng {
         0
     }
 
+    /// virtio-rng has no config space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
@@ -71,13 +71,26 @@ impl VirtioDevice for Rng {
                     expected: 1,
                     got: q.len(),
                 })?;
-        DeviceWorker::spawn("virtio-rng".into(), move |stop| {
-            run_worker(source, mem, queue, queue_events, interrupt, stop)
-        })
+        let worker_interrupt = interrupt.clone();
+        DeviceWorker::start(
+            "virtio-rng",
+            "virtio-rng".into(),
+            queue_events,
+            interrupt,
+            move |_| {
+                Ok(RngWorker {
+                    source,
+                    mem,
+                    queue,
+                    interrupt: worker_interrupt,
+                })
+            },
+        )
     }
 }
 
-/// Fills each available chain's writable buffers; returns whether any was used.
+/// Fills each available chain's writable buffers; returns whether any was
+/// used. An error is a ring the driver broke (see [`next_chain`]).
 pub fn process_queue(
     source: &mut impl Read,
     mem: &GuestMemoryMmap,
@@ -85,7 +98,7 @@ pub fn process_queue(
 ) -> Result<bool, virtio_queue::Error> {
     let mut used_any = false;
     let mut buf = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    while let Some(chain) = next_chain(queue, mem)? {
         let head = chain.head_index();
         let mut written = 0usize;
         for d in chain.filter(|d| d.is_write_only()) {
@@ -105,37 +118,23 @@ pub fn process_queue(
     Ok(used_any)
 }
 
-fn run_worker(
-    mut source: File,
+/// The worker's side of the device: its one queue and the entropy source.
+struct RngWorker {
+    source: File,
     mem: GuestMemoryMmap,
-    mut queue: Queue,
-    queue_events: Vec<EventFd>,
+    queue: Queue,
     interrupt: Arc<VirtioInterrupt>,
-    stop: EventFd,
-) {
-    let Ok(events) = QueueEventLoop::new(&stop, &queue_events) else {
-        tracing::error!("virtio-rng: epoll set-up failed");
-        return;
-    };
-    loop {
-        match events.wait(&stop, &queue_events) {
-            Ok(w) if w.contains(&Wake::Stop) => return,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!("virtio-rng: waiting for queue events: {e}");
-                return;
-            }
+}
+
+impl DeviceHandler for RngWorker {
+    type Error = BrokenQueue;
+
+    fn queue_event(&mut self, queue: usize) -> Result<(), BrokenQueue> {
+        let broken = |error| BrokenQueue { queue, error };
+        if process_queue(&mut self.source, &self.mem, &mut self.queue).map_err(broken)? {
+            notify_used(&mut self.queue, &self.mem, &self.interrupt).map_err(broken)?;
         }
-        match process_queue(&mut source, &mem, &mut queue) {
-            Ok(true) => {
-                let _ = interrupt.signal_used_queue();
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!("virtio-rng: queue is unusable: {e:?}");
-                return;
-            }
-        }
+        Ok(())
     }
 }
 
@@ -164,5 +163,56 @@ mod tests {
         assert_eq!(out, [0x5a; 32]);
         let used_idx: u16 = m.read_obj(vq.used_addr().checked_add(2).unwrap()).unwrap();
         assert_eq!(used_idx, 2);
+    }
+
+    #[test]
+    fn config_space_is_empty() {
+        let dev = Rng::new().unwrap();
+        for offset in [0, 1, 7, 0x100, u64::MAX] {
+            let mut d = [0xa5u8; 8];
+            dev.read_config(offset, &mut d);
+            assert_eq!(d, [0; 8]);
+        }
+    }
+
+    #[test]
+    fn a_broken_ring_stops_the_worker_with_needs_reset() {
+        use crate::devices::virtio::block::tests::{activate_and_kick, broken_queue, Breakage};
+        use crate::devices::virtio::worker::tests::{assert_ends, assert_reported};
+        for how in [Breakage::AvailIndexBeyondSize, Breakage::HeadBeyondQueue] {
+            let mut dev = Rng::new().unwrap();
+            let (m, q) = broken_queue(how);
+            let (worker, interrupt) = activate_and_kick(&mut dev, m, q);
+            assert_ends(worker);
+            assert_reported(&interrupt);
+        }
+    }
+
+    /// With VIRTIO_F_EVENT_IDX, a driver that set used_event ahead asks for
+    /// no interrupt yet; the device must not raise one.
+    #[test]
+    fn respects_needs_notification() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.build_desc_chain(&[RawDescriptor::from(SplitDescriptor::new(0x8000, 32, 2, 0))])
+            .unwrap();
+        // used_event (after the avail ring's 16 entries): interrupt only
+        // once used index 5 is passed.
+        let used_event = vq.avail_addr().checked_add(4 + 2 * 16).unwrap();
+        m.write_obj(5u16, used_event).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_event_idx(true);
+        let interrupt = VirtioInterrupt::new().unwrap();
+        let mut worker = RngWorker {
+            source: File::open("/dev/urandom").unwrap(),
+            mem: m.clone(),
+            queue: q,
+            interrupt: Arc::new(interrupt),
+        };
+        worker.queue_event(0).unwrap();
+        let used_idx: u16 = m.read_obj(vq.used_addr().checked_add(2).unwrap()).unwrap();
+        assert_eq!(used_idx, 1, "the request was served");
+        assert_eq!(worker.interrupt.status(), 0, "no interrupt asked for");
+        assert!(worker.interrupt.irqfd().read().is_err());
     }
 }

@@ -24,9 +24,9 @@ pub mod testing;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceWorker, VirtioDevice, TYPE_VSOCK,
-};
+use vm_memory::{ByteValued, Le64};
+
+use super::{read_config, ActivateContext, ActivateError, DeviceWorker, VirtioDevice, TYPE_VSOCK};
 
 pub const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: usize = 0;
@@ -40,6 +40,18 @@ pub enum VsockError {
     Bind(PathBuf, std::io::Error),
 }
 
+/// `struct virtio_vsock_config` (virtio 1.2 section 5.10.4).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: Le64,
+}
+
+// SAFETY: VsockConfig is repr(C) with one little-endian u64 and no padding
+// (asserted below): every byte pattern is a valid value, no references.
+unsafe impl ByteValued for VsockConfig {}
+const _: () = assert!(std::mem::size_of::<VsockConfig>() == 8);
+
 pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
@@ -47,7 +59,7 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     /// Who may connect to `uds_path`, decided before any sandbox.
     peer_policy: muxer::PeerPolicy,
-    config: [u8; 8],
+    config: VsockConfig,
 }
 
 impl Vsock {
@@ -72,7 +84,9 @@ impl Vsock {
             uds_path: uds_path.to_owned(),
             listener: Some(listener),
             peer_policy: muxer::PeerPolicy::current_user(),
-            config: guest_cid.to_le_bytes(),
+            config: VsockConfig {
+                guest_cid: guest_cid.into(),
+            },
         })
     }
 }
@@ -91,7 +105,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+        read_config(&self.config, offset, data)
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<DeviceWorker, ActivateError> {
@@ -113,11 +127,120 @@ impl VirtioDevice for Vsock {
         let cid = self.guest_cid;
         let uds = self.uds_path.clone();
         let peer_policy = self.peer_policy;
-        DeviceWorker::spawn("virtio-vsock".into(), move |stop| {
-            match muxer::Muxer::new(cid, uds, listener, ctx, stop, peer_policy) {
-                Ok(mut m) => m.run(),
-                Err(e) => tracing::error!("vsock: cannot start: {e}"),
+        let ActivateContext {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            ..
+        } = ctx;
+        let guest = muxer::GuestQueues {
+            mem,
+            queues,
+            interrupt: interrupt.clone(),
+        };
+        DeviceWorker::start(
+            "virtio-vsock",
+            format!("virtio-vsock (cid {cid})"),
+            queue_events,
+            interrupt,
+            move |fds| muxer::Muxer::new(cid, uds, listener, peer_policy, guest, fds),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::muxer::MuxerError;
+    use super::packet::Op;
+    use super::testing::{guest_header, Harness, TempDir, QUEUE_LEN};
+    use super::*;
+    use crate::devices::virtio::worker::tests::{assert_ends, assert_reported};
+    use crate::devices::virtio::worker::WorkerError;
+    use crate::devices::virtio::VirtioInterrupt;
+    use std::sync::Arc;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn config_reads_at_every_offset_and_width() {
+        let dir = TempDir::new().unwrap();
+        let cid = 0x0102_0304_0506_0708u64;
+        let dev = Vsock::new(cid, &dir.path().join("v.sock")).unwrap();
+        assert_eq!(std::mem::offset_of!(VsockConfig, guest_cid), 0);
+        let mut spec = cid.to_le_bytes().to_vec();
+        spec.resize(32, 0);
+        for offset in 0..24u64 {
+            for len in 1..=8usize {
+                let mut got = [0xa5u8; 8];
+                dev.read_config(offset, &mut got[..len]);
+                let want = &spec[offset as usize..offset as usize + len];
+                assert_eq!(&got[..len], want, "offset {offset} len {len}");
             }
-        })
+        }
+        for offset in [8, 0x1000, u64::MAX - 7, u64::MAX] {
+            let mut got = [0xa5u8; 8];
+            dev.read_config(offset, &mut got);
+            assert_eq!(got, [0; 8], "offset {offset:#x}");
+        }
+    }
+
+    #[test]
+    fn a_broken_tx_ring_stops_the_muxer() {
+        let mut h = Harness::new().unwrap();
+        h.set_avail_index(TX_QUEUE, QUEUE_LEN + 1);
+        match h.kick_tx() {
+            Err(WorkerError::Device(MuxerError::TxQueue(_))) => {}
+            other => panic!("expected a broken TX queue, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_broken_rx_ring_stops_the_muxer() {
+        let mut h = Harness::new().unwrap();
+        h.set_avail_index(RX_QUEUE, QUEUE_LEN + 1);
+        // An unprivileged REQUEST is answered with an RST, which needs an
+        // RX buffer.
+        match h.send(&guest_header(Op::Request, 5000, 51234), &[]) {
+            Err(WorkerError::Device(MuxerError::RxQueue(_))) => {}
+            other => panic!("expected a broken RX queue, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_broken_ring_stops_the_device_with_needs_reset() {
+        let dir = TempDir::new().unwrap();
+        let mut dev = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let queues: Vec<Queue> = [0u64, 0x1_0000, 0x2_0000]
+            .iter()
+            .map(|&base| {
+                MockSplitQueue::create(&mem, GuestAddress(base), 16)
+                    .create_queue()
+                    .unwrap()
+            })
+            .collect();
+        // The driver runs TX's available index past the queue size.
+        let tx_avail_idx = GuestAddress(queues[TX_QUEUE].avail_ring() + 2);
+        mem.write_obj(17u16, tx_avail_idx).unwrap();
+        let evts: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let tx_kick = evts[TX_QUEUE].try_clone().unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new().unwrap());
+        let worker = dev
+            .activate(ActivateContext {
+                mem,
+                queues,
+                queue_events: evts,
+                interrupt: interrupt.clone(),
+                acked_features: 0,
+            })
+            .unwrap();
+        tx_kick.write(1).unwrap();
+        assert_ends(worker);
+        assert_reported(&interrupt);
     }
 }

@@ -35,14 +35,14 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemoryError,
     WriteVolatile,
 };
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::epoll::EventSet;
 
 use super::credit::Credit;
 use super::handshake::{ok_line, ConnectParser};
 use super::packet::{Header, Op, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use super::{RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{ActivateContext, VirtioInterrupt};
+use crate::devices::virtio::worker::{next_chain, notify_used, DeviceHandler, FdRegistry};
+use crate::devices::virtio::VirtioInterrupt;
 
 /// Receive buffer each stream advertises to the guest. It is also the most
 /// guest-to-host bytes a stream ever holds: a guest sending past it breaks
@@ -87,10 +87,10 @@ pub const MAX_CONTROL_PACKETS: usize = 256;
 /// so a level-triggered epoll would spin on it.
 pub const LISTENER_BACKOFF: Duration = Duration::from_millis(100);
 
-const TOKEN_STOP: u64 = 0;
-const TOKEN_QUEUE_BASE: u64 = 1; // 1, 2, 3: rx, tx, event queues
-const TOKEN_LISTENER: u64 = 4;
-const TOKEN_DYNAMIC: u64 = 16;
+/// The muxer's epoll tokens in its worker's loop (which keeps the stop
+/// and queue events to itself).
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_DYNAMIC: u64 = 1;
 
 /// Whether a guest-initiated stream from guest port `port` is accepted
 /// ([`PRIVILEGED_PORT_LIMIT`]).
@@ -100,10 +100,10 @@ pub fn is_privileged_guest_port(port: u32) -> bool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
-    #[error("epoll: {0}")]
-    Epoll(io::Error),
-    #[error("TX queue unusable: {0:?}")]
+    #[error("TX queue is broken: {0}")]
     TxQueue(virtio_queue::Error),
+    #[error("RX queue is broken: {0}")]
+    RxQueue(virtio_queue::Error),
 }
 
 /// Why the muxer could not open the host side of a guest stream.
@@ -337,6 +337,14 @@ enum NextForGuest {
     Nothing,
 }
 
+/// What the muxer serves on the guest's side: memory, the three queues
+/// (RX, TX, event) and the interrupt.
+pub struct GuestQueues {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<VirtioInterrupt>,
+}
+
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
@@ -347,10 +355,9 @@ pub struct Muxer {
     peer_policy: PeerPolicy,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
     interrupt: Arc<VirtioInterrupt>,
-    stop: EventFd,
-    epoll: Epoll,
+    /// The host sockets' and the listener's place in the worker's epoll.
+    fds: FdRegistry,
     conns: HashMap<ConnKey, Conn>,
     tokens: HashMap<u64, ConnKey>,
     handshakes: HashMap<u64, (UnixStream, ConnectParser)>,
@@ -369,28 +376,11 @@ impl Muxer {
         guest_cid: u64,
         uds_path: PathBuf,
         listener: UnixListener,
-        ctx: ActivateContext,
-        stop: EventFd,
         peer_policy: PeerPolicy,
+        guest: GuestQueues,
+        fds: FdRegistry,
     ) -> io::Result<Self> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
-        for (i, evt) in ctx.queue_events.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_QUEUE_BASE + i as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
-        )?;
+        fds.add(listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN)?;
         listener.set_nonblocking(true)?;
         Ok(Self {
             guest_cid,
@@ -398,12 +388,10 @@ impl Muxer {
             listener,
             listener_paused_until: None,
             peer_policy,
-            mem: ctx.mem,
-            queues: ctx.queues,
-            queue_events: ctx.queue_events,
-            interrupt: ctx.interrupt,
-            stop,
-            epoll,
+            mem: guest.mem,
+            queues: guest.queues,
+            interrupt: guest.interrupt,
+            fds,
             conns: HashMap::new(),
             tokens: HashMap::new(),
             handshakes: HashMap::new(),
@@ -414,78 +402,6 @@ impl Muxer {
             used_rx: false,
             refusals: Refusals::default(),
         })
-    }
-
-    pub fn run(&mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            match self.poll_once(&mut events, None) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::error!("vsock: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Waits for events, at most `timeout` (None: as long as it takes), and
-    /// handles them. Ok(false): the device is told to stop.
-    pub fn poll_once(
-        &mut self,
-        events: &mut [EpollEvent],
-        timeout: Option<Duration>,
-    ) -> Result<bool, MuxerError> {
-        let mut wait = timeout;
-        if let Some(until) = self.listener_paused_until {
-            let left = until.saturating_duration_since(Instant::now());
-            wait = Some(wait.map_or(left, |w| w.min(left)));
-        }
-        // Round up: a 0 ms wait before the pause ends would spin.
-        let ms = wait.map_or(-1, |w| {
-            w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
-        });
-        let n = match self.epoll.wait(ms, events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(MuxerError::Epoll(e)),
-        };
-        for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_STOP => {
-                    let _ = self.stop.read();
-                    return Ok(false);
-                }
-                t if (TOKEN_QUEUE_BASE..TOKEN_QUEUE_BASE + 3).contains(&t) => {
-                    let q = (t - TOKEN_QUEUE_BASE) as usize;
-                    let _ = self.queue_events[q].read();
-                    match q {
-                        RX_QUEUE => self.rx_starved = false,
-                        TX_QUEUE => self.process_tx()?,
-                        // The event queue only carries transport resets,
-                        // which coworkvm never sends.
-                        _ => {}
-                    }
-                }
-                TOKEN_LISTENER => self.accept_host_connections(),
-                t => self.socket_event(t, ev.event_set()),
-            }
-        }
-        self.resume_listener_if_due();
-        self.after_events();
-        Ok(true)
-    }
-
-    /// What follows every batch of events: the guest gets what can move,
-    /// epoll interest follows the streams' state, one interrupt.
-    fn after_events(&mut self) {
-        self.pump_to_guest();
-        self.update_interest();
-        if self.used_rx {
-            self.used_rx = false;
-            let _ = self.interrupt.signal_used_queue();
-        }
     }
 
     pub fn refusals(&self) -> &Refusals {
@@ -535,17 +451,8 @@ impl Muxer {
             if c.hung_up {
                 return;
             }
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.fds.remove(c.stream.as_raw_fd());
         }
-    }
-
-    fn register(&self, fd: i32, token: u64, set: EventSet) -> io::Result<()> {
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
     }
 
     /// Reads every packet the guest queued for the host. A packet's
@@ -554,7 +461,9 @@ impl Muxer {
     /// copied.
     pub fn process_tx(&mut self) -> Result<(), MuxerError> {
         let mut used = false;
-        while let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(&self.mem) {
+        while let Some(chain) =
+            next_chain(&mut self.queues[TX_QUEUE], &self.mem).map_err(MuxerError::TxQueue)?
+        {
             let head = chain.head_index();
             let segs: Vec<(GuestAddress, usize)> = chain
                 .readable()
@@ -573,12 +482,9 @@ impl Muxer {
                 .map_err(MuxerError::TxQueue)?;
             used = true;
         }
-        if used
-            && self.queues[TX_QUEUE]
-                .needs_notification(&self.mem)
-                .unwrap_or(true)
-        {
-            let _ = self.interrupt.signal_used_queue();
+        if used {
+            notify_used(&mut self.queues[TX_QUEUE], &self.mem, &self.interrupt)
+                .map_err(MuxerError::TxQueue)?;
         }
         Ok(())
     }
@@ -709,7 +615,8 @@ impl Muxer {
         };
         let token = self.new_token();
         if self
-            .register(stream.as_raw_fd(), token, EventSet::IN)
+            .fds
+            .add(stream.as_raw_fd(), token, EventSet::IN)
             .is_err()
         {
             self.queue_rst(key);
@@ -761,11 +668,7 @@ impl Muxer {
             format_args!("{e}; pausing the listener for {LISTENER_BACKOFF:?}"),
         );
         if self.listener_paused_until.is_none() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                self.listener.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.fds.remove(self.listener.as_raw_fd());
         }
         self.listener_paused_until = Some(Instant::now() + LISTENER_BACKOFF);
     }
@@ -776,7 +679,10 @@ impl Muxer {
             .is_some_and(|until| Instant::now() >= until)
         {
             self.listener_paused_until = None;
-            if let Err(e) = self.register(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN) {
+            if let Err(e) = self
+                .fds
+                .add(self.listener.as_raw_fd(), TOKEN_LISTENER, EventSet::IN)
+            {
                 // Try again after another pause rather than lose the listener.
                 self.accept_failed(e);
             }
@@ -818,7 +724,8 @@ impl Muxer {
         }
         let token = self.new_token();
         if self
-            .register(stream.as_raw_fd(), token, EventSet::IN)
+            .fds
+            .add(stream.as_raw_fd(), token, EventSet::IN)
             .is_ok()
         {
             self.handshakes
@@ -843,11 +750,7 @@ impl Muxer {
             if let Some(c) = self.conns.get_mut(&key) {
                 if !c.hung_up {
                     c.hung_up = true;
-                    let _ = self.epoll.ctl(
-                        ControlOperation::Delete,
-                        c.stream.as_raw_fd(),
-                        EpollEvent::default(),
-                    );
+                    let _ = self.fds.remove(c.stream.as_raw_fd());
                 }
             }
         }
@@ -912,11 +815,7 @@ impl Muxer {
     }
 
     fn deregister(&self, stream: &UnixStream) {
-        let _ = self.epoll.ctl(
-            ControlOperation::Delete,
-            stream.as_raw_fd(),
-            EpollEvent::default(),
-        );
+        let _ = self.fds.remove(stream.as_raw_fd());
     }
 
     fn flush_to_host(&mut self, key: ConnKey) {
@@ -964,13 +863,15 @@ impl Muxer {
     /// Writes one packet into the next RX buffer: the header and up to
     /// `max` bytes of `payload` (`max` also bounds it; a control packet has
     /// none). Returns the payload bytes written, or None if the guest has
-    /// no buffer (or the queue is broken). A buffer too small for the
-    /// header is returned to the guest empty.
-    fn deliver(&mut self, mut h: Header, payload: &[u8]) -> Option<usize> {
+    /// no buffer; an error if the driver broke the queue. A buffer too small
+    /// for the header is returned to the guest empty.
+    fn deliver(&mut self, mut h: Header, payload: &[u8]) -> Result<Option<usize>, MuxerError> {
         let mem = &self.mem;
-        let Some(chain) = self.queues[RX_QUEUE].pop_descriptor_chain(mem) else {
+        let Some(chain) =
+            next_chain(&mut self.queues[RX_QUEUE], mem).map_err(MuxerError::RxQueue)?
+        else {
             self.rx_starved = true;
-            return None;
+            return Ok(None);
         };
         let head = chain.head_index();
         let (written, sent) = match chain.writer::<()>(mem) {
@@ -985,24 +886,20 @@ impl Muxer {
             }
             _ => (0, 0),
         };
-        if self.queues[RX_QUEUE]
+        self.queues[RX_QUEUE]
             .add_used(&self.mem, head, written as u32)
-            .is_err()
-        {
-            self.rx_starved = true;
-            return None;
-        }
+            .map_err(MuxerError::RxQueue)?;
         self.used_rx = true;
-        Some(sent)
+        Ok(Some(sent))
     }
 
     /// RSTs first, then each stream's own packets (its REQUEST or RESPONSE,
     /// credit updates, data as credit allows, its SHUTDOWN), as RX buffers
     /// allow.
-    fn pump_to_guest(&mut self) {
+    fn pump_to_guest(&mut self) -> Result<(), MuxerError> {
         while let Some(h) = self.control.front().copied() {
-            if self.rx_starved || self.deliver(h, &[]).is_none() {
-                return;
+            if self.rx_starved || self.deliver(h, &[])?.is_none() {
+                return Ok(());
             }
             self.control.pop_front();
         }
@@ -1010,7 +907,7 @@ impl Muxer {
         for key in keys {
             loop {
                 if self.rx_starved {
-                    return;
+                    return Ok(());
                 }
                 let next = match self.conns.get_mut(&key) {
                     Some(c) => Self::next_for_guest(self.guest_cid, key, c),
@@ -1032,8 +929,8 @@ impl Muxer {
                     break;
                 };
                 c.to_guest = buf;
-                let Some(sent) = sent else {
-                    return;
+                let Some(sent) = sent? else {
+                    return Ok(());
                 };
                 c.credit.fwd_cnt_for_header();
                 match Op::from_u16(h.op) {
@@ -1048,6 +945,7 @@ impl Muxer {
                 }
             }
         }
+        Ok(())
     }
 
     /// The next packet stream `key` owes the guest, reading the host socket
@@ -1125,14 +1023,54 @@ impl Muxer {
                 want |= EventSet::OUT;
             }
             if want != c.interest {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Modify,
-                    c.stream.as_raw_fd(),
-                    EpollEvent::new(want, c.token),
-                );
+                let _ = self.fds.modify(c.stream.as_raw_fd(), c.token, want);
                 c.interest = want;
             }
         }
+    }
+}
+
+impl DeviceHandler for Muxer {
+    type Error = MuxerError;
+
+    fn queue_event(&mut self, queue: usize) -> Result<(), MuxerError> {
+        match queue {
+            RX_QUEUE => self.rx_starved = false,
+            TX_QUEUE => self.process_tx()?,
+            // The event queue only carries transport resets, which
+            // coworkvm never sends.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn fd_event(&mut self, token: u64, events: EventSet) -> Result<(), MuxerError> {
+        match token {
+            TOKEN_LISTENER => self.accept_host_connections(),
+            t => self.socket_event(t, events),
+        }
+        Ok(())
+    }
+
+    /// What follows every wait: the listener back if its pause is over,
+    /// the guest gets what can move, epoll interest follows the streams'
+    /// state, one interrupt.
+    fn after_events(&mut self) -> Result<(), MuxerError> {
+        self.resume_listener_if_due();
+        self.pump_to_guest()?;
+        self.update_interest();
+        if self.used_rx {
+            self.used_rx = false;
+            notify_used(&mut self.queues[RX_QUEUE], &self.mem, &self.interrupt)
+                .map_err(MuxerError::RxQueue)?;
+        }
+        Ok(())
+    }
+
+    /// While the listener is paused, the wait ends when the pause does.
+    fn wait_limit(&self) -> Option<Duration> {
+        self.listener_paused_until
+            .map(|until| until.saturating_duration_since(Instant::now()))
     }
 }
 

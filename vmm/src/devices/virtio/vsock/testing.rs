@@ -21,13 +21,17 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::muxer::{Muxer, MuxerError, CONN_BUF_ALLOC, FIRST_HOST_PORT};
+use super::muxer::{GuestQueues, Muxer, MuxerError, CONN_BUF_ALLOC, FIRST_HOST_PORT};
 use super::packet::{Header, Op, HDR_LEN, HOST_CID, MAX_PKT_PAYLOAD, TYPE_STREAM};
 use super::{RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{ActivateContext, VirtioInterrupt};
+use crate::devices::virtio::worker::{EventLoop, Flow, WorkerError};
+use crate::devices::virtio::VirtioInterrupt;
+
+/// Why the muxer stopped under the harness: its own error, or its worker
+/// loop's epoll.
+pub type HarnessError = WorkerError<MuxerError>;
 
 pub const GUEST_CID: u64 = 3;
 pub const QUEUE_LEN: u16 = 256;
@@ -121,15 +125,17 @@ impl Drop for TempDir {
     }
 }
 
-/// A muxer and the guest driving it.
+/// A muxer, the worker loop that drives it (on the test's thread) and the
+/// guest driving both.
 pub struct Harness {
     pub muxer: Muxer,
     pub mem: GuestMemoryMmap,
     /// `<uds>`: host programs connect here; guest streams go to `<uds>_P`.
     pub uds: PathBuf,
+    pub interrupt: Arc<VirtioInterrupt>,
+    event_loop: EventLoop,
     rings: [Rings; 3],
     kicks: Vec<EventFd>,
-    events: Vec<EpollEvent>,
     rx_avail: u16,
     rx_used_seen: u16,
     tx_avail: u16,
@@ -175,29 +181,30 @@ impl Harness {
             .collect::<io::Result<Vec<_>>>()?;
         let uds = dir.path().join("v.sock");
         let listener = UnixListener::bind(&uds)?;
-        let ctx = ActivateContext {
+        let interrupt = Arc::new(VirtioInterrupt::new()?);
+        let guest = GuestQueues {
             mem: mem.clone(),
             queues,
-            queue_events,
-            interrupt: Arc::new(VirtioInterrupt::new()?),
-            acked_features: 0,
+            interrupt: interrupt.clone(),
         };
         let stop = EventFd::new(EFD_NONBLOCK)?;
+        let event_loop = EventLoop::new(stop.try_clone()?, queue_events)?;
         let muxer = Muxer::new(
             GUEST_CID,
             uds.clone(),
             listener,
-            ctx,
-            stop.try_clone()?,
             super::muxer::PeerPolicy::current_user(),
+            guest,
+            event_loop.registry(),
         )?;
         Ok(Self {
             muxer,
             mem,
             uds,
+            interrupt,
+            event_loop,
             rings,
             kicks,
-            events: vec![EpollEvent::default(); 64],
             rx_avail: 0,
             rx_used_seen: 0,
             tx_avail: 0,
@@ -218,13 +225,14 @@ impl Harness {
         Ok(l)
     }
 
-    /// Runs the muxer for at most `timeout` (what it has to do now, with a
-    /// zero timeout).
-    pub fn poll(&mut self, timeout: Duration) -> Result<bool, MuxerError> {
-        self.muxer.poll_once(&mut self.events, Some(timeout))
+    /// Runs the muxer's worker loop once, waiting at most `timeout` (what
+    /// it has to do now, with a zero timeout). Ok(false): it was stopped.
+    pub fn poll(&mut self, timeout: Duration) -> Result<bool, HarnessError> {
+        let flow = self.event_loop.poll_once(&mut self.muxer, Some(timeout))?;
+        Ok(flow == Flow::Continue)
     }
 
-    fn kick(&mut self, q: usize) -> Result<(), MuxerError> {
+    fn kick(&mut self, q: usize) -> Result<(), HarnessError> {
         let _ = self.kicks[q].write(1);
         self.poll(Duration::ZERO).map(|_| ())
     }
@@ -255,13 +263,22 @@ impl Harness {
         self.tx_avail = self.tx_avail.wrapping_add(1);
     }
 
+    /// Writes `idx` as queue `q`'s available index, as a driver breaking
+    /// its ring would (an index more than [`QUEUE_LEN`] ahead of what the
+    /// device has taken), without telling the device.
+    pub fn set_avail_index(&mut self, q: usize, idx: u16) {
+        self.mem
+            .write_obj(idx.to_le(), self.rings[q].avail.unchecked_add(2))
+            .expect("avail ring is guest memory");
+    }
+
     /// Tells the device about the TX packets posted and lets it run.
-    pub fn kick_tx(&mut self) -> Result<(), MuxerError> {
+    pub fn kick_tx(&mut self) -> Result<(), HarnessError> {
         self.kick(TX_QUEUE)
     }
 
     /// Posts one packet and lets the device handle it.
-    pub fn send(&mut self, h: &Header, payload: &[u8]) -> Result<(), MuxerError> {
+    pub fn send(&mut self, h: &Header, payload: &[u8]) -> Result<(), HarnessError> {
         self.post_tx(h, payload);
         self.kick_tx()
     }
@@ -273,7 +290,7 @@ impl Harness {
 
     /// Posts `n` RX buffers (as many as fit: the ring holds at most
     /// [`QUEUE_LEN`] unused ones) and lets the device fill them.
-    pub fn give_rx(&mut self, n: usize) -> Result<(), MuxerError> {
+    pub fn give_rx(&mut self, n: usize) -> Result<(), HarnessError> {
         let rings = self.rings[RX_QUEUE];
         let used = rings.used_idx(&self.mem);
         let free = QUEUE_LEN - self.rx_avail.wrapping_sub(used);
@@ -313,7 +330,7 @@ impl Harness {
 
     /// Gives RX buffers until the device has nothing more to say; returns
     /// everything it said.
-    pub fn drain_rx(&mut self) -> Result<Vec<(Header, Vec<u8>)>, MuxerError> {
+    pub fn drain_rx(&mut self) -> Result<Vec<(Header, Vec<u8>)>, HarnessError> {
         let mut all = Vec::new();
         loop {
             self.give_rx(QUEUE_LEN as usize)?;
