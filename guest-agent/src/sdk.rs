@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use socket_proto::host::InstallSdkParams;
+use socket_proto::manifest::hex;
 use socket_proto::sdk::{
-    hex, is_sha256_hex, validate_version, InstallSdkChunkParams, InstallSdkChunkResult,
+    is_sha256_hex, validate_version, InstallSdkChunkParams, InstallSdkChunkResult,
     InstallSdkCommitResult, InstallSdkResult, SDK_BINARY, SDK_CHUNK_MAX,
 };
 

@@ -34,7 +34,6 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::guest::{GuestError, GuestRequest};
 use crate::host::InstallSdkParams;
@@ -97,11 +96,6 @@ pub struct InstallSdkChunkResult {
 pub struct InstallSdkCommitResult {
     /// The installed binary's path in the guest.
     pub path: String,
-}
-
-/// Lowercase hex of a SHA-256 digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `s` is 64 lowercase hex digits.
@@ -195,22 +189,9 @@ pub enum UploadError {
 }
 
 fn hash_file(path: &Path) -> Result<(String, u64), UploadError> {
-    let mut f =
-        File::open(path).map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(&h.finalize()), len))
+    let entry = crate::manifest::FileEntry::of_file(path)
+        .map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
+    Ok((entry.sha256, entry.size))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -342,7 +323,9 @@ where
 mod tests {
     use super::*;
     use crate::guest::GuestFrame;
+    use crate::manifest::hex;
     use serde_json::json;
+    use sha2::{Digest, Sha256};
 
     /// A fake agent: keeps what it is sent, answers like the real one.
     #[derive(Default)]
