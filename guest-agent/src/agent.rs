@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Value};
+use socket_proto::guest;
 use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams, SpawnResult};
 use socket_proto::sdk::InstallSdkChunkParams;
 use socket_proto::Secret;
@@ -19,8 +20,6 @@ use crate::sdk::{SdkStore, RUNTIME_COMMANDS};
 use crate::seccomp::{self, SeccompError};
 use crate::sessions::{validate_name, Sessions};
 
-/// The answer to `mountPath` and the reason in `failedMounts`.
-pub const NO_SHARING: &str = "folder sharing is not available yet";
 /// The most approved tokens kept (the newest win).
 const MAX_TOKENS: usize = 32;
 
@@ -84,7 +83,7 @@ impl WithoutSandbox {
 pub fn names_a_rootfs(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
-        .any(|w| w.starts_with("coworkvm.rootfs="))
+        .any(|w| w.starts_with(guest::ROOTFS_PARAM))
 }
 
 pub struct Agent {
@@ -454,27 +453,11 @@ impl Agent {
 }
 
 /// `additionalMounts` (the client's `{mountName: spec}` map, or a list):
-/// each one in `failedMounts` as `{mountName, error}`, since folder sharing
-/// comes later. `None` when none were asked for.
-pub fn failed_mounts(m: Option<&Value>) -> Option<Vec<Value>> {
-    let entry = |name: Value| json!({"mountName": name, "error": NO_SHARING});
-    let v: Vec<Value> = match m? {
-        Value::Object(map) => map.keys().map(|k| entry(json!(k))).collect(),
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let name = ["mountName", "name"]
-                    .iter()
-                    .find_map(|k| e.get(k).cloned())
-                    .unwrap_or(json!(i));
-                entry(name)
-            })
-            .collect(),
-        Value::Null => Vec::new(),
-        _ => vec![json!({"error": NO_SHARING})],
-    };
-    (!v.is_empty()).then_some(v)
+/// each one in `failedMounts` by name, since folder sharing comes later.
+/// `None` when none were asked for.
+pub fn failed_mounts(m: Option<&Value>) -> Option<Vec<String>> {
+    let names = guest::failed_mount_names(m?);
+    (!names.is_empty()).then_some(names)
 }
 
 #[cfg(test)]
@@ -482,7 +465,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_asked_mount_fails_with_the_reason() {
+    fn every_asked_mount_fails_by_name() {
         assert_eq!(failed_mounts(None), None);
         assert_eq!(failed_mounts(Some(&json!({}))), None);
         assert_eq!(failed_mounts(Some(&Value::Null)), None);
@@ -490,21 +473,12 @@ mod tests {
             &json!({"outputs": {"path": "/x", "mode": "rw"}, "in": {}}),
         ))
         .unwrap();
-        assert_eq!(
-            f,
-            [
-                json!({"mountName": "in", "error": NO_SHARING}),
-                json!({"mountName": "outputs", "error": NO_SHARING})
-            ]
-        );
-        let f = failed_mounts(Some(&json!([{"mountName": "a"}, {"x": 1}]))).unwrap();
-        assert_eq!(f[0]["mountName"], "a");
-        assert_eq!(f[1]["mountName"], 1);
+        assert_eq!(f, ["in", "outputs"]);
         let r = serde_json::to_value(SpawnResult {
             failed_mounts: Some(f),
         })
         .unwrap();
-        assert_eq!(r["failedMounts"][0]["error"], NO_SHARING);
+        assert_eq!(r, json!({"failedMounts": ["in", "outputs"]}));
         assert_eq!(
             serde_json::to_value(SpawnResult {
                 failed_mounts: None
@@ -676,7 +650,7 @@ mod tests {
         a.install_sdk(&InstallSdkParams {
             sdk_subpath: "x".into(),
             version: "3.1".into(),
-            sha256: Some(socket_proto::sdk::hex(&sha2::Sha256::digest(data))),
+            sha256: Some(socket_proto::manifest::hex(&sha2::Sha256::digest(data))),
             size: Some(data.len() as u64),
         })
         .unwrap();

@@ -432,7 +432,9 @@ fn respond_inline(
             Some((running, None)) => json!({ "running": running }),
             None => json!({"running": false}),
         },
-        GuestRequest::MountPath(_) => return Err(text(crate::agent::NO_SHARING.into())),
+        GuestRequest::MountPath(_) => {
+            return Err(text(socket_proto::guest::NO_FOLDER_SHARING.into()))
+        }
         GuestRequest::AddApprovedOauthToken(t) => {
             agent.add_oauth_token(t.token);
             json!({})

@@ -20,6 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use socket_proto::guest::{ROOTFS_PARAM, SESSIONS_PARAM};
+
 const NEW_ROOT: &str = "/.root";
 const LOWER: &str = "/.lower";
 const RW: &str = "/.rw";
@@ -47,9 +49,9 @@ impl BootDisks {
                 (!v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
                     .then(|| format!("/dev/{v}"))
             };
-            if let Some(v) = word.strip_prefix("coworkvm.rootfs=") {
+            if let Some(v) = word.strip_prefix(ROOTFS_PARAM) {
                 d.rootfs = dev(v);
-            } else if let Some(v) = word.strip_prefix("coworkvm.sessions=") {
+            } else if let Some(v) = word.strip_prefix(SESSIONS_PARAM) {
                 d.sessions = dev(v);
             }
         }

@@ -37,8 +37,9 @@ use coworkvm_vmm::boot_file::BootFile;
 pub const DEFAULT_MEM_MIB: u64 = 2048;
 /// vCPUs when neither `startVM` nor `configure` says.
 pub const DEFAULT_CPUS: u32 = 2;
-/// Kernel parameters the agent reads to find its disks.
-pub const GUEST_CMDLINE: &str = "quiet coworkvm.rootfs=vda coworkvm.sessions=vdb";
+/// Kernel parameters the agent reads to find its disks (the guest
+/// contract, defined in `socket-proto`).
+pub const GUEST_CMDLINE: &str = socket_proto::guest::GUEST_CMDLINE;
 
 /// `stopVM`: how long the guest may take to sync and power off after
 /// `shutdown`, then how long the VMM gets after SIGTERM, then after SIGKILL.

@@ -203,9 +203,7 @@ impl FakeVm {
                             });
                             return;
                         }
-                        send(reply(
-                            json!({"failedMounts": [{"mountName": "guest-side", "reason": "r"}]}),
-                        ));
+                        send(reply(json!({"failedMounts": ["guest-side"]})));
                         self.running.lock().unwrap().insert(pid.clone());
                         send(event(
                             "stdout",
@@ -687,12 +685,10 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
                "sandbox": false, "encoding": "base64"}),
     );
     let failed = r["failedMounts"].as_array().unwrap();
-    assert_eq!(failed.len(), 2, "{r}");
-    assert_eq!(failed[0]["mountName"], "docs");
-    assert_eq!(failed[0]["reason"], "folder sharing is not available yet");
     assert_eq!(
-        failed[1]["mountName"], "guest-side",
-        "the agent's own are merged"
+        failed,
+        &[json!("docs"), json!("guest-side")],
+        "the mount names, the agent's own merged: {r}"
     );
     for s in [&mut sub, &mut sub2] {
         let out = s.until("stdout", |e| e["type"] == "stdout");
