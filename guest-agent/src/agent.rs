@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 use socket_proto::guest;
@@ -14,6 +14,7 @@ use socket_proto::sdk::InstallSdkChunkParams;
 use socket_proto::Secret;
 
 use crate::cgroup::SessionCgroups;
+use crate::lock;
 use crate::procs::Procs;
 use crate::sandbox::{self, SystemEntry};
 use crate::sdk::{SdkStore, RUNTIME_COMMANDS};
@@ -409,20 +410,17 @@ impl Agent {
              to keep the SDK"
                 .to_owned()
         })?;
-        Ok(sdk.lock().unwrap_or_else(PoisonError::into_inner))
+        Ok(lock(sdk))
     }
 
     /// The installed SDK's binary, if any.
     fn sdk_current(&self) -> Option<PathBuf> {
         let sdk = self.sdk.as_ref()?;
-        sdk.lock().unwrap_or_else(PoisonError::into_inner).current()
+        lock(sdk).current()
     }
 
     pub fn add_oauth_token(&self, token: Secret<String>) {
-        let mut tokens = self
-            .oauth_tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut tokens = lock(&self.oauth_tokens);
         tokens.retain(|t| t.expose() != token.expose());
         tokens.push(token);
         if tokens.len() > MAX_TOKENS {

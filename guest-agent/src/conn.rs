@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -29,6 +29,7 @@ use socket_proto::guest::{
 };
 
 use crate::agent::Agent;
+use crate::lock;
 
 /// Worker threads for the requests that may block (on the disk, or on
 /// what a session made): at most this many run at once.
@@ -57,7 +58,7 @@ impl Sender {
     /// Writes one whole frame; a frame that cannot be encoded (too large)
     /// is not written at all. Errors are logged here too.
     pub fn send(&self, frame: &GuestFrame) -> Result<(), FrameError> {
-        let mut f = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = lock(&self.0);
         let r = write_frame(&mut *f, frame);
         if let Err(e) = &r {
             eprintln!("coworkvm-agent: sending a frame: {e}");
@@ -68,7 +69,7 @@ impl Sender {
 
     /// Writes a frame already encoded (length prefix and body), whole.
     pub fn send_encoded(&self, wire: &[u8]) {
-        let mut f = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = lock(&self.0);
         if let Err(e) = f.write_all(wire) {
             eprintln!("coworkvm-agent: sending a frame: {e}");
         }
@@ -200,7 +201,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("agent-worker-{i}"))
                 .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let job = lock(&rx).recv();
                     match job {
                         Ok(job) => job(),
                         Err(_) => return,

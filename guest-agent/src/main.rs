@@ -18,6 +18,14 @@ mod sdk;
 mod seccomp;
 mod sessions;
 
+/// A lock that a panicking holder cannot poison for the others: the data
+/// is still the best there is (the release build aborts on panic anyway;
+/// tests unwind), and one failed request must not take every later one
+/// down with it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `setDebugLogging`: verbose agent logs on the console.

@@ -17,6 +17,7 @@
 //! | guest events passed to the client | [`FORWARDED_GUEST_EVENTS`] |
 //! | guest requests passed to the client | [`FORWARDED_GUEST_REQUESTS`] (none) |
 
+use crate::lock;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -173,10 +174,6 @@ pub struct Agent {
     /// exits of unknown ids).
     guest_event_log: LogLimit,
     startup_steps_seen: AtomicU32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Agent {
