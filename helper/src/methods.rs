@@ -18,7 +18,7 @@ use socket_proto::host::{
 use socket_proto::redact::Redacted;
 use socket_proto::Response;
 
-use super::agent::{Agent, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
+use super::agent::{AgentClient, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
 use super::vm::Sizing;
 use super::Helper;
 
@@ -96,7 +96,7 @@ pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf,
 /// `socket_proto::sdk`). The file is read and hashed on a blocking thread;
 /// each request goes through the agent connection like any other.
 pub async fn upload_sdk(
-    agent: Arc<Agent>,
+    agent: Arc<AgentClient>,
     path: &Path,
     sdk_subpath: &str,
     version: &str,

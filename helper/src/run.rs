@@ -191,7 +191,7 @@ fn run_in(mut cfg: RunConfig, dir: &RunDir, console: &std::path::Path) -> Result
     let stream = loop {
         match listener.accept() {
             // Only the VMM, our own uid, delivers the agent; the first such
-            // connection is the agent's (see helper::agent::Agent::serve).
+            // connection is the agent's (see helper::agent::AgentClient::serve).
             Ok((s, _)) if peer_uid(&s) == Some(uid) => break s,
             Ok(_) => eprintln!("coworkvm: refused a vsock connection from another user"),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -25,7 +25,7 @@ use socket_proto::ClientEvent;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::agent::{Agent, SEND_TIMEOUT};
+use super::agent::{AgentClient, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
 use socket_proto::manifest::MANIFEST_FILE;
 
@@ -73,7 +73,7 @@ pub const STOP_VM_BOUND: Duration = Duration::from_secs(
 
 /// Why a VM operation failed; the text goes to the client as the error.
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum VmManagerError {
     /// A file operation on the bundle or run directory failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -98,8 +98,11 @@ pub enum VmError {
     NoBundle,
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
-    move |source| VmError::Io {
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> VmManagerError + 'a {
+    move |source| VmManagerError::Io {
         what,
         path: path.to_owned(),
         source,
@@ -127,7 +130,7 @@ pub trait ImageSource: Send + Sync {
     /// Makes the bundle ready to boot (expanding, creating the session disk
     /// when missing) and names its files. Blocking; called off the async
     /// threads.
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError>;
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError>;
 }
 
 /// The production [`ImageSource`]: the bundle module. The client's bundle
@@ -143,7 +146,7 @@ pub struct BundleImages {
 }
 
 impl ImageSource for BundleImages {
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError> {
         let b = Bundle::open(bundle)?;
         if self.images_dir.join(MANIFEST_FILE).is_file() {
             b.seed_from(&self.images_dir)?;
@@ -206,7 +209,7 @@ pub struct LaunchedVm {
 /// Starts VMMs.
 pub trait VmLauncher: Send + Sync {
     /// Starts a VMM for `spec`; must be called inside the helper's runtime.
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError>;
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError>;
 }
 
 /// The `coworkvm boot` arguments for `spec`. The boot files go as
@@ -261,7 +264,7 @@ pub struct ProcessLauncher {
 }
 
 impl VmLauncher for ProcessLauncher {
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError> {
         use tokio::io::AsyncBufReadExt;
 
         let mut cmd = tokio::process::Command::new(&self.exe);
@@ -295,7 +298,7 @@ impl VmLauncher for ProcessLauncher {
         }
         let mut child = cmd
             .spawn()
-            .map_err(|e| VmError::Launch(format!("{}: {e}", self.exe.display())))?;
+            .map_err(|e| VmManagerError::Launch(format!("{}: {e}", self.exe.display())))?;
         let pid = child.id().unwrap_or(0);
         let name = format!("VMM pid {pid}");
         if let Some(stderr) = child.stderr.take() {
@@ -343,7 +346,7 @@ impl VmLauncher for ProcessLauncher {
 /// One running VM.
 struct Instance {
     name: String,
-    agent: Arc<Agent>,
+    agent: Arc<AgentClient>,
     control: mpsc::UnboundedSender<VmSignal>,
     /// `Some(how)` once the VMM has exited and the helper cleaned up.
     ended: watch::Receiver<Option<String>>,
@@ -427,13 +430,13 @@ impl VmManager {
     }
 
     /// The running VM's agent, if any.
-    pub fn agent(&self) -> Option<Arc<Agent>> {
+    pub fn agent(&self) -> Option<Arc<AgentClient>> {
         self.current().map(|i| i.agent.clone())
     }
 
     /// `createVM {bundlePath, diskSizeGB}`: prepares the bundle's images
     /// (creating the session disk when missing) and remembers the size.
-    pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmError> {
+    pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         let images = self.images.clone();
         let bundle = PathBuf::from(&p.bundle_path);
@@ -453,7 +456,7 @@ impl VmManager {
 
     /// `startVM`: returns once the VMM runs (the agent connects later; the
     /// client polls `isGuestConnected`). Already running: does nothing.
-    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmError> {
+    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         if let Some(inst) = self.current() {
             if !inst.agent.channel_ended() {
@@ -467,7 +470,7 @@ impl VmManager {
             self.stop_instance(inst).await?;
         }
         if p.bundle_path.is_empty() {
-            return Err(VmError::NoBundle);
+            return Err(VmManagerError::NoBundle);
         }
         let bundle = PathBuf::from(&p.bundle_path);
         let disk_gb = lock(&self.created)
@@ -499,7 +502,7 @@ impl VmManager {
         }
     }
 
-    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmError> {
+    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmManagerError> {
         let sizing = *lock(&self.sizing);
         let mem_mib = p
             .memory_gb
@@ -523,13 +526,13 @@ impl VmManager {
         let vsock = dir.join("vsock.sock");
         let _ = std::fs::remove_file(&vsock);
         let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
-        let listener = Agent::listen(&agent_path)
+        let listener = AgentClient::listen(&agent_path)
             .map_err(io_err("listening for the guest agent on", &agent_path))?;
         let proxy = p.api_probe_url.as_ref().map(|u| HostProxyConfig {
             api_probe_url: Some(u.clone()),
             ..Default::default()
         });
-        let agent = Agent::new(self.events.clone(), proxy);
+        let agent = AgentClient::new(self.events.clone(), proxy);
         let accept = agent.serve(listener);
         let spec = LaunchSpec {
             images,
@@ -639,7 +642,7 @@ impl VmManager {
     /// `stopVM`: asks the agent to shut down, waits for the VMM, then
     /// SIGTERM, then SIGKILL: at most [`STOP_VM_BOUND`] once it holds the
     /// lifecycle lock. Nothing running: does nothing.
-    pub async fn stop_vm(&self) -> Result<(), VmError> {
+    pub async fn stop_vm(&self) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         let Some(inst) = self.current() else {
             return Ok(());
@@ -649,7 +652,7 @@ impl VmManager {
 
     /// Stops one VMM: the guest's shutdown, SIGTERM, SIGKILL, each with its
     /// grace; the caller holds the lifecycle lock.
-    async fn stop_instance(&self, inst: Arc<Instance>) -> Result<(), VmError> {
+    async fn stop_instance(&self, inst: Arc<Instance>) -> Result<(), VmManagerError> {
         inst.stopping.store(true, Ordering::SeqCst);
         tracing::info!("stopVM: stopping {}", inst.name);
         let ended = inst.ended.clone();
@@ -692,16 +695,18 @@ impl VmManager {
         if wait(KILL_GRACE).await {
             return Ok(());
         }
-        Err(VmError::WontDie)
+        Err(VmManagerError::WontDie)
     }
 }
 
 async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
-) -> Result<T, VmError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(VmError::Launch(format!("a preparation task failed: {e}"))))
+    f: impl FnOnce() -> Result<T, VmManagerError> + Send + 'static,
+) -> Result<T, VmManagerError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(VmManagerError::Launch(format!(
+            "a preparation task failed: {e}"
+        )))
+    })
 }
 
 /// How much of the console log's end is read to log its last lines: the

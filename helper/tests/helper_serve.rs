@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
+use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use coworkvm_vmm::boot_file::BootFile;
 use serde_json::{json, Value};
@@ -278,11 +278,11 @@ impl FakeVm {
 struct BundleFiles;
 
 impl ImageSource for BundleFiles {
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError> {
         for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
             let p = bundle.join(f);
             if !p.is_file() {
-                return Err(VmError::Io {
+                return Err(VmManagerError::Io {
                     what: "the bundle has no",
                     path: p,
                     source: std::io::ErrorKind::NotFound.into(),
@@ -296,13 +296,13 @@ impl ImageSource for BundleFiles {
         }
         let open = |p: PathBuf, writable: bool| {
             let f = coworkvm_bundle::fsutil::open_regular(&p, writable).map_err(|source| {
-                VmError::Io {
+                VmManagerError::Io {
                     what: "opening",
                     path: p.clone(),
                     source,
                 }
             })?;
-            Ok::<_, VmError>(BootFile::new(p, f))
+            Ok::<_, VmManagerError>(BootFile::new(p, f))
         };
         Ok(VmImages {
             kernel: open(bundle.join("vmlinuz"), false)?,
@@ -333,7 +333,7 @@ impl FakeLauncher {
 }
 
 impl VmLauncher for FakeLauncher {
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError> {
         let (exit_tx, exited) = tokio::sync::oneshot::channel();
         let (control, mut signals) = tokio::sync::mpsc::unbounded_channel();
         let vm = Arc::new(FakeVm {
