@@ -13,13 +13,13 @@ use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams
 use socket_proto::sdk::InstallSdkChunkParams;
 use socket_proto::Secret;
 
-use crate::cgroup::SessionCgroups;
+use crate::cgroup::{CgroupError, SessionCgroups};
 use crate::lock;
-use crate::procs::Procs;
+use crate::procs::{ProcError, Procs};
 use crate::sandbox::{self, SystemEntry};
-use crate::sdk::{SdkStore, RUNTIME_COMMANDS};
+use crate::sdk::{SdkStore, SdkStoreError, RUNTIME_COMMANDS};
 use crate::seccomp::{self, SeccompError};
-use crate::sessions::{validate_name, Sessions};
+use crate::sessions::{validate_name, SessionError, Sessions};
 
 /// The most approved tokens kept (the newest win).
 const MAX_TOKENS: usize = 32;
@@ -85,6 +85,51 @@ pub fn names_a_rootfs(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
         .any(|w| w.starts_with(guest::ROOTFS_PARAM))
+}
+
+/// Why the agent could not do what a request asked. The text is the
+/// answer the helper gets.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A session request without the session disk (the test initramfs).
+    #[error("the session disk is not mounted at /sessions")]
+    NoSessionDisk,
+    /// `installSdk` without the session disk.
+    #[error(
+        "installSdk: the session disk is not mounted at /sessions, so there is nowhere to keep \
+         the SDK"
+    )]
+    NoSdkStore,
+    /// A spawn under an id a live process holds.
+    #[error("process id {0} is already in use")]
+    IdInUse(String),
+    /// The command is on no directory of the sandbox's PATH.
+    #[error("cannot run {command}: not found in {path}")]
+    NotFound { command: String, path: String },
+    /// A sandboxed spawn where the sandbox cannot be built (why, from start).
+    #[error("{0}")]
+    NoSandbox(String),
+    /// A sealed file for the sandbox (seccomp filter, passwd, group).
+    #[error(transparent)]
+    SealedFile(#[from] SeccompError),
+    /// The session's cgroup.
+    #[error("the session's cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    /// The pipe bwrap reports the sandbox's pid on.
+    #[error("info pipe: {0}")]
+    InfoPipe(std::io::Error),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Sdk(#[from] SdkStoreError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// `readFile` refused.
+    #[error(transparent)]
+    ReadFile(#[from] crate::conn::ReadFileError),
+    /// A request that does not run on a worker thread reached one.
+    #[error("{0} is not a worker's request")]
+    NotAWorkersRequest(String),
 }
 
 pub struct Agent {
@@ -260,10 +305,8 @@ impl Agent {
         self.sessions.is_some() && self.sandbox.is_some()
     }
 
-    fn sessions(&self) -> Result<&Sessions, String> {
-        self.sessions
-            .as_ref()
-            .ok_or_else(|| "the session disk is not mounted at /sessions".to_owned())
+    fn sessions(&self) -> Result<&Sessions, RequestError> {
+        self.sessions.as_ref().ok_or(RequestError::NoSessionDisk)
     }
 
     /// `claude` (the runtime) is the installed SDK's binary, once there is one.
@@ -280,10 +323,10 @@ impl Agent {
         (command.to_owned(), dir)
     }
 
-    pub fn spawn(&self, p: &SpawnParams) -> Result<Value, String> {
+    pub fn spawn(&self, p: &SpawnParams) -> Result<Value, RequestError> {
         validate_name(&p.name)?;
         if self.procs.is_in_use(&p.id) {
-            return Err(format!("process id {} is already in use", p.id));
+            return Err(RequestError::IdInUse(p.id.clone()));
         }
         let failed_mounts = failed_mounts(p.additional_mounts.as_ref());
         let (program, sdk_dir) = self.resolve_program(&p.command);
@@ -311,12 +354,13 @@ impl Agent {
                 if !env.contains_key("PATH") && !program.contains('/') {
                     let path = spec.base_env(sd.uid)["PATH"].clone();
                     if !std::env::split_paths(&path).any(|d| d.join(&program).is_file()) {
-                        return Err(format!("cannot run {}: not found in {path}", p.command));
+                        return Err(RequestError::NotFound {
+                            command: p.command.clone(),
+                            path,
+                        });
                     }
                 }
-                let memfd = |name: &std::ffi::CStr, data: &[u8]| {
-                    seccomp::sealed_memfd(name, data).map_err(|e| e.to_string())
-                };
+                let memfd = seccomp::sealed_memfd;
                 let seccomp_fd = memfd(c"coworkvm-seccomp", &sb.seccomp)?;
                 let passwd_fd = memfd(
                     c"coworkvm-passwd",
@@ -324,14 +368,10 @@ impl Agent {
                 )?;
                 let group_fd = memfd(c"coworkvm-group", sandbox::group(sd.uid).as_bytes())?;
                 let cgroup_procs = match &sb.cgroups {
-                    Some(c) => Some(
-                        c.enter_fd(sd.uid)
-                            .map_err(|e| format!("the session's cgroup: {e}"))?,
-                    ),
+                    Some(c) => Some(c.enter_fd(sd.uid)?),
                     None => None,
                 };
-                let (info_r, info_w) =
-                    sandbox::info_pipe().map_err(|e| format!("info pipe: {e}"))?;
+                let (info_r, info_w) = sandbox::info_pipe().map_err(RequestError::InfoPipe)?;
                 spec.info_fd = Some(sandbox::raw(&info_w));
                 spec.seccomp_fd = Some(sandbox::raw(&seccomp_fd));
                 spec.passwd_fd = Some(sandbox::raw(&passwd_fd));
@@ -363,7 +403,7 @@ impl Agent {
             _ => {
                 if let (true, WithoutSandbox::Refuse(msg)) = (wants_sandbox, &self.without_sandbox)
                 {
-                    return Err(msg.clone());
+                    return Err(RequestError::NoSandbox(msg.clone()));
                 }
                 // The test initramfs, or `sandbox: false`: the VM owner's
                 // root command (`coworkvm run`), which the helper never
@@ -380,7 +420,7 @@ impl Agent {
         Ok(serde_json::to_value(SpawnResult { failed_mounts }).unwrap_or(json!({})))
     }
 
-    pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, String> {
+    pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, RequestError> {
         let mut sdk = self.sdk_store()?;
         let r = sdk.begin(p)?;
         if !r.cached {
@@ -393,23 +433,19 @@ impl Agent {
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_chunk(&self, c: &InstallSdkChunkParams) -> Result<Value, String> {
+    pub fn install_sdk_chunk(&self, c: &InstallSdkChunkParams) -> Result<Value, RequestError> {
         let r = self.sdk_store()?.chunk(c)?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_commit(&self, version: &str) -> Result<Value, String> {
+    pub fn install_sdk_commit(&self, version: &str) -> Result<Value, RequestError> {
         let r = self.sdk_store()?.commit(version)?;
         eprintln!("coworkvm-agent: SDK {version} installed at {}", r.path);
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    fn sdk_store(&self) -> Result<MutexGuard<'_, SdkStore>, String> {
-        let sdk = self.sdk.as_ref().ok_or_else(|| {
-            "installSdk: the session disk is not mounted at /sessions, so there is nowhere \
-             to keep the SDK"
-                .to_owned()
-        })?;
+    fn sdk_store(&self) -> Result<MutexGuard<'_, SdkStore>, RequestError> {
+        let sdk = self.sdk.as_ref().ok_or(RequestError::NoSdkStore)?;
         Ok(lock(sdk))
     }
 
@@ -429,12 +465,12 @@ impl Agent {
         crate::debug!("approved OAuth tokens held: {}", tokens.len());
     }
 
-    pub fn disk_info(&self) -> Result<Value, String> {
+    pub fn disk_info(&self) -> Result<Value, RequestError> {
         let r = self.sessions()?.disk_info()?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn delete_sessions(&self, names: &[String]) -> Result<Value, String> {
+    pub fn delete_sessions(&self, names: &[String]) -> Result<Value, RequestError> {
         let running = self.procs.running_sessions();
         let r = self.sessions()?.delete(names, &running);
         if !r.deleted.is_empty() {
@@ -443,7 +479,7 @@ impl Agent {
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn prune(&self, p: &PruneSessionCachesParams) -> Result<Value, String> {
+    pub fn prune(&self, p: &PruneSessionCachesParams) -> Result<Value, RequestError> {
         let running = self.procs.running_sessions();
         let r = self.sessions()?.prune(p, &running)?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
@@ -525,15 +561,14 @@ mod tests {
             None,
             WithoutSandbox::RunDirectly,
         );
-        assert!(a.disk_info().unwrap_err().contains("not mounted"));
-        assert!(a
-            .delete_sessions(&["x".into()])
-            .unwrap_err()
-            .contains("not mounted"));
-        assert!(a
-            .install_sdk(&InstallSdkParams::default())
-            .unwrap_err()
-            .contains("not mounted"));
+        assert!(matches!(a.disk_info(), Err(RequestError::NoSessionDisk)));
+        assert!(matches!(
+            a.delete_sessions(&["x".into()]),
+            Err(RequestError::NoSessionDisk)
+        ));
+        let e = a.install_sdk(&InstallSdkParams::default()).unwrap_err();
+        assert!(matches!(e, RequestError::NoSdkStore), "{e}");
+        assert!(e.to_string().contains("not mounted"), "{e}");
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
     }
 
@@ -587,7 +622,7 @@ mod tests {
         for sandbox in [None, Some(true)] {
             let e = a.spawn(&spawn_params("s", sandbox)).unwrap_err();
             assert_eq!(
-                e,
+                e.to_string(),
                 "sessions are unavailable: /sessions is not mounted; /usr/bin/bwrap is absent; \
                  refusing to run unsandboxed"
             );
@@ -606,7 +641,7 @@ mod tests {
             None,
             WithoutSandbox::decide(true, &["/usr/bin/bwrap is absent".to_owned()]),
         );
-        let e = a.spawn(&spawn_params("s", None)).unwrap_err();
+        let e = a.spawn(&spawn_params("s", None)).unwrap_err().to_string();
         assert!(e.contains("/usr/bin/bwrap is absent"), "{e}");
         assert!(e.contains("refusing to run unsandboxed"), "{e}");
         assert!(!a.capabilities().contains(&"sandbox".to_string()));

@@ -28,7 +28,7 @@ use socket_proto::guest::{
     AGENT_SOURCE_PORTS, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 
-use crate::agent::Agent;
+use crate::agent::{Agent, RequestError};
 use crate::lock;
 
 /// Worker threads for the requests that may block (on the disk, or on
@@ -361,7 +361,8 @@ fn handle(agent: &Arc<Agent>, workers: &Workers, sender: &Sender, frame: GuestFr
                 let (agent, sender, id, method) =
                     (agent.clone(), sender.clone(), id.clone(), method.clone());
                 Box::new(move || {
-                    let reply = respond_on_worker(&agent, req).map_err(GuestError::Text);
+                    let reply =
+                        respond_on_worker(&agent, req).map_err(|e| GuestError::Text(e.to_string()));
                     answer(&sender, &id, &method, reply.map(Some));
                 })
             };
@@ -450,12 +451,12 @@ fn respond_inline(
         }
         GuestRequest::Unknown(m) => return Err(GuestError::unknown_method(&m)),
         // Not reached: `handle` sends these to the workers.
-        other => respond_on_worker(agent, other).map_err(text)?,
+        other => respond_on_worker(agent, other).map_err(|e| text(e.to_string()))?,
     }))
 }
 
 /// The requests that run on a worker.
-fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> {
+fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, RequestError> {
     match req {
         GuestRequest::Spawn(p) => {
             let r = agent.spawn(&p);
@@ -464,8 +465,7 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> 
             r
         }
         GuestRequest::ReadFile(r) => {
-            let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)
-                .map_err(|e| e.to_string())?;
+            let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)?;
             Ok(json!({"content": base64::engine::general_purpose::STANDARD.encode(bytes)}))
         }
         GuestRequest::InstallSdk(p) => agent.install_sdk(&p),
@@ -474,15 +474,15 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> 
         GuestRequest::GetSessionsDiskInfo(_) => agent.disk_info(),
         GuestRequest::DeleteSessionDirs(d) => agent.delete_sessions(&d.names),
         GuestRequest::PruneSessionCaches(p) => agent.prune(&p),
-        other => Err(format!("{other:?} is not a worker's request")),
+        other => Err(RequestError::NotAWorkersRequest(other.name().to_owned())),
     }
 }
 
 /// Why `readFile` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadFileError {
-    #[error("{0}")]
-    BadSession(String),
+    #[error(transparent)]
+    BadSession(#[from] crate::sessions::SessionError),
     #[error("session {name}: {source}")]
     SessionDir { name: String, source: io::Error },
     #[error("{path} is outside {dir}")]

@@ -49,6 +49,17 @@ pub enum SdkError {
     },
 }
 
+/// Why copying the SDK into the guest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkUploadError {
+    /// The transfer failed (the host file, or the agent's answer).
+    #[error("installSdk: {0}")]
+    Upload(#[from] socket_proto::sdk::UploadError),
+    /// The blocking task that reads and sends the binary died.
+    #[error("installSdk: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 fn plain_relative(p: &Path) -> bool {
     p.components().all(|c| matches!(c, Component::Normal(_)))
 }
@@ -100,7 +111,7 @@ pub async fn upload_sdk(
     path: &Path,
     sdk_subpath: &str,
     version: &str,
-) -> Result<(), String> {
+) -> Result<(), SdkUploadError> {
     let handle = tokio::runtime::Handle::current();
     let (file, sub, ver) = (path.to_owned(), sdk_subpath.to_owned(), version.to_owned());
     let outcome = tokio::task::spawn_blocking(move || {
@@ -113,9 +124,7 @@ pub async fn upload_sdk(
                 })
         })
     })
-    .await
-    .map_err(|e| format!("installSdk: {e}"))?
-    .map_err(|e| format!("installSdk: {e}"))?;
+    .await??;
     if outcome.cached {
         tracing::info!(
             "installSdk: version {version} already in the guest at {}",
@@ -288,7 +297,7 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             };
             match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version).await {
                 Ok(()) => req.ok(),
-                Err(e) => req.err(e),
+                Err(e) => req.err(e.to_string()),
             }
         }
         HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),

@@ -106,18 +106,25 @@ pub fn is_sha256_hex(s: &str) -> bool {
 /// A version becomes a directory name on both sides: one plain path
 /// component, at most 128 bytes, no control characters, not starting
 /// with a dot.
-pub fn validate_version(v: &str) -> Result<(), String> {
+pub fn validate_version(v: &str) -> Result<(), BadSdkVersion> {
     if v.is_empty() || v.len() > 128 {
-        return Err(format!(
-            "bad SDK version {v:?}: empty or longer than 128 bytes"
-        ));
+        return Err(BadSdkVersion::Length(v.to_owned()));
     }
     if v.starts_with('.') || v.contains('/') || v.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "bad SDK version {v:?}: it must be one plain path component"
-        ));
+        return Err(BadSdkVersion::NotOneComponent(v.to_owned()));
     }
     Ok(())
+}
+
+/// A version that cannot be a directory name ([`validate_version`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadSdkVersion {
+    /// Empty, or longer than 128 bytes.
+    #[error("bad SDK version {0:?}: empty or longer than 128 bytes")]
+    Length(String),
+    /// A dot first, a slash or a control character.
+    #[error("bad SDK version {0:?}: it must be one plain path component")]
+    NotOneComponent(String),
 }
 
 /// The host's SDK binary: `<home>/<sdkSubpath>/<version>/claude`, with
@@ -128,7 +135,7 @@ pub fn sdk_binary_path(
     sdk_subpath: &str,
     version: &str,
 ) -> Result<PathBuf, UploadError> {
-    validate_version(version).map_err(UploadError::Local)?;
+    validate_version(version)?;
     let sub = Path::new(sdk_subpath);
     if sdk_subpath.is_empty()
         || sub.is_absolute()
@@ -167,6 +174,9 @@ pub struct UploadOutcome {
 /// Why [`upload_sdk`] failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UploadError {
+    /// The version cannot be a directory name.
+    #[error(transparent)]
+    BadVersion(#[from] BadSdkVersion),
     /// Reading or checking the file on the host.
     #[error("{0}")]
     Local(String),
@@ -234,7 +244,7 @@ pub fn upload_sdk<F>(
 where
     F: FnMut(GuestRequest) -> Result<Value, GuestError>,
 {
-    validate_version(version).map_err(UploadError::Local)?;
+    validate_version(version)?;
     let (sha256, size) = hash_file(path)?;
     let begin = GuestRequest::InstallSdk(InstallSdkParams {
         sdk_subpath: sdk_subpath.to_owned(),
