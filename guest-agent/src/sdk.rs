@@ -84,11 +84,8 @@ pub enum SdkStoreError {
     )]
     HashMismatch { got: String, expected: String },
     /// A file operation on the session disk.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// Writing or syncing through the session disk's helpers.
     #[error(transparent)]
     Disk(#[from] SessionError),
@@ -97,11 +94,8 @@ pub enum SdkStoreError {
     Commit(Box<SdkStoreError>),
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> SdkStoreError + '_ {
-    move |source| SdkStoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SdkStoreError + '_ {
+    move |e| SdkStoreError::Io(crate::io_at(path.display())(e))
 }
 
 struct Pending {

@@ -107,11 +107,8 @@ pub enum SessionError {
     #[error("bad session name {name:?}: {why}")]
     BadName { name: String, why: &'static str },
     /// A file operation failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// `statvfs` failed.
     #[error("statvfs {}: {source}", path.display())]
     Statvfs {
@@ -153,11 +150,8 @@ pub enum SessionError {
     CwdNul,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> SessionError + '_ {
-    move |source| SessionError::Io {
-        path: path.to_owned(),
-        source,
-    }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
+    move |e| SessionError::Io(crate::io_at(path.display())(e))
 }
 
 /// Writes `data` to `path` through a temporary file in the same directory:
