@@ -323,7 +323,6 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn sdk(sub: &str, version: &str) -> InstallSdkParams {
         InstallSdkParams {
