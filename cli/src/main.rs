@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coworkvm_bundle::{Bundle, SeedOutcome};
-use coworkvm_helper::vm::{BundleImages, ImageSource, GUEST_CMDLINE};
+use coworkvm_helper::run::{RunConfig, RunMachine};
+use coworkvm_helper::vm::{BundleImages, ImageSource, MachineSize};
 use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use coworkvm_vmm::boot_file::{BootFile, DiskArg, FileArg};
-use coworkvm_vmm::builder::{self, DiskSpec, GuestExit, MachineConfig, VsockSpec};
+use coworkvm_vmm::builder::{self, GuestExit, VsockSpec};
+use coworkvm_vmm::config::{DiskConfig, DiskRole, LaunchConfig, MAX_CONFIG_BYTES};
 use coworkvm_vmm::doctor;
 use socket_proto::manifest::MANIFEST_FILE;
 
@@ -80,10 +82,20 @@ enum BundleCommand {
 
 #[derive(clap::Args)]
 struct BootArgs {
+    /// Read the whole launch configuration as JSON from descriptor N,
+    /// inherited from the parent (how `coworkvm serve` and `coworkvm run`
+    /// start the VMM); no other machine flag may be given with it.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with_all = ["kernel", "initrd", "disks", "cpus", "mem", "cmdline",
+                              "console", "vsock", "cid", "uuid"]
+    )]
+    config_fd: Option<i32>,
     /// bzImage of the guest kernel: PATH, or fd:N (a descriptor inherited
-    /// from the parent process, as `coworkvm serve` passes its files).
-    #[arg(long, value_name = "PATH|fd:N")]
-    kernel: FileArg,
+    /// from the parent process).
+    #[arg(long, value_name = "PATH|fd:N", required_unless_present = "config_fd")]
+    kernel: Option<FileArg>,
     /// Initramfs (cpio, optionally compressed): PATH or fd:N.
     #[arg(long, value_name = "PATH|fd:N")]
     initrd: Option<FileArg>,
@@ -113,13 +125,70 @@ struct BootArgs {
     /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
     #[arg(long, value_parser = parse_uuid)]
     uuid: Option<MachineUuid>,
-    /// Print the number of VM exits when the guest ends (on stderr).
-    #[arg(long)]
-    report_exits: bool,
     /// Run the VMM unconfined: no seccomp, Landlock, namespaces or rlimits.
     /// For debugging only.
     #[arg(long)]
     no_sandbox: bool,
+}
+
+impl BootArgs {
+    /// The launch configuration: read from `--config-fd`, or built from
+    /// the flags (every `--disk` a data disk, in the order given).
+    fn launch_config(&self) -> anyhow::Result<LaunchConfig> {
+        if let Some(fd) = self.config_fd {
+            return read_config_fd(fd);
+        }
+        let kernel = self.kernel.clone().context("--kernel is required")?;
+        Ok(LaunchConfig {
+            initrd: self.initrd.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    role: DiskRole::Data,
+                    file: d.file.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            cpus: self.cpus,
+            mem_mib: self.mem,
+            cmdline: self.cmdline.clone(),
+            console: self.console.clone(),
+            vsock: self.vsock.clone().map(|uds| VsockSpec {
+                guest_cid: self.cid,
+                uds,
+            }),
+            machine_uuid: self.uuid,
+            ..LaunchConfig::new(kernel)
+        })
+    }
+}
+
+/// Takes descriptor `fd` and reads a [`LaunchConfig`] from it as JSON
+/// (bounded; unknown fields refused).
+fn read_config_fd(fd: i32) -> anyhow::Result<LaunchConfig> {
+    use std::io::Read as _;
+    use std::os::fd::FromRawFd as _;
+    anyhow::ensure!(
+        fd > 2,
+        "--config-fd {fd}: a standard stream, not a configuration"
+    );
+    // SAFETY: F_GETFD only reads the descriptor table; a closed number
+    // gives EBADF.
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    anyhow::ensure!(open, "--config-fd {fd}: not an open descriptor");
+    // SAFETY: `fd` is open, above the standard streams, and was inherited
+    // for this purpose: nothing else in this process owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .context("reading the launch configuration")?;
+    anyhow::ensure!(
+        bytes.len() <= MAX_CONFIG_BYTES,
+        "the launch configuration is over {MAX_CONFIG_BYTES} bytes"
+    );
+    serde_json::from_slice(&bytes).context("the launch configuration is not valid")
 }
 
 #[derive(clap::Args)]
@@ -184,15 +253,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "COWORKVM_INITRD",
             "build/agent-initrd.cpio.zst",
         );
-        MachineConfig {
+        RunMachine::Bare {
             kernel: BootFile::open_path(&kernel, false)?,
-            initrd: Some(BootFile::open_path(&initrd, false)?),
-            disks: vec![],
-            cpus: args.cpus,
-            mem_mib: args.mem,
-            cmdline: "quiet".into(),
-            console: args.console,
-            vsock: None,
+            initrd: BootFile::open_path(&initrd, false)?,
             machine_uuid: args.uuid,
         }
     } else {
@@ -203,32 +266,19 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         };
         // The same seeding and preparing as the helper's startVM.
         let images_dir = args.images.unwrap_or_else(Bundle::default_images_dir);
-        let p = BundleImages { images_dir }
+        let mut images = BundleImages { images_dir }
             .prepare(&dir, args.disk_size_gb)
             .with_context(|| format!("preparing the bundle {}", dir.display()))?;
-        MachineConfig {
-            kernel: p.kernel,
-            initrd: Some(p.initrd),
-            disks: vec![
-                DiskSpec {
-                    file: p.rootfs,
-                    read_only: true,
-                },
-                DiskSpec {
-                    file: p.session_disk,
-                    read_only: false,
-                },
-            ],
-            cpus: args.cpus,
-            mem_mib: args.mem,
-            cmdline: GUEST_CMDLINE.into(),
-            console: args.console,
-            vsock: None,
-            machine_uuid: args.uuid.or(p.machine_uuid),
-        }
+        images.machine_uuid = args.uuid.or(images.machine_uuid);
+        RunMachine::Bundle(images)
     };
-    let code = coworkvm_helper::run::run(coworkvm_helper::run::RunConfig {
+    let code = coworkvm_helper::run::run(RunConfig {
         machine,
+        size: MachineSize {
+            cpus: args.cpus.into(),
+            mem_mib: args.mem,
+        },
+        console: args.console,
         command: args.command,
         connect_timeout: std::time::Duration::from_secs(180),
         session: args.session,
@@ -295,41 +345,8 @@ fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
     args
 }
 
-/// Opens (or takes over, for `fd:N`) every file `boot` was given.
-fn open_boot_files(
-    args: &BootArgs,
-) -> Result<(BootFile, Option<BootFile>, Vec<DiskSpec>), coworkvm_vmm::boot_file::BootFileError> {
-    let kernel = args.kernel.open(false)?;
-    let initrd = args.initrd.as_ref().map(|i| i.open(false)).transpose()?;
-    let disks = args
-        .disks
-        .iter()
-        .map(|d| {
-            Ok(DiskSpec {
-                file: d.file.open(!d.read_only)?,
-                read_only: d.read_only,
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((kernel, initrd, disks))
-}
-
 fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
-    let (kernel, initrd, disks) = open_boot_files(&args)?;
-    let cfg = MachineConfig {
-        kernel,
-        initrd,
-        disks,
-        cpus: args.cpus,
-        mem_mib: args.mem,
-        cmdline: args.cmdline,
-        console: args.console,
-        vsock: args.vsock.map(|uds| VsockSpec {
-            guest_cid: args.cid,
-            uds,
-        }),
-        machine_uuid: args.uuid,
-    };
+    let cfg = args.launch_config()?.open()?;
     if args.no_sandbox {
         eprintln!(
             "coworkvm: warning: --no-sandbox: the VMM runs unconfined (no seccomp, Landlock, \
@@ -338,12 +355,6 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let outcome = builder::run_with(&cfg, !args.no_sandbox).context("cannot boot the guest")?;
-    if args.report_exits {
-        match outcome.vm_exits {
-            Some(n) => eprintln!("coworkvm: vm-exits={n}"),
-            None => eprintln!("coworkvm: vm-exits=unavailable"),
-        }
-    }
     let code = outcome.exit.code();
     let why = match &outcome.exit {
         GuestExit::PowerOff => None,

@@ -64,6 +64,7 @@ impl HelperConfig {
             }),
             launcher: Arc::new(ProcessLauncher {
                 exe: std::env::current_exe()?,
+                inherit_stderr: false,
             }),
             run_dir: run_dir_for(socket),
             home: std::env::var_os("HOME").map(PathBuf::from),
@@ -226,7 +227,7 @@ impl LogLimit {
     /// `Some(n)` when a line may be logged now, `n` the lines suppressed
     /// since the last one; `None` (and one more suppressed) otherwise.
     pub fn allow(&self) -> Option<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         let now = std::time::Instant::now();
         match st.0 {
             Some(last) if now.duration_since(last) < Self::INTERVAL => {

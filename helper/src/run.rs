@@ -1,19 +1,26 @@
 //! `coworkvm run -- CMD`: boot a VM with the agent, run one command in it
 //! like `ssh host CMD` would, and shut it down.
 
-use std::io::{BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use serde_json::{json, Value};
-use socket_proto::frame::{read_frame, write_frame};
-use socket_proto::guest::{GuestEvent, GuestFrame, AGENT_VSOCK_PORT};
+use serde_json::Value;
+use socket_proto::guest::{GuestNotification, GuestRequest, StdinParams, AGENT_VSOCK_PORT};
+use socket_proto::host::{KillParams, Signal, SpawnParams, StreamEncoding};
 
-use coworkvm_vmm::builder::{self, GuestExit, MachineConfig, VsockSpec};
+use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
+use coworkvm_vmm::boot_file::BootFile;
+
+use crate::agent::AgentClient;
+use crate::events::{EventHub, Next};
+use crate::vm::{
+    LaunchSpec, LaunchedVm, MachineSize, ProcessLauncher, VmImages, VmLauncher, VmManagerError,
+    VmSignal,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -27,10 +34,16 @@ pub enum RunError {
     SpawnRefused(String),
     #[error("the agent connection broke: {0}")]
     Protocol(String),
+    #[error(transparent)]
+    Vm(#[from] VmManagerError),
 }
 
 pub struct RunConfig {
-    pub machine: MachineConfig,
+    /// What to boot.
+    pub machine: RunMachine,
+    pub size: MachineSize,
+    /// Keep the guest console here (default: the run directory's).
+    pub console: Option<PathBuf>,
     pub command: Vec<String>,
     pub connect_timeout: Duration,
     /// Run CMD in this session's sandbox (its own user, bubblewrap,
@@ -38,28 +51,19 @@ pub struct RunConfig {
     pub session: Option<String>,
 }
 
+/// What `coworkvm run` boots.
+pub enum RunMachine {
+    /// A prepared bundle, as `startVM` boots it.
+    Bundle(VmImages),
+    /// A kernel and an initramfs, no disks.
+    Bare {
+        kernel: BootFile,
+        initrd: BootFile,
+        machine_uuid: Option<MachineUuid>,
+    },
+}
+
 const PROCESS_ID: &str = "run";
-
-fn send(stream: &Mutex, frame: &GuestFrame) -> Result<(), RunError> {
-    let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
-    write_frame(&mut *s, frame).map_err(|e| RunError::Protocol(e.to_string()))
-}
-
-type Mutex = std::sync::Mutex<UnixStream>;
-
-/// Blocks SIGINT in the calling thread (and the threads it starts), so a
-/// dedicated thread can take it with sigwait and forward it to the command.
-fn block_sigint() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
-    // pthread_sigmask only reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
 
 /// The private directory of one `coworkvm run`: `coworkvm-run-XXXXXXXXXXXX`
 /// (random) under `$XDG_RUNTIME_DIR`, else `$TMPDIR`, else `/tmp`, made
@@ -148,11 +152,17 @@ impl Drop for RunDir {
 /// the error names it.
 pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let mut dir = RunDir::create()?;
-    let console = match &cfg.machine.console {
+    let console = match &cfg.console {
         Some(c) => c.clone(),
         None => dir.create_console()?,
     };
-    let r = run_in(cfg, &dir, &console);
+    // One thread: the VMM's PR_SET_PDEATHSIG follows the thread that forks
+    // it, and this one lives until the VM is gone.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Io("starting the runtime", e))?;
+    let r = rt.block_on(run_in(cfg, &dir, &console));
     if matches!(r, Err(RunError::VmEnded(_) | RunError::Timeout(_))) {
         if dir.path().join("console.log") == console {
             dir.keep();
@@ -162,218 +172,186 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     r
 }
 
-fn run_in(mut cfg: RunConfig, dir: &RunDir, console: &std::path::Path) -> Result<i32, RunError> {
-    let uds = dir.path().join("vsock.sock");
-    let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", uds.display()));
+/// How far `coworkvm run`'s output may run ahead of its standard output
+/// before the run fails (the hub drops a subscriber past its budget).
+const OUTPUT_BUDGET: usize = 1 << 30;
+/// How long the agent may take to accept the command.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest may take to power off after the command ended.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(60);
+
+async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, RunError> {
+    let vsock = dir.path().join("vsock.sock");
+    let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
     let listener =
-        UnixListener::bind(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| RunError::Io("listening for the agent", e))?;
-    cfg.machine.vsock = Some(VsockSpec {
-        guest_cid: 3,
-        uds: uds.clone(),
-    });
-    cfg.machine.console = Some(console.to_owned());
-    let sigset = block_sigint();
+        AgentClient::listen(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
+    let events = Arc::new(EventHub::with_budget(OUTPUT_BUDGET));
+    let output = events.subscribe();
+    let agent = AgentClient::new(events, None);
+    let accept = agent.serve(listener);
+    let spec = match cfg.machine {
+        RunMachine::Bundle(images) => LaunchSpec::bundle(
+            images,
+            cfg.size.cpus,
+            cfg.size.mem_mib,
+            vsock,
+            console.into(),
+        )?,
+        RunMachine::Bare {
+            kernel,
+            initrd,
+            machine_uuid,
+        } => LaunchSpec::bare(
+            kernel,
+            initrd,
+            "quiet",
+            cfg.size,
+            vsock,
+            console.into(),
+            machine_uuid,
+        )?,
+    };
+    let exe = std::env::current_exe().map_err(|e| RunError::Io("finding coworkvm", e))?;
+    let launcher = ProcessLauncher {
+        exe,
+        inherit_stderr: true,
+    };
+    let LaunchedVm {
+        control,
+        mut exited,
+        ..
+    } = launcher.launch(&spec)?;
+    drop(spec);
 
-    let (vm_tx, vm_rx) = mpsc::channel();
-    let machine = cfg.machine.clone();
-    std::thread::spawn(move || {
-        let r = builder::run(&machine).map(|o| (o.exit, o.console_tail));
-        let _ = vm_tx.send(r.map_err(|e| e.to_string()));
-    });
-
-    // Wait for the agent to dial in.
-    let start = Instant::now();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let stream = loop {
-        match listener.accept() {
-            // Only the VMM, our own uid, delivers the agent; the first such
-            // connection is the agent's (see helper::agent::AgentClient::serve).
-            Ok((s, _)) if peer_uid(&s) == Some(uid) => break s,
-            Ok(_) => eprintln!("coworkvm: refused a vsock connection from another user"),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(RunError::Io("accepting the agent", e)),
-        }
-        if let Ok(ended) = vm_rx.try_recv() {
-            let why = match ended {
-                Ok((exit, tail)) => format!("{exit:?}; console:\n{}", tail.join("\n")),
-                Err(e) => e,
-            };
-            return Err(RunError::VmEnded(why));
-        }
-        if start.elapsed() > cfg.connect_timeout {
+    // The agent's `ready`, the VMM's end, or the deadline: whichever first.
+    tokio::select! {
+        ready = agent.wait_ready(cfg.connect_timeout) => if !ready {
+            let _ = control.send(VmSignal::Kill);
             return Err(RunError::Timeout(cfg.connect_timeout));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // No second connection: later dials are refused by the kernel.
-    drop(listener);
-    let _ = std::fs::remove_file(&agent_path);
-    let _ = stream.set_nonblocking(false);
-    let writer = std::sync::Arc::new(Mutex::new(
-        stream
-            .try_clone()
-            .map_err(|e| RunError::Io("agent socket", e))?,
-    ));
-
-    // Every frame from the agent goes through one channel.
-    let (tx, frames) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stream);
-        loop {
-            match read_frame(&mut r) {
-                Ok(Some(obj)) => {
-                    if let Ok(Some(f)) = GuestFrame::parse(obj) {
-                        if tx.send(Ok(f)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => {
-                    let _ = tx.send(Err("the agent closed the connection".to_string()));
-                    return;
-                }
-                Err(e) if e.is_recoverable() => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    let next = |timeout: Duration| -> Result<GuestFrame, RunError> {
-        match frames.recv_timeout(timeout) {
-            Ok(Ok(f)) => Ok(f),
-            Ok(Err(e)) => Err(RunError::Protocol(e)),
-            Err(_) => Err(RunError::Protocol("no frame from the agent in time".into())),
-        }
-    };
-
-    // ready, then spawn.
-    loop {
-        if let GuestFrame::Event { event, params } = next(cfg.connect_timeout)? {
-            match GuestEvent::parse(&event, params) {
-                Ok(GuestEvent::Ready) => break,
-                // A boot step that failed (rootfs, session disk): the
-                // command may still run, but the user must hear why its
-                // world looks wrong.
-                Ok(GuestEvent::Error { message, .. }) => eprintln!("coworkvm: guest: {message}"),
-                _ => {}
-            }
+        },
+        how = &mut exited => {
+            return Err(RunError::VmEnded(how.unwrap_or_else(|_| "it vanished".into())));
         }
     }
+    // Later connections are refused by the accept task (one per boot).
+    let _accept = accept;
+
     let (program, args) = cfg
         .command
         .split_first()
         .ok_or_else(|| RunError::SpawnRefused("no command given".into()))?;
-    send(
-        &writer,
-        &GuestFrame::request(
-            "spawn-1",
-            "spawn",
-            json!({"id": PROCESS_ID, "name": cfg.session.as_deref().unwrap_or("run"),
-                   "command": program, "args": args, "isResume": false,
-                   "encoding": "base64", "sandbox": cfg.session.is_some()}),
-        ),
-    )?;
+    let spawn = SpawnParams {
+        id: PROCESS_ID.into(),
+        name: cfg.session.clone().unwrap_or_else(|| "run".into()),
+        command: program.clone(),
+        args: args.to_vec(),
+        encoding: Some(StreamEncoding::Base64),
+        sandbox: Some(cfg.session.is_some()),
+        ..SpawnParams::default()
+    };
+    agent
+        .request(&GuestRequest::Spawn(Box::new(spawn)), SPAWN_TIMEOUT)
+        .await
+        .map_err(|e| RunError::SpawnRefused(e.to_string()))?;
 
-    // stdin -> the command, EOF included.
-    let w = writer.clone();
+    // stdin -> the command, EOF included. A blocking reader thread feeds
+    // a task that sends; a full channel holds the reader back.
+    let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, bool)>(4);
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             let n = stdin.read(&mut buf).unwrap_or(0);
-            let data = B64.encode(&buf[..n]);
-            let params = json!({"id": PROCESS_ID, "data": data, "eof": n == 0});
-            let frame = GuestFrame::Notification {
-                method: "stdin".into(),
-                params,
-            };
-            if send(&w, &frame).is_err() || n == 0 {
+            if stdin_tx.blocking_send((buf[..n].to_vec(), n == 0)).is_err() || n == 0 {
                 return;
             }
         }
     });
-    // Ctrl-C -> SIGINT to the command.
-    let w = writer.clone();
-    std::thread::spawn(move || loop {
-        let mut sig = 0;
-        // SAFETY: sigwait reads the set built by block_sigint and writes `sig`.
-        if unsafe { libc::sigwait(&sigset, &mut sig) } == 0 {
-            let kill = GuestFrame::request(
-                "kill-sigint",
-                "kill",
-                json!({"id": PROCESS_ID, "signal": "SIGINT"}),
-            );
-            let _ = send(&w, &kill);
+    let stdin_agent = agent.clone();
+    tokio::spawn(async move {
+        while let Some((data, eof)) = stdin_rx.recv().await {
+            let n = GuestNotification::Stdin(StdinParams {
+                id: PROCESS_ID.into(),
+                data: B64.encode(&data),
+                eof: Some(eof),
+            });
+            if stdin_agent.notify(&n).await.is_err() || eof {
+                return;
+            }
         }
     });
 
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let code = loop {
-        match next(Duration::from_secs(24 * 3600))? {
-            GuestFrame::Response {
-                id, error: Some(e), ..
-            } if id.0 == "spawn-1" => {
-                return Err(RunError::SpawnRefused(e.message().to_owned()));
+        tokio::select! {
+            next = output.next() => {
+                let event = match next {
+                    Next::Event(e) => e,
+                    Next::Overflowed { budget } => {
+                        return Err(RunError::Protocol(format!(
+                            "the command's output ran {budget} bytes ahead of this terminal"
+                        )))
+                    }
+                };
+                output.written(event.len());
+                // The hub holds each event as its frame: 4 length bytes, JSON.
+                let obj: serde_json::Map<String, Value> = event
+                    .get(4..)
+                    .and_then(|json| serde_json::from_slice(json).ok())
+                    .unwrap_or_default();
+                if obj.get("id").and_then(Value::as_str) != Some(PROCESS_ID) {
+                    continue;
+                }
+                let data = || obj.get("data").and_then(Value::as_str).unwrap_or("");
+                match obj.get("type").and_then(Value::as_str) {
+                    Some("stdout") => {
+                        let _ = stdout.write_all(&decode_stream(data())?);
+                        let _ = stdout.flush();
+                    }
+                    Some("stderr") => {
+                        let _ = stderr.write_all(&decode_stream(data())?);
+                    }
+                    Some("error") => {
+                        let message = obj.get("message").and_then(Value::as_str).unwrap_or("");
+                        eprintln!("coworkvm: guest: {message}");
+                    }
+                    Some("exit") => {
+                        let code = obj.get("exitCode").and_then(Value::as_i64).map(|c| c as i32);
+                        break exit_code(code, obj.get("signal"));
+                    }
+                    _ => {}
+                }
             }
-            GuestFrame::Event { event, params } => match GuestEvent::parse(&event, params) {
-                Ok(GuestEvent::Stdout { data, .. }) => {
-                    let _ = stdout.write_all(&decode_stream(&data)?);
-                    let _ = stdout.flush();
-                }
-                Ok(GuestEvent::Stderr { data, .. }) => {
-                    let _ = stderr.write_all(&decode_stream(&data)?);
-                }
-                Ok(GuestEvent::Exit { code, signal, .. }) => {
-                    break exit_code(code, signal.as_ref());
-                }
-                _ => {}
-            },
-            _ => {}
+            _ = tokio::signal::ctrl_c() => {
+                let kill = GuestRequest::Kill(KillParams {
+                    id: PROCESS_ID.into(),
+                    signal: Some(Signal::Name("SIGINT".into())),
+                });
+                let agent = agent.clone();
+                tokio::spawn(async move { agent.request(&kill, SPAWN_TIMEOUT).await });
+            }
+            how = &mut exited => {
+                return Err(RunError::VmEnded(how.unwrap_or_else(|_| "it vanished".into())));
+            }
         }
     };
 
     // Clean shutdown: the agent syncs and powers off; the VMM then exits.
-    let _ = send(
-        &writer,
-        &GuestFrame::request("shutdown-1", "shutdown", json!({})),
-    );
-    match vm_rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok((GuestExit::PowerOff, _))) => {}
-        Ok(Ok((other, _))) => eprintln!("coworkvm: the VM ended with {other:?}"),
-        Ok(Err(e)) => eprintln!("coworkvm: the VM failed: {e}"),
-        Err(_) => eprintln!("coworkvm: the VM did not power off in time"),
+    if let Err(e) = agent.request(&GuestRequest::Shutdown, SPAWN_TIMEOUT).await {
+        eprintln!("coworkvm: the guest did not take the shutdown: {e}");
+    }
+    match tokio::time::timeout(POWER_OFF_GRACE, &mut exited).await {
+        Ok(Ok(how)) if how.contains("exit status: 0") => {}
+        Ok(Ok(how)) => eprintln!("coworkvm: the VM ended: {how}"),
+        Ok(Err(_)) => {}
+        Err(_) => {
+            eprintln!("coworkvm: the VM did not power off in time; killing it");
+            let _ = control.send(VmSignal::Kill);
+            let _ = exited.await;
+        }
     }
     Ok(code)
-}
-
-/// The uid of a Unix socket's peer (SO_PEERCRED).
-fn peer_uid(s: &UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live
-    // local of that size, for the descriptor `s` owns.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
 }
 
 /// Output data of a process spawned with `encoding: base64`.
@@ -407,6 +385,7 @@ fn exit_code(code: Option<i32>, signal: Option<&Value>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// An attacker who pre-creates `coworkvm-run-*` directories (the old
     /// predictable name among them) with `console.log` linked to a file of

@@ -11,7 +11,6 @@
 //! - [`VmLauncher`]: starts the VMM for a [`LaunchSpec`] and reports its
 //!   end. Production uses [`ProcessLauncher`]; tests use a double.
 
-use std::ffi::OsString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,19 +26,19 @@ use tokio::task::JoinHandle;
 
 use super::agent::{AgentClient, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
+use super::lock;
 use socket_proto::manifest::MANIFEST_FILE;
 
 use coworkvm_bundle::Bundle;
 use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
-use coworkvm_vmm::boot_file::BootFile;
+use coworkvm_vmm::boot_file::{BootFile, FileArg};
+use coworkvm_vmm::builder::VsockSpec;
+use coworkvm_vmm::config::{ConfigError, DiskConfig, DiskRole, LaunchConfig};
 
 /// Guest memory when neither `startVM` nor `configure` says.
 pub const DEFAULT_MEM_MIB: u64 = 2048;
 /// vCPUs when neither `startVM` nor `configure` says.
 pub const DEFAULT_CPUS: u32 = 2;
-/// Kernel parameters the agent reads to find its disks (the guest
-/// contract, defined in `socket-proto`).
-pub const GUEST_CMDLINE: &str = socket_proto::guest::GUEST_CMDLINE;
 
 /// `stopVM`: how long the guest may take to sync and power off after
 /// `shutdown`, then how long the VMM gets after SIGTERM, then after SIGKILL.
@@ -96,6 +95,9 @@ pub enum VmManagerError {
     /// `startVM` without a bundle.
     #[error("startVM needs a bundlePath")]
     NoBundle,
+    /// The VM asked for is one the VMM refuses (checked before it starts).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 fn io_err<'a>(
@@ -172,19 +174,147 @@ impl ImageSource for BundleImages {
     }
 }
 
-/// Everything the VMM needs for one boot.
+/// Everything the VMM needs for one boot: a validated [`LaunchConfig`]
+/// whose files are descriptors of this process (`fd:N`), and those files,
+/// kept open until the VMM has inherited them.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
-    /// Disks, kernel and identity.
-    pub images: VmImages,
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest memory, MiB.
-    pub mem_mib: u64,
+    /// What the VMM is told, as it is told (`coworkvm boot --config-fd`).
+    pub config: LaunchConfig,
+    /// The files `config` names by descriptor.
+    files: Vec<BootFile>,
+}
+
+impl LaunchSpec {
+    /// A bundle's VM: the rootfs read-only, the session disk read-write,
+    /// the bundle's machine UUID, and the kernel parameters that tell the
+    /// agent which disk is which. Validated here, before any fork, so a
+    /// request the VMM would refuse fails with the VMM's own reason.
+    pub fn bundle(
+        images: VmImages,
+        cpus: u32,
+        mem_mib: u64,
+        vsock: PathBuf,
+        console: PathBuf,
+    ) -> Result<Self, VmManagerError> {
+        let disks = vec![
+            (DiskRole::Rootfs, images.rootfs, true),
+            (DiskRole::Sessions, images.session_disk, false),
+        ];
+        let mut spec = Self::build(
+            images.kernel,
+            Some(images.initrd),
+            disks,
+            MachineSize { cpus, mem_mib },
+            vsock,
+            console,
+            images.machine_uuid,
+        )?;
+        spec.config.cmdline = guest_cmdline(&spec.config);
+        spec.config.validate()?;
+        Ok(spec)
+    }
+
+    /// A kernel and an initramfs with no disks (`coworkvm run --kernel`),
+    /// booted with `cmdline`.
+    pub fn bare(
+        kernel: BootFile,
+        initrd: BootFile,
+        cmdline: &str,
+        size: MachineSize,
+        vsock: PathBuf,
+        console: PathBuf,
+        machine_uuid: Option<MachineUuid>,
+    ) -> Result<Self, VmManagerError> {
+        let mut spec = Self::build(
+            kernel,
+            Some(initrd),
+            vec![],
+            size,
+            vsock,
+            console,
+            machine_uuid,
+        )?;
+        spec.config.cmdline = cmdline.to_owned();
+        spec.config.validate()?;
+        Ok(spec)
+    }
+
+    fn build(
+        kernel: BootFile,
+        initrd: Option<BootFile>,
+        disks: Vec<(DiskRole, BootFile, bool)>,
+        size: MachineSize,
+        vsock: PathBuf,
+        console: PathBuf,
+        machine_uuid: Option<MachineUuid>,
+    ) -> Result<Self, VmManagerError> {
+        let fd = |f: &BootFile| FileArg::Fd(f.file().as_raw_fd());
+        let cpus = u8::try_from(size.cpus).map_err(|_| ConfigError::Cpus(size.cpus.into()))?;
+        let mut config = LaunchConfig::new(fd(&kernel));
+        config.initrd = initrd.as_ref().map(fd);
+        config.disks = disks
+            .iter()
+            .map(|(role, file, read_only)| DiskConfig {
+                role: *role,
+                file: fd(file),
+                read_only: *read_only,
+            })
+            .collect();
+        config.cpus = cpus;
+        config.mem_mib = size.mem_mib;
+        config.console = Some(console);
+        config.vsock = Some(VsockSpec {
+            guest_cid: GUEST_CID,
+            uds: vsock,
+        });
+        config.machine_uuid = machine_uuid;
+        let mut files = vec![kernel];
+        files.extend(initrd);
+        files.extend(disks.into_iter().map(|(_, f, _)| f));
+        Ok(Self { config, files })
+    }
+
     /// The hybrid vsock's socket; the agent reaches `<vsock>_51234`.
-    pub vsock: PathBuf,
+    pub fn vsock(&self) -> &Path {
+        let v = self.config.vsock.as_ref();
+        v.map(|v| v.uds.as_path()).unwrap_or(Path::new(""))
+    }
+
     /// Where the guest console goes.
-    pub console: PathBuf,
+    pub fn console(&self) -> &Path {
+        self.config.console.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// The descriptors the VMM child inherits: the files of the config.
+    pub fn inherited_fds(&self) -> Vec<RawFd> {
+        self.files.iter().map(|f| f.file().as_raw_fd()).collect()
+    }
+}
+
+/// vCPUs and memory of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineSize {
+    pub cpus: u32,
+    pub mem_mib: u64,
+}
+
+/// The guest's vsock CID (any above 2; one VM per VMM).
+pub const GUEST_CID: u64 = 3;
+
+/// The kernel parameters of a bundle's VM: quiet, and where the agent
+/// finds its disks, from their roles in `config`.
+fn guest_cmdline(config: &LaunchConfig) -> String {
+    let mut line = String::from("quiet");
+    for (role, param) in [
+        (DiskRole::Rootfs, socket_proto::guest::ROOTFS_PARAM),
+        (DiskRole::Sessions, socket_proto::guest::SESSIONS_PARAM),
+    ] {
+        if let Some(name) = config.guest_disk_name(role) {
+            line.push_str(&format!(" {param}{name}"));
+        }
+    }
+    line
 }
 
 /// What the supervisor may ask of a running VMM.
@@ -212,43 +342,28 @@ pub trait VmLauncher: Send + Sync {
     fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError>;
 }
 
-/// The `coworkvm boot` arguments for `spec`. The boot files go as
-/// `fd:N`, N the descriptor number of each [`BootFile`] in this process;
-/// [`ProcessLauncher`] makes exactly those descriptors survive `exec`
-/// ([`inherited_fds`]), so the child finds them under the same numbers.
-pub fn boot_args(spec: &LaunchSpec) -> Vec<OsString> {
-    let fd = |f: &BootFile| -> OsString { format!("fd:{}", f.file().as_raw_fd()).into() };
-    let mut a: Vec<OsString> = vec!["boot".into(), "--kernel".into()];
-    a.push(fd(&spec.images.kernel));
-    a.push("--initrd".into());
-    a.push(fd(&spec.images.initrd));
-    let mut ro = fd(&spec.images.rootfs);
-    ro.push(",ro");
-    a.extend(["--disk".into(), ro, "--disk".into()]);
-    a.push(fd(&spec.images.session_disk));
-    a.push("--vsock".into());
-    a.push(spec.vsock.clone().into());
-    if let Some(u) = &spec.images.machine_uuid {
-        a.push("--uuid".into());
-        a.push(u.to_string().into());
+/// Writes `config` as JSON into a sealed-size memfd for the VMM to read
+/// (`coworkvm boot --config-fd N`), positioned at its start.
+fn config_memfd(config: &LaunchConfig) -> Result<std::fs::File, VmManagerError> {
+    use std::io::{Seek, Write};
+    use std::os::fd::FromRawFd;
+    let json = serde_json::to_vec(config)
+        .map_err(|e| VmManagerError::Launch(format!("encoding the launch configuration: {e}")))?;
+    // SAFETY: memfd_create reads a NUL-terminated name and returns a new
+    // descriptor (or -1); nothing else is touched.
+    let fd = unsafe { libc::memfd_create(c"coworkvm-launch".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(VmManagerError::Launch(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
     }
-    a.extend([
-        "--cpus".into(),
-        spec.cpus.to_string().into(),
-        "--mem".into(),
-        spec.mem_mib.to_string().into(),
-        "--cmdline".into(),
-        GUEST_CMDLINE.into(),
-        "--console".into(),
-    ]);
-    a.push(spec.console.clone().into());
-    a
-}
-
-/// The descriptors the VMM child inherits: the boot files of `spec`.
-pub fn inherited_fds(spec: &LaunchSpec) -> [RawFd; 4] {
-    let i = &spec.images;
-    [&i.kernel, &i.initrd, &i.rootfs, &i.session_disk].map(|f| f.file().as_raw_fd())
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(&json)
+        .and_then(|()| file.rewind())
+        .map_err(|e| VmManagerError::Launch(format!("writing the launch configuration: {e}")))?;
+    Ok(file)
 }
 
 /// Runs the VMM as a child process: `EXE boot ...` ([`boot_args`]).
@@ -261,27 +376,43 @@ pub fn inherited_fds(spec: &LaunchSpec) -> [RawFd; 4] {
 pub struct ProcessLauncher {
     /// The `coworkvm` binary (`std::env::current_exe()`).
     pub exe: PathBuf,
+    /// Where the VMM's own messages go: the helper's log (`false`), or the
+    /// terminal the caller runs in (`true`, for `coworkvm run`).
+    pub inherit_stderr: bool,
 }
 
 impl VmLauncher for ProcessLauncher {
     fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError> {
         use tokio::io::AsyncBufReadExt;
 
+        // Refuses here what the VMM would refuse after the fork.
+        spec.config.validate()?;
+        let config = config_memfd(&spec.config)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.args(boot_args(spec))
+        cmd.args(["boot", "--config-fd"])
+            .arg(config.as_raw_fd().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(if self.inherit_stderr {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::piped()
+            })
             .kill_on_drop(false);
         let parent = std::process::id();
         // Opened close-on-exec; the child clears the flag on exactly these
-        // (the spec's files stay open in the helper until launch returns).
-        let keep = inherited_fds(spec);
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (fcntl, prctl, getppid).
+        // (the spec's files and the configuration stay open here until
+        // launch returns). Collected before the fork: the child allocates
+        // nothing.
+        let mut keep = spec.inherited_fds();
+        keep.push(config.as_raw_fd());
+        // SAFETY: the closure runs in the forked child before exec. It only
+        // reads `keep` (allocated before the fork) and makes async-signal-
+        // safe calls (fcntl, prctl, getppid); its errors are built from raw
+        // errno values, which allocate nothing.
         unsafe {
             cmd.pre_exec(move || {
-                for fd in keep {
+                for &fd in &keep {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -291,7 +422,7 @@ impl VmLauncher for ProcessLauncher {
                 }
                 // The helper died between fork and prctl: nobody would kill us.
                 if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("the helper is gone"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -375,10 +506,6 @@ pub struct VmManager {
     current: Mutex<Option<Arc<Instance>>>,
     created: Mutex<Option<CreateVmParams>>,
     sizing: Mutex<Sizing>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VmManager {
@@ -509,12 +636,7 @@ impl VmManager {
             .map(|g| g.saturating_mul(1024))
             .or(sizing.mem_mib)
             .unwrap_or(DEFAULT_MEM_MIB);
-        // `coworkvm boot --cpus` takes 1..=255.
-        let cpus = p
-            .cpu_count
-            .or(sizing.cpus)
-            .unwrap_or(DEFAULT_CPUS)
-            .clamp(1, 255);
+        let cpus = p.cpu_count.or(sizing.cpus).unwrap_or(DEFAULT_CPUS);
         let dir = &self.run_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -532,15 +654,9 @@ impl VmManager {
             api_probe_url: Some(u.clone()),
             ..Default::default()
         });
+        let spec = LaunchSpec::bundle(images, cpus, mem_mib, vsock, dir.join("console.log"))?;
         let agent = AgentClient::new(self.events.clone(), proxy);
         let accept = agent.serve(listener);
-        let spec = LaunchSpec {
-            images,
-            cpus,
-            mem_mib,
-            vsock,
-            console: dir.join("console.log"),
-        };
         let launched = match self.launcher.launch(&spec) {
             Ok(l) => l,
             Err(e) => {
@@ -551,7 +667,7 @@ impl VmManager {
         tracing::info!(
             "startVM: {} booting ({cpus} vCPUs, {mem_mib} MiB, console {})",
             launched.name,
-            spec.console.display()
+            spec.console().display()
         );
         let (ended_tx, ended) = watch::channel(None);
         let inst = Arc::new(Instance {
@@ -561,7 +677,7 @@ impl VmManager {
             ended,
             stopping: AtomicBool::new(false),
             accept,
-            console: spec.console,
+            console: spec.console().to_owned(),
         });
         *lock(&self.current) = Some(inst.clone());
         let me = self.clone();
@@ -746,43 +862,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boot_args_match_the_vmm_cli() {
-        let dir = std::env::temp_dir().join(format!("coworkvm-bootargs-{}", std::process::id()));
+    fn a_bundle_spec_names_its_files_by_descriptor_and_its_disks_by_role() {
+        let dir = std::env::temp_dir().join(format!("coworkvm-spec-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = |name: &str| {
             let p = dir.join(name);
             std::fs::write(&p, b"x").unwrap();
             BootFile::new(&p, std::fs::File::open(&p).unwrap())
         };
-        let spec = LaunchSpec {
-            images: VmImages {
-                kernel: file("vmlinuz"),
-                initrd: file("initrd.img"),
-                rootfs: file("rootfs.img"),
-                session_disk: file("sessiondata.img"),
-                machine_uuid: Some(
-                    MachineUuid::parse("12345678-9abc-def0-1234-56789abcdef0").unwrap(),
-                ),
-            },
-            cpus: 2,
-            mem_mib: 2048,
-            vsock: "/r/vsock.sock".into(),
-            console: "/r/console.log".into(),
+        let images = || VmImages {
+            kernel: file("vmlinuz"),
+            initrd: file("initrd.img"),
+            rootfs: file("rootfs.img"),
+            session_disk: file("sessiondata.img"),
+            machine_uuid: Some(MachineUuid::parse("12345678-9abc-def0-1234-56789abcdef0").unwrap()),
         };
-        let args: Vec<String> = boot_args(&spec)
+        let spec = LaunchSpec::bundle(
+            images(),
+            2,
+            2048,
+            "/r/vsock.sock".into(),
+            "/r/console.log".into(),
+        )
+        .unwrap();
+        let c = &spec.config;
+        let fds = spec.inherited_fds();
+        let named: Vec<FileArg> = [Some(&c.kernel), c.initrd.as_ref()]
             .into_iter()
-            .map(|a| a.into_string().unwrap())
+            .flatten()
+            .chain(c.disks.iter().map(|d| &d.file))
+            .cloned()
             .collect();
-        let [k, i, r, s] = inherited_fds(&spec);
         assert_eq!(
-            args.join(" "),
-            format!(
-                "boot --kernel fd:{k} --initrd fd:{i} --disk fd:{r},ro \
-                 --disk fd:{s} --vsock /r/vsock.sock \
-                 --uuid 12345678-9abc-def0-1234-56789abcdef0 --cpus 2 --mem 2048 \
-                 --cmdline quiet coworkvm.rootfs=vda coworkvm.sessions=vdb --console /r/console.log"
-            )
+            named,
+            fds.iter().map(|&n| FileArg::Fd(n)).collect::<Vec<_>>()
         );
+        assert_eq!(c.guest_disk_name(DiskRole::Rootfs).as_deref(), Some("vda"));
+        assert_eq!(
+            c.guest_disk_name(DiskRole::Sessions).as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(c.cmdline, "quiet coworkvm.rootfs=vda coworkvm.sessions=vdb");
+        assert_eq!(spec.vsock(), Path::new("/r/vsock.sock"));
+        assert_eq!(spec.console(), Path::new("/r/console.log"));
+        // The JSON the VMM reads gives back the same configuration.
+        let json = serde_json::to_string(c).unwrap();
+        assert!(
+            json.contains(r#""machine_uuid":"12345678-9abc-def0-1234-56789abcdef0""#),
+            "{json}"
+        );
+        assert_eq!(&serde_json::from_str::<LaunchConfig>(&json).unwrap(), c);
+        // Sizes the VMM refuses are refused here.
+        for (cpus, mem) in [(0, 2048), (33, 2048), (256, 2048), (1, 0), (1, 63)] {
+            let r = LaunchSpec::bundle(images(), cpus, mem, "/v".into(), "/c".into());
+            assert!(
+                matches!(r, Err(VmManagerError::Config(_))),
+                "{cpus} {mem}: {r:?}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

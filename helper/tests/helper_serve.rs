@@ -343,7 +343,7 @@ impl VmLauncher for FakeLauncher {
             no_sandbox: self.no_sandbox.load(Ordering::SeqCst),
             ..Default::default()
         });
-        let path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
+        let path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock().display()));
         if !vm.no_agent {
             let v = vm.clone();
             std::thread::spawn(move || v.agent_loop(path));
@@ -645,7 +645,7 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
     assert!(is_running(sock));
     poll_connected(sock, true);
     let spec = h.launcher.specs.lock().unwrap()[0].clone();
-    assert_eq!((spec.cpus, spec.mem_mib), (4, 3072));
+    assert_eq!((spec.config.cpus, spec.config.mem_mib), (4, 3072));
     assert!(
         h.bundle.join("sessiondata.img").exists(),
         "session disk made"
@@ -1434,7 +1434,7 @@ fn a_second_agent_connection_never_replaces_the_first_and_is_not_heard() {
     });
 
     let spec = h.launcher.specs.lock().unwrap()[0].clone();
-    let port = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock.display()));
+    let port = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock().display()));
     let mut hijackers = Vec::new();
     for _ in 0..16 {
         let mut s = UnixStream::connect(&port).unwrap();
@@ -1656,65 +1656,117 @@ fn spawn_is_refused_when_the_agent_has_no_sandbox() {
     pipe.ok("stopVM", json!({}));
 }
 
-/// The real launcher hands the VMM the boot files as inherited descriptors
-/// named `fd:N` on its command line, the same open files the image source
-/// opened (no path to resolve again), the session disk read-write and the
-/// rest read-only. The "VMM" here is a script that reports what it got.
+/// The real launcher hands the VMM its launch configuration on an
+/// inherited descriptor (`boot --config-fd N`), and in it the boot files
+/// as inherited descriptors: the same open files the image source opened
+/// (no path to resolve again), disks by role, the session disk read-write
+/// and the rest read-only. The "VMM" here is a script that reports what
+/// it got.
 #[test]
-fn the_launcher_passes_the_boot_files_as_inherited_descriptors() {
+fn the_launcher_passes_a_typed_config_and_the_boot_files_as_inherited_descriptors() {
     use coworkvm_helper::vm::ProcessLauncher;
+    use coworkvm_vmm::boot_file::FileArg;
+    use coworkvm_vmm::config::{DiskRole, LaunchConfig};
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("fdpass");
     let script = dir.join("fake-vmm");
-    let out = dir.join("out");
+    let (config_out, fds_out) = (dir.join("config.json"), dir.join("fds"));
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in fd:*) n=${{a#fd:}}; n=${{n%,ro}}; \
-             echo \"$a $(readlink /proc/$$/fd/$n) $(grep flags /proc/$$/fdinfo/$n | tr -d '\\t')\" \
-             >> {out};; esac; done\n",
-            out = out.display()
+            "#!/bin/sh\n[ \"$1 $2\" = \"boot --config-fd\" ] || exit 9\n\
+             cat /proc/$$/fd/$3 > {config}\n\
+             for p in /proc/$$/fd/*; do n=${{p##*/}}; \
+             echo \"$n $(readlink $p) $(grep flags /proc/$$/fdinfo/$n | tr -d '\\t')\"; \
+             done > {fds}\n",
+            config = config_out.display(),
+            fds = fds_out.display()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bundle = make_bundle(&dir);
     let images = BundleFiles.prepare(&bundle, Some(1)).unwrap();
-    let spec = LaunchSpec {
+    let spec = LaunchSpec::bundle(
         images,
-        cpus: 1,
-        mem_mib: 128,
-        vsock: dir.join("vsock.sock"),
-        console: dir.join("console.log"),
-    };
+        1,
+        128,
+        dir.join("vsock.sock"),
+        dir.join("console.log"),
+    )
+    .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let how = rt.block_on(async {
-        let vm = ProcessLauncher { exe: script }.launch(&spec).unwrap();
+        let launcher = ProcessLauncher {
+            exe: script,
+            inherit_stderr: false,
+        };
+        let vm = launcher.launch(&spec).unwrap();
         vm.exited.await.unwrap()
     });
     assert_eq!(how, "exit status: 0");
-    let text = std::fs::read_to_string(&out).unwrap();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("fd:")).collect();
-    assert_eq!(lines.len(), 4, "{text}");
-    for (line, (file, ro)) in lines.iter().zip([
-        ("vmlinuz", true),
-        ("initrd.img", true),
-        ("rootfs.img", true),
-        ("sessiondata.img", false),
-    ]) {
+    let config: LaunchConfig =
+        serde_json::from_slice(&std::fs::read(&config_out).unwrap()).unwrap();
+    assert_eq!(
+        config, spec.config,
+        "the VMM reads what the helper validated"
+    );
+    assert_eq!(
+        config.cmdline,
+        "quiet coworkvm.rootfs=vda coworkvm.sessions=vdb"
+    );
+    let fds = std::fs::read_to_string(&fds_out).unwrap();
+    let fd_line = |n: i32| {
+        fds.lines()
+            .find(|l| l.split(' ').next() == Some(&n.to_string()))
+            .unwrap_or_else(|| panic!("fd {n} not inherited: {fds}"))
+            .to_owned()
+    };
+    let fd_of = |f: &FileArg| match f {
+        FileArg::Fd(n) => *n,
+        FileArg::Path(p) => panic!("a path reached the VMM: {}", p.display()),
+    };
+    let mut files = vec![
+        ("vmlinuz", fd_of(&config.kernel), true),
+        ("initrd.img", fd_of(config.initrd.as_ref().unwrap()), true),
+    ];
+    let roles: Vec<DiskRole> = config.disks.iter().map(|d| d.role).collect();
+    assert_eq!(roles, [DiskRole::Rootfs, DiskRole::Sessions]);
+    files.push(("rootfs.img", fd_of(&config.disks[0].file), true));
+    files.push(("sessiondata.img", fd_of(&config.disks[1].file), false));
+    assert!(config.disks[0].read_only && !config.disks[1].read_only);
+    for (file, fd, ro) in files {
+        let line = fd_line(fd);
         let path = bundle.join(file);
         assert!(line.contains(&format!(" {} ", path.display())), "{line}");
-        assert_eq!(
-            line.split(' ').next().unwrap().ends_with(",ro"),
-            file == "rootfs.img"
-        );
         // fdinfo flags are octal: O_RDWR is 02, O_RDONLY 00.
         let flags = line.rsplit("flags:").next().unwrap().trim();
         let mode = u32::from_str_radix(flags, 8).unwrap() & 0o3;
         assert_eq!(mode, if ro { 0 } else { 2 }, "{line}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A VM the VMM would refuse is refused before anything is started, with
+/// the VMM's own reason: 64 vCPUs, no memory.
+#[test]
+fn start_vm_refuses_what_the_vmm_would_refuse_before_it_forks() {
+    let h = serve("limits");
+    let mut pipe = Pipe::open(&h.socket);
+    let r = pipe.call("startVM", json!({"bundlePath": h.bundle, "cpuCount": 64}));
+    assert_eq!(r["success"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("vCPUs must be between 1 and 32, got 64"), "{e}");
+    let r = pipe.call("startVM", json!({"bundlePath": h.bundle, "memoryGB": 0}));
+    assert_eq!(r["success"], false, "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("guest memory must be between"), "{e}");
+    assert!(
+        h.launcher.specs.lock().unwrap().is_empty(),
+        "nothing was launched"
+    );
+    assert!(!is_running(&h.socket));
 }

@@ -65,23 +65,14 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 /// JSON-RPC's "invalid params".
 pub const INVALID_PARAMS: i64 = -32602;
 
-/// The kernel parameter that names the rootfs disk (`coworkvm.rootfs=vda`).
-/// The agent reads it to find its root; the busybox test initramfs is
+/// The kernel parameter that names the rootfs disk (`coworkvm.rootfs=vda`):
+/// the helper writes it from the disk's role in the launch configuration,
+/// the agent reads it to find its root; the busybox test initramfs is
 /// booted without it.
 pub const ROOTFS_PARAM: &str = "coworkvm.rootfs=";
 /// The kernel parameter that names the sessions disk
 /// (`coworkvm.sessions=vdb`).
 pub const SESSIONS_PARAM: &str = "coworkvm.sessions=";
-/// The rootfs disk's device name: the VMM attaches it first.
-pub const ROOTFS_DISK: &str = "vda";
-/// The sessions disk's device name: the VMM attaches it second.
-pub const SESSIONS_DISK: &str = "vdb";
-/// The kernel command line the helper boots the Debian rootfs with: the
-/// disks by role, [`ROOTFS_PARAM`]`vda` and [`SESSIONS_PARAM`]`vdb` (a
-/// literal, so that it can be a `const`; a test checks that it is made of
-/// those words).
-pub const GUEST_CMDLINE: &str = "quiet coworkvm.rootfs=vda coworkvm.sessions=vdb";
-
 /// Why a host folder cannot appear in the guest yet (virtio-fs comes
 /// later): the agent's error to `mountPath`, and what the helper logs for
 /// each mount it lists in `failedMounts`.
@@ -899,14 +890,6 @@ impl GuestEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_guest_cmdline_is_made_of_the_disk_words() {
-        assert_eq!(
-            GUEST_CMDLINE,
-            format!("quiet {ROOTFS_PARAM}{ROOTFS_DISK} {SESSIONS_PARAM}{SESSIONS_DISK}")
-        );
-    }
 
     #[test]
     fn failed_mounts_are_the_mount_names() {

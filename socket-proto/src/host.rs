@@ -383,7 +383,7 @@ pub struct StartVmParams {
 
 /// `spawn`: a process in a session. Also sent to the guest unchanged.
 /// `env` and `oauthToken` are [`Secret`]s.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpawnParams {
     /// The process id the client chose; events carry it.

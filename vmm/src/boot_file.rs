@@ -175,8 +175,10 @@ fn set_blocking(file: &File, name: &str) -> Result<(), BootFileError> {
 }
 
 /// A boot file as `coworkvm boot` takes it: `fd:N` or a path (a file whose
-/// name starts with `fd:` is given as `./fd:...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// name starts with `fd:` is given as `./fd:...`). In a launch
+/// configuration: `{"fd": N}` or `{"path": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FileArg {
     /// A path the user named.
     Path(PathBuf),

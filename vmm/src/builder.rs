@@ -22,7 +22,6 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::sandbox::{self, Policy, Sandbox, SandboxError};
-use crate::vstate::stats;
 use crate::vstate::vcpu::{self, VcpuEvent};
 use crate::vstate::vm::Vm;
 
@@ -39,7 +38,8 @@ pub struct DiskSpec {
 }
 
 /// A virtio-vsock device with its hybrid Unix-socket host side.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsockSpec {
     pub guest_cid: u64,
     pub uds: PathBuf,
@@ -61,12 +61,8 @@ pub struct MachineConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("--cpus must be between 1 and {max}, got {got}")]
-    Cpus { got: u8, max: u8 },
-    #[error("--mem must be between 64 and {max} MiB, got {got}")]
-    Mem { got: u64, max: u64 },
-    #[error("too many virtio devices ({0}); at most {1}")]
-    TooManyDevices(usize, usize),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("guest memory: {0}")]
     GuestMemory(String),
     #[error(transparent)]
@@ -122,11 +118,7 @@ impl GuestExit {
 pub struct RunOutcome {
     pub exit: GuestExit,
     pub console_tail: Vec<String>,
-    /// VM exits over all vCPUs, when KVM reports them.
-    pub vm_exits: Option<u64>,
 }
-
-const MAX_CPUS: u8 = 32;
 
 /// Boots the machine unconfined and blocks until the guest powers off or
 /// dies (for `coworkvm run`, which boots inside its own process).
@@ -139,25 +131,12 @@ pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
 /// every file is open and before the first vCPU runs: the process must
 /// then be single-threaded when this is called.
 pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, BuildError> {
-    if cfg.cpus == 0 || cfg.cpus > MAX_CPUS {
-        return Err(BuildError::Cpus {
-            got: cfg.cpus,
-            max: MAX_CPUS,
-        });
-    }
-    let max_mem = 1 << 20; // 1 TiB in MiB
-    if cfg.mem_mib < 64 || cfg.mem_mib > max_mem {
-        return Err(BuildError::Mem {
-            got: cfg.mem_mib,
-            max: max_mem,
-        });
-    }
-    let max_slots = (layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1) as usize;
-    // One slot per disk, the rng, and the vsock device if any.
-    let slots_needed = cfg.disks.len() + 1 + cfg.vsock.is_some() as usize;
-    if slots_needed > max_slots {
-        return Err(BuildError::TooManyDevices(slots_needed, max_slots));
-    }
+    crate::config::check_limits(
+        u64::from(cfg.cpus),
+        cfg.mem_mib,
+        cfg.disks.len(),
+        cfg.vsock.is_some(),
+    )?;
 
     let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(cfg.mem_mib << 20))
         .map_err(|e| BuildError::GuestMemory(e.to_string()))?;
@@ -266,7 +245,6 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| BuildError::Kvm("GET_SUPPORTED_CPUID", e))?;
     let mut vcpus = Vec::new();
-    let mut stat_files = Vec::new();
     for id in 0..cfg.cpus {
         let fd = vm
             .fd()
@@ -276,9 +254,6 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
         cpu::setup_msrs(&fd)?;
         regs::setup_long_mode(&fd, kernel.entry, layout::ZERO_PAGE_START)?;
         cpu::setup_lapic(&fd)?;
-        if let Ok(f) = stats::open_stats(&fd) {
-            stat_files.push(f);
-        }
         vcpus.push(fd);
     }
 
@@ -324,15 +299,6 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
     let event = rx
         .recv()
         .unwrap_or_else(|_| VcpuEvent::Fatal("all vCPU threads ended".into()));
-    let vm_exits = if stat_files.is_empty() {
-        None
-    } else {
-        let mut sum = 0;
-        for f in &stat_files {
-            sum += stats::read_stat(f, "exits").ok().flatten().unwrap_or(0);
-        }
-        Some(sum)
-    };
     devices.flush();
     let (console_tail, panic_line) = tail
         .lock()
@@ -343,11 +309,7 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
         VcpuEvent::Request(MachineRequest::Reset) => GuestExit::Reset { panic: panic_line },
         VcpuEvent::Fatal(why) => GuestExit::Fatal(why),
     };
-    Ok(RunOutcome {
-        exit,
-        console_tail,
-        vm_exits,
-    })
+    Ok(RunOutcome { exit, console_tail })
 }
 
 #[cfg(test)]

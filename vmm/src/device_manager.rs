@@ -95,7 +95,10 @@ impl DeviceManager {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.slot_for(addr) {
             Some((slot, off)) => lock(&slot.transport).read(off, data),
-            None => data.fill(0),
+            // Nothing there: all-ones, as a PC's bus answers a read no
+            // device claims (and as the port reads above do), so a guest
+            // driver's "device gone" check (`readl() == ~0`) sees no device.
+            None => data.fill(0xff),
         }
     }
 
@@ -169,6 +172,6 @@ mod tests {
         assert_eq!(b, [0xff, 0xff]);
         let mut b = [0xaau8; 4];
         m.mmio_read(0xd000_0000, &mut b);
-        assert_eq!(b, [0; 4], "no device in that slot");
+        assert_eq!(b, [0xff; 4], "no device in that slot");
     }
 }

@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod boot_file;
 pub mod builder;
+pub mod config;
 pub mod device_manager;
 pub mod devices;
 pub mod doctor;

@@ -1,5 +1,4 @@
 //! KVM state: the VM (memory, interrupt controllers) and its vCPUs.
 
-pub mod stats;
 pub mod vcpu;
 pub mod vm;

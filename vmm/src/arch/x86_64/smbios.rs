@@ -73,6 +73,20 @@ impl MachineUuid {
     }
 }
 
+/// In a launch configuration: the text form.
+impl serde::Serialize for MachineUuid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MachineUuid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        MachineUuid::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::fmt::Display for MachineUuid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (i, b) in self.0.iter().enumerate() {
