@@ -1,7 +1,6 @@
 //! The bundle: rootfs expansion and updates, identity, session disk. Tests
-//! that need a small or read-only file system mount a tmpfs; they need root
-//! and are skipped with a reason elsewhere, except under `CI=true`, where
-//! they fail instead.
+//! that need a small or read-only file system mount a tmpfs; they need root,
+//! and fail without it (skip with `SKIP_VM=1`: `coworkvm_tests::skip_or_fail`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -657,8 +656,9 @@ struct TmpfsMount {
 }
 
 impl TmpfsMount {
-    /// `None` (the test is skipped) when mounting is not possible here,
-    /// except under `CI=true`, where that is a failure.
+    /// When mounting is not possible here, a failure, or with `SKIP_VM=1`
+    /// `None` (the test is skipped).
+    #[track_caller]
     fn new(test: &str, size: &str) -> Option<Self> {
         let dir = TempDir::new(test);
         let out = Command::new("mount")
@@ -676,10 +676,7 @@ impl TmpfsMount {
             Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
             Err(e) => format!("cannot run mount: {e}"),
         };
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test} needs root and mount (CI=true): {failure}");
-        }
-        eprintln!("SKIPPED {test}: it needs root to mount a tmpfs ({failure})");
+        coworkvm_tests::skip_or_fail(format!("{test} needs root to mount a tmpfs ({failure})"));
         None
     }
 

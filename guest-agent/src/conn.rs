@@ -844,7 +844,7 @@ mod tests {
     fn read_file_refuses_a_hard_link_to_a_file_its_session_does_not_own() {
         // SAFETY: geteuid takes no arguments and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED: needs root to give the session directory away");
+            coworkvm_tests::skip_or_fail("needs root to give the session directory away");
             return;
         }
         let (_d, root) = session_disk();

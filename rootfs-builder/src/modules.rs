@@ -442,7 +442,7 @@ pub(crate) mod tests {
                     .find_map(|l| l.strip_prefix("release=").map(str::to_owned))
             })
         else {
-            eprintln!("skipping: build/kernel not fetched (make kernel)");
+            coworkvm_tests::skip_or_fail("build/kernel not fetched (make kernel)");
             return;
         };
         let tree = ModuleTree::open(&kdir.join("modules").join(release)).unwrap();

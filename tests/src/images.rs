@@ -53,17 +53,11 @@ pub fn images_dir(root: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// [`images_dir`] for a VM test: `None` (a skip, said on stderr) when the
-/// images were not built, a panic under `CI=true`.
+/// [`images_dir`] for a VM test: when the images were not built, a failure,
+/// or with `SKIP_VM=1` `None` (a counted skip; [`crate::skip_or_fail`]).
+#[track_caller]
 pub fn images_or_skip(root: &Path) -> Option<PathBuf> {
-    match images_dir(root) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(!crate::in_ci(), "CI=true: {e:#}");
-            eprintln!("skipping: {e:#}");
-            None
-        }
-    }
+    crate::ok_or_skip(images_dir(root).map_err(|e| format!("{e:#}")))
 }
 
 /// The delivered image files (`vmlinuz`, `initrd.img`, `manifest.json`,

@@ -1114,8 +1114,9 @@ mod tests {
     /// module L1 wants is either built in or loadable with its dependencies.
     #[test]
     fn the_fetched_kernel_has_what_l1_needs() {
-        let Ok(p) = Paths::locate_base() else {
-            eprintln!("skipping: no fetched kernel (make kernel)");
+        let Some(p) = crate::ok_or_skip(
+            Paths::locate_base().map_err(|e| format!("no fetched kernel (make kernel): {e:#}")),
+        ) else {
             return;
         };
         let tree = ModuleTree::open(&p.module_tree).unwrap();

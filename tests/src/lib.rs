@@ -15,7 +15,7 @@
 //! ```no_run
 //! use coworkvm_tests::{paths_or_skip, Batch, Case};
 //!
-//! // Skips outside CI when the rig cannot run here; fails with CI=true.
+//! // Fails when the rig cannot run here; skips (a counted skip) with SKIP_VM=1.
 //! let Some(paths) = paths_or_skip() else { return };
 //! let batch = Batch {
 //!     cases: vec![Case::new(
@@ -46,13 +46,12 @@ pub mod images;
 pub mod l1;
 pub mod process;
 pub mod qemu;
+pub mod skip;
+
+pub use skip::{ok_or_skip, skip_or_fail, skipping_allowed};
 
 /// Modules the guests of the tests load (dependencies come along).
 pub const GUEST_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio-rng"];
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 /// The build directory of the workspace at `root`: `COWORKVM_BUILD_DIR`
 /// (relative to `root` unless absolute) or `root/build`. A second kernel,
@@ -186,20 +185,28 @@ impl Paths {
 
 /// Locates the artifacts ([`Paths::locate`]) and checks that the mode the
 /// rig will use can run here (QEMU for L1, `/dev/kvm` for direct); if not,
-/// ends the test: a skip with the reason outside CI, a failure with
-/// `CI=true`.
+/// ends the test through [`skip_or_fail`]: a failure, or with `SKIP_VM=1` a
+/// counted skip. With `SKIP_VM=1` (`make test-quick`) the VM batches are
+/// skipped even where they could run: they are the slow part.
+#[track_caller]
 pub fn paths_or_skip() -> Option<Paths> {
-    skip_unless_ready(Paths::locate())
+    skip_unless_ready(Paths::locate)
 }
 
 /// [`paths_or_skip`] for batches that need only the kernel and busybox
 /// ([`Paths::locate_base`]).
+#[track_caller]
 pub fn base_paths_or_skip() -> Option<Paths> {
-    skip_unless_ready(Paths::locate_base())
+    skip_unless_ready(Paths::locate_base)
 }
 
-fn skip_unless_ready(located: Result<Paths>) -> Option<Paths> {
-    let checked = located.and_then(|p| {
+#[track_caller]
+fn skip_unless_ready(locate: fn() -> Result<Paths>) -> Option<Paths> {
+    if skipping_allowed() {
+        skip_or_fail(format!("{}=1 skips the VM batches", skip::SKIP_ENV));
+        return None;
+    }
+    let checked = locate().and_then(|p| {
         let (mode, why) = mode(&p);
         match mode {
             Mode::L1 if which("qemu-system-x86_64").is_none() => {
@@ -211,14 +218,7 @@ fn skip_unless_ready(located: Result<Paths>) -> Option<Paths> {
             _ => Ok(p),
         }
     });
-    match checked {
-        Ok(p) => Some(p),
-        Err(e) if in_ci() => panic!("CI=true and the rig cannot run: {e:#}"),
-        Err(e) => {
-            eprintln!("skipping VM test: {e:#}");
-            None
-        }
-    }
+    ok_or_skip(checked.map_err(|e| format!("the rig cannot run: {e:#}")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

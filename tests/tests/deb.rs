@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use coworkvm_tests::{images, in_ci, Paths};
+use coworkvm_tests::{images, ok_or_skip, Paths};
 use socket_proto::manifest::Manifest;
 
 fn run(cmd: &mut Command) -> String {
@@ -21,15 +21,9 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[track_caller]
 fn built_or_skip() -> Option<(Paths, PathBuf)> {
-    let paths = match Paths::locate() {
-        Ok(p) => p,
-        Err(e) => {
-            assert!(!in_ci(), "CI=true: {e:#}");
-            eprintln!("skipping: {e:#}");
-            return None;
-        }
-    };
+    let paths = ok_or_skip(Paths::locate().map_err(|e| format!("{e:#}")))?;
     let images = images::images_or_skip(&paths.root)?;
     Some((paths, images))
 }
