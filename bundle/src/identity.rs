@@ -30,7 +30,8 @@ pub enum IdentityError {
         file: &'static str,
         dir: PathBuf,
         what: &'static str,
-        reason: String,
+        #[source]
+        reason: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("cannot create {file} in {dir}: {source}")]
     Create {
@@ -70,26 +71,40 @@ impl fmt::Display for MacAddress {
     }
 }
 
-impl FromStr for MacAddress {
-    type Err = String;
+/// Text that is not a NIC's MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadMacAddress {
+    #[error("{0:?} does not have six ':'-separated octets")]
+    NotSixOctets(String),
+    #[error("{text:?}: octet {octet:?} is not two hex digits")]
+    BadOctet { text: String, octet: String },
+    /// A multicast address cannot be a NIC's own.
+    #[error("{0:?} is a multicast address")]
+    Multicast(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for MacAddress {
+    type Err = BadMacAddress;
+
+    fn from_str(s: &str) -> Result<Self, BadMacAddress> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 6 {
-            return Err(format!("{s:?} does not have six ':'-separated octets"));
+            return Err(BadMacAddress::NotSixOctets(s.to_owned()));
         }
         let mut b = [0u8; 6];
         for (octet, part) in b.iter_mut().zip(&parts) {
+            let bad = || BadMacAddress::BadOctet {
+                text: s.to_owned(),
+                octet: (*part).to_owned(),
+            };
             // from_str_radix alone would take a sign ("+a").
             if part.len() != 2 || !part.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return Err(format!("{s:?}: octet {part:?} is not two hex digits"));
+                return Err(bad());
             }
-            *octet = u8::from_str_radix(part, 16)
-                .map_err(|_| format!("{s:?}: octet {part:?} is not two hex digits"))?;
+            *octet = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if b[0] & 1 != 0 {
-            // A multicast address cannot be a NIC's own.
-            return Err(format!("{s:?} is a multicast address"));
+            return Err(BadMacAddress::Multicast(s.to_owned()));
         }
         Ok(MacAddress(b))
     }
@@ -123,12 +138,10 @@ impl fmt::Display for MachineId {
 }
 
 impl FromStr for MachineId {
-    type Err = String;
+    type Err = coworkvm_vmm::arch::x86_64::smbios::SmbiosError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        MachineUuid::parse(s)
-            .map(|u| MachineId(u.0))
-            .map_err(|e| e.to_string())
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MachineUuid::parse(s).map(|u| MachineId(u.0))
     }
 }
 
@@ -161,7 +174,7 @@ pub fn read_machine_id(dir: &Path) -> Result<Option<MachineId>, IdentityError> {
     read_file(dir, MACHINE_ID_FILE, "a UUID")
 }
 
-fn read_file<T: FromStr<Err = String>>(
+fn read_file<T: FromStr<Err: std::error::Error + Send + Sync + 'static>>(
     dir: &Path,
     file: &'static str,
     what: &'static str,
@@ -185,15 +198,17 @@ fn read_file<T: FromStr<Err = String>>(
     text.trim()
         .parse()
         .map(Some)
-        .map_err(|reason| IdentityError::Malformed {
+        .map_err(|reason: T::Err| IdentityError::Malformed {
             file,
             dir: dir.to_owned(),
             what,
-            reason,
+            reason: reason.into(),
         })
 }
 
-fn load_or_create_file<T: FromStr<Err = String> + fmt::Display>(
+fn load_or_create_file<
+    T: FromStr<Err: std::error::Error + Send + Sync + 'static> + fmt::Display,
+>(
     dir: &Path,
     file: &'static str,
     what: &'static str,

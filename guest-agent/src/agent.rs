@@ -5,22 +5,22 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
+use socket_proto::guest;
 use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams, SpawnResult};
 use socket_proto::sdk::InstallSdkChunkParams;
 use socket_proto::Secret;
 
-use crate::cgroup::SessionCgroups;
-use crate::procs::Procs;
+use crate::cgroup::{CgroupError, SessionCgroups};
+use crate::lock;
+use crate::procs::{ProcError, Procs};
 use crate::sandbox::{self, SystemEntry};
-use crate::sdk::{SdkStore, RUNTIME_COMMANDS};
+use crate::sdk::{SdkStore, SdkStoreError, RUNTIME_COMMANDS};
 use crate::seccomp::{self, SeccompError};
-use crate::sessions::{validate_name, Sessions};
+use crate::sessions::{validate_name, SessionError, Sessions};
 
-/// The answer to `mountPath` and the reason in `failedMounts`.
-pub const NO_SHARING: &str = "folder sharing is not available yet";
 /// The most approved tokens kept (the newest win).
 const MAX_TOKENS: usize = 32;
 
@@ -84,7 +84,52 @@ impl WithoutSandbox {
 pub fn names_a_rootfs(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
-        .any(|w| w.starts_with("coworkvm.rootfs="))
+        .any(|w| w.starts_with(guest::ROOTFS_PARAM))
+}
+
+/// Why the agent could not do what a request asked. The text is the
+/// answer the helper gets.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A session request without the session disk (the test initramfs).
+    #[error("the session disk is not mounted at /sessions")]
+    NoSessionDisk,
+    /// `installSdk` without the session disk.
+    #[error(
+        "installSdk: the session disk is not mounted at /sessions, so there is nowhere to keep \
+         the SDK"
+    )]
+    NoSdkStore,
+    /// A spawn under an id a live process holds.
+    #[error("process id {0} is already in use")]
+    IdInUse(String),
+    /// The command is on no directory of the sandbox's PATH.
+    #[error("cannot run {command}: not found in {path}")]
+    NotFound { command: String, path: String },
+    /// A sandboxed spawn where the sandbox cannot be built (why, from start).
+    #[error("{0}")]
+    NoSandbox(String),
+    /// A sealed file for the sandbox (seccomp filter, passwd, group).
+    #[error(transparent)]
+    SealedFile(#[from] SeccompError),
+    /// The session's cgroup.
+    #[error("the session's cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    /// The pipe bwrap reports the sandbox's pid on.
+    #[error("info pipe: {0}")]
+    InfoPipe(std::io::Error),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Sdk(#[from] SdkStoreError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// `readFile` refused.
+    #[error(transparent)]
+    ReadFile(#[from] crate::conn::ReadFileError),
+    /// A request that does not run on a worker thread reached one.
+    #[error("{0} is not a worker's request")]
+    NotAWorkersRequest(String),
 }
 
 pub struct Agent {
@@ -260,10 +305,8 @@ impl Agent {
         self.sessions.is_some() && self.sandbox.is_some()
     }
 
-    fn sessions(&self) -> Result<&Sessions, String> {
-        self.sessions
-            .as_ref()
-            .ok_or_else(|| "the session disk is not mounted at /sessions".to_owned())
+    fn sessions(&self) -> Result<&Sessions, RequestError> {
+        self.sessions.as_ref().ok_or(RequestError::NoSessionDisk)
     }
 
     /// `claude` (the runtime) is the installed SDK's binary, once there is one.
@@ -280,10 +323,10 @@ impl Agent {
         (command.to_owned(), dir)
     }
 
-    pub fn spawn(&self, p: &SpawnParams) -> Result<Value, String> {
+    pub fn spawn(&self, p: &SpawnParams) -> Result<Value, RequestError> {
         validate_name(&p.name)?;
         if self.procs.is_in_use(&p.id) {
-            return Err(format!("process id {} is already in use", p.id));
+            return Err(RequestError::IdInUse(p.id.clone()));
         }
         let failed_mounts = failed_mounts(p.additional_mounts.as_ref());
         let (program, sdk_dir) = self.resolve_program(&p.command);
@@ -311,12 +354,13 @@ impl Agent {
                 if !env.contains_key("PATH") && !program.contains('/') {
                     let path = spec.base_env(sd.uid)["PATH"].clone();
                     if !std::env::split_paths(&path).any(|d| d.join(&program).is_file()) {
-                        return Err(format!("cannot run {}: not found in {path}", p.command));
+                        return Err(RequestError::NotFound {
+                            command: p.command.clone(),
+                            path,
+                        });
                     }
                 }
-                let memfd = |name: &std::ffi::CStr, data: &[u8]| {
-                    seccomp::sealed_memfd(name, data).map_err(|e| e.to_string())
-                };
+                let memfd = seccomp::sealed_memfd;
                 let seccomp_fd = memfd(c"coworkvm-seccomp", &sb.seccomp)?;
                 let passwd_fd = memfd(
                     c"coworkvm-passwd",
@@ -324,14 +368,10 @@ impl Agent {
                 )?;
                 let group_fd = memfd(c"coworkvm-group", sandbox::group(sd.uid).as_bytes())?;
                 let cgroup_procs = match &sb.cgroups {
-                    Some(c) => Some(
-                        c.enter_fd(sd.uid)
-                            .map_err(|e| format!("the session's cgroup: {e}"))?,
-                    ),
+                    Some(c) => Some(c.enter_fd(sd.uid)?),
                     None => None,
                 };
-                let (info_r, info_w) =
-                    sandbox::info_pipe().map_err(|e| format!("info pipe: {e}"))?;
+                let (info_r, info_w) = sandbox::info_pipe().map_err(RequestError::InfoPipe)?;
                 spec.info_fd = Some(sandbox::raw(&info_w));
                 spec.seccomp_fd = Some(sandbox::raw(&seccomp_fd));
                 spec.passwd_fd = Some(sandbox::raw(&passwd_fd));
@@ -363,7 +403,7 @@ impl Agent {
             _ => {
                 if let (true, WithoutSandbox::Refuse(msg)) = (wants_sandbox, &self.without_sandbox)
                 {
-                    return Err(msg.clone());
+                    return Err(RequestError::NoSandbox(msg.clone()));
                 }
                 // The test initramfs, or `sandbox: false`: the VM owner's
                 // root command (`coworkvm run`), which the helper never
@@ -380,7 +420,7 @@ impl Agent {
         Ok(serde_json::to_value(SpawnResult { failed_mounts }).unwrap_or(json!({})))
     }
 
-    pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, String> {
+    pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, RequestError> {
         let mut sdk = self.sdk_store()?;
         let r = sdk.begin(p)?;
         if !r.cached {
@@ -393,37 +433,30 @@ impl Agent {
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_chunk(&self, c: &InstallSdkChunkParams) -> Result<Value, String> {
+    pub fn install_sdk_chunk(&self, c: &InstallSdkChunkParams) -> Result<Value, RequestError> {
         let r = self.sdk_store()?.chunk(c)?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn install_sdk_commit(&self, version: &str) -> Result<Value, String> {
+    pub fn install_sdk_commit(&self, version: &str) -> Result<Value, RequestError> {
         let r = self.sdk_store()?.commit(version)?;
         eprintln!("coworkvm-agent: SDK {version} installed at {}", r.path);
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    fn sdk_store(&self) -> Result<MutexGuard<'_, SdkStore>, String> {
-        let sdk = self.sdk.as_ref().ok_or_else(|| {
-            "installSdk: the session disk is not mounted at /sessions, so there is nowhere \
-             to keep the SDK"
-                .to_owned()
-        })?;
-        Ok(sdk.lock().unwrap_or_else(PoisonError::into_inner))
+    fn sdk_store(&self) -> Result<MutexGuard<'_, SdkStore>, RequestError> {
+        let sdk = self.sdk.as_ref().ok_or(RequestError::NoSdkStore)?;
+        Ok(lock(sdk))
     }
 
     /// The installed SDK's binary, if any.
     fn sdk_current(&self) -> Option<PathBuf> {
         let sdk = self.sdk.as_ref()?;
-        sdk.lock().unwrap_or_else(PoisonError::into_inner).current()
+        lock(sdk).current()
     }
 
     pub fn add_oauth_token(&self, token: Secret<String>) {
-        let mut tokens = self
-            .oauth_tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut tokens = lock(&self.oauth_tokens);
         tokens.retain(|t| t.expose() != token.expose());
         tokens.push(token);
         if tokens.len() > MAX_TOKENS {
@@ -432,12 +465,12 @@ impl Agent {
         crate::debug!("approved OAuth tokens held: {}", tokens.len());
     }
 
-    pub fn disk_info(&self) -> Result<Value, String> {
+    pub fn disk_info(&self) -> Result<Value, RequestError> {
         let r = self.sessions()?.disk_info()?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn delete_sessions(&self, names: &[String]) -> Result<Value, String> {
+    pub fn delete_sessions(&self, names: &[String]) -> Result<Value, RequestError> {
         let running = self.procs.running_sessions();
         let r = self.sessions()?.delete(names, &running);
         if !r.deleted.is_empty() {
@@ -446,7 +479,7 @@ impl Agent {
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
-    pub fn prune(&self, p: &PruneSessionCachesParams) -> Result<Value, String> {
+    pub fn prune(&self, p: &PruneSessionCachesParams) -> Result<Value, RequestError> {
         let running = self.procs.running_sessions();
         let r = self.sessions()?.prune(p, &running)?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
@@ -454,27 +487,11 @@ impl Agent {
 }
 
 /// `additionalMounts` (the client's `{mountName: spec}` map, or a list):
-/// each one in `failedMounts` as `{mountName, error}`, since folder sharing
-/// comes later. `None` when none were asked for.
-pub fn failed_mounts(m: Option<&Value>) -> Option<Vec<Value>> {
-    let entry = |name: Value| json!({"mountName": name, "error": NO_SHARING});
-    let v: Vec<Value> = match m? {
-        Value::Object(map) => map.keys().map(|k| entry(json!(k))).collect(),
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let name = ["mountName", "name"]
-                    .iter()
-                    .find_map(|k| e.get(k).cloned())
-                    .unwrap_or(json!(i));
-                entry(name)
-            })
-            .collect(),
-        Value::Null => Vec::new(),
-        _ => vec![json!({"error": NO_SHARING})],
-    };
-    (!v.is_empty()).then_some(v)
+/// each one in `failedMounts` by name, since folder sharing comes later.
+/// `None` when none were asked for.
+pub fn failed_mounts(m: Option<&Value>) -> Option<Vec<String>> {
+    let names = guest::failed_mount_names(m?);
+    (!names.is_empty()).then_some(names)
 }
 
 #[cfg(test)]
@@ -482,7 +499,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_asked_mount_fails_with_the_reason() {
+    fn every_asked_mount_fails_by_name() {
         assert_eq!(failed_mounts(None), None);
         assert_eq!(failed_mounts(Some(&json!({}))), None);
         assert_eq!(failed_mounts(Some(&Value::Null)), None);
@@ -490,21 +507,12 @@ mod tests {
             &json!({"outputs": {"path": "/x", "mode": "rw"}, "in": {}}),
         ))
         .unwrap();
-        assert_eq!(
-            f,
-            [
-                json!({"mountName": "in", "error": NO_SHARING}),
-                json!({"mountName": "outputs", "error": NO_SHARING})
-            ]
-        );
-        let f = failed_mounts(Some(&json!([{"mountName": "a"}, {"x": 1}]))).unwrap();
-        assert_eq!(f[0]["mountName"], "a");
-        assert_eq!(f[1]["mountName"], 1);
+        assert_eq!(f, ["in", "outputs"]);
         let r = serde_json::to_value(SpawnResult {
             failed_mounts: Some(f),
         })
         .unwrap();
-        assert_eq!(r["failedMounts"][0]["error"], NO_SHARING);
+        assert_eq!(r, json!({"failedMounts": ["in", "outputs"]}));
         assert_eq!(
             serde_json::to_value(SpawnResult {
                 failed_mounts: None
@@ -553,15 +561,14 @@ mod tests {
             None,
             WithoutSandbox::RunDirectly,
         );
-        assert!(a.disk_info().unwrap_err().contains("not mounted"));
-        assert!(a
-            .delete_sessions(&["x".into()])
-            .unwrap_err()
-            .contains("not mounted"));
-        assert!(a
-            .install_sdk(&InstallSdkParams::default())
-            .unwrap_err()
-            .contains("not mounted"));
+        assert!(matches!(a.disk_info(), Err(RequestError::NoSessionDisk)));
+        assert!(matches!(
+            a.delete_sessions(&["x".into()]),
+            Err(RequestError::NoSessionDisk)
+        ));
+        let e = a.install_sdk(&InstallSdkParams::default()).unwrap_err();
+        assert!(matches!(e, RequestError::NoSdkStore), "{e}");
+        assert!(e.to_string().contains("not mounted"), "{e}");
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
     }
 
@@ -615,7 +622,7 @@ mod tests {
         for sandbox in [None, Some(true)] {
             let e = a.spawn(&spawn_params("s", sandbox)).unwrap_err();
             assert_eq!(
-                e,
+                e.to_string(),
                 "sessions are unavailable: /sessions is not mounted; /usr/bin/bwrap is absent; \
                  refusing to run unsandboxed"
             );
@@ -634,7 +641,7 @@ mod tests {
             None,
             WithoutSandbox::decide(true, &["/usr/bin/bwrap is absent".to_owned()]),
         );
-        let e = a.spawn(&spawn_params("s", None)).unwrap_err();
+        let e = a.spawn(&spawn_params("s", None)).unwrap_err().to_string();
         assert!(e.contains("/usr/bin/bwrap is absent"), "{e}");
         assert!(e.contains("refusing to run unsandboxed"), "{e}");
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
@@ -676,7 +683,7 @@ mod tests {
         a.install_sdk(&InstallSdkParams {
             sdk_subpath: "x".into(),
             version: "3.1".into(),
-            sha256: Some(socket_proto::sdk::hex(&sha2::Sha256::digest(data))),
+            sha256: Some(socket_proto::manifest::hex(&sha2::Sha256::digest(data))),
             size: Some(data.len() as u64),
         })
         .unwrap();

@@ -46,12 +46,8 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     #[error("no cgroup2 filesystem is mounted at {}", .0.display())]
     NotMounted(PathBuf),
     #[error("the {controller} controller is not available (cgroup.controllers: {available:?})")]
@@ -64,10 +60,7 @@ pub enum CgroupError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |e| CgroupError::Io(crate::io_at(path.display())(e))
 }
 
 /// The limits written to the session groups.

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -28,7 +28,8 @@ use socket_proto::guest::{
     AGENT_SOURCE_PORTS, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
 };
 
-use crate::agent::Agent;
+use crate::agent::{Agent, RequestError};
+use crate::lock;
 
 /// Worker threads for the requests that may block (on the disk, or on
 /// what a session made): at most this many run at once.
@@ -57,7 +58,7 @@ impl Sender {
     /// Writes one whole frame; a frame that cannot be encoded (too large)
     /// is not written at all. Errors are logged here too.
     pub fn send(&self, frame: &GuestFrame) -> Result<(), FrameError> {
-        let mut f = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = lock(&self.0);
         let r = write_frame(&mut *f, frame);
         if let Err(e) = &r {
             eprintln!("coworkvm-agent: sending a frame: {e}");
@@ -68,7 +69,7 @@ impl Sender {
 
     /// Writes a frame already encoded (length prefix and body), whole.
     pub fn send_encoded(&self, wire: &[u8]) {
-        let mut f = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut f = lock(&self.0);
         if let Err(e) = f.write_all(wire) {
             eprintln!("coworkvm-agent: sending a frame: {e}");
         }
@@ -200,7 +201,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("agent-worker-{i}"))
                 .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    let job = lock(&rx).recv();
                     match job {
                         Ok(job) => job(),
                         Err(_) => return,
@@ -360,7 +361,8 @@ fn handle(agent: &Arc<Agent>, workers: &Workers, sender: &Sender, frame: GuestFr
                 let (agent, sender, id, method) =
                     (agent.clone(), sender.clone(), id.clone(), method.clone());
                 Box::new(move || {
-                    let reply = respond_on_worker(&agent, req).map_err(GuestError::Text);
+                    let reply =
+                        respond_on_worker(&agent, req).map_err(|e| GuestError::Text(e.to_string()));
                     answer(&sender, &id, &method, reply.map(Some));
                 })
             };
@@ -432,7 +434,9 @@ fn respond_inline(
             Some((running, None)) => json!({ "running": running }),
             None => json!({"running": false}),
         },
-        GuestRequest::MountPath(_) => return Err(text(crate::agent::NO_SHARING.into())),
+        GuestRequest::MountPath(_) => {
+            return Err(text(socket_proto::guest::NO_FOLDER_SHARING.into()))
+        }
         GuestRequest::AddApprovedOauthToken(t) => {
             agent.add_oauth_token(t.token);
             json!({})
@@ -447,12 +451,12 @@ fn respond_inline(
         }
         GuestRequest::Unknown(m) => return Err(GuestError::unknown_method(&m)),
         // Not reached: `handle` sends these to the workers.
-        other => respond_on_worker(agent, other).map_err(text)?,
+        other => respond_on_worker(agent, other).map_err(|e| text(e.to_string()))?,
     }))
 }
 
 /// The requests that run on a worker.
-fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> {
+fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, RequestError> {
     match req {
         GuestRequest::Spawn(p) => {
             let r = agent.spawn(&p);
@@ -461,8 +465,7 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> 
             r
         }
         GuestRequest::ReadFile(r) => {
-            let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)
-                .map_err(|e| e.to_string())?;
+            let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)?;
             Ok(json!({"content": base64::engine::general_purpose::STANDARD.encode(bytes)}))
         }
         GuestRequest::InstallSdk(p) => agent.install_sdk(&p),
@@ -471,15 +474,15 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, String> 
         GuestRequest::GetSessionsDiskInfo(_) => agent.disk_info(),
         GuestRequest::DeleteSessionDirs(d) => agent.delete_sessions(&d.names),
         GuestRequest::PruneSessionCaches(p) => agent.prune(&p),
-        other => Err(format!("{other:?} is not a worker's request")),
+        other => Err(RequestError::NotAWorkersRequest(other.name().to_owned())),
     }
 }
 
 /// Why `readFile` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadFileError {
-    #[error("{0}")]
-    BadSession(String),
+    #[error(transparent)]
+    BadSession(#[from] crate::sessions::SessionError),
     #[error("session {name}: {source}")]
     SessionDir { name: String, source: io::Error },
     #[error("{path} is outside {dir}")]

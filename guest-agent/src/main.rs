@@ -18,6 +18,30 @@ mod sdk;
 mod seccomp;
 mod sessions;
 
+/// An I/O error and what it was about (a path, or an action and its path):
+/// the one I/O variant every module's error enum wraps.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct IoError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// `map_err(io_at(path))`: an I/O error about `what`.
+fn io_at(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> IoError {
+    let what = what.to_string();
+    move |source| IoError { what, source }
+}
+
+/// A lock that a panicking holder cannot poison for the others: the data
+/// is still the best there is (the release build aborts on panic anyway;
+/// tests unwind), and one failed request must not take every later one
+/// down with it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `setDebugLogging`: verbose agent logs on the console.
@@ -56,13 +80,13 @@ fn prepare_disks() -> Vec<StartupStep> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let disks = rootfs::BootDisks::from_cmdline(&cmdline);
     let mut steps = Vec::new();
-    let mut run = |step: &'static str, r: Result<(), String>| {
+    let mut run = |step: &'static str, r: Result<(), rootfs::BootDiskError>| {
         if let Err(e) = &r {
             eprintln!("coworkvm-agent: {step}: {e}");
         }
         steps.push(StartupStep {
             step,
-            error: r.err(),
+            error: r.err().map(|e| e.to_string()),
         });
     };
     if let Some(dev) = &disks.rootfs {

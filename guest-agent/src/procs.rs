@@ -18,7 +18,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -27,6 +27,7 @@ use socket_proto::guest::{encode_output_frame, GuestEvent, GuestFrame};
 use socket_proto::host::{Signal, SpawnParams, StreamEncoding};
 
 use crate::conn::Sender;
+use crate::lock;
 
 /// The most output one `stdout`/`stderr` event carries: one read of the
 /// process's pipe, whose buffer is made this big too, so a fast writer's
@@ -70,12 +71,6 @@ const STDIN_POLL: Duration = Duration::from_millis(200);
 /// How long after its exit a process's output may still drain before the
 /// exit is reported anyway (a background grandchild may hold the pipes).
 const DRAIN_GRACE: Duration = Duration::from_millis(300);
-
-/// A lock that a panicking holder cannot poison for the others (the
-/// release build aborts on panic anyway; tests unwind).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Why a spawn, a kill or a reservation failed.
 #[derive(Debug, thiserror::Error)]

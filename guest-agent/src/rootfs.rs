@@ -20,6 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use socket_proto::guest::{ROOTFS_PARAM, SESSIONS_PARAM};
+
 const NEW_ROOT: &str = "/.root";
 const LOWER: &str = "/.lower";
 const RW: &str = "/.rw";
@@ -47,9 +49,9 @@ impl BootDisks {
                 (!v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
                     .then(|| format!("/dev/{v}"))
             };
-            if let Some(v) = word.strip_prefix("coworkvm.rootfs=") {
+            if let Some(v) = word.strip_prefix(ROOTFS_PARAM) {
                 d.rootfs = dev(v);
-            } else if let Some(v) = word.strip_prefix("coworkvm.sessions=") {
+            } else if let Some(v) = word.strip_prefix(SESSIONS_PARAM) {
                 d.sessions = dev(v);
             }
         }
@@ -77,6 +79,27 @@ pub fn classify(head: &[u8]) -> DiskContent {
     }
 }
 
+/// Why a boot step (the rootfs switch, the session disk) failed; the agent
+/// reports it to the helper as that step's error and goes on.
+#[derive(Debug, thiserror::Error)]
+pub enum BootDiskError {
+    #[error("mount {source_path} on {target}: {error}")]
+    Mount {
+        source_path: String,
+        target: String,
+        error: std::io::Error,
+    },
+    #[error("{dev} did not appear within {DEVICE_WAIT:?}")]
+    NoDevice { dev: String },
+    /// A file operation on the way.
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
+    #[error("mkfs.ext4 {dev}: {stderr}")]
+    Mkfs { dev: String, stderr: String },
+    #[error("{dev} holds data that is not an ext4 filesystem; not formatting it")]
+    NotExt4 { dev: String },
+}
+
 fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
@@ -87,7 +110,7 @@ fn sys_mount(
     fstype: Option<&str>,
     flags: libc::c_ulong,
     data: &str,
-) -> Result<(), String> {
+) -> Result<(), BootDiskError> {
     let _ = std::fs::create_dir_all(target);
     let (src, tgt, d) = (cstr(source), cstr(target), cstr(data));
     let fs = fstype.map(cstr);
@@ -103,19 +126,22 @@ fn sys_mount(
         )
     };
     if r != 0 {
-        return Err(format!(
-            "mount {source} on {target}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(BootDiskError::Mount {
+            source_path: source.to_owned(),
+            target: target.to_owned(),
+            error: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
 
-fn wait_for(dev: &str) -> Result<(), String> {
+fn wait_for(dev: &str) -> Result<(), BootDiskError> {
     let start = Instant::now();
     while !Path::new(dev).exists() {
         if start.elapsed() > DEVICE_WAIT {
-            return Err(format!("{dev} did not appear within {DEVICE_WAIT:?}"));
+            return Err(BootDiskError::NoDevice {
+                dev: dev.to_owned(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -124,12 +150,13 @@ fn wait_for(dev: &str) -> Result<(), String> {
 
 /// Mounts the rootfs with its overlay and makes it `/`. On error the agent
 /// is still in the initramfs, which keeps working.
-pub fn switch_to_rootfs(dev: &str) -> Result<(), String> {
+pub fn switch_to_rootfs(dev: &str) -> Result<(), BootDiskError> {
     wait_for(dev)?;
     sys_mount(dev, LOWER, Some("ext4"), libc::MS_RDONLY, "")?;
     sys_mount("tmpfs", RW, Some("tmpfs"), 0, "mode=0755")?;
     for d in ["upper", "work"] {
-        std::fs::create_dir_all(Path::new(RW).join(d)).map_err(|e| format!("{RW}/{d}: {e}"))?;
+        std::fs::create_dir_all(Path::new(RW).join(d))
+            .map_err(crate::io_at(format!("{RW}/{d}")))?;
     }
     sys_mount(
         "overlay",
@@ -148,14 +175,14 @@ pub fn switch_to_rootfs(dev: &str) -> Result<(), String> {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
     free_initramfs();
-    std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
+    std::env::set_current_dir(NEW_ROOT).map_err(crate::io_at(format!("chdir {NEW_ROOT}")))?;
     sys_mount(".", "/", None, libc::MS_MOVE, "")?;
     let dot = cstr(".");
     // SAFETY: a NUL-terminated path that outlives the call.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(format!("chroot: {}", std::io::Error::last_os_error()));
+        return Err(crate::io_at("chroot")(std::io::Error::last_os_error()).into());
     }
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    std::env::set_current_dir("/").map_err(crate::io_at("chdir /"))?;
     sys_mount("tmpfs", "/tmp", Some("tmpfs"), 0, "mode=1777")?;
     sys_mount("tmpfs", "/run", Some("tmpfs"), 0, "mode=0755")?;
     set_hostname_from("/etc/hostname");
@@ -216,15 +243,15 @@ fn free_initramfs() {
     remove(Path::new("/"), root_dev, &[NEW_ROOT, LOWER, RW]);
 }
 
-fn read_head(dev: &str) -> Result<Vec<u8>, String> {
-    let mut f = std::fs::File::open(dev).map_err(|e| format!("open {dev}: {e}"))?;
+fn read_head(dev: &str) -> Result<Vec<u8>, BootDiskError> {
+    let mut f = std::fs::File::open(dev).map_err(crate::io_at(format!("open {dev}")))?;
     let mut head = vec![0u8; BLANK_CHECK_BYTES];
     let mut got = 0;
     while got < head.len() {
         match f.read(&mut head[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) => return Err(format!("read {dev}: {e}")),
+            Err(e) => return Err(crate::io_at(format!("read {dev}"))(e).into()),
         }
     }
     head.truncate(got);
@@ -233,7 +260,7 @@ fn read_head(dev: &str) -> Result<Vec<u8>, String> {
 
 /// Mounts the session disk at `/sessions`, formatting it first only when it
 /// is blank. Runs after the switch: mkfs.ext4 comes from the rootfs.
-pub fn mount_sessions(dev: &str) -> Result<(), String> {
+pub fn mount_sessions(dev: &str) -> Result<(), BootDiskError> {
     wait_for(dev)?;
     match classify(&read_head(dev)?) {
         DiskContent::Ext => {}
@@ -242,18 +269,18 @@ pub fn mount_sessions(dev: &str) -> Result<(), String> {
             let out = std::process::Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-L", "sessions", "-m", "0", dev])
                 .output()
-                .map_err(|e| format!("mkfs.ext4: {e}"))?;
+                .map_err(crate::io_at("mkfs.ext4"))?;
             if !out.status.success() {
-                return Err(format!(
-                    "mkfs.ext4 {dev}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+                return Err(BootDiskError::Mkfs {
+                    dev: dev.to_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
             }
         }
         DiskContent::Unknown => {
-            return Err(format!(
-                "{dev} holds data that is not an ext4 filesystem; not formatting it"
-            ))
+            return Err(BootDiskError::NotExt4 {
+                dev: dev.to_owned(),
+            })
         }
     }
     // The default data=ordered plus the journal: a VMM killed mid-write

@@ -17,7 +17,7 @@ use socket_proto::frame::read_frame;
 use socket_proto::guest::{GuestEvent, GuestFrame};
 use socket_proto::host::SpawnParams;
 
-use crate::agent::{Agent, Sandbox, WithoutSandbox};
+use crate::agent::{Agent, RequestError, Sandbox, WithoutSandbox};
 use crate::cgroup::{is_cgroup2, SessionCgroups};
 use crate::conn::Sender;
 use crate::procs::Procs;
@@ -116,7 +116,7 @@ impl Rig {
             "isResume": false, "cwd": cwd,
         }))
         .unwrap();
-        self.agent.spawn(&p)
+        self.agent.spawn(&p).map_err(|e| e.to_string())
     }
 
     /// Events until `id` exits.
@@ -462,7 +462,8 @@ fn own_users_signals_and_janitor(rig: &mut Rig) {
         "id": "nope", "name": "beta", "command": "no-such-command-xyz", "isResume": false,
     }))
     .unwrap();
-    assert!(rig.agent.spawn(&p).unwrap_err().contains("not found"));
+    let e = rig.agent.spawn(&p).unwrap_err();
+    assert!(matches!(e, RequestError::NotFound { .. }), "{e}");
 }
 
 /// The adversarial half of issue 11 on the session side: no vsock (the

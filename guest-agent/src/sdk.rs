@@ -16,17 +16,87 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use socket_proto::host::InstallSdkParams;
+use socket_proto::manifest::hex;
 use socket_proto::sdk::{
-    hex, is_sha256_hex, validate_version, InstallSdkChunkParams, InstallSdkChunkResult,
+    is_sha256_hex, validate_version, BadSdkVersion, InstallSdkChunkParams, InstallSdkChunkResult,
     InstallSdkCommitResult, InstallSdkResult, SDK_BINARY, SDK_CHUNK_MAX,
 };
 
-use crate::sessions::{fsync_dir, write_atomic};
+use crate::sessions::{fsync_dir, write_atomic, SessionError};
 
 /// The largest SDK accepted (the real one is 100-250 MB).
 pub const MAX_SDK_SIZE: u64 = 2 << 30;
 /// Command names that mean "the installed agent runtime".
 pub const RUNTIME_COMMANDS: &[&str] = &["claude"];
+
+/// Why an SDK transfer step failed. The text is the answer the helper gets;
+/// every error after `installSdk` has opened a transfer aborts it.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkStoreError {
+    /// The version cannot be a directory name.
+    #[error("installSdk: {0}")]
+    BadVersion(#[from] BadSdkVersion),
+    /// The client's own `installSdk` (no hash, no size) for a version the
+    /// guest does not have.
+    #[error(
+        "SDK {0} is not installed in the guest, and installSdk came without sha256 and size: \
+         the helper must send the binary (coworkvm's installSdk transfer extension)"
+    )]
+    NotInstalled(String),
+    #[error("installSdk: sha256 {0:?} is not 64 hex digits")]
+    BadSha256(String),
+    #[error("installSdk: {0} bytes is more than the {MAX_SDK_SIZE} an SDK may have")]
+    TooLarge(u64),
+    #[error("installSdk: the session disk has {free} bytes free, the SDK needs {size}")]
+    NoSpace { free: u64, size: u64 },
+    /// A chunk or a commit with no transfer open.
+    #[error("{method}: no SDK transfer in progress (send installSdk first)")]
+    NoTransfer { method: &'static str },
+    #[error(
+        "{method}: version {got} is not the one being transferred ({expected}); transfer aborted"
+    )]
+    OtherVersion {
+        method: &'static str,
+        got: String,
+        expected: String,
+    },
+    #[error(
+        "installSdk.chunk: offset {offset} but {received} bytes were received; transfer aborted"
+    )]
+    WrongOffset { offset: u64, received: u64 },
+    #[error("installSdk.chunk: more than {SDK_CHUNK_MAX} bytes in one chunk; transfer aborted")]
+    ChunkTooLarge,
+    #[error("installSdk.chunk: data is not base64 ({0}); transfer aborted")]
+    NotBase64(base64::DecodeError),
+    #[error(
+        "installSdk.chunk: {total} bytes would pass the announced size {size}; transfer aborted"
+    )]
+    PastSize { total: u64, size: u64 },
+    #[error("installSdk.chunk: {}: {source}; transfer aborted", path.display())]
+    ChunkWrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("installSdk.commit: {received} of {size} bytes received; transfer aborted")]
+    Short { received: u64, size: u64 },
+    #[error(
+        "installSdk.commit: SHA-256 mismatch (got {got}, expected {expected}); transfer aborted"
+    )]
+    HashMismatch { got: String, expected: String },
+    /// A file operation on the session disk.
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
+    /// Writing or syncing through the session disk's helpers.
+    #[error(transparent)]
+    Disk(#[from] SessionError),
+    /// Putting the received binary in place failed (the transfer is gone).
+    #[error("installSdk.commit: {0}; transfer aborted")]
+    Commit(Box<SdkStoreError>),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SdkStoreError + '_ {
+    move |e| SdkStoreError::Io(crate::io_at(path.display())(e))
+}
 
 struct Pending {
     version: String,
@@ -61,9 +131,9 @@ impl SdkStore {
         }
     }
 
-    fn fail<T>(&mut self, msg: String) -> Result<T, String> {
+    fn fail<T>(&mut self, e: SdkStoreError) -> Result<T, SdkStoreError> {
         self.abort();
-        Err(msg)
+        Err(e)
     }
 
     /// The installed binary of `version` and its recorded SHA-256, if any.
@@ -75,8 +145,12 @@ impl SdkStore {
         Some((bin, sha.trim().to_owned(), md.len()))
     }
 
-    fn set_current(&self, version: &str) -> Result<(), String> {
-        write_atomic(&self.dir.join("current"), version.as_bytes(), 0o644)
+    fn set_current(&self, version: &str) -> Result<(), SdkStoreError> {
+        Ok(write_atomic(
+            &self.dir.join("current"),
+            version.as_bytes(),
+            0o644,
+        )?)
     }
 
     /// The binary of the version installed last, if it is still there.
@@ -87,19 +161,18 @@ impl SdkStore {
         self.installed(v).map(|(bin, _, _)| bin)
     }
 
-    fn ensure_dir(p: &Path) -> Result<(), String> {
+    fn ensure_dir(p: &Path) -> Result<(), SdkStoreError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(p)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("{}: {e}", p.display()))
+            .map_err(io(p))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io(p))
     }
 
     /// `installSdk`: `{cached: true, path}` when this version is here with
     /// this hash; otherwise a transfer starts (`{cached: false}`).
-    pub fn begin(&mut self, p: &InstallSdkParams) -> Result<InstallSdkResult, String> {
+    pub fn begin(&mut self, p: &InstallSdkParams) -> Result<InstallSdkResult, SdkStoreError> {
         self.abort();
         validate_version(&p.version)?;
         let (Some(sha), Some(size)) = (p.sha256.as_deref(), p.size) else {
@@ -113,22 +186,15 @@ impl SdkStore {
                         path: Some(bin.to_string_lossy().into_owned()),
                     })
                 }
-                None => Err(format!(
-                    "SDK {} is not installed in the guest, and installSdk came without \
-                     sha256 and size: the helper must send the binary (coworkvm's \
-                     installSdk transfer extension)",
-                    p.version
-                )),
+                None => Err(SdkStoreError::NotInstalled(p.version.clone())),
             };
         };
         let sha = sha.to_ascii_lowercase();
         if !is_sha256_hex(&sha) {
-            return Err(format!("installSdk: sha256 {sha:?} is not 64 hex digits"));
+            return Err(SdkStoreError::BadSha256(sha));
         }
         if size > MAX_SDK_SIZE {
-            return Err(format!(
-                "installSdk: {size} bytes is more than the {MAX_SDK_SIZE} an SDK may have"
-            ));
+            return Err(SdkStoreError::TooLarge(size));
         }
         if let Some((bin, have, len)) = self.installed(&p.version) {
             if have == sha && len == size {
@@ -144,9 +210,7 @@ impl SdkStore {
         Self::ensure_dir(&vdir)?;
         if let Ok((_, free)) = crate::sessions::statvfs(&vdir) {
             if free < size {
-                return Err(format!(
-                    "installSdk: the session disk has {free} bytes free, the SDK needs {size}"
-                ));
+                return Err(SdkStoreError::NoSpace { free, size });
             }
         }
         let tmp = vdir.join(format!("{SDK_BINARY}.partial"));
@@ -156,7 +220,7 @@ impl SdkStore {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            .map_err(io(&tmp))?;
         self.pending = Some(Pending {
             version: p.version.clone(),
             sha256: sha,
@@ -174,60 +238,55 @@ impl SdkStore {
 
     /// `installSdk.chunk`: the next bytes, in order. Any error aborts the
     /// transfer and deletes the temporary file.
-    pub fn chunk(&mut self, c: &InstallSdkChunkParams) -> Result<InstallSdkChunkResult, String> {
+    pub fn chunk(
+        &mut self,
+        c: &InstallSdkChunkParams,
+    ) -> Result<InstallSdkChunkResult, SdkStoreError> {
         let Some(p) = self.pending.as_ref() else {
-            return Err(
-                "installSdk.chunk: no SDK transfer in progress (send installSdk first)".into(),
-            );
+            return Err(SdkStoreError::NoTransfer {
+                method: socket_proto::sdk::METHOD_CHUNK,
+            });
         };
         if p.version != c.version {
-            let msg = format!(
-                "installSdk.chunk: version {} is not the one being transferred ({})",
-                c.version, p.version
-            );
-            return self.fail(msg);
+            let e = SdkStoreError::OtherVersion {
+                method: socket_proto::sdk::METHOD_CHUNK,
+                got: c.version.clone(),
+                expected: p.version.clone(),
+            };
+            return self.fail(e);
         }
         if c.offset != p.received {
-            let msg = format!(
-                "installSdk.chunk: offset {} but {} bytes were received; transfer aborted",
-                c.offset, p.received
-            );
-            return self.fail(msg);
+            let e = SdkStoreError::WrongOffset {
+                offset: c.offset,
+                received: p.received,
+            };
+            return self.fail(e);
         }
         // Bound the base64 text before decoding it.
         if c.data.len() > SDK_CHUNK_MAX.div_ceil(3) * 4 {
-            return self.fail(format!(
-                "installSdk.chunk: more than {SDK_CHUNK_MAX} bytes in one chunk; transfer aborted"
-            ));
+            return self.fail(SdkStoreError::ChunkTooLarge);
         }
         let bytes = match base64::engine::general_purpose::STANDARD.decode(&c.data) {
             Ok(b) => b,
-            Err(e) => {
-                return self.fail(format!(
-                    "installSdk.chunk: data is not base64 ({e}); transfer aborted"
-                ))
-            }
+            Err(e) => return self.fail(SdkStoreError::NotBase64(e)),
         };
         if bytes.len() > SDK_CHUNK_MAX {
-            return self.fail(format!(
-                "installSdk.chunk: more than {SDK_CHUNK_MAX} bytes in one chunk; transfer aborted"
-            ));
+            return self.fail(SdkStoreError::ChunkTooLarge);
         }
         if p.received + bytes.len() as u64 > p.size {
-            let msg = format!(
-                "installSdk.chunk: {} bytes would pass the announced size {}; transfer aborted",
-                p.received + bytes.len() as u64,
-                p.size
-            );
-            return self.fail(msg);
+            let e = SdkStoreError::PastSize {
+                total: p.received + bytes.len() as u64,
+                size: p.size,
+            };
+            return self.fail(e);
         }
         let p = self.pending.as_mut().expect("checked above");
         if let Err(e) = p.file.write_all(&bytes) {
-            let msg = format!(
-                "installSdk.chunk: {}: {e}; transfer aborted",
-                p.tmp.display()
-            );
-            return self.fail(msg);
+            let e = SdkStoreError::ChunkWrite {
+                path: p.tmp.clone(),
+                source: e,
+            };
+            return self.fail(e);
         }
         p.hasher.update(&bytes);
         p.received += bytes.len() as u64;
@@ -238,15 +297,20 @@ impl SdkStore {
 
     /// `installSdk.commit`: checks size and hash, fsyncs, renames into
     /// place (0755), records the hash and makes the version current.
-    pub fn commit(&mut self, version: &str) -> Result<InstallSdkCommitResult, String> {
+    pub fn commit(&mut self, version: &str) -> Result<InstallSdkCommitResult, SdkStoreError> {
         match &self.pending {
-            None => return Err("installSdk.commit: no SDK transfer in progress".into()),
+            None => {
+                return Err(SdkStoreError::NoTransfer {
+                    method: socket_proto::sdk::METHOD_COMMIT,
+                })
+            }
             Some(p) if p.version != version => {
-                let msg = format!(
-                    "installSdk.commit: version {version} is not the one being transferred ({})",
-                    p.version
-                );
-                return self.fail(msg);
+                let e = SdkStoreError::OtherVersion {
+                    method: socket_proto::sdk::METHOD_COMMIT,
+                    got: version.to_owned(),
+                    expected: p.version.clone(),
+                };
+                return self.fail(e);
             }
             Some(_) => {}
         }
@@ -256,42 +320,41 @@ impl SdkStore {
         };
         if p.received != p.size {
             cleanup(&p);
-            return Err(format!(
-                "installSdk.commit: {} of {} bytes received; transfer aborted",
-                p.received, p.size
-            ));
+            return Err(SdkStoreError::Short {
+                received: p.received,
+                size: p.size,
+            });
         }
         let got = hex(&p.hasher.clone().finalize());
         if got != p.sha256 {
             cleanup(&p);
-            return Err(format!(
-                "installSdk.commit: SHA-256 mismatch (got {got}, expected {}); transfer aborted",
-                p.sha256
-            ));
+            return Err(SdkStoreError::HashMismatch {
+                got,
+                expected: p.sha256,
+            });
         }
         let vdir = self.version_dir(&p.version);
         let bin = vdir.join(SDK_BINARY);
         let sha_file = vdir.join(format!("{SDK_BINARY}.sha256"));
-        let finish = || -> Result<(), String> {
-            let e = |e: std::io::Error| format!("{}: {e}", p.tmp.display());
-            p.file.sync_all().map_err(e)?;
-            fs::set_permissions(&p.tmp, fs::Permissions::from_mode(0o755)).map_err(e)?;
+        let finish = || -> Result<(), SdkStoreError> {
+            p.file.sync_all().map_err(io(&p.tmp))?;
+            fs::set_permissions(&p.tmp, fs::Permissions::from_mode(0o755)).map_err(io(&p.tmp))?;
             // The hash file goes first and comes back last: a binary
             // without one is never taken as cached.
             match fs::remove_file(&sha_file) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(format!("{}: {err}", sha_file.display()))
+                    return Err(io(&sha_file)(err))
                 }
                 _ => {}
             }
-            fs::rename(&p.tmp, &bin).map_err(|err| format!("{}: {err}", bin.display()))?;
+            fs::rename(&p.tmp, &bin).map_err(io(&bin))?;
             fsync_dir(&vdir)?;
             write_atomic(&sha_file, format!("{}\n", p.sha256).as_bytes(), 0o644)?;
             Ok(())
         };
         if let Err(err) = finish() {
             cleanup(&p);
-            return Err(format!("installSdk.commit: {err}"));
+            return Err(SdkStoreError::Commit(Box::new(err)));
         }
         self.set_current(&p.version)?;
         Ok(InstallSdkCommitResult {
@@ -378,7 +441,9 @@ mod tests {
         assert!(s.begin(&plain).unwrap().cached);
         // ...and an error for one that is not.
         plain.version = "9.9".into();
-        assert!(s.begin(&plain).unwrap_err().contains("sha256"));
+        let e = s.begin(&plain).unwrap_err();
+        assert!(matches!(e, SdkStoreError::NotInstalled(_)), "{e}");
+        assert!(e.to_string().contains("sha256"), "{e}");
         // Another hash for the same version: not cached, a new transfer.
         assert!(!s.begin(&begin_params("1.0", b"other")).unwrap().cached);
         s.abort();
@@ -404,7 +469,7 @@ mod tests {
         assert!(s.chunk(&chunk("1", 0, &data)).is_err());
         assert!(s.commit("1").is_err());
 
-        type Case<'a> = Box<dyn Fn(&mut SdkStore) -> Result<(), String> + 'a>;
+        type Case<'a> = Box<dyn Fn(&mut SdkStore) -> Result<(), SdkStoreError> + 'a>;
         let cases: Vec<(&str, Case<'_>)> = vec![
             (
                 "wrong offset",

@@ -50,8 +50,13 @@ pub const SESSION_TMP_DIR: &str = "tmp";
 /// A session name becomes `/sessions/<name>`: one plain path component.
 /// Names starting with a dot are the agent's (`.coworkvm`); `lost+found`
 /// is the filesystem's.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("bad session name {name:?}: {why}"));
+pub fn validate_name(name: &str) -> Result<(), SessionError> {
+    let bad = |why: &'static str| {
+        Err(SessionError::BadName {
+            name: name.to_owned(),
+            why,
+        })
+    };
     if name.is_empty() {
         return bad("empty");
     }
@@ -94,14 +99,67 @@ pub struct Sessions {
     accounts: Mutex<HashSet<u32>>,
 }
 
-fn io(what: &Path) -> impl Fn(std::io::Error) -> String + '_ {
-    move |e| format!("{}: {e}", what.display())
+/// Why a session or the session disk could not be used. The text is the
+/// answer the helper gets.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A name that cannot be `/sessions/<name>` ([`validate_name`]).
+    #[error("bad session name {name:?}: {why}")]
+    BadName { name: String, why: &'static str },
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
+    /// `statvfs` failed.
+    #[error("statvfs {}: {source}", path.display())]
+    Statvfs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `fchown` of a directory just made failed.
+    #[error("chown {}: {source}", path.display())]
+    Chown {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Something that must be a real directory is not (or is a link).
+    #[error("{} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    /// A file to write atomically has no directory to hold its temporary.
+    #[error("{}: no parent directory", path.display())]
+    NoParent { path: PathBuf },
+    /// A directory on the way to a cwd is a link or not a directory.
+    #[error("{}: not a directory (links are not followed)", path.display())]
+    LinkOnTheWay { path: PathBuf },
+    /// A path with a NUL byte cannot reach the kernel.
+    #[error("{} contains a NUL byte", path.display())]
+    NulInPath { path: PathBuf },
+    /// `users.json` cannot be read as the uid map.
+    #[error("{}: {why}", path.display())]
+    BadUserMap { path: PathBuf, why: String },
+    /// Every session uid is taken.
+    #[error("no session uid left")]
+    NoUidLeft,
+    /// The cwd a spawn asks for escapes the session directory.
+    #[error("cwd {cwd:?} is outside the session directory {}", session.display())]
+    CwdOutside { cwd: String, session: PathBuf },
+    /// The cwd exists but is not a directory.
+    #[error("cwd {0:?} is not a directory")]
+    CwdNotADirectory(String),
+    /// The cwd has a NUL byte.
+    #[error("cwd contains a NUL byte")]
+    CwdNul,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SessionError + '_ {
+    move |e| SessionError::Io(crate::io_at(path.display())(e))
 }
 
 /// Writes `data` to `path` through a temporary file in the same directory:
 /// write, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let dir = path.parent().ok_or("no parent directory")?;
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), SessionError> {
+    let dir = path.parent().ok_or_else(|| SessionError::NoParent {
+        path: path.to_owned(),
+    })?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().unwrap_or_default().to_string_lossy()
@@ -120,7 +178,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     fsync_dir(dir)
 }
 
-pub fn fsync_dir(dir: &Path) -> Result<(), String> {
+pub fn fsync_dir(dir: &Path) -> Result<(), SessionError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io(dir))
@@ -129,12 +187,12 @@ pub fn fsync_dir(dir: &Path) -> Result<(), String> {
 impl Sessions {
     /// Opens the session disk at `root` (creating the state directory);
     /// `etc` is where passwd and group live.
-    pub fn open(root: &Path, etc: &Path) -> Result<Self, String> {
+    pub fn open(root: &Path, etc: &Path) -> Result<Self, SessionError> {
         let root = root.canonicalize().map_err(io(root))?;
         let state = root.join(STATE_DIR);
         match fs::symlink_metadata(&state) {
             Ok(md) if md.is_dir() => {}
-            Ok(_) => return Err(format!("{} is not a directory", state.display())),
+            Ok(_) => return Err(SessionError::NotADirectory { path: state }),
             Err(_) => fs::DirBuilder::new()
                 .mode(0o711)
                 .create(&state)
@@ -184,39 +242,43 @@ impl Sessions {
         self.state_dir().join("users.json")
     }
 
-    fn load_users(&self) -> Result<BTreeMap<String, u32>, String> {
+    fn load_users(&self) -> Result<BTreeMap<String, u32>, SessionError> {
         let path = self.users_file();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(io(&path)(e)),
         };
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let bad = |why: String| SessionError::BadUserMap {
+            path: path.clone(),
+            why,
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let users = v
             .get("users")
             .and_then(Value::as_object)
-            .ok_or_else(|| format!("{}: no \"users\" object", path.display()))?;
+            .ok_or_else(|| bad("no \"users\" object".into()))?;
         let mut out = BTreeMap::new();
         for (name, uid) in users {
             let uid = uid
                 .as_u64()
                 .filter(|u| (FIRST_UID as u64..=LAST_UID as u64).contains(u))
-                .ok_or_else(|| format!("{}: bad uid for {name:?}", path.display()))?;
+                .ok_or_else(|| bad(format!("bad uid for {name:?}")))?;
             out.insert(name.clone(), uid as u32);
         }
         Ok(out)
     }
 
-    fn save_users(&self, users: &BTreeMap<String, u32>) -> Result<(), String> {
-        let text = serde_json::to_vec_pretty(&json!({"version": 1, "users": users}))
-            .map_err(|e| e.to_string())?;
+    fn save_users(&self, users: &BTreeMap<String, u32>) -> Result<(), SessionError> {
+        // A map of strings to numbers always serializes.
+        let text =
+            serde_json::to_vec_pretty(&json!({"version": 1, "users": users})).unwrap_or_default();
         write_atomic(&self.users_file(), &text, 0o600)
     }
 
     /// The session's uid: the one it had, or the next free one, persisted
     /// before it is used.
-    pub fn uid_for(&self, name: &str) -> Result<u32, String> {
+    pub fn uid_for(&self, name: &str) -> Result<u32, SessionError> {
         validate_name(name)?;
         let mut users = self.users.lock().unwrap();
         if let Some(uid) = users.get(name) {
@@ -229,7 +291,7 @@ impl Sessions {
         } else {
             (FIRST_UID..=LAST_UID)
                 .find(|u| !used.contains(u))
-                .ok_or("no session uid left")?
+                .ok_or(SessionError::NoUidLeft)?
         };
         let mut updated = users.clone();
         updated.insert(name.to_owned(), uid);
@@ -239,7 +301,7 @@ impl Sessions {
     }
 
     /// Adds `cowork<uid>` to passwd and group unless the uid is there.
-    pub fn ensure_account(&self, uid: u32, name: &str) -> Result<(), String> {
+    pub fn ensure_account(&self, uid: u32, name: &str) -> Result<(), SessionError> {
         if self.accounts.lock().unwrap().contains(&uid) {
             return Ok(());
         }
@@ -251,18 +313,18 @@ impl Sessions {
         } else {
             self.root.join(name).to_string_lossy().into_owned()
         };
-        let has_id = |file: &str, line_id_field: usize| -> Result<bool, String> {
+        let has_id = |file: &str, line_id_field: usize| -> Result<bool, SessionError> {
             let path = self.etc.join(file);
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => return Err(io(&path)(e)),
             };
             Ok(text
                 .lines()
                 .any(|l| l.split(':').nth(line_id_field) == Some(uid.to_string().as_str())))
         };
-        let append = |file: &str, line: String| -> Result<(), String> {
+        let append = |file: &str, line: String| -> Result<(), SessionError> {
             let path = self.etc.join(file);
             let mut f = fs::OpenOptions::new()
                 .append(true)
@@ -285,7 +347,7 @@ impl Sessions {
     }
 
     /// `/sessions/<name>`, created 0700 and owned by the session's user.
-    pub fn prepare(&self, name: &str) -> Result<SessionDir, String> {
+    pub fn prepare(&self, name: &str) -> Result<SessionDir, SessionError> {
         validate_name(name)?;
         let uid = self.uid_for(name)?;
         let path = self.root.join(name);
@@ -297,8 +359,8 @@ impl Sessions {
                     .map_err(io(&path))?;
                 std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).map_err(io(&path))?;
             }
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-            Ok(md) if !md.is_dir() => return Err(format!("{} is not a directory", path.display())),
+            Err(e) => return Err(io(&path)(e)),
+            Ok(md) if !md.is_dir() => return Err(SessionError::NotADirectory { path }),
             Ok(md) => {
                 if md.uid() != uid || md.gid() != uid {
                     eprintln!(
@@ -327,18 +389,18 @@ impl Sessions {
     /// default; an absolute path (or one relative to the session) that
     /// must resolve inside it. A directory that does not exist yet is
     /// created as the session's user, without following any link.
-    pub fn resolve_cwd(&self, s: &SessionDir, cwd: Option<&str>) -> Result<PathBuf, String> {
+    pub fn resolve_cwd(&self, s: &SessionDir, cwd: Option<&str>) -> Result<PathBuf, SessionError> {
         let Some(cwd) = cwd.filter(|c| !c.is_empty()) else {
             return Ok(s.path.clone());
         };
         let outside = || {
-            Err(format!(
-                "cwd {cwd:?} is outside the session directory {}",
-                s.path.display()
-            ))
+            Err(SessionError::CwdOutside {
+                cwd: cwd.to_owned(),
+                session: s.path.clone(),
+            })
         };
         if cwd.contains('\0') {
-            return Err("cwd contains a NUL byte".into());
+            return Err(SessionError::CwdNul);
         }
         let p = s.path.join(cwd);
         if p.exists() {
@@ -347,7 +409,7 @@ impl Sessions {
                 return outside();
             }
             if !real.is_dir() {
-                return Err(format!("cwd {cwd:?} is not a directory"));
+                return Err(SessionError::CwdNotADirectory(cwd.to_owned()));
             }
             return Ok(real);
         }
@@ -382,7 +444,7 @@ impl Sessions {
 
     /// `getSessionsDiskInfo`: the disk's size and free space (statvfs) and
     /// `{name, sizeBytes}` per session (space used on disk).
-    pub fn disk_info(&self) -> Result<SessionsDiskInfo, String> {
+    pub fn disk_info(&self) -> Result<SessionsDiskInfo, SessionError> {
         let (total, free) = statvfs(&self.root)?;
         let sessions = self
             .list()
@@ -406,7 +468,7 @@ impl Sessions {
         let mut r = DeleteSessionDirsResult::default();
         for name in names {
             if let Err(e) = validate_name(name) {
-                r.errors.insert(name.clone(), e);
+                r.errors.insert(name.clone(), e.to_string());
                 continue;
             }
             if running.contains(name) {
@@ -443,7 +505,7 @@ impl Sessions {
         &self,
         p: &PruneSessionCachesParams,
         running: &HashSet<String>,
-    ) -> Result<PruneSessionCachesResult, String> {
+    ) -> Result<PruneSessionCachesResult, SessionError> {
         let mut r = PruneSessionCachesResult::default();
         if let Some(limit) = p.only_if_free_bytes_below {
             let (_, free) = statvfs(&self.root)?;
@@ -544,18 +606,19 @@ pub fn disk_usage(path: &Path) -> u64 {
 }
 
 /// (total, available) bytes of the filesystem holding `path`.
-pub fn statvfs(path: &Path) -> Result<(u64, u64), String> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+pub fn statvfs(path: &Path) -> Result<(u64, u64), SessionError> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| SessionError::NulInPath {
+        path: path.to_owned(),
+    })?;
     // SAFETY: statvfs is plain data; all zeros is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` a live statvfs, both outlive
     // the call.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(format!(
-            "statvfs {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
+        return Err(SessionError::Statvfs {
+            path: path.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     let frsize = st.f_frsize as u64;
     Ok((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
@@ -583,7 +646,7 @@ fn open_dir_at(parent: Option<&OwnedFd>, name: &Path) -> std::io::Result<OwnedFd
 /// Creates `rel` beneath `base`, one component at a time relative to the
 /// open parent (O_NOFOLLOW: a link on the way is refused, never followed),
 /// each new directory 0755 and owned by `uid`.
-pub fn mkdir_beneath(base: &Path, rel: &Path, uid: u32) -> Result<(), String> {
+pub fn mkdir_beneath(base: &Path, rel: &Path, uid: u32) -> Result<(), SessionError> {
     let mut cur = open_dir_at(None, base).map_err(io(base))?;
     let mut so_far = base.to_owned();
     for comp in rel.components() {
@@ -591,34 +654,34 @@ pub fn mkdir_beneath(base: &Path, rel: &Path, uid: u32) -> Result<(), String> {
             continue;
         };
         so_far.push(name);
-        let c = CString::new(name.as_bytes()).map_err(|e| e.to_string())?;
+        let c = CString::new(name.as_bytes()).map_err(|_| SessionError::NulInPath {
+            path: so_far.clone(),
+        })?;
         // SAFETY: `c` is NUL-terminated; `cur` is an open directory.
         let r = unsafe { libc::mkdirat(cur.as_raw_fd(), c.as_ptr(), 0o755) };
         let created = r == 0;
         if !created {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(format!("{}: {e}", so_far.display()));
+                return Err(io(&so_far)(e));
             }
         }
         let next = open_dir_at(Some(&cur), Path::new(name)).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
-                format!(
-                    "{}: not a directory (links are not followed)",
-                    so_far.display()
-                )
+                SessionError::LinkOnTheWay {
+                    path: so_far.clone(),
+                }
             } else {
-                format!("{}: {e}", so_far.display())
+                io(&so_far)(e)
             }
         })?;
         if created {
             // SAFETY: fchown on a descriptor we own; no memory involved.
             if unsafe { libc::fchown(next.as_raw_fd(), uid, uid) } != 0 {
-                return Err(format!(
-                    "chown {}: {}",
-                    so_far.display(),
-                    std::io::Error::last_os_error()
-                ));
+                return Err(SessionError::Chown {
+                    path: so_far,
+                    source: std::io::Error::last_os_error(),
+                });
             }
         }
         cur = next;
@@ -766,7 +829,8 @@ mod tests {
             d.path().to_string_lossy().into_owned(),
         ] {
             let e = s.resolve_cwd(&sd, Some(&bad)).unwrap_err();
-            assert!(e.contains("outside the session"), "{bad}: {e}");
+            assert!(matches!(e, SessionError::CwdOutside { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("outside the session"), "{bad}: {e}");
         }
         let elsewhere = d.path().join("elsewhere");
         fs::create_dir(&elsewhere).unwrap();
@@ -774,21 +838,22 @@ mod tests {
         let e = s
             .resolve_cwd(&sd, Some(&format!("{}/link", root.display())))
             .unwrap_err();
-        assert!(e.contains("outside"), "{e}");
+        assert!(matches!(e, SessionError::CwdOutside { .. }), "{e}");
         // Creating beneath a link is refused, never followed.
         let e = s
             .resolve_cwd(&sd, Some(&format!("{}/link/newdir", root.display())))
             .unwrap_err();
-        assert!(e.contains("links are not followed"), "{e}");
+        assert!(matches!(e, SessionError::LinkOnTheWay { .. }), "{e}");
+        assert!(e.to_string().contains("links are not followed"), "{e}");
         assert!(!elsewhere.join("newdir").exists());
         // A link that stays inside is fine.
         std::os::unix::fs::symlink(&w, root.join("inlink")).unwrap();
         assert_eq!(s.resolve_cwd(&sd, Some("inlink")).unwrap(), w);
         fs::write(root.join("file"), "").unwrap();
-        assert!(s
-            .resolve_cwd(&sd, Some("file"))
-            .unwrap_err()
-            .contains("not a directory"));
+        assert!(matches!(
+            s.resolve_cwd(&sd, Some("file")),
+            Err(SessionError::CwdNotADirectory(_))
+        ));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The connection to the guest agent: `RUNDIR/vsock.sock_51234`, where the
 //! VMM's hybrid vsock delivers the agent's dial to CID 2 port 51234.
 //!
-//! One [`Agent`] per VM boot. It accepts exactly one agent connection per
-//! boot (see [`Agent::serve`] for why), correlates requests and responses
+//! One [`AgentClient`] per VM boot. It accepts exactly one agent connection per
+//! boot (see [`AgentClient::serve`] for why), correlates requests and responses
 //! by id, turns guest events into client events on the [`EventHub`] (only
 //! the documented ones), and tracks which processes run so that a VM that
 //! dies can still report an `exit` for each of them.
@@ -11,12 +11,13 @@
 //!
 //! | what | bound |
 //! |---|---|
-//! | agent connections per boot | 1 ([`Agent::serve`]); later ones are closed on arrival |
+//! | agent connections per boot | 1 ([`AgentClient::serve`]); later ones are closed on arrival |
 //! | one send to the agent | [`SEND_TIMEOUT`] for room in the write queue ([`WRITE_QUEUE`] frames, [`WRITE_QUEUE_BYTES`]) |
 //! | requests to the agent in flight | [`MAX_PENDING`] |
 //! | guest events passed to the client | [`FORWARDED_GUEST_EVENTS`] |
 //! | guest requests passed to the client | [`FORWARDED_GUEST_REQUESTS`] (none) |
 
+use crate::lock;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -134,7 +135,9 @@ pub enum AgentError {
 
 type Pending = oneshot::Sender<Result<Value, GuestError>>;
 
-struct Conn {
+/// The one live agent connection of a boot, as the senders see it: which
+/// connection it is, its write queue, and the budget of frames in flight.
+struct AgentConnection {
     generation: u64,
     tx: mpsc::Sender<Outgoing>,
     budget: Arc<Semaphore>,
@@ -145,13 +148,13 @@ enum Link {
     /// No agent connection yet.
     Waiting,
     /// The one agent connection of this boot.
-    Current(Conn),
+    Current(AgentConnection),
     /// The agent's connection dropped: no other is accepted this boot.
     Ended,
 }
 
 /// The helper's side of the guest protocol, for one VM.
-pub struct Agent {
+pub struct AgentClient {
     events: Arc<EventHub>,
     link: Mutex<Link>,
     connected: watch::Sender<bool>,
@@ -175,11 +178,7 @@ pub struct Agent {
     startup_steps_seen: AtomicU32,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Agent {
+impl AgentClient {
     /// An agent with no connection yet.
     pub fn new(events: Arc<EventHub>, proxy_config: Option<HostProxyConfig>) -> Arc<Self> {
         Arc::new(Self {
@@ -294,7 +293,7 @@ impl Agent {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
         let budget = Arc::new(Semaphore::new(WRITE_QUEUE_BYTES));
-        *link = Link::Current(Conn {
+        *link = Link::Current(AgentConnection {
             generation,
             tx,
             budget,
@@ -752,9 +751,9 @@ mod tests {
 
     /// An agent whose connection is one end of a socket pair; the other end
     /// is read and never answered.
-    async fn silent_agent() -> (Arc<Agent>, Arc<EventHub>) {
+    async fn silent_agent() -> (Arc<AgentClient>, Arc<EventHub>) {
         let hub = Arc::new(EventHub::new());
-        let agent = Agent::new(hub.clone(), None);
+        let agent = AgentClient::new(hub.clone(), None);
         let (ours, theirs) = UnixStream::pair().unwrap();
         let (generation, rx) = agent.admit().unwrap();
         assert!(agent.admit().is_none(), "one connection per boot");

@@ -23,6 +23,13 @@ use std::sync::Arc;
 pub use server::{bind, Listener, ServeError};
 pub use vm::{BundleImages, ImageSource, ProcessLauncher, VmImages, VmLauncher};
 
+/// A lock that a panicking holder cannot poison for the others: the state
+/// is still the best there is, and one failed request must not take the
+/// helper's later ones down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Turns the helper's own debug logging on (`true`) or back (`false`).
 pub type DebugSwitch = Arc<dyn Fn(bool) + Send + Sync>;
 
@@ -220,7 +227,7 @@ impl LogLimit {
     /// `Some(n)` when a line may be logged now, `n` the lines suppressed
     /// since the last one; `None` (and one more suppressed) otherwise.
     pub fn allow(&self) -> Option<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.state);
         let now = std::time::Instant::now();
         match st.0 {
             Some(last) if now.duration_since(last) < Self::INTERVAL => {

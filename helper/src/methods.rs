@@ -8,7 +8,9 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 use std::sync::Arc;
 
-use socket_proto::guest::{GuestError, GuestFrame, GuestNotification};
+use socket_proto::guest::{
+    failed_mount_names, GuestError, GuestFrame, GuestNotification, NO_FOLDER_SHARING,
+};
 use socket_proto::host::{
     ConnectedResult, HostMethod, HostRequest, InstallSdkParams, NetworkDrivesResult,
     ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
@@ -16,12 +18,9 @@ use socket_proto::host::{
 use socket_proto::redact::Redacted;
 use socket_proto::Response;
 
-use super::agent::{Agent, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
+use super::agent::{AgentClient, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
 use super::vm::Sizing;
 use super::Helper;
-
-/// The reason every `additionalMounts` entry fails for now.
-pub const NO_FOLDER_SHARING: &str = "folder sharing is not available yet";
 
 /// Why `installSdk` could not find a usable SDK on the host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -48,6 +47,17 @@ pub enum SdkError {
         /// Where the binary should be.
         path: PathBuf,
     },
+}
+
+/// Why copying the SDK into the guest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkUploadError {
+    /// The transfer failed (the host file, or the agent's answer).
+    #[error("installSdk: {0}")]
+    Upload(#[from] socket_proto::sdk::UploadError),
+    /// The blocking task that reads and sends the binary died.
+    #[error("installSdk: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 fn plain_relative(p: &Path) -> bool {
@@ -97,11 +107,11 @@ pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf,
 /// `socket_proto::sdk`). The file is read and hashed on a blocking thread;
 /// each request goes through the agent connection like any other.
 pub async fn upload_sdk(
-    agent: Arc<Agent>,
+    agent: Arc<AgentClient>,
     path: &Path,
     sdk_subpath: &str,
     version: &str,
-) -> Result<(), String> {
+) -> Result<(), SdkUploadError> {
     let handle = tokio::runtime::Handle::current();
     let (file, sub, ver) = (path.to_owned(), sdk_subpath.to_owned(), version.to_owned());
     let outcome = tokio::task::spawn_blocking(move || {
@@ -114,9 +124,7 @@ pub async fn upload_sdk(
                 })
         })
     })
-    .await
-    .map_err(|e| format!("installSdk: {e}"))?
-    .map_err(|e| format!("installSdk: {e}"))?;
+    .await??;
     if outcome.cached {
         tracing::info!(
             "installSdk: version {version} already in the guest at {}",
@@ -142,35 +150,6 @@ fn from_agent(req: &HostRequest, r: Result<Value, AgentError>) -> Response {
     }
 }
 
-/// The `failedMounts` entry for each `additionalMounts` entry: the entry's
-/// own fields (an object entry, or `{mountName: KEY, ...}` for a map) plus
-/// `reason`.
-pub fn failed_mounts(additional: &Value) -> Vec<Value> {
-    let with_reason = |name: Option<&str>, entry: &Value| {
-        let mut m = match entry {
-            Value::Object(m) => m.clone(),
-            Value::Null => serde_json::Map::new(),
-            other => {
-                let mut m = serde_json::Map::new();
-                m.insert("path".into(), other.clone());
-                m
-            }
-        };
-        if let Some(n) = name {
-            m.entry("mountName")
-                .or_insert_with(|| Value::String(n.into()));
-        }
-        m.insert("reason".into(), Value::String(NO_FOLDER_SHARING.into()));
-        Value::Object(m)
-    };
-    match additional {
-        Value::Array(a) => a.iter().map(|e| with_reason(None, e)).collect(),
-        Value::Object(m) => m.iter().map(|(k, e)| with_reason(Some(k), e)).collect(),
-        Value::Null => vec![],
-        other => vec![with_reason(None, other)],
-    }
-}
-
 async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response {
     let Some(agent) = helper.vm.agent().filter(|a| a.is_connected()) else {
         return req.err(AgentError::NotConnected.to_string());
@@ -184,8 +163,14 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
     let mut ours = p
         .additional_mounts
         .as_ref()
-        .map(failed_mounts)
+        .map(failed_mount_names)
         .unwrap_or_default();
+    if !ours.is_empty() {
+        tracing::info!(
+            "spawn {}: mounts {ours:?} failed: {NO_FOLDER_SHARING}",
+            p.id
+        );
+    }
     // The guest cannot see host folders yet: do not ask it to mount them.
     let mut forwarded = p.clone();
     forwarded.additional_mounts = None;
@@ -312,7 +297,7 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             };
             match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version).await {
                 Ok(()) => req.ok(),
-                Err(e) => req.err(e),
+                Err(e) => req.err(e.to_string()),
             }
         }
         HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),
@@ -338,7 +323,6 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn sdk(sub: &str, version: &str) -> InstallSdkParams {
         InstallSdkParams {
@@ -392,20 +376,5 @@ mod tests {
             Err(SdkError::NoHome)
         );
         std::fs::remove_dir_all(&home).unwrap();
-    }
-
-    #[test]
-    fn every_additional_mount_fails_with_a_reason() {
-        let arr = failed_mounts(&json!([{"mountName": "a", "path": "/x"}, {"mountName": "b"}]));
-        assert_eq!(arr.len(), 2);
-        assert_eq!(arr[0]["mountName"], "a");
-        assert_eq!(arr[0]["path"], "/x");
-        assert_eq!(arr[1]["reason"], NO_FOLDER_SHARING);
-        let map = failed_mounts(&json!({"docs": {"path": "/home/u/docs", "mode": "ro"}}));
-        assert_eq!(map.len(), 1);
-        assert_eq!(map[0]["mountName"], "docs");
-        assert_eq!(map[0]["mode"], "ro");
-        assert_eq!(map[0]["reason"], NO_FOLDER_SHARING);
-        assert!(failed_mounts(&Value::Null).is_empty());
     }
 }

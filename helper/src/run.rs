@@ -15,10 +15,11 @@ use socket_proto::host::{KillParams, Signal, SpawnParams, StreamEncoding};
 use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use coworkvm_vmm::boot_file::BootFile;
 
-use crate::agent::Agent;
+use crate::agent::AgentClient;
 use crate::events::{EventHub, Next};
 use crate::vm::{
-    LaunchSpec, LaunchedVm, MachineSize, ProcessLauncher, VmError, VmImages, VmLauncher, VmSignal,
+    LaunchSpec, LaunchedVm, MachineSize, ProcessLauncher, VmImages, VmLauncher, VmManagerError,
+    VmSignal,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,7 @@ pub enum RunError {
     #[error("the agent connection broke: {0}")]
     Protocol(String),
     #[error(transparent)]
-    Vm(#[from] VmError),
+    Vm(#[from] VmManagerError),
 }
 
 pub struct RunConfig {
@@ -183,10 +184,10 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
     let vsock = dir.path().join("vsock.sock");
     let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
     let listener =
-        Agent::listen(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
+        AgentClient::listen(&agent_path).map_err(|e| RunError::Io("listening for the agent", e))?;
     let events = Arc::new(EventHub::with_budget(OUTPUT_BUDGET));
     let output = events.subscribe();
-    let agent = Agent::new(events, None);
+    let agent = AgentClient::new(events, None);
     let accept = agent.serve(listener);
     let spec = match cfg.machine {
         RunMachine::Bundle(images) => LaunchSpec::bundle(

@@ -24,8 +24,9 @@ use socket_proto::ClientEvent;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::agent::{Agent, SEND_TIMEOUT};
+use super::agent::{AgentClient, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
+use super::lock;
 use socket_proto::manifest::MANIFEST_FILE;
 
 use coworkvm_bundle::Bundle;
@@ -71,7 +72,7 @@ pub const STOP_VM_BOUND: Duration = Duration::from_secs(
 
 /// Why a VM operation failed; the text goes to the client as the error.
 #[derive(Debug, thiserror::Error)]
-pub enum VmError {
+pub enum VmManagerError {
     /// A file operation on the bundle or run directory failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -99,8 +100,11 @@ pub enum VmError {
     Config(#[from] ConfigError),
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
-    move |source| VmError::Io {
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> VmManagerError + 'a {
+    move |source| VmManagerError::Io {
         what,
         path: path.to_owned(),
         source,
@@ -128,7 +132,7 @@ pub trait ImageSource: Send + Sync {
     /// Makes the bundle ready to boot (expanding, creating the session disk
     /// when missing) and names its files. Blocking; called off the async
     /// threads.
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError>;
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError>;
 }
 
 /// The production [`ImageSource`]: the bundle module. The client's bundle
@@ -144,7 +148,7 @@ pub struct BundleImages {
 }
 
 impl ImageSource for BundleImages {
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError> {
         let b = Bundle::open(bundle)?;
         if self.images_dir.join(MANIFEST_FILE).is_file() {
             b.seed_from(&self.images_dir)?;
@@ -192,7 +196,7 @@ impl LaunchSpec {
         mem_mib: u64,
         vsock: PathBuf,
         console: PathBuf,
-    ) -> Result<Self, VmError> {
+    ) -> Result<Self, VmManagerError> {
         let disks = vec![
             (DiskRole::Rootfs, images.rootfs, true),
             (DiskRole::Sessions, images.session_disk, false),
@@ -221,7 +225,7 @@ impl LaunchSpec {
         vsock: PathBuf,
         console: PathBuf,
         machine_uuid: Option<MachineUuid>,
-    ) -> Result<Self, VmError> {
+    ) -> Result<Self, VmManagerError> {
         let mut spec = Self::build(
             kernel,
             Some(initrd),
@@ -244,7 +248,7 @@ impl LaunchSpec {
         vsock: PathBuf,
         console: PathBuf,
         machine_uuid: Option<MachineUuid>,
-    ) -> Result<Self, VmError> {
+    ) -> Result<Self, VmManagerError> {
         let fd = |f: &BootFile| FileArg::Fd(f.file().as_raw_fd());
         let cpus = u8::try_from(size.cpus).map_err(|_| ConfigError::Cpus(size.cpus.into()))?;
         let mut config = LaunchConfig::new(fd(&kernel));
@@ -303,11 +307,11 @@ pub const GUEST_CID: u64 = 3;
 fn guest_cmdline(config: &LaunchConfig) -> String {
     let mut line = String::from("quiet");
     for (role, param) in [
-        (DiskRole::Rootfs, "coworkvm.rootfs"),
-        (DiskRole::Sessions, "coworkvm.sessions"),
+        (DiskRole::Rootfs, socket_proto::guest::ROOTFS_PARAM),
+        (DiskRole::Sessions, socket_proto::guest::SESSIONS_PARAM),
     ] {
         if let Some(name) = config.guest_disk_name(role) {
-            line.push_str(&format!(" {param}={name}"));
+            line.push_str(&format!(" {param}{name}"));
         }
     }
     line
@@ -335,21 +339,21 @@ pub struct LaunchedVm {
 /// Starts VMMs.
 pub trait VmLauncher: Send + Sync {
     /// Starts a VMM for `spec`; must be called inside the helper's runtime.
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError>;
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError>;
 }
 
 /// Writes `config` as JSON into a sealed-size memfd for the VMM to read
 /// (`coworkvm boot --config-fd N`), positioned at its start.
-fn config_memfd(config: &LaunchConfig) -> Result<std::fs::File, VmError> {
+fn config_memfd(config: &LaunchConfig) -> Result<std::fs::File, VmManagerError> {
     use std::io::{Seek, Write};
     use std::os::fd::FromRawFd;
     let json = serde_json::to_vec(config)
-        .map_err(|e| VmError::Launch(format!("encoding the launch configuration: {e}")))?;
+        .map_err(|e| VmManagerError::Launch(format!("encoding the launch configuration: {e}")))?;
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new
     // descriptor (or -1); nothing else is touched.
     let fd = unsafe { libc::memfd_create(c"coworkvm-launch".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(VmError::Launch(format!(
+        return Err(VmManagerError::Launch(format!(
             "memfd_create: {}",
             std::io::Error::last_os_error()
         )));
@@ -358,7 +362,7 @@ fn config_memfd(config: &LaunchConfig) -> Result<std::fs::File, VmError> {
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.write_all(&json)
         .and_then(|()| file.rewind())
-        .map_err(|e| VmError::Launch(format!("writing the launch configuration: {e}")))?;
+        .map_err(|e| VmManagerError::Launch(format!("writing the launch configuration: {e}")))?;
     Ok(file)
 }
 
@@ -378,7 +382,7 @@ pub struct ProcessLauncher {
 }
 
 impl VmLauncher for ProcessLauncher {
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError> {
         use tokio::io::AsyncBufReadExt;
 
         // Refuses here what the VMM would refuse after the fork.
@@ -425,7 +429,7 @@ impl VmLauncher for ProcessLauncher {
         }
         let mut child = cmd
             .spawn()
-            .map_err(|e| VmError::Launch(format!("{}: {e}", self.exe.display())))?;
+            .map_err(|e| VmManagerError::Launch(format!("{}: {e}", self.exe.display())))?;
         let pid = child.id().unwrap_or(0);
         let name = format!("VMM pid {pid}");
         if let Some(stderr) = child.stderr.take() {
@@ -473,7 +477,7 @@ impl VmLauncher for ProcessLauncher {
 /// One running VM.
 struct Instance {
     name: String,
-    agent: Arc<Agent>,
+    agent: Arc<AgentClient>,
     control: mpsc::UnboundedSender<VmSignal>,
     /// `Some(how)` once the VMM has exited and the helper cleaned up.
     ended: watch::Receiver<Option<String>>,
@@ -502,10 +506,6 @@ pub struct VmManager {
     current: Mutex<Option<Arc<Instance>>>,
     created: Mutex<Option<CreateVmParams>>,
     sizing: Mutex<Sizing>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VmManager {
@@ -557,13 +557,13 @@ impl VmManager {
     }
 
     /// The running VM's agent, if any.
-    pub fn agent(&self) -> Option<Arc<Agent>> {
+    pub fn agent(&self) -> Option<Arc<AgentClient>> {
         self.current().map(|i| i.agent.clone())
     }
 
     /// `createVM {bundlePath, diskSizeGB}`: prepares the bundle's images
     /// (creating the session disk when missing) and remembers the size.
-    pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmError> {
+    pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         let images = self.images.clone();
         let bundle = PathBuf::from(&p.bundle_path);
@@ -583,7 +583,7 @@ impl VmManager {
 
     /// `startVM`: returns once the VMM runs (the agent connects later; the
     /// client polls `isGuestConnected`). Already running: does nothing.
-    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmError> {
+    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         if let Some(inst) = self.current() {
             if !inst.agent.channel_ended() {
@@ -597,7 +597,7 @@ impl VmManager {
             self.stop_instance(inst).await?;
         }
         if p.bundle_path.is_empty() {
-            return Err(VmError::NoBundle);
+            return Err(VmManagerError::NoBundle);
         }
         let bundle = PathBuf::from(&p.bundle_path);
         let disk_gb = lock(&self.created)
@@ -629,7 +629,7 @@ impl VmManager {
         }
     }
 
-    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmError> {
+    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmManagerError> {
         let sizing = *lock(&self.sizing);
         let mem_mib = p
             .memory_gb
@@ -648,14 +648,14 @@ impl VmManager {
         let vsock = dir.join("vsock.sock");
         let _ = std::fs::remove_file(&vsock);
         let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
-        let listener = Agent::listen(&agent_path)
+        let listener = AgentClient::listen(&agent_path)
             .map_err(io_err("listening for the guest agent on", &agent_path))?;
         let proxy = p.api_probe_url.as_ref().map(|u| HostProxyConfig {
             api_probe_url: Some(u.clone()),
             ..Default::default()
         });
         let spec = LaunchSpec::bundle(images, cpus, mem_mib, vsock, dir.join("console.log"))?;
-        let agent = Agent::new(self.events.clone(), proxy);
+        let agent = AgentClient::new(self.events.clone(), proxy);
         let accept = agent.serve(listener);
         let launched = match self.launcher.launch(&spec) {
             Ok(l) => l,
@@ -758,7 +758,7 @@ impl VmManager {
     /// `stopVM`: asks the agent to shut down, waits for the VMM, then
     /// SIGTERM, then SIGKILL: at most [`STOP_VM_BOUND`] once it holds the
     /// lifecycle lock. Nothing running: does nothing.
-    pub async fn stop_vm(&self) -> Result<(), VmError> {
+    pub async fn stop_vm(&self) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         let Some(inst) = self.current() else {
             return Ok(());
@@ -768,7 +768,7 @@ impl VmManager {
 
     /// Stops one VMM: the guest's shutdown, SIGTERM, SIGKILL, each with its
     /// grace; the caller holds the lifecycle lock.
-    async fn stop_instance(&self, inst: Arc<Instance>) -> Result<(), VmError> {
+    async fn stop_instance(&self, inst: Arc<Instance>) -> Result<(), VmManagerError> {
         inst.stopping.store(true, Ordering::SeqCst);
         tracing::info!("stopVM: stopping {}", inst.name);
         let ended = inst.ended.clone();
@@ -811,16 +811,18 @@ impl VmManager {
         if wait(KILL_GRACE).await {
             return Ok(());
         }
-        Err(VmError::WontDie)
+        Err(VmManagerError::WontDie)
     }
 }
 
 async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
-) -> Result<T, VmError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(VmError::Launch(format!("a preparation task failed: {e}"))))
+    f: impl FnOnce() -> Result<T, VmManagerError> + Send + 'static,
+) -> Result<T, VmManagerError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(VmManagerError::Launch(format!(
+            "a preparation task failed: {e}"
+        )))
+    })
 }
 
 /// How much of the console log's end is read to log its last lines: the
@@ -913,7 +915,10 @@ mod tests {
         // Sizes the VMM refuses are refused here.
         for (cpus, mem) in [(0, 2048), (33, 2048), (256, 2048), (1, 0), (1, 63)] {
             let r = LaunchSpec::bundle(images(), cpus, mem, "/v".into(), "/c".into());
-            assert!(matches!(r, Err(VmError::Config(_))), "{cpus} {mem}: {r:?}");
+            assert!(
+                matches!(r, Err(VmManagerError::Config(_))),
+                "{cpus} {mem}: {r:?}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

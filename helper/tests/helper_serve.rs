@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmError, VmLauncher, VmSignal};
+use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use coworkvm_vmm::boot_file::BootFile;
 use serde_json::{json, Value};
@@ -203,9 +203,7 @@ impl FakeVm {
                             });
                             return;
                         }
-                        send(reply(
-                            json!({"failedMounts": [{"mountName": "guest-side", "reason": "r"}]}),
-                        ));
+                        send(reply(json!({"failedMounts": ["guest-side"]})));
                         self.running.lock().unwrap().insert(pid.clone());
                         send(event(
                             "stdout",
@@ -280,11 +278,11 @@ impl FakeVm {
 struct BundleFiles;
 
 impl ImageSource for BundleFiles {
-    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmError> {
+    fn prepare(&self, bundle: &Path, disk_gb: Option<u64>) -> Result<VmImages, VmManagerError> {
         for f in ["vmlinuz", "initrd.img", "rootfs.img"] {
             let p = bundle.join(f);
             if !p.is_file() {
-                return Err(VmError::Io {
+                return Err(VmManagerError::Io {
                     what: "the bundle has no",
                     path: p,
                     source: std::io::ErrorKind::NotFound.into(),
@@ -298,13 +296,13 @@ impl ImageSource for BundleFiles {
         }
         let open = |p: PathBuf, writable: bool| {
             let f = coworkvm_bundle::fsutil::open_regular(&p, writable).map_err(|source| {
-                VmError::Io {
+                VmManagerError::Io {
                     what: "opening",
                     path: p.clone(),
                     source,
                 }
             })?;
-            Ok::<_, VmError>(BootFile::new(p, f))
+            Ok::<_, VmManagerError>(BootFile::new(p, f))
         };
         Ok(VmImages {
             kernel: open(bundle.join("vmlinuz"), false)?,
@@ -335,7 +333,7 @@ impl FakeLauncher {
 }
 
 impl VmLauncher for FakeLauncher {
-    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmError> {
+    fn launch(&self, spec: &LaunchSpec) -> Result<LaunchedVm, VmManagerError> {
         let (exit_tx, exited) = tokio::sync::oneshot::channel();
         let (control, mut signals) = tokio::sync::mpsc::unbounded_channel();
         let vm = Arc::new(FakeVm {
@@ -687,12 +685,10 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
                "sandbox": false, "encoding": "base64"}),
     );
     let failed = r["failedMounts"].as_array().unwrap();
-    assert_eq!(failed.len(), 2, "{r}");
-    assert_eq!(failed[0]["mountName"], "docs");
-    assert_eq!(failed[0]["reason"], "folder sharing is not available yet");
     assert_eq!(
-        failed[1]["mountName"], "guest-side",
-        "the agent's own are merged"
+        failed,
+        &[json!("docs"), json!("guest-side")],
+        "the mount names, the agent's own merged: {r}"
     );
     for s in [&mut sub, &mut sub2] {
         let out = s.until("stdout", |e| e["type"] == "stdout");

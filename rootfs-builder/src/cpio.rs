@@ -161,31 +161,61 @@ fn write_header<W: Write>(
     w.pad4()
 }
 
+/// Why [`parse`] could not read an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("truncated header at {0}")]
+    TruncatedHeader(usize),
+    #[error("non-ASCII header at {0}")]
+    NonAsciiHeader(usize),
+    #[error("bad magic at {0}")]
+    BadMagic(usize),
+    #[error("header at {offset}: field {field} is not hex: {source}")]
+    BadField {
+        offset: usize,
+        field: usize,
+        source: std::num::ParseIntError,
+    },
+    #[error("truncated name at {0}")]
+    TruncatedName(usize),
+    #[error("truncated data of {0}")]
+    TruncatedData(String),
+}
+
 /// Reads a newc archive back (used by tests and by `coworkvm-rootfs list`).
-pub fn parse(mut data: &[u8]) -> Result<Vec<(String, u32, Vec<u8>)>, String> {
+pub fn parse(mut data: &[u8]) -> Result<Vec<(String, u32, Vec<u8>)>, ParseError> {
     let mut out = Vec::new();
     let mut offset = 0usize;
     loop {
         if data.len() < 110 {
-            return Err(format!("truncated header at {offset}"));
+            return Err(ParseError::TruncatedHeader(offset));
         }
-        let h = std::str::from_utf8(&data[..110]).map_err(|_| "non-ASCII header")?;
+        let h =
+            std::str::from_utf8(&data[..110]).map_err(|_| ParseError::NonAsciiHeader(offset))?;
         if &h[..6] != MAGIC {
-            return Err(format!("bad magic at {offset}"));
+            return Err(ParseError::BadMagic(offset));
         }
-        let field = |i: usize| u32::from_str_radix(&h[6 + i * 8..14 + i * 8], 16);
-        let mode = field(1).map_err(|e| e.to_string())?;
-        let filesize = field(6).map_err(|e| e.to_string())? as usize;
-        let namesize = field(11).map_err(|e| e.to_string())? as usize;
+        let field = |i: usize| {
+            u32::from_str_radix(&h[6 + i * 8..14 + i * 8], 16).map_err(|source| {
+                ParseError::BadField {
+                    offset,
+                    field: i,
+                    source,
+                }
+            })
+        };
+        let mode = field(1)?;
+        let filesize = field(6)? as usize;
+        let namesize = field(11)? as usize;
         let name_end = 110 + namesize;
         if namesize == 0 || data.len() < name_end {
-            return Err("truncated name".into());
+            return Err(ParseError::TruncatedName(offset));
         }
         let name = String::from_utf8_lossy(&data[110..name_end - 1]).into_owned();
         let data_start = (name_end + 3) & !3;
         let data_end = data_start + filesize;
         if data.len() < data_end {
-            return Err(format!("truncated data of {name}"));
+            return Err(ParseError::TruncatedData(name));
         }
         if name == TRAILER {
             return Ok(out);

@@ -4,11 +4,11 @@
 //! The announced length is checked against [`MAX_FRAME_LEN`] before anything
 //! is allocated for the body, so an announced 4 GiB costs nothing.
 //!
-//! - Blocking side (the guest agent, no tokio): [`read_frame`],
+//! - Blocking side (the guest agent, the tests): [`read_frame`],
 //!   [`write_frame`], [`encode_frame`].
-//! - tokio side (the helper, feature `tokio`): `FrameCodec`, a
-//!   `tokio_util::codec` `Decoder` of [`JsonObject`]s and `Encoder` of
-//!   anything `Serialize`.
+//! - The pieces an async reader needs (the helper's `wire::read_frame`,
+//!   which reads one frame at a time under a timeout): [`check_len`] before
+//!   anything is allocated, then [`decode_body`].
 //!
 //! | condition | error | can the connection go on? |
 //! |---|---|---|
@@ -103,21 +103,6 @@ pub fn decode_body(body: &[u8]) -> Result<JsonObject, FrameError> {
     }
 }
 
-/// Serializes `value` as a frame body, refusing what the peer would refuse:
-/// a body that is not an object, or one over the limit.
-pub fn encode_body<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
-    let body = serde_json::to_vec(value).map_err(|e| FrameError::Encode(e.to_string()))?;
-    // serde_json writes an object, and only an object, starting with '{'.
-    if body.first() != Some(&b'{') {
-        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        return Err(FrameError::NotAnObject(kind_of(&v)));
-    }
-    if body.len() > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge(body.len() as u64));
-    }
-    Ok(body)
-}
-
 /// Serializes `value` as one whole frame: length prefix, then body.
 pub fn encode_frame<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
     encode_frame_with_capacity(value, 256)
@@ -182,82 +167,6 @@ pub fn write_frame<W: Write + ?Sized, T: serde::Serialize + ?Sized>(
 ) -> Result<(), FrameError> {
     w.write_all(&encode_frame(value)?)?;
     Ok(())
-}
-
-#[cfg(feature = "tokio")]
-pub use codec::FrameCodec;
-
-#[cfg(feature = "tokio")]
-mod codec {
-    use bytes::{Buf, BufMut, BytesMut};
-    use tokio_util::codec::{Decoder, Encoder};
-
-    use super::*;
-
-    /// The tokio codec for the helper's sockets: decodes [`JsonObject`]s,
-    /// encodes anything serializable (a typed message or a `JsonObject`).
-    ///
-    /// ```
-    /// use bytes::BytesMut;
-    /// use socket_proto::frame::FrameCodec;
-    /// use tokio_util::codec::{Decoder, Encoder};
-    ///
-    /// let mut codec = FrameCodec;
-    /// let mut buf = BytesMut::new();
-    /// codec.encode(serde_json::json!({"method": "isRunning"}), &mut buf).unwrap();
-    /// let frame = codec.decode(&mut buf).unwrap().unwrap();
-    /// assert_eq!(frame["method"], "isRunning");
-    /// ```
-    ///
-    /// A frame whose body is bad (not UTF-8, not JSON, not an object) is
-    /// consumed whole before the error is returned, so a server can answer
-    /// it and read on ([`FrameError::is_recoverable`]). With `tokio_util`'s
-    /// `Framed`/`FramedRead`, a decoder error is followed by one `None`
-    /// from the stream; polling again after that `None` goes on with the
-    /// next frame. A bad length cannot be skipped: the stream's framing is
-    /// lost, and the connection should be closed.
-    #[derive(Debug, Default, Clone, Copy)]
-    pub struct FrameCodec;
-
-    impl Decoder for FrameCodec {
-        type Item = JsonObject;
-        type Error = FrameError;
-
-        fn decode(&mut self, src: &mut BytesMut) -> Result<Option<JsonObject>, FrameError> {
-            if src.len() < HEADER_LEN {
-                return Ok(None);
-            }
-            let len = check_len(u32::from_be_bytes([src[0], src[1], src[2], src[3]]))?;
-            if src.len() < HEADER_LEN + len {
-                // Room for the rest of this frame, which the check above bounded.
-                src.reserve(HEADER_LEN + len - src.len());
-                return Ok(None);
-            }
-            src.advance(HEADER_LEN);
-            let body = src.split_to(len);
-            decode_body(&body).map(Some)
-        }
-
-        fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<JsonObject>, FrameError> {
-            match self.decode(src)? {
-                Some(frame) => Ok(Some(frame)),
-                None if src.is_empty() => Ok(None),
-                None => Err(FrameError::Truncated),
-            }
-        }
-    }
-
-    impl<T: serde::Serialize> Encoder<T> for FrameCodec {
-        type Error = FrameError;
-
-        fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), FrameError> {
-            let body = encode_body(&item)?;
-            dst.reserve(HEADER_LEN + body.len());
-            dst.put_u32(body.len() as u32);
-            dst.extend_from_slice(&body);
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]

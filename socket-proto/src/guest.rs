@@ -65,6 +65,45 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 /// JSON-RPC's "invalid params".
 pub const INVALID_PARAMS: i64 = -32602;
 
+/// The kernel parameter that names the rootfs disk (`coworkvm.rootfs=vda`):
+/// the helper writes it from the disk's role in the launch configuration,
+/// the agent reads it to find its root; the busybox test initramfs is
+/// booted without it.
+pub const ROOTFS_PARAM: &str = "coworkvm.rootfs=";
+/// The kernel parameter that names the sessions disk
+/// (`coworkvm.sessions=vdb`).
+pub const SESSIONS_PARAM: &str = "coworkvm.sessions=";
+/// Why a host folder cannot appear in the guest yet (virtio-fs comes
+/// later): the agent's error to `mountPath`, and what the helper logs for
+/// each mount it lists in `failedMounts`.
+pub const NO_FOLDER_SHARING: &str = "folder sharing is not available yet";
+
+/// The `failedMounts` of a `spawn` result for `additionalMounts` none of
+/// which can be made: the mount names, the shape the Go peer returns and the
+/// client reads (`docs/protocol.md`). The client sends a map keyed by mount
+/// name; a list (older or hand-written callers) names each entry by its
+/// `mountName` or `name`, else by its index. Anything else names no mount.
+pub fn failed_mount_names(additional_mounts: &Value) -> Vec<String> {
+    match additional_mounts {
+        Value::Object(map) => map.keys().cloned().collect(),
+        Value::Array(entries) => entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                ["mountName", "name"]
+                    .iter()
+                    .find_map(|k| match e.get(k) {
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(Value::Null) | None => None,
+                        Some(other) => Some(other.to_string()),
+                    })
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The four frame types.
 pub const FRAME_TYPES: &[&str] = &["request", "response", "notification", "event"];
 
@@ -845,5 +884,22 @@ impl GuestEvent {
             GuestEvent::ApiReachability { status } => ClientEvent::ApiReachability { status },
             GuestEvent::StartupStep { step, status } => ClientEvent::StartupStep { step, status },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_mounts_are_the_mount_names() {
+        let map = json!({"outputs": {"path": "/x", "mode": "rw"}, ".claude/skills": {}});
+        assert_eq!(failed_mount_names(&map), [".claude/skills", "outputs"]);
+        let list =
+            json!([{"mountName": "a", "path": "/x"}, {"name": "b"}, {"x": 1}, {"mountName": 7}]);
+        assert_eq!(failed_mount_names(&list), ["a", "b", "2", "7"]);
+        for nothing in [Value::Null, json!({}), json!([]), json!("docs"), json!(3)] {
+            assert!(failed_mount_names(&nothing).is_empty(), "{nothing}");
+        }
     }
 }

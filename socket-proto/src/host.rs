@@ -779,9 +779,10 @@ pub struct ConnectedResult {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SpawnResult {
-    /// Mounts that could not be made (shape owned by the client).
+    /// The names of the mounts that could not be made
+    /// ([`crate::guest::failed_mount_names`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_mounts: Option<Vec<Value>>,
+    pub failed_mounts: Option<Vec<String>>,
 }
 
 /// `isProcessRunning` result.

@@ -2,8 +2,9 @@
 //!
 //! Both protocols frame messages the same way: a 4-byte big-endian length,
 //! then that many bytes (at most 10 MiB) of UTF-8 JSON whose top level is an
-//! object ([`frame`]: a tokio `FrameCodec` for the helper, blocking
-//! [`read_frame`]/[`write_frame`] for the agent).
+//! object ([`frame`]: blocking [`read_frame`]/[`write_frame`] for the agent
+//! and the tests; [`frame::check_len`] and [`frame::decode_body`] for the
+//! helper's async reader, which lives with its tokio runtime).
 //!
 //! - [`host`]: the desktop client and the helper: requests
 //!   `{method, id?, params}` ([`HostRequest`], [`HostMethod`]), replies
@@ -17,8 +18,8 @@
 //!   `installSdk.commit`) and [`sdk::upload_sdk`], the helper's side of it.
 //! - [`redact`]: secrets (`env`, `oauthToken`, `token`) never reach a log.
 //!
-//! Features: `tokio` (on by default) adds `frame::FrameCodec`. The agent
-//! builds with `default-features = false` and needs no tokio.
+//! The crate has no async runtime and no features: the agent in the guest
+//! links it as it is.
 //!
 //! Decoding a request and encoding its response:
 //!
@@ -71,8 +72,6 @@ pub mod params;
 pub mod redact;
 pub mod sdk;
 
-#[cfg(feature = "tokio")]
-pub use frame::FrameCodec;
 pub use frame::{read_frame, write_frame, FrameError, JsonObject, MAX_FRAME_LEN};
 pub use guest::{GuestError, GuestEvent, GuestFrame, GuestNotification, GuestRequest};
 pub use host::{BadRequest, ClientEvent, HostMethod, HostRequest, RequestEnvelope, Response};

@@ -34,7 +34,6 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::guest::{GuestError, GuestRequest};
 use crate::host::InstallSdkParams;
@@ -99,11 +98,6 @@ pub struct InstallSdkCommitResult {
     pub path: String,
 }
 
-/// Lowercase hex of a SHA-256 digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Whether `s` is 64 lowercase hex digits.
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -112,18 +106,25 @@ pub fn is_sha256_hex(s: &str) -> bool {
 /// A version becomes a directory name on both sides: one plain path
 /// component, at most 128 bytes, no control characters, not starting
 /// with a dot.
-pub fn validate_version(v: &str) -> Result<(), String> {
+pub fn validate_version(v: &str) -> Result<(), BadSdkVersion> {
     if v.is_empty() || v.len() > 128 {
-        return Err(format!(
-            "bad SDK version {v:?}: empty or longer than 128 bytes"
-        ));
+        return Err(BadSdkVersion::Length(v.to_owned()));
     }
     if v.starts_with('.') || v.contains('/') || v.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "bad SDK version {v:?}: it must be one plain path component"
-        ));
+        return Err(BadSdkVersion::NotOneComponent(v.to_owned()));
     }
     Ok(())
+}
+
+/// A version that cannot be a directory name ([`validate_version`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadSdkVersion {
+    /// Empty, or longer than 128 bytes.
+    #[error("bad SDK version {0:?}: empty or longer than 128 bytes")]
+    Length(String),
+    /// A dot first, a slash or a control character.
+    #[error("bad SDK version {0:?}: it must be one plain path component")]
+    NotOneComponent(String),
 }
 
 /// The host's SDK binary: `<home>/<sdkSubpath>/<version>/claude`, with
@@ -134,7 +135,7 @@ pub fn sdk_binary_path(
     sdk_subpath: &str,
     version: &str,
 ) -> Result<PathBuf, UploadError> {
-    validate_version(version).map_err(UploadError::Local)?;
+    validate_version(version)?;
     let sub = Path::new(sdk_subpath);
     if sdk_subpath.is_empty()
         || sub.is_absolute()
@@ -173,6 +174,9 @@ pub struct UploadOutcome {
 /// Why [`upload_sdk`] failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UploadError {
+    /// The version cannot be a directory name.
+    #[error(transparent)]
+    BadVersion(#[from] BadSdkVersion),
     /// Reading or checking the file on the host.
     #[error("{0}")]
     Local(String),
@@ -195,22 +199,9 @@ pub enum UploadError {
 }
 
 fn hash_file(path: &Path) -> Result<(String, u64), UploadError> {
-    let mut f =
-        File::open(path).map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(&h.finalize()), len))
+    let entry = crate::manifest::FileEntry::of_file(path)
+        .map_err(|e| UploadError::Local(format!("{}: {e}", path.display())))?;
+    Ok((entry.sha256, entry.size))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -253,7 +244,7 @@ pub fn upload_sdk<F>(
 where
     F: FnMut(GuestRequest) -> Result<Value, GuestError>,
 {
-    validate_version(version).map_err(UploadError::Local)?;
+    validate_version(version)?;
     let (sha256, size) = hash_file(path)?;
     let begin = GuestRequest::InstallSdk(InstallSdkParams {
         sdk_subpath: sdk_subpath.to_owned(),
@@ -342,7 +333,9 @@ where
 mod tests {
     use super::*;
     use crate::guest::GuestFrame;
+    use crate::manifest::hex;
     use serde_json::json;
+    use sha2::{Digest, Sha256};
 
     /// A fake agent: keeps what it is sent, answers like the real one.
     #[derive(Default)]

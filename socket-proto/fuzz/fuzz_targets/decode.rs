@@ -1,15 +1,14 @@
 #![no_main]
-//! Feeds arbitrary bytes, in arbitrary chunks, to both frame decoders (the
-//! tokio codec and the blocking reader) and every decoded frame to all the
-//! host and guest message parsers. Nothing may panic, and both decoders
-//! must agree on the frames.
+//! Feeds arbitrary bytes to the frame reader, whole and in arbitrary
+//! chunks, and every decoded frame to all the host and guest message
+//! parsers. Nothing may panic, and chunking must not change the frames.
 
-use bytes::BytesMut;
+use std::io::Read;
+
 use libfuzzer_sys::fuzz_target;
-use socket_proto::frame::{read_frame, FrameCodec, JsonObject};
+use socket_proto::frame::{read_frame, JsonObject};
 use socket_proto::guest::{flatten_event, GuestEvent, GuestFrame, GuestNotification, GuestRequest};
 use socket_proto::host::{ClientEvent, HostRequest};
-use tokio_util::codec::Decoder;
 
 fn parse_everything(obj: &JsonObject) {
     if let Ok(req) = HostRequest::from_object(obj.clone()) {
@@ -39,44 +38,47 @@ fn parse_everything(obj: &JsonObject) {
     }
 }
 
+/// A reader that hands out its bytes at most `chunk` at a time.
+struct Chunked<'a> {
+    rest: &'a [u8],
+    chunk: usize,
+}
+
+impl Read for Chunked<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.rest.len().min(self.chunk).min(buf.len());
+        buf[..n].copy_from_slice(&self.rest[..n]);
+        self.rest = &self.rest[n..];
+        Ok(n)
+    }
+}
+
+/// Every frame `r` yields (`None` for a recoverable bad body) until the
+/// end or the first unrecoverable error.
+fn frames(mut r: impl Read, parse: bool) -> Vec<Option<JsonObject>> {
+    let mut out = Vec::new();
+    loop {
+        match read_frame(&mut r) {
+            Ok(Some(obj)) => {
+                if parse {
+                    parse_everything(&obj);
+                }
+                out.push(Some(obj));
+            }
+            Ok(None) => break,
+            Err(e) if e.is_recoverable() => out.push(None),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk, rest)) = data.split_first() else {
         return;
     };
     let chunk = (chunk as usize % 64) + 1;
-
-    // The tokio codec, fed in chunks.
-    let mut codec = FrameCodec;
-    let mut buf = BytesMut::new();
-    let mut from_codec = Vec::new();
-    'feed: for piece in rest.chunks(chunk) {
-        buf.extend_from_slice(piece);
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(obj)) => {
-                    parse_everything(&obj);
-                    from_codec.push(Some(obj));
-                }
-                Ok(None) => break,
-                Err(e) if e.is_recoverable() => from_codec.push(None),
-                Err(_) => break 'feed,
-            }
-        }
-    }
-
-    // The blocking reader, on the same bytes.
-    let mut r = rest;
-    let mut from_reader = Vec::new();
-    loop {
-        match read_frame(&mut r) {
-            Ok(Some(obj)) => from_reader.push(Some(obj)),
-            Ok(None) => break,
-            Err(e) if e.is_recoverable() => from_reader.push(None),
-            Err(_) => break,
-        }
-    }
-    // The reader sees the whole input; the codec may stop short of a
-    // frame still incomplete. Everything the codec produced, the reader did.
-    assert!(from_codec.len() <= from_reader.len());
-    assert_eq!(from_codec[..], from_reader[..from_codec.len()]);
+    let whole = frames(rest, true);
+    let chunked = frames(Chunked { rest, chunk }, false);
+    assert_eq!(whole, chunked);
 });

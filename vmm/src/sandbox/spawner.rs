@@ -14,7 +14,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use super::seccomp::Filters;
+use super::seccomp::{Filters, SeccompError};
 
 /// A worker's body.
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -49,9 +49,9 @@ pub fn start(filters: Filters) -> io::Result<()> {
         .map_err(|_| io::Error::other("the worker spawner was started twice"))
 }
 
-fn serve(filters: Filters, requests: Receiver<Request>, ready: Sender<Result<(), String>>) {
+fn serve(filters: Filters, requests: Receiver<Request>, ready: Sender<Result<(), SeccompError>>) {
     if let Err(e) = filters.spawner.install() {
-        let _ = ready.send(Err(e.to_string()));
+        let _ = ready.send(Err(e));
         return;
     }
     let _ = ready.send(Ok(()));
