@@ -6,7 +6,7 @@
 //! unreadable or malformed is an error, left as it is for a person to look
 //! at.
 
-use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
+use coworkvm_vmm::MachineUuid;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -138,7 +138,7 @@ impl fmt::Display for MachineId {
 }
 
 impl FromStr for MachineId {
-    type Err = coworkvm_vmm::arch::x86_64::smbios::SmbiosError;
+    type Err = coworkvm_vmm::SmbiosError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         MachineUuid::parse(s).map(|u| MachineId(u.0))

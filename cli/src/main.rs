@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 use coworkvm_bundle::{Bundle, SeedOutcome};
 use coworkvm_helper::run::{RunConfig, RunMachine};
 use coworkvm_helper::vm::{BundleImages, ImageSource, MachineSize};
-use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use coworkvm_vmm::boot_file::{BootFile, DiskArg, FileArg};
-use coworkvm_vmm::builder::{self, GuestExit, VsockSpec};
 use coworkvm_vmm::config::{DiskConfig, DiskRole, LaunchConfig, MAX_CONFIG_BYTES};
 use coworkvm_vmm::doctor;
+use coworkvm_vmm::MachineUuid;
+use coworkvm_vmm::{GuestExit, VsockSpec};
 use socket_proto::manifest::MANIFEST_FILE;
 
 #[derive(Parser)]
@@ -52,7 +52,7 @@ enum Command {
     },
     /// Test hook: set up boot's sandbox and make one access (vmm/tests/sandbox.rs).
     #[command(hide = true)]
-    SandboxProbe(coworkvm_vmm::sandbox::probe::ProbeArgs),
+    SandboxProbe(coworkvm_vmm::sandbox_probe::ProbeArgs),
 }
 
 #[derive(Subcommand)]
@@ -354,7 +354,8 @@ fn boot(args: BootArgs) -> anyhow::Result<ExitCode> {
              privileges"
         );
     }
-    let outcome = builder::run_with(&cfg, !args.no_sandbox).context("cannot boot the guest")?;
+    let outcome =
+        coworkvm_vmm::run_with(&cfg, !args.no_sandbox).context("cannot boot the guest")?;
     let code = outcome.exit.code();
     let why = match &outcome.exit {
         GuestExit::PowerOff => None,
@@ -495,7 +496,7 @@ fn main() -> ExitCode {
         }
         Command::Boot(args) => boot(args),
         Command::SandboxProbe(args) => Ok(ExitCode::from(
-            coworkvm_vmm::sandbox::probe::run(&args).clamp(0, 255) as u8,
+            coworkvm_vmm::sandbox_probe::run(&args).clamp(0, 255) as u8,
         )),
         Command::Run(args) => run(args),
         Command::Bundle { command } => bundle(command),

@@ -12,8 +12,8 @@ use serde_json::Value;
 use socket_proto::guest::{GuestNotification, GuestRequest, StdinParams, AGENT_VSOCK_PORT};
 use socket_proto::host::{KillParams, Signal, SpawnParams, StreamEncoding};
 
-use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use coworkvm_vmm::boot_file::BootFile;
+use coworkvm_vmm::MachineUuid;
 
 use crate::agent::AgentClient;
 use crate::events::{EventHub, Next};

@@ -30,10 +30,10 @@ use super::lock;
 use socket_proto::manifest::MANIFEST_FILE;
 
 use coworkvm_bundle::Bundle;
-use coworkvm_vmm::arch::x86_64::smbios::MachineUuid;
 use coworkvm_vmm::boot_file::{BootFile, FileArg};
-use coworkvm_vmm::builder::VsockSpec;
 use coworkvm_vmm::config::{ConfigError, DiskConfig, DiskRole, LaunchConfig};
+use coworkvm_vmm::MachineUuid;
+use coworkvm_vmm::VsockSpec;
 
 /// Guest memory when neither `startVM` nor `configure` says.
 pub const DEFAULT_MEM_MIB: u64 = 2048;

@@ -120,12 +120,6 @@ pub struct RunOutcome {
     pub console_tail: Vec<String>,
 }
 
-/// Boots the machine unconfined and blocks until the guest powers off or
-/// dies (for `coworkvm run`, which boots inside its own process).
-pub fn run(cfg: &MachineConfig) -> Result<RunOutcome, BuildError> {
-    run_with(cfg, false)
-}
-
 /// Boots the machine and blocks until the guest powers off or dies. With
 /// `sandboxed`, the process confines itself ([`crate::sandbox`]) once
 /// every file is open and before the first vCPU runs: the process must
@@ -211,8 +205,6 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
             gsi,
         });
         slots.push(VirtioSlot {
-            base,
-            gsi,
             transport: Mutex::new(transport),
         });
     }
@@ -267,7 +259,9 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
             .unwrap_or(0);
         let max_file_size = largest_disk.max(serial::CONSOLE_BOUND + serial::CONSOLE_MARKER_MAX);
         let policy = Policy::new(vsock_uds.as_deref(), max_file_size);
-        Some(sandbox::enter(&policy)?)
+        let sandbox = sandbox::enter(&policy)?;
+        tracing::debug!("VMM sandbox in force: {:?}", sandbox.applied);
+        Some(sandbox)
     } else {
         None
     };

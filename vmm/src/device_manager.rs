@@ -31,8 +31,6 @@ impl From<PowerEvent> for MachineRequest {
 }
 
 pub struct VirtioSlot {
-    pub base: u64,
-    pub gsi: u32,
     pub transport: Mutex<MmioTransport>,
 }
 
@@ -51,10 +49,6 @@ impl DeviceManager {
             virtio,
             disks,
         }
-    }
-
-    pub fn virtio_slots(&self) -> &[VirtioSlot] {
-        &self.virtio
     }
 
     fn slot_for(&self, addr: u64) -> Option<(&VirtioSlot, u64)> {

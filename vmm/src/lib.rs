@@ -1,13 +1,29 @@
-//! coworkvm: a minimal KVM virtual machine monitor built on the rust-vmm
-//! crates, which boots a stock Debian kernel with virtio-mmio devices
-//! described in ACPI.
+//! coworkvm-vmm: the VMM process (`coworkvm boot`), a minimal KVM virtual
+//! machine monitor built on the rust-vmm crates, which boots a stock Debian
+//! kernel with virtio-mmio devices described in ACPI.
+//!
+//! A guest attacks this process, so it links only what a machine needs
+//! (`tests/dependencies.rs` holds the line) and exports only its launch
+//! contract ([`config`], [`boot_file`]), the entry point ([`run_with`]),
+//! the host check ([`doctor`]) and the machine identity type. Everything
+//! else is private to the crate, so the compiler reports what is unused.
 
-pub mod arch;
+mod arch;
 pub mod boot_file;
-pub mod builder;
+mod builder;
 pub mod config;
-pub mod device_manager;
-pub mod devices;
+mod device_manager;
+mod devices;
 pub mod doctor;
-pub mod sandbox;
-pub mod vstate;
+mod sandbox;
+mod vstate;
+
+pub use arch::x86_64::smbios::{MachineUuid, SmbiosError};
+pub use builder::{run_with, BuildError, GuestExit, MachineConfig, RunOutcome, VsockSpec};
+/// The test hook behind `coworkvm sandbox-probe`: sets up the VMM's
+/// sandbox and makes one access.
+pub use sandbox::probe as sandbox_probe;
+
+/// The vsock muxer's harness, for the fuzz target in `vmm/fuzz`.
+#[cfg(feature = "fuzzing")]
+pub use devices::virtio::vsock::testing as vsock_testing;

@@ -7,10 +7,10 @@
 //! its streams. Every packet goes through the packet parser and validator.
 //! Nothing may panic, the device must keep serving its well-formed queues,
 //! and the control queue and connection count must stay within their
-//! bounds (`coworkvm_vmm::devices::virtio::vsock::testing::fuzz_one`).
+//! bounds (`coworkvm_vmm::vsock_testing::fuzz_one`).
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    coworkvm_vmm::devices::virtio::vsock::testing::fuzz_one(data).expect("the harness sets up");
+    coworkvm_vmm::vsock_testing::fuzz_one(data).expect("the harness sets up");
 });

@@ -387,7 +387,8 @@ fn rules_for(kind: ThreadKind) -> Rules {
     }
 }
 
-/// The syscall numbers a thread kind may make (for the report and tests).
+/// The syscall numbers a thread kind may make (for the tests).
+#[cfg(test)]
 pub fn allowed_syscalls(kind: ThreadKind) -> Vec<i64> {
     rules_for(kind).into_keys().collect()
 }
@@ -448,10 +449,6 @@ impl ThreadFilter {
             programs.push(clone3_enosys()?);
         }
         Ok(Self { kind, programs })
-    }
-
-    pub fn kind(&self) -> ThreadKind {
-        self.kind
     }
 
     /// Confines the calling thread (and the threads it starts from now on).

@@ -224,7 +224,10 @@ mod tests {
         }
         fn activate(&mut self, _: ActivateContext) -> Result<DeviceWorker, ActivateError> {
             // No test here drives a slot to DRIVER_OK.
-            Err(ActivateError::BadQueue(0))
+            Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            })
         }
     }
 
@@ -253,8 +256,6 @@ mod tests {
                 config_writes: writes.clone(),
             };
             virtio.push(VirtioSlot {
-                base: slot_base(i),
-                gsi: layout::IRQ_VIRTIO_BASE + u32::from(i),
                 transport: Mutex::new(MmioTransport::new(Box::new(device), mem.clone()).unwrap()),
             });
             config_writes.push(writes);

@@ -30,7 +30,9 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    mem: GuestMemoryMmap,
+    /// Held so that guest memory stays mapped as long as KVM's memory
+    /// slots point into it.
+    _mem: GuestMemoryMmap,
 }
 
 impl Vm {
@@ -87,7 +89,7 @@ impl Vm {
             fd.create_pit2(pit)
                 .map_err(|e| VmError::Ioctl("CREATE_PIT2", e))?;
         }
-        Ok(Self { kvm, fd, mem })
+        Ok(Self { kvm, fd, _mem: mem })
     }
 
     pub fn kvm(&self) -> &Kvm {
@@ -96,10 +98,6 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
-    }
-
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
     }
 
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {

@@ -59,12 +59,7 @@ struct BootParamsPod(boot_params);
 // integers: every byte pattern is a valid value and it holds no pointers.
 unsafe impl ByteValued for BootParamsPod {}
 
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
-    let file = File::open(path).map_err(|e| BootError::Open(path.display().to_string(), e))?;
-    load_kernel_file(mem, path, &file)
-}
-
-/// [`load_kernel`] from an open file; `path` names it in errors.
+/// Loads the bzImage in `file` at 1 MiB; `path` names it in errors.
 pub fn load_kernel_file(mem: &GuestMemoryMmap, path: &Path, file: &File) -> Result<LoadedKernel> {
     let name = path.display().to_string();
     let mut file = file;
@@ -94,19 +89,9 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     last.min(layout::MMIO_GAP_START)
 }
 
-/// Copies the initramfs to the top of low RAM (page-aligned), below the
-/// kernel's `initrd_addr_max`. Returns (address, size).
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    initrd_addr_max: u32,
-    kernel_end: u64,
-) -> Result<(GuestAddress, u64)> {
-    let file = File::open(path).map_err(|e| BootError::Open(path.display().to_string(), e))?;
-    load_initrd_file(mem, path, &file, initrd_addr_max, kernel_end)
-}
-
-/// [`load_initrd`] from an open file; `path` names it in errors.
+/// Copies the initramfs in `file` to the top of low RAM (page-aligned),
+/// below the kernel's `initrd_addr_max`; `path` names it in errors.
+/// Returns (address, size).
 pub fn load_initrd_file(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -327,6 +312,16 @@ mod tests {
         m.read_slice(&mut buf, GuestAddress(layout::CMDLINE_START))
             .unwrap();
         assert_eq!(&buf, b"console=ttyS0\0");
+    }
+
+    fn load_initrd(
+        m: &GuestMemoryMmap,
+        path: &Path,
+        initrd_addr_max: u32,
+        kernel_end: u64,
+    ) -> Result<(GuestAddress, u64)> {
+        let file = File::open(path).unwrap();
+        load_initrd_file(m, path, &file, initrd_addr_max, kernel_end)
     }
 
     #[test]

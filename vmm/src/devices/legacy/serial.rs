@@ -204,9 +204,12 @@ impl BoundedConsole {
         );
         f.write_all(marker.as_bytes())
     }
+}
 
+#[cfg(test)]
+impl BoundedConsole {
     /// Bytes of guest output dropped so far.
-    pub fn dropped(&self) -> u64 {
+    fn dropped(&self) -> u64 {
         self.dropped
     }
 }

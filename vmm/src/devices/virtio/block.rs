@@ -5,7 +5,7 @@
 //! guest memory is only touched through vm-memory's checked accessors: a
 //! malformed chain gets an error status, never a panic or a stray access.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -51,8 +51,6 @@ pub enum BlockError {
 /// Why a request was refused; turned into a status byte for the driver.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("descriptor chain has no request header")]
-    MissingHeader,
     #[error("request header is not readable or shorter than 16 bytes")]
     BadHeader,
     #[error("descriptor chain has no writable status byte")]
@@ -159,15 +157,6 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| BlockError::Open(path.to_owned(), e))?;
-        Self::from_file(path, file, read_only)
-    }
-
     /// A disk from an open image (see `crate::boot_file`); `path` names it
     /// in errors and gives the disk's serial (its last component).
     pub fn from_file(path: &Path, file: File, read_only: bool) -> Result<Self, BlockError> {
@@ -514,7 +503,12 @@ pub(crate) mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::write(&path, data).unwrap();
-        (DiskImage::open(&path, read_only).unwrap(), path)
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .unwrap();
+        (DiskImage::from_file(&path, file, read_only).unwrap(), path)
     }
 
     fn rand_suffix() -> u64 {
@@ -802,7 +796,6 @@ pub(crate) mod tests {
                 queues: vec![queue],
                 queue_events: vec![evt],
                 interrupt: interrupt.clone(),
-                acked_features: 0,
             })
             .unwrap();
         kick.write(1).unwrap();

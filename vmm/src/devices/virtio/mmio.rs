@@ -44,12 +44,12 @@ pub const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const CONFIG_SPACE: u64 = 0x100;
 
+#[cfg(test)]
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
 pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
 
 /// One virtio-mmio slot: the register file in front of a device.
 pub struct MmioTransport {
@@ -97,10 +97,6 @@ impl MmioTransport {
         })
     }
 
-    pub fn device_type(&self) -> u32 {
-        self.device.device_type()
-    }
-
     pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
         &self.interrupt
     }
@@ -111,6 +107,7 @@ impl MmioTransport {
         &self.queue_events
     }
 
+    #[cfg(test)]
     pub fn is_activated(&self) -> bool {
         self.worker.is_some()
     }
@@ -318,7 +315,6 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
-            acked_features: self.driver_features,
         };
         match self.device.activate(ctx) {
             Ok(w) => self.worker = Some(w),

@@ -102,15 +102,12 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     pub queue_events: Vec<EventFd>,
     pub interrupt: Arc<VirtioInterrupt>,
-    pub acked_features: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("device needs {expected} queues, driver set up {got}")]
     QueueCount { expected: usize, got: usize },
-    #[error("queue {0} is not valid (bad size or ring addresses)")]
-    BadQueue(usize),
     #[error("starting the device worker: {0}")]
     Worker(io::Error),
 }

@@ -90,6 +90,7 @@ impl Credit {
         self.fwd_cnt += Wrapping(n);
     }
 
+    #[cfg(test)]
     pub fn buffered(&self) -> u32 {
         self.buffered
     }

@@ -239,6 +239,7 @@ impl Refusal {
         }
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn count(&self) -> u64 {
         self.count
     }
@@ -404,14 +405,17 @@ impl Muxer {
         })
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn refusals(&self) -> &Refusals {
         &self.refusals
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn control_queue_len(&self) -> usize {
         self.control.len()
     }

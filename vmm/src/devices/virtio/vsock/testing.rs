@@ -132,7 +132,6 @@ pub struct Harness {
     pub mem: GuestMemoryMmap,
     /// `<uds>`: host programs connect here; guest streams go to `<uds>_P`.
     pub uds: PathBuf,
-    pub interrupt: Arc<VirtioInterrupt>,
     event_loop: EventLoop,
     rings: [Rings; 3],
     kicks: Vec<EventFd>,
@@ -181,11 +180,10 @@ impl Harness {
             .collect::<io::Result<Vec<_>>>()?;
         let uds = dir.path().join("v.sock");
         let listener = UnixListener::bind(&uds)?;
-        let interrupt = Arc::new(VirtioInterrupt::new()?);
         let guest = GuestQueues {
             mem: mem.clone(),
             queues,
-            interrupt: interrupt.clone(),
+            interrupt: Arc::new(VirtioInterrupt::new()?),
         };
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let event_loop = EventLoop::new(stop.try_clone()?, queue_events)?;
@@ -201,7 +199,6 @@ impl Harness {
             muxer,
             mem,
             uds,
-            interrupt,
             event_loop,
             rings,
             kicks,
