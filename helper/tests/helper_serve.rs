@@ -7,13 +7,14 @@ use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
+use coworkvm_tests::temp_dir;
 use coworkvm_vmm::boot_file::BootFile;
 use serde_json::{json, Value};
 use socket_proto::frame::{encode_frame, read_frame, write_frame};
@@ -383,18 +384,6 @@ struct Served {
 /// The tests' per-subscriber event budget: small, so that going over it
 /// takes little output.
 const EVENT_BUDGET: usize = 4 << 20;
-
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "cvm-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn make_bundle(dir: &Path) -> PathBuf {
     let b = dir.join("bundle");
