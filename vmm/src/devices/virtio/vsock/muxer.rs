@@ -541,6 +541,13 @@ impl Muxer {
                     self.reset(key);
                     return;
                 }
+                // Data after the guest's own SHUTDOWN(SEND) would reach a
+                // host peer that was told the stream's input had ended.
+                if c.guest_stopped_sending {
+                    tracing::debug!("vsock: stream {key:?} sent data after it shut down sending");
+                    self.reset(key);
+                    return;
+                }
                 if forward(&self.mem, c, payload, h.len as usize).is_err() {
                     self.reset(key);
                     return;
@@ -1755,6 +1762,74 @@ mod tests {
         let rx = h.drain_rx().unwrap();
         assert_eq!(ops(&rx), [(Op::Rw, AGENT_PORT, 1000)]);
         assert_eq!(rx[0].1, b"answer");
+    }
+
+    /// The guest shuts down sending while the host peer has not read all
+    /// it sent (so the host's EOF is still pending in the muxer), then sends
+    /// more: that data must never reach the host as if it came before the
+    /// end of the input; the stream is reset instead.
+    #[test]
+    fn data_after_the_guests_own_send_shutdown_resets_the_stream() {
+        let mut h = harness();
+        let agent = h.listen(AGENT_PORT).unwrap();
+        let mut host = open_stream(&mut h, &agent, 1000);
+        // Nearly the whole credit, more than the host socket buffers while
+        // the host reads nothing: the rest waits in the muxer.
+        let total = CONN_BUF_ALLOC as usize - 16;
+        let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        for chunk in data.chunks(MAX_PKT_PAYLOAD as usize) {
+            let mut rw = guest_header(Op::Rw, 1000, AGENT_PORT);
+            rw.len = chunk.len() as u32;
+            h.send(&rw, chunk).unwrap();
+        }
+        let mut sd = guest_header(Op::Shutdown, 1000, AGENT_PORT);
+        sd.flags = SHUTDOWN_SEND;
+        h.send(&sd, &[]).unwrap();
+        let mut rw = guest_header(Op::Rw, 1000, AGENT_PORT);
+        rw.len = 5;
+        h.send(&rw, b"after").unwrap();
+        assert_eq!(h.muxer.connection_count(), 0, "the stream is reset");
+        // Credit updates for what the host took may come first.
+        let rx = ops(&h.drain_rx().unwrap());
+        assert_eq!(rx.last(), Some(&(Op::Rst, AGENT_PORT, 1000)), "{rx:?}");
+        assert_eq!(rx.iter().filter(|o| o.0 == Op::Rst).count(), 1, "{rx:?}");
+        host.set_nonblocking(false).unwrap();
+        let mut got = Vec::new();
+        let _ = host.read_to_end(&mut got);
+        assert!(
+            !got.ends_with(b"after"),
+            "data sent after SHUTDOWN(SEND) reached the host"
+        );
+        assert!(
+            data.starts_with(&got),
+            "the host got a prefix of what was sent"
+        );
+    }
+
+    #[test]
+    fn every_packet_to_an_unknown_stream_gets_exactly_one_rst_and_an_rst_none() {
+        let mut h = harness();
+        let _agent = h.listen(AGENT_PORT).unwrap();
+        // No stream 1000 -> AGENT_PORT exists: each packet that expects a
+        // live stream is answered by one RST; an RST is never answered.
+        for op in [Op::Rw, Op::CreditUpdate, Op::CreditRequest, Op::Shutdown] {
+            let mut hdr = guest_header(op, 1000, AGENT_PORT);
+            let payload: &[u8] = if op == Op::Rw { b"x" } else { &[] };
+            hdr.len = payload.len() as u32;
+            if op == Op::Shutdown {
+                hdr.flags = SHUTDOWN_SEND;
+            }
+            h.send(&hdr, payload).unwrap();
+            assert_eq!(
+                ops(&h.drain_rx().unwrap()),
+                [(Op::Rst, AGENT_PORT, 1000)],
+                "{op:?} to an unknown stream"
+            );
+        }
+        h.send(&guest_header(Op::Rst, 1000, AGENT_PORT), &[])
+            .unwrap();
+        assert!(h.drain_rx().unwrap().is_empty(), "an RST is not answered");
+        assert_eq!(h.muxer.connection_count(), 0);
     }
 
     #[test]
