@@ -3,42 +3,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use coworkvm_tests::client::{connect, is_running, one_shot, recv};
 use coworkvm_tests::temp_dir;
 use serde_json::{json, Value};
 use socket_proto::frame::{encode_frame, read_frame, write_frame};
-
-fn connect(socket: &Path) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn recv(s: &mut UnixStream) -> Option<Value> {
-    read_frame(s).ok().flatten().map(Value::Object)
-}
-
-/// One request on its own connection, as the client's one-shot calls do.
-fn one_shot(socket: &Path, method: &str, params: Value) -> Value {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write_frame(&mut s, &json!({"method": method, "params": params})).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let reply = read_frame(&mut s).unwrap().expect("a reply");
-    assert!(
-        read_frame(&mut s).unwrap().is_none(),
-        "the helper closes after a one-shot reply"
-    );
-    Value::Object(reply)
-}
-
-fn is_running(socket: &Path) -> bool {
-    one_shot(socket, "isRunning", json!({}))["result"]["running"]
-        .as_bool()
-        .unwrap()
-}
 
 #[test]
 fn the_binary_under_another_name_serves_as_the_client_starts_it_and_stops_on_sigterm() {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
+use coworkvm_tests::client::{connect, is_running, one_shot, recv};
 use coworkvm_tests::temp_dir;
 use coworkvm_vmm::boot_file::BootFile;
 use serde_json::{json, Value};
@@ -472,33 +473,6 @@ impl Drop for Served {
 // ---------------------------------------------------------------------------
 // Clients, as the desktop client behaves.
 
-fn connect(socket: &Path) -> UnixStream {
-    let s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn recv(s: &mut UnixStream) -> Option<Value> {
-    read_frame(s).ok().flatten().map(Value::Object)
-}
-
-/// A one-shot request: no id, half-close, one reply, then EOF.
-fn one_shot(socket: &Path, method: &str, params: Value) -> Value {
-    let mut s = connect(socket);
-    write_frame(&mut s, &json!({"method": method, "params": params})).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let reply = recv(&mut s).expect("a reply");
-    assert!(
-        reply.get("id").is_none(),
-        "one-shot replies carry no id: {reply}"
-    );
-    assert!(
-        recv(&mut s).is_none(),
-        "the helper closes after a one-shot reply"
-    );
-    reply
-}
-
 struct Pipe {
     s: UnixStream,
     next: u64,
@@ -593,12 +567,6 @@ fn poll_connected(socket: &Path, want: bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn is_running(socket: &Path) -> bool {
-    one_shot(socket, "isRunning", json!({}))["result"]["running"]
-        .as_bool()
-        .unwrap()
 }
 
 // ---------------------------------------------------------------------------

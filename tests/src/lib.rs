@@ -42,6 +42,7 @@ use anyhow::{bail, Context, Result};
 use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 pub mod bench;
+pub mod client;
 pub mod images;
 pub mod l1;
 pub mod process;
