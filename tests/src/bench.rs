@@ -12,6 +12,7 @@
 //! `tests/guest/serial-bench.init`), same kernel, vCPUs and memory.
 
 use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -79,6 +80,8 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut stream_runs = 1u32;
     let mut mib = STREAM_MIB;
     let mut helper_runs = true;
+    let mut baseline: Option<PathBuf> = None;
+    let mut baseline_name: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -86,6 +89,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "--runs" => runs = args.get(i + 1).context("--runs N")?.parse()?,
             "--stream-runs" => stream_runs = args.get(i + 1).context("--stream-runs N")?.parse()?,
             "--mib" => mib = args.get(i + 1).context("--mib N")?.parse()?,
+            "--baseline" => {
+                baseline = Some(PathBuf::from(
+                    args.get(i + 1).context("--baseline COWORKVM-BINARY")?,
+                ))
+            }
+            "--baseline-name" => {
+                baseline_name = Some(args.get(i + 1).context("--baseline-name TEXT")?.clone())
+            }
             "--no-helper" => {
                 helper_runs = false;
                 i += 1;
@@ -110,31 +121,24 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         (paths.agent_initrd.clone(), "agent.cpio.zst".to_string()),
     ];
     files.extend(crate::qemu::payload()?);
+    let baseline = match baseline {
+        Some(bin) => {
+            if runs == 0 {
+                bail!("--baseline compares boots: it needs --runs 1 or more");
+            }
+            let meta =
+                std::fs::metadata(&bin).with_context(|| format!("--baseline {}", bin.display()))?;
+            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+                bail!("--baseline {}: not an executable file", bin.display());
+            }
+            files.push((bin.clone(), BASELINE_PAYLOAD.to_string()));
+            let name = baseline_name.unwrap_or_else(|| bin.display().to_string());
+            Some(name)
+        }
+        None => None,
+    };
 
-    let script = format!(
-        r#"set -u
-dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=16 2>/dev/null
-QEMU="{qemu}"
-for i in $(seq 1 {runs}); do
-  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $COWORKVM boot --kernel $KERNEL \
-      --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
-      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
-  echo "@@SAMPLE coworkvm $s"
-  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $COWORKVM boot --no-sandbox --kernel $KERNEL \
-      --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
-      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
-  echo "@@SAMPLE unconfined $s"
-  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $QEMU -M microvm -enable-kvm -cpu host \
-      -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
-      -kernel $KERNEL -initrd $P/bench.cpio.zst -append "{CMDLINE}" \
-      -drive id=ro,file=$TMPDIR/ro.img,format=raw,if=none,readonly=on \
-      -device virtio-blk-device,drive=ro -device virtio-rng-device \
-      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
-  echo "@@SAMPLE qemu $s"
-done
-"#,
-        qemu = crate::qemu::SH
-    );
+    let script = boot_loop_script(runs, baseline.is_some());
     let agent_script = format!(
         "$AGENT_PROBE --bench --mib {mib} $TMPDIR/ab.sock -- $COWORKVM boot --kernel $KERNEL \
          --initrd $P/agent.cpio.zst --cpus 2 --mem 512 --cmdline quiet --vsock $TMPDIR/ab.sock \
@@ -151,7 +155,8 @@ done
     );
     let mut cases = Vec::new();
     if runs > 0 {
-        cases.push(Case::new("bench", &script, 60 + 90 * runs as u64));
+        let boots = if baseline.is_some() { 4 } else { 3 };
+        cases.push(Case::new("bench", &script, 60 + 30 * boots * runs as u64));
     }
     // The helper with real VMs needs the images on a disk and a bundle disk.
     let mut disks = Vec::new();
@@ -213,11 +218,16 @@ done
     let cw = parse_samples(&case.output, "coworkvm");
     let qm = parse_samples(&case.output, "qemu");
     let unconfined = parse_samples(&case.output, "unconfined");
-    for (vmm, got) in [
+    let base = parse_samples(&case.output, "baseline");
+    let mut counts = vec![
         ("coworkvm", cw.len()),
         ("qemu", qm.len()),
         ("coworkvm --no-sandbox", unconfined.len()),
-    ] {
+    ];
+    if baseline.is_some() {
+        counts.push(("baseline", base.len()));
+    }
+    for (vmm, got) in counts {
         if got < runs as usize {
             missing.push(format!("bench: {got} of {runs} {vmm} boot samples"));
         }
@@ -233,8 +243,55 @@ done
     }
     let mut report = render(&cw, &qm, &result, paths)?;
     report.push_str(&render_sandbox_cost(&cw, &unconfined)?);
+    if let Some(name) = &baseline {
+        report.push_str(&render_baseline(&cw, &base, name)?);
+    }
     report.push_str(&streams);
     write_results(&out, &report, &missing)
+}
+
+/// Name under `$P` of the `--baseline` binary in the rig.
+const BASELINE_PAYLOAD: &str = "coworkvm-baseline";
+
+/// The boot loop: per run, `coworkvm boot` (sandboxed), `--no-sandbox` and
+/// QEMU microvm, each timed to the marker by vmm-timer; with a baseline,
+/// the baseline binary's sandboxed `boot` too (same flags), and the two
+/// sandboxed boots swap places every other run, so neither always follows
+/// the same neighbour.
+pub fn boot_loop_script(runs: u32, baseline: bool) -> String {
+    let order = if baseline {
+        "  if [ $((i % 2)) = 1 ]; then\n    sample coworkvm $COWORKVM\n    \
+         sample baseline $P/{BASELINE_PAYLOAD}\n  else\n    \
+         sample baseline $P/{BASELINE_PAYLOAD}\n    sample coworkvm $COWORKVM\n  fi\n"
+            .replace("{BASELINE_PAYLOAD}", BASELINE_PAYLOAD)
+    } else {
+        "  sample coworkvm $COWORKVM\n".to_string()
+    };
+    format!(
+        r#"set -u
+dd if=/dev/zero of=$TMPDIR/ro.img bs=1M count=16 2>/dev/null
+QEMU="{qemu}"
+# sample NAME BINARY [FLAGS...]: one `BINARY boot` to the marker.
+sample() {{
+  name=$1; bin=$2; shift 2
+  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $bin boot "$@" --kernel $KERNEL \
+      --initrd $P/bench.cpio.zst --disk $TMPDIR/ro.img,ro --cpus 1 --mem 256 --cmdline quiet \
+      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
+  echo "@@SAMPLE $name $s"
+}}
+for i in $(seq 1 {runs}); do
+{order}  sample unconfined $COWORKVM --no-sandbox
+  s=$($VMM_TIMER --marker {MARKER} --timeout 120 -- $QEMU -M microvm -enable-kvm -cpu host \
+      -smp 1 -m 256 -nodefaults -no-user-config -nographic -serial stdio -no-reboot \
+      -kernel $KERNEL -initrd $P/bench.cpio.zst -append "{CMDLINE}" \
+      -drive id=ro,file=$TMPDIR/ro.img,format=raw,if=none,readonly=on \
+      -device virtio-blk-device,drive=ro -device virtio-rng-device \
+      | grep '^@@VMM-TIMER' | cut -d' ' -f2-)
+  echo "@@SAMPLE qemu $s"
+done
+"#,
+        qemu = crate::qemu::SH
+    )
 }
 
 /// The cases of `result` that did not finish with status 0, each with why.
@@ -333,11 +390,12 @@ pub fn render_streams(agent: &[String], serial: &[String], mib: u64) -> String {
          `virtio-serial-device` and a `virtserialport` on a `-chardev socket`, raw bytes. \
          Payload {mib} MiB each way: guest to host, `yes <63 a> | head -c {mib}M` (a spawned \
          process's stdout / written into the port); host to guest, 64 KiB writes (stdin \
-         notifications into `wc -c` / raw into the port, read by `head -c | wc -c`). Times \
+         notifications / raw into the port, read by `head -c | wc -c`). Times \
          are the host's, from the request to the last byte (or the guest's count). \
          {} run(s) each, alternating; medians.\n",
         a.len().max(q.len())
     );
+    let _ = writeln!(s, "{}", stdin_pacing_note(&a));
     let _ = writeln!(
         s,
         "| metric | coworkvm agent (vsock) | QEMU virtio-serial | coworkvm / QEMU |"
@@ -417,6 +475,41 @@ pub fn render_streams(agent: &[String], serial: &[String], mib: u64) -> String {
     }
     s.push('\n');
     s
+}
+
+/// How the agent path's stdin was paced, from the probe's `@@BENCH`
+/// lines: the agent refuses (with an `error` event) a chunk past 64 chunks
+/// or 16 MiB of unread stdin per process, and `stdin` is a notification with
+/// no answer, so the probe paces itself on the reader's acknowledgements.
+pub fn stdin_pacing_note(agent: &[serde_json::Value]) -> String {
+    let Some(v) = agent.iter().find(|v| v["stdin_window_kib"].is_u64()) else {
+        return String::new();
+    };
+    let (window, ack) = (
+        v["stdin_window_kib"].as_u64().unwrap_or(0),
+        v["stdin_ack_kib"].as_u64().unwrap_or(0),
+    );
+    format!(
+        "Stdin pacing on the agent path: the agent holds at most 64 chunks or 16 MiB of a \
+         process's unread stdin and refuses more (an `error` event; `stdin` is a notification \
+         without an answer), so agent-probe keeps at most {} unacknowledged: the guest's \
+         reader, `dd bs=64K count={} iflag=fullblock` in a shell loop, prints a count after \
+         each {} it has read, and the probe sends the next chunk only when that count says \
+         the window has room. The time runs to the reader's exit after the last byte. The \
+         virtio-serial path needs no pacing: the port's own flow control stops QEMU's \
+         socket.\n",
+        kib_text(window),
+        ack / 64,
+        kib_text(ack),
+    )
+}
+
+fn kib_text(kib: u64) -> String {
+    if kib % 1024 == 0 {
+        format!("{} MiB", kib / 1024)
+    } else {
+        format!("{kib} KiB")
+    }
 }
 
 fn render(
@@ -502,11 +595,7 @@ fn render(
 /// and with `--no-sandbox`, alternating in the same loop as the QEMU runs.
 fn render_sandbox_cost(sandboxed: &[Sample], unconfined: &[Sample]) -> Result<String> {
     let mut s = String::new();
-    writeln!(
-        s,
-        "## The VMM sandbox's cost
-"
-    )?;
+    writeln!(s, "## The VMM sandbox's cost\n")?;
     writeln!(
         s,
         "The boot above, `coworkvm boot` as the helper runs it (sandboxed: no_new_privs, \
@@ -514,9 +603,83 @@ fn render_sandbox_cost(sandboxed: &[Sample], unconfined: &[Sample]) -> Result<St
          --no-sandbox`, {} runs each, alternating in the same loop.\n",
         sandboxed.len().min(unconfined.len())
     )?;
+    s.push_str(&ratio_table(
+        ("sandboxed", "--no-sandbox", "sandboxed / unconfined"),
+        sandboxed,
+        unconfined,
+    )?);
+    Ok(s)
+}
+
+/// This build against an earlier one (`--baseline`): both binaries'
+/// sandboxed `boot`, same flags, alternating in the same loop.
+fn render_baseline(new: &[Sample], baseline: &[Sample], name: &str) -> Result<String> {
+    let mut s = String::new();
+    writeln!(s, "## This build against a baseline\n")?;
     writeln!(
         s,
-        "| metric | sandboxed median (min-max) | --no-sandbox median (min-max) | sandboxed / unconfined |"
+        "The boot above, `coworkvm boot` (sandboxed, as the helper runs it) of this build \
+         against the same command of the baseline binary ({name}), same kernel, initramfs, \
+         disk and flags, {} runs each, alternating in the same loop (the two swap order \
+         every other run). A ratio near 1.00 is no change; the min-max ranges show the \
+         noise.\n",
+        new.len().min(baseline.len())
+    )?;
+    s.push_str(&ratio_table(
+        ("new", "baseline", "new / baseline"),
+        new,
+        baseline,
+    )?);
+    s.push_str(&paired_times(new, baseline));
+    Ok(s)
+}
+
+/// The two sandboxed boots of one run are neighbours in time, so a busy
+/// stretch of the host slows both: the per-run ratios of their times to
+/// the marker show a change apart from that noise. The i-th samples of
+/// both are of the same run when neither lost one (a failed boot leaves
+/// the run incomplete, and then its results are not written); otherwise
+/// there is no pairing to show.
+fn paired_times(new: &[Sample], baseline: &[Sample]) -> String {
+    if new.is_empty() || new.len() != baseline.len() {
+        return String::new();
+    }
+    let ratios: Vec<f64> = new
+        .iter()
+        .zip(baseline)
+        .map(|(a, b)| a.marker_ms as f64 / b.marker_ms.max(1) as f64)
+        .collect();
+    let faster = new
+        .iter()
+        .zip(baseline)
+        .filter(|(a, b)| a.marker_ms < b.marker_ms)
+        .count();
+    let Some(r) = stats(&ratios) else {
+        return String::new();
+    };
+    format!(
+        "Paired by run (the two boots of a run are neighbours, so a busy stretch of the host \
+         slows both): new / baseline time to marker, median of the {n} per-run ratios \
+         **{:.2}** (min {:.2}, max {:.2}); the new binary was the faster in {faster} of {n} \
+         runs.\n\n",
+        r.median,
+        r.min,
+        r.max,
+        n = ratios.len()
+    )
+}
+
+/// Time to marker, VM exits and peak RSS of two sets of boots: median
+/// (min-max) of each and the ratio of the medians.
+fn ratio_table(
+    (a_name, b_name, ratio_name): (&str, &str, &str),
+    a: &[Sample],
+    b: &[Sample],
+) -> Result<String> {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "| metric | {a_name} median (min-max) | {b_name} median (min-max) | {ratio_name} |"
     )?;
     writeln!(s, "|---|---|---|---|")?;
     type Metric = fn(&Sample) -> Option<f64>;
@@ -526,9 +689,9 @@ fn render_sandbox_cost(sandboxed: &[Sample], unconfined: &[Sample]) -> Result<St
         ("peak RSS", "MiB", |x| Some(x.max_rss_kib as f64 / 1024.0)),
     ];
     for (name, unit, get) in rows {
-        let a: Vec<f64> = sandboxed.iter().filter_map(get).collect();
-        let b: Vec<f64> = unconfined.iter().filter_map(get).collect();
-        match (stats(&a), stats(&b)) {
+        let x: Vec<f64> = a.iter().filter_map(get).collect();
+        let y: Vec<f64> = b.iter().filter_map(get).collect();
+        match (stats(&x), stats(&y)) {
             (Some(x), Some(y)) => writeln!(
                 s,
                 "| {name} | {:.0} {unit} ({:.0}-{:.0}) | {:.0} {unit} ({:.0}-{:.0}) | {:.2} |",
@@ -779,6 +942,129 @@ mod tests {
         assert!(table.contains("2 runs each"));
         let empty = render_sandbox_cost(&[], &[]).unwrap();
         assert!(empty.contains("| time to marker | n/a | n/a | n/a |"));
+    }
+
+    #[test]
+    fn baseline_table_is_new_over_baseline() {
+        let sample = |ms, rss| Sample {
+            marker_ms: ms,
+            vm_exits: Some(3800),
+            max_rss_kib: rss,
+        };
+        let table = render_baseline(
+            &[
+                sample(8000, 115_712),
+                sample(8200, 115_712),
+                sample(7900, 116_736),
+            ],
+            &[sample(8100, 115_712), sample(8000, 115_712)],
+            "65c5c8b",
+        )
+        .unwrap();
+        assert!(table.contains("(65c5c8b)"), "{table}");
+        assert!(
+            table.contains(
+                "| metric | new median (min-max) | baseline median (min-max) | new / baseline |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| time to marker | 8000 ms (7900-8200) | 8050 ms (8000-8100) | 0.99 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| VM exits to marker | 3800  (3800-3800) | 3800  (3800-3800) | 1.00 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| peak RSS | 113 MiB (113-114) | 113 MiB (113-113) | 1.00 |"),
+            "{table}"
+        );
+        assert!(table.contains("2 runs each"), "{table}");
+        // Unequal counts: no pairing.
+        assert!(!table.contains("Paired by run"), "{table}");
+        let paired = render_baseline(
+            &[sample(9000, 1), sample(6000, 1), sample(11000, 1)],
+            &[sample(10000, 1), sample(5000, 1), sample(10000, 1)],
+            "old",
+        )
+        .unwrap();
+        assert!(
+            paired.contains("median of the 3 per-run ratios **1.10** (min 0.90, max 1.20)"),
+            "{paired}"
+        );
+        assert!(paired.contains("faster in 1 of 3 runs"), "{paired}");
+    }
+
+    /// The boot loop, run by sh with a stand-in for vmm-timer that names
+    /// the binary it was given: each binary's samples carry its own name,
+    /// the baseline runs once per run, and the two sandboxed boots swap.
+    #[test]
+    fn boot_loop_samples_each_binary_under_its_own_name() {
+        let dir = crate::Scratch::new("bench-loop").unwrap();
+        let timer = dir.path.join("timer");
+        std::fs::write(
+            &timer,
+            "#!/bin/sh\nshift 5\ncase $1 in */coworkvm-baseline) ms=2;; */new) ms=1;; *) ms=3;; esac\n\
+             case \"$*\" in *--no-sandbox*) ms=4;; esac\n\
+             echo \"@@VMM-TIMER {\\\"marker_ms\\\": $ms, \\\"vm_exits\\\": null, \\\"max_rss_kib\\\": 1}\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&timer, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |baseline| {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(boot_loop_script(3, baseline))
+                .env("TMPDIR", &dir.path)
+                .env("VMM_TIMER", &timer)
+                .env("COWORKVM", "/x/new")
+                .env("P", "/payload")
+                .env("KERNEL", "/payload/vmlinuz")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let out = run(true);
+        let ms = |name| -> Vec<u64> {
+            parse_samples(&out, name)
+                .iter()
+                .map(|s| s.marker_ms)
+                .collect()
+        };
+        assert_eq!(ms("coworkvm"), [1, 1, 1], "{out}");
+        assert_eq!(ms("baseline"), [2, 2, 2], "{out}");
+        assert_eq!(ms("unconfined"), [4, 4, 4], "{out}");
+        assert_eq!(ms("qemu"), [3, 3, 3], "{out}");
+        let order: Vec<&str> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("@@SAMPLE "))
+            .filter_map(|l| l.split(' ').next())
+            .filter(|n| *n == "coworkvm" || *n == "baseline")
+            .collect();
+        assert_eq!(
+            order,
+            ["coworkvm", "baseline", "baseline", "coworkvm", "coworkvm", "baseline"]
+        );
+        let out = run(false);
+        assert!(parse_samples(&out, "baseline").is_empty(), "{out}");
+        assert_eq!(parse_samples(&out, "coworkvm").len(), 3, "{out}");
+    }
+
+    #[test]
+    fn the_stdin_pacing_is_stated_from_the_probe_result() {
+        let v = serde_json::json!({"stdin_window_kib": 3072, "stdin_ack_kib": 1024});
+        let note = stdin_pacing_note(&[v]);
+        assert!(note.contains("at most 3 MiB unacknowledged"), "{note}");
+        assert!(
+            note.contains("`dd bs=64K count=16 iflag=fullblock`"),
+            "{note}"
+        );
+        assert!(note.contains("after each 1 MiB it has read"), "{note}");
+        assert_eq!(
+            stdin_pacing_note(&[serde_json::json!({"stdin_mib_s": 6.0})]),
+            ""
+        );
     }
 
     fn result_of(cases: &[(&str, Option<i32>)]) -> crate::BatchResult {

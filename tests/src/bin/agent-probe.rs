@@ -315,28 +315,16 @@ fn bench_session(agent: &mut Agent, ready: Duration, mib: u64, vmm_pid: u32) -> 
     });
     println!("@@BENCH-SPLIT {split}");
 
-    // Host -> guest: N MiB through stdin into `wc -c`.
-    const IN_CHUNK: usize = 64 * 1024;
-    let in_chunks = (out_bytes as usize) / IN_CHUNK;
+    // Host -> guest: N MiB through stdin, paced (see `StdinPacer`).
+    let in_chunks = (out_bytes as usize) / STDIN_CHUNK;
+    let in_bytes = (STDIN_CHUNK * in_chunks) as u64;
+    let pacer = StdinPacer::new(in_bytes, STDIN_WINDOW, STDIN_ACK_BYTES)?;
     agent.request(
         "spawn",
-        json!({"id": "in", "name": "b", "command": "wc", "args": ["-c"], "isResume": false}),
+        json!({"id": "in", "name": "b", "command": "sh", "isResume": false,
+               "args": ["-c", pacer.reader_sh()]}),
     )?;
-    let chunk = "b".repeat(IN_CHUNK);
-    let t = Instant::now();
-    for i in 0..in_chunks {
-        let frame = GuestFrame::Notification {
-            method: "stdin".into(),
-            params: json!({"id": "in", "data": chunk, "eof": i + 1 == in_chunks}),
-        };
-        write_frame(&mut agent.w, &frame).map_err(|e| e.to_string())?;
-    }
-    let counted = collect(agent, &["in".to_string()])?;
-    let in_s = t.elapsed().as_secs_f64();
-    let in_bytes = (IN_CHUNK * in_chunks) as u64;
-    if counted["in"].stdout.trim() != in_bytes.to_string() {
-        return Err(format!("stdin: wc counted {:?}", counted["in"].stdout));
-    }
+    let in_s = pace_stdin(agent, "in", pacer)?;
     println!(
         "@@BENCH {}",
         json!({
@@ -347,10 +335,185 @@ fn bench_session(agent: &mut Agent, ready: Duration, mib: u64, vmm_pid: u32) -> 
             "mib": mib,
             "stdout_mib_s": (out_bytes as f64 / (1 << 20) as f64) / out_s,
             "stdin_mib_s": (in_bytes as f64 / (1 << 20) as f64) / in_s,
+            "stdin_window_kib": STDIN_WINDOW >> 10,
+            "stdin_ack_kib": STDIN_ACK_BYTES >> 10,
         })
     );
     agent.request("shutdown", json!({})).ok();
     Ok(())
+}
+
+/// Bytes of one `stdin` notification in the benchmark.
+const STDIN_CHUNK: usize = 64 * 1024;
+
+/// The most stdin bytes the probe keeps sent but not yet acknowledged by
+/// the guest's reader. The agent refuses a chunk past
+/// [`AGENT_MAX_STDIN_CHUNKS`] chunks or [`AGENT_MAX_STDIN_BYTES`] bytes of
+/// unread stdin for one process (with an `error` event: `stdin` is a
+/// notification, it has no answer to wait for), so a sender that does not
+/// pace itself loses data as soon as it outruns the guest. 3 MiB is 48
+/// chunks: under both bounds with room for the chunk the agent is writing,
+/// and, at the rig's few MiB/s, about half a second of data in flight, far
+/// more than an acknowledgement's round trip, so the pipe never runs dry.
+const STDIN_WINDOW: usize = 3 << 20;
+
+/// The guest's reader acknowledges every this many bytes it has read.
+const STDIN_ACK_BYTES: usize = 1 << 20;
+
+/// The agent's bounds on one process's unread stdin, as in
+/// `guest-agent/src/procs.rs` (`MAX_STDIN_CHUNKS`, `MAX_STDIN_BYTES`; a
+/// test checks they still match). Chunks of [`STDIN_CHUNK`] bytes are not
+/// joined there (only chunks that together fit 64 KiB are).
+const AGENT_MAX_STDIN_CHUNKS: usize = 64;
+const AGENT_MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;
+
+/// Flow control for the stdin benchmark: the guest's reader (see
+/// [`StdinPacer::reader_sh`]) reads `ack` bytes at a time and prints how
+/// many such steps it has read, on its stdout; the probe sends a chunk only
+/// while no more than `window` bytes are unacknowledged. The reader reads
+/// with `dd` in 64 KiB blocks, as `head -c | wc -c` reads the port on the
+/// virtio-serial path, and the bytes it acknowledges have left the agent.
+#[derive(Debug)]
+struct StdinPacer {
+    total: u64,
+    window: u64,
+    ack: u64,
+    sent: u64,
+    acked: u64,
+    /// The most bytes that were ever unacknowledged.
+    max_in_flight: u64,
+}
+
+impl StdinPacer {
+    fn new(total: u64, window: usize, ack: usize) -> Result<Self, String> {
+        let chunk = STDIN_CHUNK as u64;
+        let (window, ack) = (window as u64, ack as u64);
+        if ack == 0 || ack % chunk != 0 || total % ack != 0 {
+            return Err(format!(
+                "stdin pacing: {total} bytes must be whole steps of {ack}, whole chunks of {chunk}"
+            ));
+        }
+        // The agent holds at most the window, and one chunk may be with
+        // its writer: both must stay inside its bounds.
+        let agent_limit = ((AGENT_MAX_STDIN_CHUNKS - 1) * STDIN_CHUNK).min(AGENT_MAX_STDIN_BYTES);
+        if window < ack + chunk || window > agent_limit as u64 {
+            return Err(format!(
+                "stdin pacing: a window of {window} bytes must hold an acknowledgement step and a                  chunk ({} bytes) and stay within the agent's bound ({agent_limit} bytes)",
+                ack + chunk
+            ));
+        }
+        Ok(StdinPacer {
+            total,
+            window,
+            ack,
+            sent: 0,
+            acked: 0,
+            max_in_flight: 0,
+        })
+    }
+
+    /// The guest's reader: `dd` reads one step (fullblock: a short read
+    /// from the pipe does not end a block early), then the shell's own
+    /// `echo` acknowledges it; dd's `N+M records in` line on stderr shows
+    /// whether each step was whole.
+    fn reader_sh(&self) -> String {
+        format!(
+            "i=0; while [ $i -lt {steps} ]; do dd bs={STDIN_CHUNK} count={blocks} \
+             iflag=fullblock of=/dev/null || exit 1; i=$((i+1)); echo $i; done",
+            steps = self.total / self.ack,
+            blocks = self.ack / STDIN_CHUNK as u64,
+        )
+    }
+
+    /// dd's stderr line for one whole step.
+    fn whole_step_line(&self) -> String {
+        format!("{}+0 records in", self.ack / STDIN_CHUNK as u64)
+    }
+
+    /// Whether the next chunk may go now.
+    fn may_send(&self) -> bool {
+        self.sent < self.total && self.sent + STDIN_CHUNK as u64 <= self.acked + self.window
+    }
+
+    /// The next chunk went; it is the last one when this says so.
+    fn sent_chunk(&mut self) -> bool {
+        self.sent += STDIN_CHUNK as u64;
+        self.max_in_flight = self.max_in_flight.max(self.sent - self.acked);
+        self.sent == self.total
+    }
+
+    /// One line of the reader's stdout: the number of steps it has read.
+    fn ack_line(&mut self, line: &str) -> Result<(), String> {
+        let steps: u64 = line
+            .trim()
+            .parse()
+            .map_err(|_| format!("stdin reader printed {line:?}, not a step count"))?;
+        let acked = steps * self.ack;
+        if acked != self.acked + self.ack || acked > self.sent {
+            return Err(format!(
+                "stdin reader acknowledged {acked} bytes after {} ({} sent)",
+                self.acked, self.sent
+            ));
+        }
+        self.acked = acked;
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.acked == self.total
+    }
+}
+
+/// Sends `pacer.total` bytes to process `id`'s stdin as `stdin`
+/// notifications, paced by the reader's acknowledgements, and waits for
+/// the reader to exit. Returns the seconds from the first chunk to the
+/// exit. Fails on an `error` event for `id` (a refused chunk), a short or
+/// missing step, or a reader that fails.
+fn pace_stdin(agent: &mut Agent, id: &str, mut pacer: StdinPacer) -> Result<f64, String> {
+    let chunk = "b".repeat(STDIN_CHUNK);
+    let (mut out, mut err) = (String::new(), String::new());
+    let t = Instant::now();
+    let code = loop {
+        while pacer.may_send() {
+            let eof = pacer.sent_chunk();
+            let frame = GuestFrame::Notification {
+                method: "stdin".into(),
+                params: json!({"id": id, "data": chunk, "eof": eof}),
+            };
+            write_frame(&mut agent.w, &frame).map_err(|e| e.to_string())?;
+        }
+        match agent.next_event(Duration::from_secs(120))? {
+            GuestEvent::Stdout { id: eid, data } if eid == id => {
+                out.push_str(&data);
+                while let Some(nl) = out.find('\n') {
+                    let line: String = out.drain(..=nl).collect();
+                    pacer.ack_line(&line)?;
+                }
+            }
+            GuestEvent::Stderr { id: eid, data } if eid == id => err.push_str(&data),
+            GuestEvent::Error {
+                id: Some(eid),
+                message,
+                ..
+            } if eid == id => return Err(format!("stdin: the agent refused a chunk: {message}")),
+            GuestEvent::Exit { id: eid, code, .. } if eid == id => break code,
+            _ => {}
+        }
+    };
+    let in_s = t.elapsed().as_secs_f64();
+    let whole = err.matches(&pacer.whole_step_line()).count() as u64;
+    if code != Some(0) || !pacer.done() || whole != pacer.total / pacer.ack {
+        return Err(format!(
+            "stdin: reader exited with {code:?} after acknowledging {} of {} bytes, {whole} \
+             whole steps; its stderr: {err}",
+            pacer.acked, pacer.total
+        ));
+    }
+    eprintln!(
+        "agent-probe: stdin paced, at most {} KiB unacknowledged",
+        pacer.max_in_flight >> 10
+    );
+    Ok(in_s)
 }
 
 /// The stdout payload both benchmark paths send: 64-byte lines of text
@@ -627,5 +790,103 @@ fn main() {
             println!("@@AGENT error {e}");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that reads what arrived in `ack`-byte steps, as the agent's
+    /// writer hands it on; returns the most bytes the agent ever held.
+    fn run_against_agent(mut p: StdinPacer) -> u64 {
+        let mut agent_holds = 0u64;
+        let mut most = 0u64;
+        let mut read = 0u64;
+        while !p.done() {
+            while p.may_send() {
+                p.sent_chunk();
+                agent_holds += STDIN_CHUNK as u64;
+                most = most.max(agent_holds);
+            }
+            // The reader takes one step (the agent's queue drains into it)
+            // and acknowledges it.
+            let step = p.ack.min(agent_holds);
+            assert_eq!(step, p.ack, "the window always covers a whole step");
+            agent_holds -= step;
+            read += step;
+            p.ack_line(&format!("{}\n", read / p.ack)).unwrap();
+        }
+        assert_eq!(read, p.total);
+        most
+    }
+
+    #[test]
+    fn the_stdin_bench_never_holds_more_than_the_agent_accepts() {
+        let p = StdinPacer::new(64 << 20, STDIN_WINDOW, STDIN_ACK_BYTES).unwrap();
+        let most = run_against_agent(p);
+        assert_eq!(most, STDIN_WINDOW as u64);
+        // What the agent's queue would count: the chunks it holds, plus the
+        // one its writer may have taken; both bounds hold.
+        let chunks = most as usize / STDIN_CHUNK + 1;
+        assert!(chunks <= AGENT_MAX_STDIN_CHUNKS, "{chunks} chunks");
+        assert!(most as usize + STDIN_CHUNK <= AGENT_MAX_STDIN_BYTES);
+    }
+
+    /// Unpaced, as the bench was: the whole payload in flight, past the
+    /// agent's bound; such a window is refused before anything is sent.
+    #[test]
+    fn a_window_past_the_agent_bound_is_refused() {
+        let e = StdinPacer::new(64 << 20, 64 << 20, STDIN_ACK_BYTES).unwrap_err();
+        assert!(e.contains("agent's bound"), "{e}");
+        let e = StdinPacer::new(
+            64 << 20,
+            AGENT_MAX_STDIN_CHUNKS * STDIN_CHUNK,
+            STDIN_ACK_BYTES,
+        )
+        .unwrap_err();
+        assert!(e.contains("agent's bound"), "{e}");
+        // A window that cannot hold a step would stall.
+        assert!(StdinPacer::new(64 << 20, STDIN_ACK_BYTES, STDIN_ACK_BYTES).is_err());
+        assert!(StdinPacer::new(3 << 19, STDIN_WINDOW, STDIN_ACK_BYTES).is_err());
+    }
+
+    #[test]
+    fn acknowledgements_must_count_up_by_one_step() {
+        let mut p = StdinPacer::new(8 << 20, STDIN_WINDOW, STDIN_ACK_BYTES).unwrap();
+        while p.may_send() {
+            p.sent_chunk();
+        }
+        assert_eq!(p.sent, STDIN_WINDOW as u64);
+        assert!(p.ack_line("2").is_err(), "a skipped step");
+        assert!(p.ack_line("x").is_err());
+        p.ack_line("1\n").unwrap();
+        assert!(p.may_send());
+        assert!(p.ack_line("1").is_err(), "a repeated step");
+        p.ack_line("2").unwrap();
+        p.ack_line("3").unwrap();
+        assert!(p.ack_line("4").is_err(), "more acknowledged than sent");
+        assert_eq!(p.whole_step_line(), "16+0 records in");
+        let sh = p.reader_sh();
+        assert!(
+            sh.contains("while [ $i -lt 8 ]; do dd bs=65536 count=16 iflag=fullblock"),
+            "{sh}"
+        );
+    }
+
+    /// The agent's bounds this probe paces against are the agent's own.
+    #[test]
+    fn agent_bounds_match_the_agent() {
+        let src = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-agent/src/procs.rs"),
+        )
+        .unwrap();
+        assert!(src.contains(&format!(
+            "pub const MAX_STDIN_CHUNKS: usize = {AGENT_MAX_STDIN_CHUNKS};"
+        )));
+        assert!(src.contains("pub const MAX_STDIN_BYTES: usize = 16 * 1024 * 1024;"));
+        assert_eq!(AGENT_MAX_STDIN_BYTES, 16 * 1024 * 1024);
+        assert!(src.contains("const STDIN_JOIN_BYTES: usize = 64 * 1024;"));
+        assert_eq!(STDIN_CHUNK, 64 * 1024, "chunks this size are never joined");
     }
 }

@@ -2,6 +2,12 @@
 //! when the host's KVM cannot boot Linux.
 //!
 //! usage: coworkvm-rig demo | coworkvm-rig bench [--out FILE] [--runs N]
+//!        [--stream-runs N] [--mib N] [--no-helper]
+//!        [--baseline COWORKVM-BINARY [--baseline-name TEXT]]
+//!
+//! `--baseline` adds an earlier `coworkvm` binary to the boot loop (its
+//! sandboxed `boot`, same flags, alternating with this build's) and a
+//! "new / baseline" table to the results.
 
 use anyhow::{bail, Context, Result};
 use coworkvm_tests::{Batch, Case, Paths};
@@ -90,6 +96,9 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&paths),
         Some("bench") => coworkvm_tests::bench::run(&paths, &args[1..]),
-        _ => bail!("usage: coworkvm-rig demo | bench [--out FILE] [--runs N]"),
+        _ => bail!(
+            "usage: coworkvm-rig demo | bench [--out FILE] [--runs N] [--stream-runs N] [--mib N] \
+             [--no-helper] [--baseline COWORKVM-BINARY [--baseline-name TEXT]]"
+        ),
     }
 }
