@@ -75,8 +75,10 @@ test-quick: lint
 run: build
 	$(RELEASE_DIR)/coworkvm-rig demo
 
+# BASELINE=path/to/another/coworkvm also boots that build in the same loop
+# and reports new / baseline.
 bench: build
-	$(RELEASE_DIR)/coworkvm-rig bench --out bench/results.md
+	$(RELEASE_DIR)/coworkvm-rig bench --out bench/results.md $(if $(BASELINE),--baseline $(BASELINE))
 
 # Runs each cargo-fuzz target for FUZZ_SECONDS (not part of `make test`).
 # cargo-fuzz passes nightly flags (-Zsanitizer=address); RUSTC_BOOTSTRAP=1
