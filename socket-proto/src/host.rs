@@ -300,10 +300,12 @@ impl Serialize for HostRequest {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureParams {
-    /// The client's profile name.
-    pub user_data_name: String,
-    /// The client's profile directory.
-    pub user_data_root: String,
+    /// The client's profile name (coworkvm only logs it: optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_name: Option<String>,
+    /// The client's profile directory (coworkvm only logs it: optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data_root: Option<String>,
     /// `true` in the short pipe form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_only: Option<bool>,

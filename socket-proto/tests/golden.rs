@@ -609,6 +609,21 @@ fn configure_short_pipe_form() {
     assert_eq!(m.to_wire().1, p);
 }
 
+/// coworkvm needs nothing of `configure` but the sizing: a client that
+/// leaves out the profile fields (or sends none at all) is answered, not
+/// refused.
+#[test]
+fn configure_without_the_profile_fields_is_accepted() {
+    for p in [json!({"memoryMB": 2048, "cpuCount": 2}), json!({}), json!(null)] {
+        match HostMethod::parse("configure", p.clone()) {
+            Ok(HostMethod::Configure(c)) => {
+                assert_eq!((c.user_data_name, c.user_data_root), (None, None), "{p}")
+            }
+            other => panic!("{p}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn unknown_fields_are_ignored_and_missing_ones_named() {
     let m = HostMethod::parse("kill", json!({"id": "p", "signal": 9, "future": 1})).unwrap();
