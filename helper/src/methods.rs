@@ -217,7 +217,9 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             tracing::info!(
                 "configure: profile {} at {}",
                 c.user_data_name.as_deref().unwrap_or("(unnamed)"),
-                c.user_data_root.as_deref().unwrap_or("(no directory given)")
+                c.user_data_root
+                    .as_deref()
+                    .unwrap_or("(no directory given)")
             );
             req.ok()
         }

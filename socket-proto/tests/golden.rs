@@ -614,7 +614,11 @@ fn configure_short_pipe_form() {
 /// refused.
 #[test]
 fn configure_without_the_profile_fields_is_accepted() {
-    for p in [json!({"memoryMB": 2048, "cpuCount": 2}), json!({}), json!(null)] {
+    for p in [
+        json!({"memoryMB": 2048, "cpuCount": 2}),
+        json!({}),
+        json!(null),
+    ] {
         match HostMethod::parse("configure", p.clone()) {
             Ok(HostMethod::Configure(c)) => {
                 assert_eq!((c.user_data_name, c.user_data_root), (None, None), "{p}")
