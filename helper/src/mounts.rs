@@ -85,6 +85,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
+use socket_proto::frame::json_kind;
 use socket_proto::host::MountPathParams;
 
 /// At most this many mounts per spawn, and per session with `mountPath`
@@ -709,17 +710,6 @@ fn absolute_under(home: &Path, p: &Path) -> PathBuf {
         p.to_path_buf()
     } else {
         home.join(p)
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

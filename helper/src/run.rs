@@ -281,6 +281,10 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
         }
     });
 
+    // One stream for the whole run: a SIGINT that arrives while an output
+    // event is being written is kept for the next turn, not lost.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| RunError::Io("listening for SIGINT", e))?;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let code = loop {
@@ -323,7 +327,7 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
                     _ => {}
                 }
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
                 let kill = GuestRequest::Kill(KillParams {
                     id: PROCESS_ID.into(),
                     signal: Some(Signal::Name("SIGINT".into())),

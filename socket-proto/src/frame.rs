@@ -73,7 +73,8 @@ impl FrameError {
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+/// What a JSON value is, for messages ("a string", "an array", ...).
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -98,7 +99,7 @@ pub fn decode_body(body: &[u8]) -> Result<JsonObject, FrameError> {
     let text = std::str::from_utf8(body).map_err(|_| FrameError::InvalidUtf8)?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(FrameError::NotAnObject(kind_of(&other))),
+        Ok(other) => Err(FrameError::NotAnObject(json_kind(&other))),
         Err(e) => Err(FrameError::InvalidJson(e.to_string())),
     }
 }
@@ -122,7 +123,7 @@ pub fn encode_frame_with_capacity<T: serde::Serialize + ?Sized>(
     // serde_json writes an object, and only an object, starting with '{'.
     if body.first() != Some(&b'{') {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        return Err(FrameError::NotAnObject(kind_of(&v)));
+        return Err(FrameError::NotAnObject(json_kind(&v)));
     }
     if body.len() > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(body.len() as u64));
