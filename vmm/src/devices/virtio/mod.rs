@@ -148,6 +148,28 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[start..start + n]);
 }
 
+/// Checks a device's config space the way a driver may read it: every
+/// offset below `spec.len()` at every width 1-8 gives `spec`'s bytes (and
+/// zeroes past its end), and reads far out of range give zeroes.
+#[cfg(test)]
+pub(crate) fn assert_config_reads(dev: &dyn VirtioDevice, spec: &[u8]) {
+    let mut padded = spec.to_vec();
+    padded.resize(spec.len() + 8, 0);
+    for offset in 0..spec.len() as u64 {
+        for len in 1..=8usize {
+            let mut got = [0xa5u8; 8];
+            dev.read_config(offset, &mut got[..len]);
+            let want = &padded[offset as usize..offset as usize + len];
+            assert_eq!(&got[..len], want, "offset {offset} len {len}");
+        }
+    }
+    for offset in [0x1000, u32::MAX as u64, u64::MAX - 7, u64::MAX] {
+        let mut got = [0xa5u8; 8];
+        dev.read_config(offset, &mut got);
+        assert_eq!(got, [0; 8], "offset {offset:#x}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
