@@ -685,6 +685,7 @@ mod tests {
             version: "3.1".into(),
             sha256: Some(socket_proto::manifest::hex(&sha2::Sha256::digest(data))),
             size: Some(data.len() as u64),
+            shared_path: None,
         })
         .unwrap();
         use base64::Engine;

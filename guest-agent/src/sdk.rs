@@ -376,6 +376,7 @@ mod tests {
             version: v.into(),
             sha256: Some(hex(&Sha256::digest(data))),
             size: Some(data.len() as u64),
+            shared_path: None,
         }
     }
 

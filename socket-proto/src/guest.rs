@@ -73,6 +73,25 @@ pub const ROOTFS_PARAM: &str = "coworkvm.rootfs=";
 /// The kernel parameter that names the sessions disk
 /// (`coworkvm.sessions=vdb`).
 pub const SESSIONS_PARAM: &str = "coworkvm.sessions=";
+/// The virtio-fs tag of the VM's one shared-folder device (the official
+/// stack's tag).
+pub const SHARE_TAG: &str = "claudeshared";
+/// Where the agent mounts [`SHARE_TAG`] in the guest (root only; no
+/// session sandbox binds it).
+pub const SHARE_GUEST_ROOT: &str = "/mnt/.virtiofs-root";
+/// The directory under the share's root that holds the grants, each at its
+/// root-relative host path: host `/home/u/work` is
+/// `/mnt/.virtiofs-root/shared/home/u/work` in the guest.
+pub const SHARE_GRANTS_DIR: &str = "shared";
+/// The guest uid and gid that virtiofsd shows the host user's files as
+/// (`--translate-uid host:<uid>:SHARE_OWNER_ID:1`). Outside the session uid
+/// range (1001-59999) and below `nobody`; the agent maps it to each
+/// session's uid with an idmapped bind where the guest kernel can.
+pub const SHARE_OWNER_ID: u32 = 60000;
+/// The capability the agent reports in `agent.info` when it has mounted
+/// [`SHARE_TAG`]: the helper forwards mounts only to such an agent.
+pub const SHARE_CAPABILITY: &str = "virtiofs";
+
 /// Why a host folder cannot appear in the guest yet (virtio-fs comes
 /// later): the agent's error to `mountPath`, and what the helper logs for
 /// each mount it lists in `failedMounts`.

@@ -580,6 +580,13 @@ pub struct InstallSdkParams {
     /// coworkvm extension, helper to agent: the binary's size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// coworkvm extension, helper to agent: the version directory is granted
+    /// read-only through the shared-folder device at this share-relative
+    /// path (`home/u/.config/.../<version>`, under
+    /// `/mnt/.virtiofs-root/shared/`); the agent uses the binary there and
+    /// no bytes are copied. The client never sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_path: Option<String>,
 }
 
 /// `addApprovedOauthToken {token}`; the token is a [`Secret`].

@@ -251,6 +251,7 @@ where
         version: version.to_owned(),
         sha256: Some(sha256),
         size: Some(size),
+        shared_path: None,
     });
     let r: InstallSdkResult = decode(
         "installSdk",
