@@ -6,7 +6,7 @@
 //! A case is a POSIX shell script. It finds what it needs in environment
 //! variables, the same in both modes:
 //! - the tools of [`Paths::tools`]: `COWORKVM` (the coworkvm binary),
-//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`;
+//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`, `RUN_AS`;
 //! - `KERNEL`: the guest kernel; `P`: the directory of payload files;
 //! - `DISK0`, `DISK1`, ...: the batch's disks (host files in direct mode,
 //!   L1's virtio disks in the rig, so the host can check them afterwards);
@@ -79,6 +79,7 @@ pub struct Paths {
     pub vsock_probe: PathBuf,
     pub agent_probe: PathBuf,
     pub client_probe: PathBuf,
+    pub run_as: PathBuf,
     /// Initramfs with coworkvm-agent as /init.
     pub agent_initrd: PathBuf,
 }
@@ -127,6 +128,7 @@ impl Paths {
             vsock_probe: release_dir.join("vsock-probe"),
             agent_probe: release_dir.join("agent-probe"),
             client_probe: release_dir.join("client-probe"),
+            run_as: release_dir.join("run-as"),
             agent_initrd: build.join("agent-initrd.cpio.zst"),
             kernel_release,
             coworkvm,
@@ -150,6 +152,7 @@ impl Paths {
             ("VSOCK_PROBE", &self.vsock_probe, "/bin/vsock-probe"),
             ("AGENT_PROBE", &self.agent_probe, "/bin/agent-probe"),
             ("CLIENT_PROBE", &self.client_probe, "/bin/client-probe"),
+            ("RUN_AS", &self.run_as, "/bin/run-as"),
         ]
     }
 
@@ -769,6 +772,7 @@ mod tests {
             vsock_probe: fake("vsock-probe"),
             agent_probe: fake("agent-probe"),
             client_probe: fake("client-probe"),
+            run_as: fake("run-as"),
             agent_initrd: fake("agent.cpio.zst"),
         };
         let batch = Batch {

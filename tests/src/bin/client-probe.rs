@@ -13,6 +13,9 @@
 //!        client-probe --escape SOCKET BUNDLE_DIR
 //! a victim and an attacker session in one VM: the adversarial checks of
 //! tests/tests/escape.rs.
+//!        client-probe --shares SOCKET BUNDLE_DIR HOST_DIR
+//! shared folders: the standard mounts, mountPath, and the escape attempts
+//! against the share (tests/tests/shares.rs).
 //!        client-probe --start SOCKET BUNDLE_DIR
 //! only starts the VM and waits until the guest is connected.
 //!        client-probe --bench N SOCKET BUNDLE_DIR
@@ -27,6 +30,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+
+#[path = "client-probe/shares.rs"]
+mod shares;
 use serde_json::{json, Value};
 use socket_proto::frame::{read_frame, write_frame};
 
@@ -655,6 +661,11 @@ fn main() {
             let up = ok(&r) && poll_connected(socket, Duration::from_secs(240)).is_some();
             println!("@@CLIENT started {up}");
             std::process::exit(i32::from(!up));
+        }
+    }
+    if let [_, flag, socket, bundle, host_dir] = argv.as_slice() {
+        if flag == "--shares" {
+            return shares::shares(socket, bundle, host_dir);
         }
     }
     if let [_, flag, n, socket, rest @ ..] = argv.as_slice() {
