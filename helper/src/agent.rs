@@ -176,7 +176,14 @@ pub struct AgentClient {
     /// exits of unknown ids).
     guest_event_log: LogLimit,
     startup_steps_seen: AtomicU32,
+    /// Told each process the client started that has ended (its `exit`, a
+    /// fatal `error`, or its spawn failed): the session's grants follow
+    /// its processes ([`crate::grants`]).
+    process_end_hook: Mutex<Option<ProcessEndHook>>,
 }
+
+/// See [`AgentClient::on_process_end`].
+pub type ProcessEndHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl AgentClient {
     /// An agent with no connection yet.
@@ -197,6 +204,7 @@ impl AgentClient {
             guest_error_log: LogLimit::new(),
             guest_event_log: LogLimit::new(),
             startup_steps_seen: AtomicU32::new(0),
+            process_end_hook: Mutex::new(None),
         })
     }
 
@@ -347,6 +355,20 @@ impl AgentClient {
     /// Forgets a process whose spawn failed.
     pub fn process_not_started(&self, id: &str) {
         lock(&self.running).remove(id);
+        self.process_ended(id);
+    }
+
+    /// Calls `hook` with the id of each process the client started once it
+    /// has ended.
+    pub fn on_process_end(&self, hook: ProcessEndHook) {
+        *lock(&self.process_end_hook) = Some(hook);
+    }
+
+    fn process_ended(&self, id: &str) {
+        let hook = lock(&self.process_end_hook).clone();
+        if let Some(hook) = hook {
+            hook(id);
+        }
     }
 
     /// Drops the current connection (the VM is gone): pending requests fail
@@ -608,6 +630,9 @@ impl AgentClient {
                 // One line per process the client started; exits for ids
                 // it did not start are the guest's to repeat, so limited.
                 let known = lock(&self.running).remove(&id);
+                if known {
+                    self.process_ended(&id);
+                }
                 let suffix = if known {
                     Some(String::new())
                 } else {
@@ -628,7 +653,9 @@ impl AgentClient {
             Ok(GuestEvent::Error { id, message, fatal }) => {
                 if fatal == Some(true) {
                     if let Some(id) = &id {
-                        lock(&self.running).remove(id);
+                        if lock(&self.running).remove(id) {
+                            self.process_ended(id);
+                        }
                     }
                 }
                 if let Some(n) = self.guest_error_log.allow() {

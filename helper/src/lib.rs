@@ -7,11 +7,13 @@
 //! | [`vm`] | VM lifecycle: images from the bundle ([`vm::ImageSource`]), the VMM child process ([`vm::VmLauncher`]), start, stop, crash handling |
 //! | [`agent`] | the guest agent's connection on `RUNDIR/vsock.sock_51234`: request/response correlation, guest events to client events |
 //! | [`methods`] | dispatch of every host-protocol method |
+//! | [`grants`] | which host folders each session holds, released when its last process ends |
 //! | [`mounts`] | the mount policy: `additionalMounts` / `mountPath` validation, parent-first order, the credential-store deny-list (not wired into `spawn` yet) |
 //! | [`wire`] | async frame reading with bounded allocation |
 
 pub mod agent;
 pub mod events;
+pub mod grants;
 pub mod methods;
 pub mod mounts;
 pub mod run;
