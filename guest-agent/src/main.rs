@@ -17,6 +17,7 @@ mod sandbox_it;
 mod sdk;
 mod seccomp;
 mod sessions;
+mod share;
 
 /// An I/O error and what it was about (a path, or an action and its path):
 /// the one I/O variant every module's error enum wraps.
