@@ -925,6 +925,15 @@ pub fn check_sdk_modes(shared_path: &str, dir_mode: u32, bin_mode: u32) -> Resul
 }
 
 #[cfg(test)]
+pub mod tests_support {
+    /// A tmpfs at `at`: a stand-in for the virtio-fs share that supports
+    /// idmapped mounts as 6.12's virtiofs does.
+    pub fn mount_tmpfs(at: &std::path::Path) {
+        super::sys_mount("coworkvm-test-share", at, Some("tmpfs"), 0, "mode=0755").unwrap();
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
