@@ -885,6 +885,38 @@ mod tests {
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
     }
 
+    /// Without a shared-folder device: no capability, mountPath and a
+    /// shared installSdk say so, and spawn's mounts all fail by name.
+    #[test]
+    fn without_a_share_mounts_fail_clearly() {
+        let d = tempfile::tempdir().unwrap();
+        let a = agent_on(d.path());
+        assert!(!a
+            .capabilities()
+            .contains(&guest::SHARE_CAPABILITY.to_string()));
+        let e = a
+            .mount_path(&MountPathParams {
+                process_id: "p".into(),
+                subpath: "home/u".into(),
+                mount_name: "m".into(),
+                mode: "ro".into(),
+            })
+            .unwrap_err();
+        assert!(matches!(e, RequestError::Share(ShareError::NoShare)), "{e}");
+        assert!(e.to_string().contains("no shared-folder"), "{e}");
+        let e = a
+            .install_sdk(&InstallSdkParams {
+                version: "1.0".into(),
+                shared_path: Some("home/u/sdk/1.0".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(e, RequestError::Share(ShareError::NoShare)), "{e}");
+        let mut p = spawn_params("nm", Some(false));
+        p.additional_mounts = Some(json!({"work": {"path": "home/u/w", "mode": "rw"}}));
+        assert_eq!(a.spawn(&p).unwrap(), json!({"failedMounts": ["work"]}));
+    }
+
     #[test]
     fn claude_resolves_to_the_installed_sdk() {
         let d = tempfile::tempdir().unwrap();

@@ -62,6 +62,8 @@ pub const MAX_MOUNT_DEPTH: usize = 8;
 pub const MAX_SHARE_PATH_BYTES: usize = 4096;
 /// SDK versions kept bound under `RUN_DIR/sdk`; the oldest go first.
 pub const MAX_SDK_MOUNTS: usize = 4;
+/// Tries of the boot mount, 100 ms apart, while the driver probes.
+const BOOT_MOUNT_TRIES: u32 = 20;
 /// The session tree's tmpfs holds only mount-point directories.
 const TREE_TMPFS_OPTIONS: &str = "mode=0755,size=256k,nr_inodes=4096";
 
@@ -551,14 +553,29 @@ impl Share {
             mkdir_mode(parent, 0o755).map_err(boot)?;
         }
         mkdir_mode(root, 0o700).map_err(boot)?;
-        sys_mount(
-            guest::SHARE_TAG,
-            root,
-            Some("virtiofs"),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            "",
-        )
-        .map_err(boot)?;
+        // The driver may still be probing the device it was just loaded
+        // for: an unknown tag is EINVAL, an unknown fs type ENODEV.
+        let mut tries = 0;
+        loop {
+            let r = sys_mount(
+                guest::SHARE_TAG,
+                root,
+                Some("virtiofs"),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                "",
+            );
+            match r {
+                Ok(()) => break,
+                Err(e)
+                    if tries < BOOT_MOUNT_TRIES
+                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENODEV)) =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(boot(e)),
+            }
+        }
         Share::open(root, Path::new(RUN_DIR)).map(Some)
     }
 
