@@ -794,6 +794,29 @@ fn shared_folders(rig: Rig) {
         .to_string();
     assert!(e.contains("no running process"), "{e}");
 
+    // A session that left a link where its mount tree goes: its mounts
+    // fail by name, nothing is bound through the link, the spawn runs.
+    let o = rig.run("epsilon", "true");
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let eps = rig.root.join("epsilon");
+    std::fs::remove_dir(eps.join("mnt")).unwrap();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, eps.join("mnt")).unwrap();
+    let p: SpawnParams = serde_json::from_value(json!({
+        "id": "fs-3", "name": "epsilon", "command": "sh", "isResume": false,
+        "args": ["-c", "echo ran"],
+        "additionalMounts": {"work": {"path": "home/u/work", "mode": "rw"}},
+    }))
+    .unwrap();
+    assert_eq!(
+        rig.agent.spawn(&p).unwrap(),
+        json!({"failedMounts": ["work"]})
+    );
+    let o = rig.wait("fs-3", &mut HashMap::new());
+    assert_eq!((o.code, o.stdout.as_str()), (Some(0), "ran\n"), "{o:?}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
     // The SDK from the share: checked, bound read-only, run as `claude`.
     let sdk = |path: &str| InstallSdkParams {
         sdk_subpath: "x".into(),

@@ -1068,6 +1068,78 @@ mod tests {
             .contains("not a regular file"));
     }
 
+    /// As root, in a mount namespace of this test's thread: where the
+    /// kernel refuses idmapped binds the grant is a plain one (the host
+    /// user's files show as SHARE_OWNER_ID), read-only when asked; the
+    /// tree stays while its session runs and is detached after.
+    #[test]
+    fn plain_binds_without_idmap_and_release() {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            coworkvm_tests::skip_or_fail("the share bind test: not root");
+            return;
+        }
+        // SAFETY: unshare and mount with constant arguments.
+        let private = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+        };
+        if !private {
+            coworkvm_tests::skip_or_fail("the share bind test: no private mount namespace");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("share");
+        std::fs::create_dir(&root).unwrap();
+        tests_support::mount_tmpfs(&root);
+        std::fs::create_dir_all(root.join("shared/h/w")).unwrap();
+        std::fs::write(root.join("shared/h/w/f"), "x").unwrap();
+        std::os::unix::fs::lchown(
+            root.join("shared/h/w/f"),
+            Some(guest::SHARE_OWNER_ID),
+            Some(guest::SHARE_OWNER_ID),
+        )
+        .unwrap();
+        let share = Share::open(&root, &d.path().join("run")).unwrap();
+        share.no_idmap.store(true, Ordering::Relaxed);
+        let g = |name: &str, mode| Grant {
+            name: name.into(),
+            path: "h/w".into(),
+            mode,
+        };
+        let (tree, failed) = share.mount_grants(
+            "s",
+            1234,
+            &[g("rw", MountMode::Rw), g("a/ro", MountMode::Ro)],
+        );
+        let tree = tree.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(tree.join("rw/f")).unwrap();
+        assert_eq!(md.uid(), guest::SHARE_OWNER_ID);
+        std::fs::write(tree.join("rw/new"), "y").unwrap();
+        let e = std::fs::write(tree.join("a/ro/new2"), "y").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        // The same grant again is fine; another under its name is not.
+        let (_, failed) = share.mount_grants("s", 1234, &[g("rw", MountMode::Rw)]);
+        assert!(failed.is_empty());
+        let (_, failed) = share.mount_grants("s", 1234, &[g("rw", MountMode::Ro)]);
+        assert!(matches!(failed[..], [(_, ShareError::AlreadyMounted(_))]));
+        // Running: kept. Idle: detached and removed.
+        share.release("s", || HashSet::from(["s".to_owned()]));
+        assert!(tree.join("rw/f").exists());
+        share.release("s", HashSet::new);
+        assert!(!tree.exists());
+        assert!(!share.has_tree("s"));
+        assert!(root.join("shared/h/w/new").exists());
+    }
+
     #[test]
     fn a_virtiofs_device_is_found_by_its_id() {
         let d = tempfile::tempdir().unwrap();
