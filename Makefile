@@ -40,7 +40,7 @@ build: kernel
 	target/release/coworkvm-rootfs initramfs --out build/agent-initrd.cpio.zst \
 	    --init $(RELEASE_DIR)/coworkvm-agent --busybox build/busybox \
 	    --kernel-dir build/kernel \
-	    --modules virtio_mmio,virtio_blk,virtio-rng,vmw_vsock_virtio_transport
+	    --modules virtio_mmio,virtio_blk,virtio-rng,vmw_vsock_virtio_transport,virtiofs
 	$(MAKE) --no-print-directory images
 
 # The guest images (kernel, initramfs, Debian rootfs, manifest) in

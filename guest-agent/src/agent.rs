@@ -5,12 +5,15 @@
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 use socket_proto::guest;
-use socket_proto::host::{InstallSdkParams, PruneSessionCachesParams, SpawnParams, SpawnResult};
-use socket_proto::sdk::InstallSdkChunkParams;
+use socket_proto::host::{
+    InstallSdkParams, MountPathParams, MountPathResult, PruneSessionCachesParams, SpawnParams,
+    SpawnResult,
+};
+use socket_proto::sdk::{InstallSdkChunkParams, InstallSdkResult};
 use socket_proto::Secret;
 
 use crate::cgroup::{CgroupError, SessionCgroups};
@@ -19,7 +22,8 @@ use crate::procs::{ProcError, Procs};
 use crate::sandbox::{self, SystemEntry};
 use crate::sdk::{SdkStore, SdkStoreError, RUNTIME_COMMANDS};
 use crate::seccomp::{self, SeccompError};
-use crate::sessions::{validate_name, SessionError, Sessions};
+use crate::sessions::{validate_name, SessionDir, SessionError, Sessions};
+use crate::share::{self, Grant, MountMode, Share, ShareError};
 
 /// The most approved tokens kept (the newest win).
 const MAX_TOKENS: usize = 32;
@@ -122,6 +126,9 @@ pub enum RequestError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Sdk(#[from] SdkStoreError),
+    /// Shared folders (`mountPath`, `installSdk` with `sharedPath`).
+    #[error(transparent)]
+    Share(#[from] ShareError),
     #[error(transparent)]
     Proc(#[from] ProcError),
     /// `readFile` refused.
@@ -144,6 +151,11 @@ pub struct Agent {
     /// vendor's guest hands them to its egress proxy (which comes in a
     /// later issue); nothing reads them yet.
     oauth_tokens: Mutex<Vec<Secret<String>>>,
+    /// The shared-folder device, when one is mounted.
+    share: Option<Arc<Share>>,
+    /// The SDK binary an `installSdk` with `sharedPath` bound last: the
+    /// runtime until a copied install replaces it.
+    shared_sdk: Mutex<Option<PathBuf>>,
 }
 
 /// Whether `path` is a mount point: another device than its parent's.
@@ -227,6 +239,28 @@ impl Agent {
             .ok()
         };
         let without_sandbox = WithoutSandbox::decide(rootfs, &why);
+        let share = if pid1 {
+            match Share::mount_at_boot() {
+                Ok(Some(s)) => {
+                    eprintln!(
+                        "coworkvm-agent: shared folders: {} mounted at {}",
+                        guest::SHARE_TAG,
+                        guest::SHARE_GUEST_ROOT
+                    );
+                    Some(Arc::new(s))
+                }
+                Ok(None) => {
+                    eprintln!("coworkvm-agent: shared folders: no virtio-fs device");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("coworkvm-agent: shared folders are unavailable: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         if sessions.is_some() && sandbox.is_some() {
             let limits = sandbox
                 .as_ref()
@@ -252,7 +286,23 @@ impl Agent {
                 why.join("; ")
             );
         }
-        Self::new(procs, root, sessions, sandbox, without_sandbox)
+        let agent = Self::new(procs, root, sessions, sandbox, without_sandbox);
+        match share {
+            Some(s) => agent.with_share(s),
+            None => agent,
+        }
+    }
+
+    /// The agent with the shared-folder device: sandboxed sessions get a
+    /// mount tree, detached when their last process has exited.
+    pub fn with_share(mut self, share: Arc<Share>) -> Self {
+        let s = share.clone();
+        self.procs
+            .set_session_idle_hook(Arc::new(move |procs: &Procs, session: &str| {
+                s.release(session, || procs.running_sessions())
+            }));
+        self.share = Some(share);
+        self
     }
 
     pub fn new(
@@ -273,6 +323,8 @@ impl Agent {
             without_sandbox,
             sdk,
             oauth_tokens: Mutex::new(Vec::new()),
+            share: None,
+            shared_sdk: Mutex::new(None),
         }
     }
 
@@ -297,6 +349,9 @@ impl Agent {
         }
         if self.sandboxed() {
             c.push("sandbox".into());
+        }
+        if self.share.is_some() {
+            c.push(guest::SHARE_CAPABILITY.into());
         }
         c
     }
@@ -328,14 +383,100 @@ impl Agent {
         if self.procs.is_in_use(&p.id) {
             return Err(RequestError::IdInUse(p.id.clone()));
         }
-        let failed_mounts = failed_mounts(p.additional_mounts.as_ref());
-        let (program, sdk_dir) = self.resolve_program(&p.command);
         let encoding = p.encoding.unwrap_or_default();
+        // The session counts as running while its mounts are made (a
+        // connection's spawn is reserved already), so that no exit of
+        // another of its processes detaches its tree meanwhile.
+        let reserved_here = self.procs.reserve(&p.id, &p.name, encoding).is_ok();
+        let r = self.spawn_reserved(p, encoding);
+        if reserved_here {
+            self.procs.unreserve(&p.id);
+        }
+        if r.is_err() {
+            self.release_mounts(&p.name);
+        }
+        r
+    }
+
+    /// Detaches `session`'s mount tree if no process of it is left (after
+    /// a spawn that failed).
+    pub fn release_mounts(&self, session: &str) {
+        if let Some(share) = &self.share {
+            share.release(session, || self.procs.running_sessions());
+        }
+    }
+
+    /// The session's mount tree with `asked`'s grants in it, and the
+    /// names of those that failed (each logged).
+    fn session_mounts(
+        &self,
+        share: &Share,
+        sd: &SessionDir,
+        asked: Option<&Value>,
+    ) -> (Option<PathBuf>, Vec<String>) {
+        let (grants, mut failed) = share::parse_additional_mounts(asked);
+        // bwrap binds the tree over `<session>/mnt`: a real directory, not
+        // a link or a file the session left there.
+        let tree = match crate::sessions::mkdir_beneath(&sd.path, Path::new("mnt"), sd.uid) {
+            Ok(()) => {
+                let (tree, more) = share.mount_grants(&sd.name, sd.uid, &grants);
+                failed.extend(more);
+                match tree {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("coworkvm-agent: session {}: {e}", sd.name);
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "coworkvm-agent: session {}: no shared folders: {e}",
+                    sd.name
+                );
+                failed.extend(grants.into_iter().map(|g| {
+                    let source = std::io::Error::from_raw_os_error(libc::ENOTDIR);
+                    (
+                        g.name.clone(),
+                        ShareError::Target {
+                            name: g.name,
+                            source,
+                        },
+                    )
+                }));
+                None
+            }
+        };
+        for (name, e) in &failed {
+            eprintln!(
+                "coworkvm-agent: session {}: mount {name:?} failed: {e}",
+                sd.name
+            );
+        }
+        let mut names: Vec<String> = failed.into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        (tree, names)
+    }
+
+    fn spawn_reserved(
+        &self,
+        p: &SpawnParams,
+        encoding: socket_proto::host::StreamEncoding,
+    ) -> Result<Value, RequestError> {
+        let mut failed_mounts = failed_mounts(p.additional_mounts.as_ref());
+        let (program, sdk_dir) = self.resolve_program(&p.command);
         let wants_sandbox = p.sandbox != Some(false);
         match (&self.sessions, &self.sandbox) {
             (Some(sessions), Some(sb)) if wants_sandbox => {
                 let sd = sessions.prepare(&p.name)?;
                 let cwd = sessions.resolve_cwd(&sd, p.cwd.as_deref())?;
+                let mut mounts_tree = None;
+                if let Some(share) = &self.share {
+                    let (tree, failed) =
+                        self.session_mounts(share, &sd, p.additional_mounts.as_ref());
+                    mounts_tree = tree;
+                    failed_mounts = (!failed.is_empty()).then_some(failed);
+                }
                 let env: BTreeMap<String, String> = p
                     .env
                     .as_ref()
@@ -345,6 +486,7 @@ impl Agent {
                     session_dir: sd.path.clone(),
                     cwd,
                     sdk_dir,
+                    mounts_tree,
                     system: sb.system.clone(),
                     info_fd: None,
                     seccomp_fd: None,
@@ -407,7 +549,14 @@ impl Agent {
                 }
                 // The test initramfs, or `sandbox: false`: the VM owner's
                 // root command (`coworkvm run`), which the helper never
-                // forwards from a client.
+                // forwards from a client. No session tree: every mount
+                // asked for fails by name.
+                if let Some(names) = &failed_mounts {
+                    eprintln!(
+                        "coworkvm-agent: spawn {}: unsandboxed, so no shared folders: {names:?}",
+                        p.id
+                    );
+                }
                 crate::debug!("spawn {}: unsandboxed, command {}", p.id, p.command);
                 let mut cmd = Procs::direct_command(p, &program);
                 // SAFETY: reset_oom_score_adj makes only async-signal-safe
@@ -421,8 +570,14 @@ impl Agent {
     }
 
     pub fn install_sdk(&self, p: &InstallSdkParams) -> Result<Value, RequestError> {
+        if let Some(shared_path) = &p.shared_path {
+            return self.install_shared_sdk(p, shared_path);
+        }
         let mut sdk = self.sdk_store()?;
         let r = sdk.begin(p)?;
+        if r.cached {
+            *lock(&self.shared_sdk) = None;
+        }
         if !r.cached {
             eprintln!(
                 "coworkvm-agent: receiving SDK {} ({} bytes)",
@@ -440,7 +595,61 @@ impl Agent {
 
     pub fn install_sdk_commit(&self, version: &str) -> Result<Value, RequestError> {
         let r = self.sdk_store()?.commit(version)?;
+        *lock(&self.shared_sdk) = None;
         eprintln!("coworkvm-agent: SDK {version} installed at {}", r.path);
+        Ok(serde_json::to_value(r).unwrap_or(Value::Null))
+    }
+
+    /// `installSdk` with `sharedPath`: the version directory granted
+    /// through the share becomes the runtime, nothing is copied; answered
+    /// as a cached install.
+    fn install_shared_sdk(
+        &self,
+        p: &InstallSdkParams,
+        shared_path: &str,
+    ) -> Result<Value, RequestError> {
+        let share = self.share.as_ref().ok_or(ShareError::NoShare)?;
+        // A transfer this replaces is dropped, as a new installSdk does.
+        if let Some(sdk) = &self.sdk {
+            lock(sdk).abort();
+        }
+        let bin = share.bind_sdk(&p.version, shared_path)?;
+        eprintln!(
+            "coworkvm-agent: SDK {} from the shared folder, at {}",
+            p.version,
+            bin.display()
+        );
+        *lock(&self.shared_sdk) = Some(bin.clone());
+        let r = InstallSdkResult {
+            cached: true,
+            path: Some(bin.to_string_lossy().into_owned()),
+        };
+        Ok(serde_json::to_value(r).unwrap_or(Value::Null))
+    }
+
+    /// `mountPath`: one more grant in the running session of `processId`.
+    pub fn mount_path(&self, m: &MountPathParams) -> Result<Value, RequestError> {
+        let share = self.share.as_ref().ok_or(ShareError::NoShare)?;
+        share::validate_mount_name(&m.mount_name)?;
+        share::validate_share_path(&m.subpath)?;
+        let grant = Grant {
+            name: m.mount_name.clone(),
+            path: m.subpath.clone(),
+            mode: MountMode::parse(&m.mode)?,
+        };
+        let session = self
+            .procs
+            .running_session_of(&m.process_id)
+            .ok_or_else(|| ShareError::NoSuchProcess(m.process_id.chars().take(128).collect()))?;
+        share.mount_into_running(&session, &grant)?;
+        let guest_path = self
+            .sessions_root()
+            .join(&session)
+            .join("mnt")
+            .join(&grant.name);
+        let r = MountPathResult {
+            guest_path: Some(guest_path.to_string_lossy().into_owned()),
+        };
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }
 
@@ -451,6 +660,9 @@ impl Agent {
 
     /// The installed SDK's binary, if any.
     fn sdk_current(&self) -> Option<PathBuf> {
+        if let Some(bin) = lock(&self.shared_sdk).clone() {
+            return Some(bin);
+        }
         let sdk = self.sdk.as_ref()?;
         lock(sdk).current()
     }
@@ -671,6 +883,38 @@ mod tests {
         a.spawn(&spawn_params("initramfs", None)).unwrap();
         assert!(a.procs.is_in_use("initramfs"));
         assert!(!a.capabilities().contains(&"sandbox".to_string()));
+    }
+
+    /// Without a shared-folder device: no capability, mountPath and a
+    /// shared installSdk say so, and spawn's mounts all fail by name.
+    #[test]
+    fn without_a_share_mounts_fail_clearly() {
+        let d = tempfile::tempdir().unwrap();
+        let a = agent_on(d.path());
+        assert!(!a
+            .capabilities()
+            .contains(&guest::SHARE_CAPABILITY.to_string()));
+        let e = a
+            .mount_path(&MountPathParams {
+                process_id: "p".into(),
+                subpath: "home/u".into(),
+                mount_name: "m".into(),
+                mode: "ro".into(),
+            })
+            .unwrap_err();
+        assert!(matches!(e, RequestError::Share(ShareError::NoShare)), "{e}");
+        assert!(e.to_string().contains("no shared-folder"), "{e}");
+        let e = a
+            .install_sdk(&InstallSdkParams {
+                version: "1.0".into(),
+                shared_path: Some("home/u/sdk/1.0".into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(e, RequestError::Share(ShareError::NoShare)), "{e}");
+        let mut p = spawn_params("nm", Some(false));
+        p.additional_mounts = Some(json!({"work": {"path": "home/u/w", "mode": "rw"}}));
+        assert_eq!(a.spawn(&p).unwrap(), json!({"failedMounts": ["work"]}));
     }
 
     #[test]

@@ -300,11 +300,12 @@ pub fn runs_on_worker(req: &GuestRequest) -> bool {
         | GuestRequest::InstallSdkCommit(_)
         | GuestRequest::GetSessionsDiskInfo(_)
         | GuestRequest::DeleteSessionDirs(_)
-        | GuestRequest::PruneSessionCaches(_) => true,
+        | GuestRequest::PruneSessionCaches(_)
+        // Mounting waits on the shared-folder device (the host's virtiofsd).
+        | GuestRequest::MountPath(_) => true,
         GuestRequest::AgentInfo
         | GuestRequest::Kill(_)
         | GuestRequest::IsProcessRunning(_)
-        | GuestRequest::MountPath(_)
         | GuestRequest::AddApprovedOauthToken(_)
         | GuestRequest::SetDebugLogging(_)
         | GuestRequest::Shutdown
@@ -434,9 +435,6 @@ fn respond_inline(
             Some((running, None)) => json!({ "running": running }),
             None => json!({"running": false}),
         },
-        GuestRequest::MountPath(_) => {
-            return Err(text(socket_proto::guest::NO_FOLDER_SHARING.into()))
-        }
         GuestRequest::AddApprovedOauthToken(t) => {
             agent.add_oauth_token(t.token);
             json!({})
@@ -462,8 +460,13 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, RequestE
             let r = agent.spawn(&p);
             // Taken by the process when it started; dropped if it did not.
             agent.procs.unreserve(&p.id);
+            if r.is_err() {
+                // Its mount tree, if nothing else of the session holds it.
+                agent.release_mounts(&p.name);
+            }
             r
         }
+        GuestRequest::MountPath(m) => agent.mount_path(&m),
         GuestRequest::ReadFile(r) => {
             let bytes = read_session_file(agent.sessions_root(), &r.process_name, &r.file_path)?;
             Ok(json!({"content": base64::engine::general_purpose::STANDARD.encode(bytes)}))

@@ -3,7 +3,8 @@
 //! guest protocol to the helper over vsock: spawning, streaming, feeding
 //! and killing processes, each session as its own user under bubblewrap
 //! when the session disk and bwrap are there; the session disk's janitor
-//! requests; and the SDK install.
+//! requests; the SDK install; and the shared folders of the virtio-fs
+//! device, bound into each session's sandbox (`share`).
 
 mod agent;
 mod cgroup;
@@ -17,6 +18,7 @@ mod sandbox_it;
 mod sdk;
 mod seccomp;
 mod sessions;
+mod share;
 
 /// An I/O error and what it was about (a path, or an action and its path):
 /// the one I/O variant every module's error enum wraps.

@@ -418,11 +418,27 @@ struct Inner {
     /// Stdin bytes waiting in all queues.
     stdin_total: Arc<AtomicUsize>,
     sender: Option<Sender>,
+    /// Called (without the lock) with a session's name once its last
+    /// process has exited and no spawn of it is starting.
+    on_session_idle: Option<SessionIdleHook>,
 }
+
+/// What runs when a session has no process left (`Procs::set_session_idle_hook`).
+pub type SessionIdleHook = Arc<dyn Fn(&Procs, &str) + Send + Sync>;
 
 impl Inner {
     fn live(&self) -> usize {
         self.starting.len() + self.procs.values().filter(|p| p.is_live()).count()
+    }
+
+    /// Whether `session` has no process that has not exited and no spawn
+    /// starting.
+    fn session_idle(&self, session: &str) -> bool {
+        !self
+            .procs
+            .values()
+            .any(|p| p.session == session && p.exit.is_none())
+            && !self.starting.values().any(|s| s.session == session)
     }
 
     fn id_taken(&self, id: &str) -> bool {
@@ -534,6 +550,20 @@ struct Pipes {
 impl Procs {
     pub fn set_sender(&self, s: Option<Sender>) {
         lock(&self.inner).sender = s;
+    }
+
+    /// `hook(session)` runs on the reaper once a session's last process
+    /// has exited. It must not call back into a held `Procs` lock (it is
+    /// called without it).
+    pub fn set_session_idle_hook(&self, hook: SessionIdleHook) {
+        lock(&self.inner).on_session_idle = Some(hook);
+    }
+
+    /// The session of process `id` while it has not exited.
+    pub fn running_session_of(&self, id: &str) -> Option<String> {
+        let inner = lock(&self.inner);
+        let p = inner.procs.get(inner.by_id.get(id)?)?;
+        p.exit.is_none().then(|| p.session.clone())
     }
 
     /// The unsandboxed command of a spawn (no session disk or no bwrap):
@@ -925,11 +955,20 @@ impl Procs {
             let Some(serial) = inner.by_pid.remove(&pid) else {
                 continue;
             };
+            let mut session = None;
             if let Some(p) = inner.procs.get_mut(&serial) {
                 p.exit = Some(exit_of(p.sandboxed, p.last_signal, es.code(), es.signal()));
                 p.stdin.close();
+                session = Some(p.session.clone());
             }
             inner.settle(serial);
+            let idle = session
+                .filter(|s| inner.session_idle(s))
+                .zip(inner.on_session_idle.clone());
+            drop(inner);
+            if let Some((session, hook)) = idle {
+                hook(self, &session);
+            }
             // A background grandchild may hold the pipes open for ever:
             // give the output a moment to drain, then report the exit.
             let _ = drain_tx.send((serial, Instant::now() + DRAIN_GRACE));

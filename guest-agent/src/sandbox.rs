@@ -93,6 +93,9 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// The installed SDK's version directory: bound read-only, first on PATH.
     pub sdk_dir: Option<PathBuf>,
+    /// The session's shared-folder mount tree (`crate::share`): bound at
+    /// `<session_dir>/mnt`, where grants attached to it later appear too.
+    pub mounts_tree: Option<PathBuf>,
     pub system: Vec<SystemEntry>,
     /// The write end of the info pipe, passed as `--info-fd`.
     pub info_fd: Option<i32>,
@@ -171,6 +174,11 @@ impl Spec {
         }
         push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
         push(&[&"--bind", &self.session_dir, &self.session_dir]);
+        // Read-write bind: `--ro-bind` would make the rw grants inside
+        // read-only; the tree's own directories are root's anyway.
+        if let Some(tree) = &self.mounts_tree {
+            push(&[&"--bind", tree, &self.session_dir.join("mnt")]);
+        }
         if let Some(sdk) = &self.sdk_dir {
             push(&[&"--ro-bind", sdk, sdk]);
         }
@@ -344,6 +352,7 @@ mod tests {
             session_dir: "/sessions/s1".into(),
             cwd: "/sessions/s1/work".into(),
             sdk_dir: Some("/sessions/.coworkvm/sdk/2.0".into()),
+            mounts_tree: None,
             system: vec![
                 SystemEntry::Bind("/usr".into()),
                 SystemEntry::Bind("/etc".into()),
@@ -421,6 +430,25 @@ mod tests {
         // A command that looks like an option is still the command.
         let a = strings(&spec().args("--version", &[]));
         assert_eq!(&a[a.len() - 2..], ["--", "--version"]);
+    }
+
+    #[test]
+    fn the_mount_tree_is_bound_read_write_at_mnt_after_the_session() {
+        let mut s = spec();
+        s.mounts_tree = Some("/run/coworkvm/mnt/s1".into());
+        let a = strings(&s.args("sh", &[]));
+        let at = |seq: &[&str]| a.windows(seq.len()).position(|w| w == seq);
+        let session = at(&["--bind", "/sessions/s1", "/sessions/s1"]).unwrap();
+        let tree = at(&["--bind", "/run/coworkvm/mnt/s1", "/sessions/s1/mnt"]).unwrap();
+        // Over the session's own directory, so after it.
+        assert!(session < tree, "{a:?}");
+        assert!(!has(
+            &a,
+            &["--ro-bind", "/run/coworkvm/mnt/s1", "/sessions/s1/mnt"]
+        ));
+        // Without a tree nothing is bound there.
+        let a = strings(&spec().args("sh", &[]));
+        assert!(!a.iter().any(|x| x.ends_with("/mnt")), "{a:?}");
     }
 
     #[test]

@@ -264,6 +264,10 @@ fn sessions_run_in_bwrap() {
     if !available() {
         return;
     }
+    // The shared-folder part mounts: in a private mount namespace of this
+    // thread, made before the rig so that its threads and children share
+    // it (the session trees live there, and the reaper detaches them).
+    let private_mounts = private_mount_namespace();
     // A test group in this host's cgroup2 hierarchy (no controllers needed:
     // the test checks the move into the group, not the limits).
     let cg_base = host_cgroup2().map(|b| b.join(format!("coworkvm-it-{}", std::process::id())));
@@ -285,6 +289,12 @@ fn sessions_run_in_bwrap() {
     own_users_signals_and_janitor(&mut rig);
     if have_perl() {
         filtered_with_own_accounts_in_their_cgroup(&mut rig, cg_base.as_deref());
+    }
+    match private_mounts {
+        Ok(()) => shared_folders(rig),
+        Err(e) => coworkvm_tests::skip_or_fail(format!(
+            "shared-folder part: no private mount namespace: {e}"
+        )),
     }
     // Leave no groups behind on the host.
     if let Some(base) = cg_base {
@@ -568,4 +578,271 @@ fn filtered_with_own_accounts_in_their_cgroup(rig: &mut Rig, cg_base: Option<&Pa
         )
         .unwrap();
     rig.wait("bg", &mut seen);
+}
+
+/// Moves this thread into a mount namespace of its own, private
+/// throughout, so that nothing it mounts reaches the host's.
+fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare and mount with constant arguments and static strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn chown(p: &Path, id: u32) {
+    std::os::unix::fs::lchown(p, Some(id), Some(id)).unwrap();
+}
+
+/// Shared folders with a tmpfs standing in for the virtio-fs share (the
+/// host user's files owned by SHARE_OWNER_ID): grants at spawn, one added
+/// by mountPath to the running sandbox, read-only and idmapped binds,
+/// refused links and paths, the tree detached after the last exit, and
+/// the SDK from the share. Session gamma and delta (the third and fourth
+/// uids).
+fn shared_folders(rig: Rig) {
+    use crate::share::Share;
+    use socket_proto::guest::SHARE_OWNER_ID;
+    use socket_proto::host::{InstallSdkParams, MountPathParams};
+    use std::sync::Arc;
+
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let share_root = d.path().join("share");
+    std::fs::create_dir(&share_root).unwrap();
+    crate::share::tests_support::mount_tmpfs(&share_root);
+    let home = share_root.join("shared/home/u");
+    for dir in ["work", "ro", "sdk/1.0", "outside"] {
+        std::fs::create_dir_all(home.join(dir)).unwrap();
+    }
+    for dir in [
+        "shared",
+        "shared/home",
+        "shared/home/u",
+        "shared/home/u/sdk",
+    ] {
+        std::fs::set_permissions(share_root.join(dir), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    std::fs::write(home.join("work/hello"), "hello from the host\n").unwrap();
+    std::fs::write(home.join("ro/doc"), "read me\n").unwrap();
+    std::fs::write(
+        home.join("sdk/1.0/claude"),
+        "#!/bin/sh\necho sdk-ran \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        home.join("sdk/1.0/claude"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc", home.join("link")).unwrap();
+    for p in [
+        "work",
+        "work/hello",
+        "ro",
+        "ro/doc",
+        "sdk/1.0",
+        "sdk/1.0/claude",
+    ] {
+        chown(&home.join(p), SHARE_OWNER_ID);
+    }
+    let run = d.path().join("run");
+    let share = Arc::new(Share::open(&share_root, &run).unwrap());
+    let Rig {
+        agent,
+        events,
+        _dir,
+        root,
+    } = rig;
+    let mut rig = Rig {
+        agent: agent.with_share(share.clone()),
+        events,
+        _dir,
+        root,
+    };
+    assert!(rig
+        .agent
+        .capabilities()
+        .contains(&socket_proto::guest::SHARE_CAPABILITY.to_string()));
+
+    // Grants at spawn; the failures are named, the spawn goes on.
+    let p: SpawnParams = serde_json::from_value(json!({
+        "id": "fs-1", "name": "gamma", "command": "sh", "isResume": false,
+        "args": ["-c", r#"
+            cat ~/mnt/work/hello
+            echo "owner=$(stat -c %u ~/mnt/work/hello) me=$(id -u)"
+            echo made > ~/mnt/work/made && echo wrote
+            echo x > ~/mnt/docs/ro/new 2>/dev/null || echo ro-refused
+            rm ~/mnt/docs/ro/doc 2>/dev/null || echo ro-kept
+            touch ~/mnt/own 2>/dev/null || echo tree-is-roots
+            echo "mnt=$(ls ~/mnt | tr '\n' ' ')"
+            echo ready
+            i=0
+            while [ ! -e ~/mnt/later/hello ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+            echo "later=$(cat ~/mnt/later/hello)"
+            grep -c '/gamma/mnt/later ' /proc/self/mountinfo
+        "#],
+        "additionalMounts": {
+            "work": {"path": "home/u/work", "mode": "rw"},
+            "docs/ro": {"path": "home/u/ro", "mode": "ro"},
+            "evil": {"path": "home/u/link", "mode": "ro"},
+            "escape": {"path": "home/u/../../../etc", "mode": "ro"},
+            "abs": {"path": "/etc", "mode": "ro"},
+            "../up": {"path": "home/u/work", "mode": "ro"},
+            "missing": {"path": "home/u/nope", "mode": "rw"},
+        },
+    }))
+    .unwrap();
+    let r = rig.agent.spawn(&p).unwrap();
+    assert_eq!(
+        r,
+        json!({"failedMounts": ["../up", "abs", "escape", "evil", "missing"]})
+    );
+    let tree = run.join("mnt/gamma");
+    assert!(share.has_tree("gamma"));
+    let mut seen = HashMap::new();
+    // Wait until it is ready, then add one while it runs.
+    while !seen
+        .get("fs-1")
+        .is_some_and(|o: &Outcome| o.stdout.contains("ready"))
+    {
+        match rig.events.recv_timeout(Duration::from_secs(30)).unwrap() {
+            GuestEvent::Stdout { id, data } => seen.entry(id).or_default().stdout.push_str(&data),
+            GuestEvent::Stderr { id, data } => seen.entry(id).or_default().stderr.push_str(&data),
+            other => panic!("unexpected {other:?}; so far {seen:?}"),
+        }
+    }
+    let mp = |id: &str, name: &str, sub: &str, mode: &str| MountPathParams {
+        process_id: id.into(),
+        subpath: sub.into(),
+        mount_name: name.into(),
+        mode: mode.into(),
+    };
+    let r = rig
+        .agent
+        .mount_path(&mp("fs-1", "later", "home/u/work", "ro"))
+        .unwrap();
+    assert_eq!(
+        r["guestPath"],
+        rig.root.join("gamma/mnt/later").to_string_lossy().as_ref()
+    );
+    for (bad, why) in [
+        (mp("nobody", "x", "home/u/work", "ro"), "no running process"),
+        (mp("fs-1", "../x", "home/u/work", "ro"), "mount name"),
+        (mp("fs-1", "x", "home/u/../..", "ro"), "path"),
+        (mp("fs-1", "x", "home/u/link", "ro"), "shared/home/u/link"),
+        (mp("fs-1", "x", "home/u/work", "rwx"), "mode"),
+        (mp("fs-1", "later", "home/u/ro", "ro"), "already mounted"),
+    ] {
+        let e = rig.agent.mount_path(&bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad:?}: {e}");
+    }
+    let o = rig.wait("fs-1", &mut seen);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let uid = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("owner="))
+        .unwrap();
+    let (owner, me) = uid.split_once(" me=").unwrap();
+    // Idmapped: the host user's files are the session's.
+    assert_eq!(owner, me, "{o:?}");
+    for want in [
+        "hello from the host",
+        "wrote",
+        "ro-refused",
+        "ro-kept",
+        "tree-is-roots",
+        "mnt=docs work ",
+        "later=hello from the host",
+    ] {
+        assert!(o.stdout.contains(want), "{want:?} missing: {o:?}");
+    }
+    // The later mount propagated into the running sandbox.
+    assert!(o.stdout.trim_end().ends_with('1'), "{o:?}");
+    // Written through the idmap: the host user's file.
+    use std::os::unix::fs::MetadataExt;
+    let made = std::fs::metadata(home.join("work/made")).unwrap();
+    assert_eq!(made.uid(), SHARE_OWNER_ID);
+    assert!(home.join("ro/doc").exists());
+    assert!(!home.join("outside/x").exists());
+    // The last process gone: the tree is detached and removed.
+    let mut gone = false;
+    for _ in 0..100 {
+        if !share.has_tree("gamma") && !tree.exists() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gone, "the tree of gamma outlived its last process");
+    let e = rig
+        .agent
+        .mount_path(&mp("fs-1", "again", "home/u/work", "ro"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no running process"), "{e}");
+
+    // A session that left a link where its mount tree goes: its mounts
+    // fail by name, nothing is bound through the link, the spawn runs.
+    let o = rig.run("epsilon", "true");
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let eps = rig.root.join("epsilon");
+    std::fs::remove_dir(eps.join("mnt")).unwrap();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, eps.join("mnt")).unwrap();
+    let p: SpawnParams = serde_json::from_value(json!({
+        "id": "fs-3", "name": "epsilon", "command": "sh", "isResume": false,
+        "args": ["-c", "echo ran"],
+        "additionalMounts": {"work": {"path": "home/u/work", "mode": "rw"}},
+    }))
+    .unwrap();
+    assert_eq!(
+        rig.agent.spawn(&p).unwrap(),
+        json!({"failedMounts": ["work"]})
+    );
+    let o = rig.wait("fs-3", &mut HashMap::new());
+    assert_eq!((o.code, o.stdout.as_str()), (Some(0), "ran\n"), "{o:?}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // The SDK from the share: checked, bound read-only, run as `claude`.
+    let sdk = |path: &str| InstallSdkParams {
+        sdk_subpath: "x".into(),
+        version: "1.0".into(),
+        shared_path: Some(path.into()),
+        ..Default::default()
+    };
+    for (bad, why) in [
+        ("home/u/ro", "claude"),
+        ("home/u/link", "shared/home/u/link"),
+        ("home/u/../u/sdk/1.0", "path"),
+    ] {
+        let e = rig.agent.install_sdk(&sdk(bad)).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    let r = rig.agent.install_sdk(&sdk("home/u/sdk/1.0")).unwrap();
+    let bin = run.join("sdk/1.0/claude");
+    assert_eq!(r, json!({"cached": true, "path": bin.to_string_lossy()}));
+    let p: SpawnParams = serde_json::from_value(json!({
+        "id": "fs-2", "name": "delta", "command": "claude", "args": ["--version"],
+        "isResume": false,
+    }))
+    .unwrap();
+    assert_eq!(rig.agent.spawn(&p).unwrap(), json!({}));
+    let o = rig.wait("fs-2", &mut HashMap::new());
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "sdk-ran --version\n");
+    drop(share);
 }

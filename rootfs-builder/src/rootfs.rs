@@ -38,6 +38,8 @@ pub const INITRD_MODULES: &[&str] = &[
     "virtio-rng",
     "vmw_vsock_virtio_transport",
     "overlay",
+    // The shared-folder device (pulls in `fuse`); built in on 6.12.
+    "virtiofs",
 ];
 /// Files of an image directory, in manifest order.
 pub const IMAGE_FILES: &[&str] = &["vmlinuz", "initrd.img", "rootfs.img", "rootfs.img.zst"];
