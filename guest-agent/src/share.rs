@@ -435,6 +435,26 @@ fn detach(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The directory `comp` in `dir`, made (0755) when missing; no link is
+/// followed.
+fn open_or_make_dir(dir: &OwnedFd, comp: &str) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY;
+    match openat2(dir, comp, flags, BENEATH_NO_LINKS) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            let c = cstring(comp)?;
+            // SAFETY: `c` is NUL-terminated; `dir` is an open directory.
+            if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(e);
+                }
+            }
+            openat2(dir, comp, flags, BENEATH_NO_LINKS)
+        }
+        r => r,
+    }
+}
+
 fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     match std::fs::DirBuilder::new().mode(mode).create(path) {
@@ -793,6 +813,29 @@ impl Share {
             source,
         };
         let flags = libc::O_PATH | libc::O_DIRECTORY;
+        // A name nested in a grant (`.claude/skills` in `.claude`) needs its
+        // directory inside that grant. Through the session's idmapped bind
+        // root is not mapped and cannot create it, so it is made through the
+        // share itself (root there is the host user, by virtiofsd's
+        // translation), beneath the parent grant's source.
+        let parent = tree
+            .mounts
+            .iter()
+            .filter(|(k, _)| name.len() > k.len() && name.starts_with(k.as_str()))
+            .filter(|(k, _)| name.as_bytes()[k.len()] == b'/')
+            .max_by_key(|(k, _)| k.len());
+        if let Some((k, (src, _))) = parent {
+            let mut cur = openat2(
+                &self.root,
+                &format!("{}/{}", guest::SHARE_GRANTS_DIR, src),
+                flags,
+                BENEATH_NO_LINKS,
+            )
+            .map_err(err)?;
+            for comp in name[k.len() + 1..].split('/') {
+                cur = open_or_make_dir(&cur, comp).map_err(err)?;
+            }
+        }
         let mut cur = openat2(&tree.root, ".", flags, BENEATH_NO_LINKS).map_err(err)?;
         for comp in name.split('/') {
             let next = match openat2(&cur, comp, flags, BENEATH_NO_LINKS) {
