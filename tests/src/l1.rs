@@ -113,6 +113,15 @@ pub fn init_script(cases: &[&Case], disks: usize, tools: &[(&str, &str)]) -> Str
     let mut s = format!(
         r#"#!/bin/sh
 export PATH=/bin
+# pivot_root(2) refuses the initramfs's rootfs (it has no parent mount), and
+# virtiofsd's --sandbox namespace pivots into its shared directory, as
+# container runtimes do: so L1 runs from a bind mount of its rootfs, which
+# has a parent, entered by chroot (the files stay where they are).
+if [ -z "$RIG_ROOT_BOUND" ]; then
+    export RIG_ROOT_BOUND=1
+    mkdir -p /.l1root && mount --bind / /.l1root && exec chroot /.l1root /init
+    echo "rig: cannot bind / for pivot_root: virtiofsd's namespace sandbox will fail"
+fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -986,6 +995,11 @@ mod tests {
         let refs: Vec<&Case> = cases.iter().collect();
         let s = init_script(&refs, 2, &[("COWORKVM", "/bin/coworkvm")]);
         assert!(s.starts_with("#!/bin/sh\n"));
+        // L1 leaves the rootfs (where pivot_root fails) before anything else.
+        let bind = s
+            .find("mount --bind / /.l1root && exec chroot /.l1root /init")
+            .unwrap();
+        assert!(bind < s.find("mount -t proc").unwrap());
         assert!(s.contains("timeout 30 sh /cases/one.sh </dev/null 2>&1\n"));
         assert!(s.contains("-ge 45 ] && rc=none\n"));
         assert!(s.contains("echo \"@@RIG-END two rc=$rc\""));
