@@ -14,7 +14,9 @@ TARGET=x86_64-unknown-linux-gnu
 root="$BUILD/virtiofsd"
 bin="$root/bin/virtiofsd"
 
-if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "virtiofsd $VERSION" ]; then
+doc="$root/share/doc/virtiofsd"
+if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "virtiofsd $VERSION" ] \
+    && [ -f "$doc/LICENSE-BSD-3-Clause" ]; then
     exit 0
 fi
 for lib in libseccomp.a libcap-ng.a; do
@@ -47,4 +49,10 @@ if readelf -lW "$bin" | grep -q 'INTERP' || readelf -dW "$bin" | grep -q '(NEEDE
 fi
 got=$("$bin" --version) || { echo "build-virtiofsd: $bin --version failed" >&2; exit 1; }
 [ "$got" = "virtiofsd $VERSION" ] || { echo "build-virtiofsd: $bin says '$got'" >&2; exit 1; }
+# Its licence texts (Apache-2.0 AND BSD-3-Clause), for the package's
+# copyright file: from the crate cargo just unpacked.
+src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"virtiofsd-$VERSION" 2>/dev/null | head -n1)
+[ -f "$src/LICENSE-BSD-3-Clause" ] || { echo "build-virtiofsd: virtiofsd-$VERSION sources not found under ${CARGO_HOME:-$HOME/.cargo}/registry/src" >&2; exit 1; }
+mkdir -p "$doc"
+cp "$src/LICENSE-APACHE" "$src/LICENSE-BSD-3-Clause" "$doc/"
 echo "build-virtiofsd: $got in $(( $(date +%s) - start )) s"

@@ -115,12 +115,16 @@ pub fn init_script(cases: &[&Case], disks: usize, tools: &[(&str, &str)]) -> Str
 export PATH=/bin
 # pivot_root(2) refuses the initramfs's rootfs (it has no parent mount), and
 # virtiofsd's --sandbox namespace pivots into its shared directory, as
-# container runtimes do: so L1 runs from a bind mount of its rootfs, which
-# has a parent, entered by chroot (the files stay where they are).
-if [ -z "$RIG_ROOT_BOUND" ]; then
-    export RIG_ROOT_BOUND=1
-    mkdir -p /.l1root && mount --bind / /.l1root && exec chroot /.l1root /init
-    echo "rig: cannot bind / for pivot_root: virtiofsd's namespace sandbox will fail"
+# container runtimes do. So L1 runs from a bind mount of its rootfs moved
+# onto / (what switch_root does; the files stay where they are). A plain
+# chroot would not do: unshare(CLONE_NEWUSER) refuses a chrooted caller.
+if [ -z "$RIG_ROOT_MOVED" ]; then
+    export RIG_ROOT_MOVED=1
+    if mkdir -p /.l1root && mount -o bind / /.l1root && cd /.l1root && mount -o move . /; then
+        exec chroot . /init
+    fi
+    cd /
+    echo "rig: cannot move L1's root off the rootfs: virtiofsd's namespace sandbox will fail"
 fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -997,7 +1001,7 @@ mod tests {
         assert!(s.starts_with("#!/bin/sh\n"));
         // L1 leaves the rootfs (where pivot_root fails) before anything else.
         let bind = s
-            .find("mount --bind / /.l1root && exec chroot /.l1root /init")
+            .find("mount -o move . /; then\n        exec chroot . /init")
             .unwrap();
         assert!(bind < s.find("mount -t proc").unwrap());
         assert!(s.contains("timeout 30 sh /cases/one.sh </dev/null 2>&1\n"));
