@@ -587,6 +587,66 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    #[test]
+    fn doctor_names_the_virtiofsd_or_says_how_to_get_one() {
+        use coworkvm_helper::virtiofsd::{
+            Candidate, Rejected, Rejection, Resolution, Source, Virtiofsd,
+        };
+        let rejected = |path: &str, source, reason| Rejected {
+            candidate: Candidate {
+                path: path.into(),
+                source,
+            },
+            reason,
+        };
+        let found = Resolution {
+            chosen: Some(Virtiofsd {
+                path: "/usr/lib/coworkvm/virtiofsd".into(),
+                version: (1, 14, 0),
+            }),
+            rejected: vec![
+                rejected(
+                    "/opt/qemu-virtiofsd",
+                    Source::Configured,
+                    Rejection::LegacyC {
+                        reported: "virtiofsd version 7.2.22".into(),
+                    },
+                ),
+                rejected("/usr/libexec/virtiofsd", Source::System, Rejection::Missing),
+            ],
+        };
+        let lines = virtiofsd_lines(&found);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].contains("/usr/lib/coworkvm/virtiofsd 1.14.0"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("/opt/qemu-virtiofsd (configure.virtiofsdPath)"),
+            "{lines:?}"
+        );
+        let json = virtiofsd_json(&found);
+        assert_eq!(json["version"], "1.14.0");
+        assert_eq!(json["rejected"].as_array().unwrap().len(), 2);
+
+        let none = Resolution {
+            chosen: None,
+            rejected: vec![rejected(
+                "/usr/bin/virtiofsd",
+                Source::System,
+                Rejection::TooOld { found: (1, 10, 1) },
+            )],
+        };
+        let lines = virtiofsd_lines(&none).join("\n");
+        assert!(lines.contains("none usable (>= 1.13.0 needed)"), "{lines}");
+        assert!(lines.contains("1.10.1 is too old"), "{lines}");
+        assert!(
+            lines.contains("make build") && lines.contains("virtiofsdPath"),
+            "{lines}"
+        );
+        assert!(virtiofsd_json(&none)["path"].is_null());
+    }
+
     fn norm(args: &[&str]) -> Vec<String> {
         normalize_args(args.iter().map(Into::into).collect())
             .into_iter()
