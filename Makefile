@@ -34,7 +34,11 @@ kernel-6.1: deps
 test-kernel-6.1: build kernel-6.1
 	SKIP_VM= COWORKVM_BUILD_DIR=$(KERNEL_61_DIR) cargo test -p coworkvm-tests --test boot
 
+# virtiofsd (the Rust virtio-fs daemon, for shared folders) comes from
+# crates.io, static, into build/virtiofsd/bin (scripts/build-virtiofsd.sh:
+# skipped when that version is already built).
 build: kernel
+	scripts/build-virtiofsd.sh build
 	$(STATIC_ENV) cargo build --release --target $(TARGET) -p coworkvm -p coworkvm-agent -p coworkvm-tests --bins
 	cargo build --release -p coworkvm-rootfs
 	target/release/coworkvm-rootfs initramfs --out build/agent-initrd.cpio.zst \

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Debian package from what `make build` made:
 #   /usr/bin/coworkvm                      the static VMM, helper and tools
+#   /usr/lib/coworkvm/virtiofsd            the static virtiofsd (1.14.0) for
+#                                          shared folders, where the helper's
+#                                          search (helper/src/virtiofsd.rs) finds it
 #   /usr/lib/coworkvm/images/              kernel, initramfs, rootfs.img.zst and
 #                                          manifest.json: what every bundle is
 #                                          seeded from (Bundle::default_images_dir)
@@ -15,7 +18,9 @@ cd "$(dirname "$0")/.."
 out=${1:-build}
 bin=target/x86_64-unknown-linux-gnu/release/coworkvm
 images=build/images
-for f in "$bin" "$images/vmlinuz" "$images/initrd.img" "$images/rootfs.img.zst" "$images/manifest.json"; do
+virtiofsd=build/virtiofsd/bin/virtiofsd
+virtiofsd_doc=build/virtiofsd/share/doc/virtiofsd
+for f in "$bin" "$virtiofsd" "$virtiofsd_doc/LICENSE-BSD-3-Clause" "$images/vmlinuz" "$images/initrd.img" "$images/rootfs.img.zst" "$images/manifest.json"; do
     [ -f "$f" ] || { echo "build-deb: $f is missing; run make build" >&2; exit 1; }
 done
 command -v dpkg-deb >/dev/null || { echo "build-deb: dpkg-deb not found" >&2; exit 1; }
@@ -34,6 +39,8 @@ install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/usr/lib/coworkvm/images
 # Debug line tables stay in target/; symbols stay for backtraces.
 objcopy --strip-debug "$bin" "$root/usr/bin/coworkvm"
 chmod 0755 "$root/usr/bin/coworkvm"
+objcopy --strip-debug "$virtiofsd" "$root/usr/lib/coworkvm/virtiofsd"
+chmod 0755 "$root/usr/lib/coworkvm/virtiofsd"
 for f in vmlinuz initrd.img rootfs.img.zst manifest.json; do
     install -m 0644 "$images/$f" "$root/usr/lib/coworkvm/images/$f"
 done
@@ -41,6 +48,8 @@ install -m 0644 README.md "$root/usr/share/doc/coworkvm/README.md"
 
 kernel=$(sed -n 's/.*"kernel_version": "\(.*\)".*/\1/p' "$images/manifest.json")
 rootfs=$(sed -n 's/.*"rootfs_version": "\(.*\)".*/\1/p' "$images/manifest.json")
+# BSD-3-Clause has no copy in /usr/share/common-licenses: its text goes in.
+bsd_text=$(sed -e 's|^// \{0,1\}||' -e 's|^$|.|' -e 's|^| |' "$virtiofsd_doc/LICENSE-BSD-3-Clause")
 cat > "$root/usr/share/doc/coworkvm/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: coworkvm
@@ -59,6 +68,17 @@ License: various, see each package
  package. rootfs.img.zst is a Debian bookworm tree ($rootfs) made from the
  packages listed in /usr/share/doc/<package>/copyright inside it; their
  sources are in the Debian archive and at snapshot.debian.org.
+
+Files: usr/lib/coworkvm/virtiofsd
+Copyright: the Virtiofs Project Developers; 2017 The Chromium OS Authors
+License: Apache-2.0 AND BSD-3-Clause
+ virtiofsd 1.14.0 from crates.io (https://gitlab.com/virtio-fs/virtiofsd),
+ unmodified, linked statically with Debian's libseccomp, libcap-ng (both
+ LGPL-2.1) and glibc (LGPL-2.1+), whose sources are in the Debian archive.
+ The Apache License 2.0 is in /usr/share/common-licenses/Apache-2.0.
+
+License: BSD-3-Clause
+$bsd_text
 EOF
 date_rfc=$(date -u -R -d "@$SOURCE_DATE_EPOCH")
 printf 'coworkvm (%s) unstable; urgency=medium\n\n  * Upstream build, rootfs %s, kernel %s.\n\n -- coworkvm maintainers <coworkvm@example.invalid>  %s\n' \
@@ -79,8 +99,8 @@ Homepage: https://example.invalid/coworkvm
 Description: KVM sandbox for the desktop agent app's Cowork mode
  coworkvm runs the agent's processes inside a small KVM virtual machine,
  so they cannot reach the user's SSH keys, API keys or browser data. One
- static binary needs only /dev/kvm: no QEMU, firmware, virtiofsd or
- vhost-vsock. "coworkvm serve" (or "coworkvm -socket PATH") is a drop-in
+ static binary needs only /dev/kvm: no QEMU, firmware or vhost-vsock;
+ shared folders use the static virtiofsd it ships. "coworkvm serve" (or "coworkvm -socket PATH") is a drop-in
  for the client's VM helper; "coworkvm run -- CMD" runs a command in a VM;
  "coworkvm doctor" checks a host.
  .

@@ -11,6 +11,9 @@
 #   mmdebstrap        the guest's Debian rootfs tree
 #   e2fsprogs         mkfs.ext4 -d and debugfs for rootfs.img
 #   bubblewrap        the agent's sandbox test runs the real bwrap (as in the guest)
+#   libseccomp-dev,   virtiofsd (built from crates.io by make build) links
+#   libcap-ng-dev     libseccomp and libcap-ng statically: their .a archives
+#   pkg-config        and the pkg-config that finds them
 set -euo pipefail
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
@@ -22,6 +25,9 @@ command -v objcopy >/dev/null && command -v readelf >/dev/null || need+=(binutil
 [ -x /usr/bin/bwrap ] || need+=(bubblewrap)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
+[ -e /usr/lib/x86_64-linux-gnu/libseccomp.a ] || need+=(libseccomp-dev)
+[ -e /usr/lib/x86_64-linux-gnu/libcap-ng.a ] || need+=(libcap-ng-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
 [ ${#need[@]} -gt 0 ] || exit 0
 

@@ -49,10 +49,56 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Check this virtiofsd first, as the client's configure.virtiofsdPath would name it.
+        #[arg(long, value_name = "PATH")]
+        virtiofsd: Option<PathBuf>,
     },
     /// Test hook: set up boot's sandbox and make one access (vmm/tests/sandbox.rs).
     #[command(hide = true)]
     SandboxProbe(coworkvm_vmm::sandbox_probe::ProbeArgs),
+}
+
+/// `coworkvm doctor`'s shared-folder lines: the virtiofsd it would use, the candidates passed
+/// over (a missing distribution path is not worth a line), or how to get one.
+fn virtiofsd_lines(res: &coworkvm_helper::virtiofsd::Resolution) -> Vec<String> {
+    use coworkvm_helper::virtiofsd::{version_string, Rejection, Source, HOW_TO_GET, MIN_VERSION};
+    let mut lines = Vec::new();
+    match &res.chosen {
+        Some(v) => lines.push(format!(
+            "virtiofsd:          {} {} (shared folders work)",
+            v.path.display(),
+            version_string(v.version)
+        )),
+        None => lines.push(format!(
+            "virtiofsd:          none usable (>= {} needed): shared folders are unavailable",
+            version_string(MIN_VERSION)
+        )),
+    }
+    for r in &res.rejected {
+        let quiet = matches!(r.reason, Rejection::Missing)
+            && matches!(r.candidate.source, Source::System | Source::Bundled);
+        if !quiet {
+            lines.push(format!("  passed over {r}"));
+        }
+    }
+    if res.chosen.is_none() {
+        lines.push(format!("  to get one: {HOW_TO_GET}"));
+    }
+    lines
+}
+
+/// The same as JSON: `{"path", "version"}` or `null` for the chosen one, every rejection.
+fn virtiofsd_json(res: &coworkvm_helper::virtiofsd::Resolution) -> serde_json::Value {
+    use coworkvm_helper::virtiofsd::version_string;
+    serde_json::json!({
+        "path": res.chosen.as_ref().map(|v| v.path.display().to_string()),
+        "version": res.chosen.as_ref().map(|v| version_string(v.version)),
+        "rejected": res.rejected.iter().map(|r| serde_json::json!({
+            "path": r.candidate.path.display().to_string(),
+            "source": r.candidate.source.to_string(),
+            "reason": r.reason.to_string(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 #[derive(Subcommand)]
@@ -500,10 +546,13 @@ fn main() -> ExitCode {
         )),
         Command::Run(args) => run(args),
         Command::Bundle { command } => bundle(command),
-        Command::Doctor { json } => {
+        Command::Doctor { json, virtiofsd } => {
             let report = doctor::run_doctor();
+            let shares = coworkvm_helper::virtiofsd::resolve_all(virtiofsd.as_deref());
             if json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                let mut v = serde_json::to_value(&report).unwrap_or_default();
+                v["virtiofsd"] = virtiofsd_json(&shares);
+                println!("{v}");
             } else {
                 println!("/dev/kvm present:   {}", report.kvm_device);
                 println!("KVM usable:         {}", report.kvm_usable);
@@ -512,7 +561,12 @@ fn main() -> ExitCode {
                 }
                 println!("can boot Linux:     {}", report.can_boot_linux);
                 println!("{}", report.verdict);
+                for line in virtiofsd_lines(&shares) {
+                    println!("{line}");
+                }
             }
+            // Shared folders are optional: without a virtiofsd VMs still run, so only KVM
+            // decides the exit status.
             Ok(if report.kvm_usable {
                 ExitCode::SUCCESS
             } else {
@@ -532,6 +586,66 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doctor_names_the_virtiofsd_or_says_how_to_get_one() {
+        use coworkvm_helper::virtiofsd::{
+            Candidate, Rejected, Rejection, Resolution, Source, Virtiofsd,
+        };
+        let rejected = |path: &str, source, reason| Rejected {
+            candidate: Candidate {
+                path: path.into(),
+                source,
+            },
+            reason,
+        };
+        let found = Resolution {
+            chosen: Some(Virtiofsd {
+                path: "/usr/lib/coworkvm/virtiofsd".into(),
+                version: (1, 14, 0),
+            }),
+            rejected: vec![
+                rejected(
+                    "/opt/qemu-virtiofsd",
+                    Source::Configured,
+                    Rejection::LegacyC {
+                        reported: "virtiofsd version 7.2.22".into(),
+                    },
+                ),
+                rejected("/usr/libexec/virtiofsd", Source::System, Rejection::Missing),
+            ],
+        };
+        let lines = virtiofsd_lines(&found);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].contains("/usr/lib/coworkvm/virtiofsd 1.14.0"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("/opt/qemu-virtiofsd (configure.virtiofsdPath)"),
+            "{lines:?}"
+        );
+        let json = virtiofsd_json(&found);
+        assert_eq!(json["version"], "1.14.0");
+        assert_eq!(json["rejected"].as_array().unwrap().len(), 2);
+
+        let none = Resolution {
+            chosen: None,
+            rejected: vec![rejected(
+                "/usr/bin/virtiofsd",
+                Source::System,
+                Rejection::TooOld { found: (1, 10, 1) },
+            )],
+        };
+        let lines = virtiofsd_lines(&none).join("\n");
+        assert!(lines.contains("none usable (>= 1.13.0 needed)"), "{lines}");
+        assert!(lines.contains("1.10.1 is too old"), "{lines}");
+        assert!(
+            lines.contains("make build") && lines.contains("virtiofsdPath"),
+            "{lines}"
+        );
+        assert!(virtiofsd_json(&none)["path"].is_null());
+    }
 
     fn norm(args: &[&str]) -> Vec<String> {
         normalize_args(args.iter().map(Into::into).collect())

@@ -113,6 +113,19 @@ pub fn init_script(cases: &[&Case], disks: usize, tools: &[(&str, &str)]) -> Str
     let mut s = format!(
         r#"#!/bin/sh
 export PATH=/bin
+# pivot_root(2) refuses the initramfs's rootfs (it has no parent mount), and
+# virtiofsd's --sandbox namespace pivots into its shared directory, as
+# container runtimes do. So L1 runs from a bind mount of its rootfs moved
+# onto / (what switch_root does; the files stay where they are). A plain
+# chroot would not do: unshare(CLONE_NEWUSER) refuses a chrooted caller.
+if [ -z "$RIG_ROOT_MOVED" ]; then
+    export RIG_ROOT_MOVED=1
+    if mkdir -p /.l1root && mount -o bind / /.l1root && cd /.l1root && mount -o move . /; then
+        exec chroot . /init
+    fi
+    cd /
+    echo "rig: cannot move L1's root off the rootfs: virtiofsd's namespace sandbox will fail"
+fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -986,6 +999,11 @@ mod tests {
         let refs: Vec<&Case> = cases.iter().collect();
         let s = init_script(&refs, 2, &[("COWORKVM", "/bin/coworkvm")]);
         assert!(s.starts_with("#!/bin/sh\n"));
+        // L1 leaves the rootfs (where pivot_root fails) before anything else.
+        let bind = s
+            .find("mount -o move . /; then\n        exec chroot . /init")
+            .unwrap();
+        assert!(bind < s.find("mount -t proc").unwrap());
         assert!(s.contains("timeout 30 sh /cases/one.sh </dev/null 2>&1\n"));
         assert!(s.contains("-ge 45 ] && rc=none\n"));
         assert!(s.contains("echo \"@@RIG-END two rc=$rc\""));

@@ -6,7 +6,10 @@
 //! A case is a POSIX shell script. It finds what it needs in environment
 //! variables, the same in both modes:
 //! - the tools of [`Paths::tools`]: `COWORKVM` (the coworkvm binary),
-//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`, `RUN_AS`;
+//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`, `RUN_AS`, and
+//!   `VIRTIOFSD` (the virtiofsd `make build` builds; in L1 it is at
+//!   `/usr/lib/coworkvm/virtiofsd`, where coworkvm's package puts it, so
+//!   the helper's own search finds it there too);
 //! - `KERNEL`: the guest kernel; `P`: the directory of payload files;
 //! - `DISK0`, `DISK1`, ...: the batch's disks (host files in direct mode,
 //!   L1's virtio disks in the rig, so the host can check them afterwards);
@@ -65,6 +68,11 @@ pub fn build_dir(root: &Path) -> PathBuf {
     }
 }
 
+/// Where `make build` puts virtiofsd, relative to the workspace root.
+pub const VIRTIOFSD_BUILT: &str = "build/virtiofsd/bin/virtiofsd";
+/// virtiofsd's path inside L1: where coworkvm's package installs it.
+pub const VIRTIOFSD_IN_L1: &str = "/usr/lib/coworkvm/virtiofsd";
+
 /// Where the build put everything the rig needs.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -80,6 +88,8 @@ pub struct Paths {
     pub agent_probe: PathBuf,
     pub client_probe: PathBuf,
     pub run_as: PathBuf,
+    /// The static virtiofsd of `make build` (scripts/build-virtiofsd.sh).
+    pub virtiofsd: PathBuf,
     /// Initramfs with coworkvm-agent as /init.
     pub agent_initrd: PathBuf,
 }
@@ -90,9 +100,13 @@ impl Paths {
     /// the coworkvm binary.
     pub fn locate() -> Result<Self> {
         let p = Self::locate_base()?;
-        for (_, tool, _) in p.tools() {
+        for (var, tool, _) in p.tools() {
             if !tool.exists() {
-                bail!("{} missing: run `make build`", tool.display());
+                let how = match var {
+                    "VIRTIOFSD" => "`make build` (or scripts/build-virtiofsd.sh)",
+                    _ => "`make build`",
+                };
+                bail!("{} missing: run {how}", tool.display());
             }
         }
         Ok(p)
@@ -129,6 +143,9 @@ impl Paths {
             agent_probe: release_dir.join("agent-probe"),
             client_probe: release_dir.join("client-probe"),
             run_as: release_dir.join("run-as"),
+            // Always the workspace's build/: make build puts it there even
+            // when COWORKVM_BUILD_DIR points at a second kernel's directory.
+            virtiofsd: root.join(VIRTIOFSD_BUILT),
             agent_initrd: build.join("agent-initrd.cpio.zst"),
             kernel_release,
             coworkvm,
@@ -153,6 +170,7 @@ impl Paths {
             ("AGENT_PROBE", &self.agent_probe, "/bin/agent-probe"),
             ("CLIENT_PROBE", &self.client_probe, "/bin/client-probe"),
             ("RUN_AS", &self.run_as, "/bin/run-as"),
+            ("VIRTIOFSD", &self.virtiofsd, VIRTIOFSD_IN_L1),
         ]
     }
 
@@ -773,6 +791,7 @@ mod tests {
             agent_probe: fake("agent-probe"),
             client_probe: fake("client-probe"),
             run_as: fake("run-as"),
+            virtiofsd: fake("virtiofsd"),
             agent_initrd: fake("agent.cpio.zst"),
         };
         let batch = Batch {

@@ -1,8 +1,8 @@
 //! The Debian package (`make deb`, `scripts/build-deb.sh`): built from
 //! `make build`'s output, installed with dpkg into a scratch root (no
 //! change to this host), and used from there: the installed binary is
-//! static and seeds a bundle from the installed images, and removal takes
-//! every file it installed.
+//! static and seeds a bundle from the installed images, the shipped
+//! virtiofsd is static and runs, and removal takes every file it installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,6 +81,25 @@ fn deb_installs_runs_and_removes_cleanly() {
         !program_headers.contains("INTERP"),
         "the binary must not need a dynamic loader:\n{program_headers}"
     );
+    // The shipped virtiofsd: static, the version the helper accepts, where
+    // the helper looks for it, with its licences in the copyright file.
+    let virtiofsd = root.join("usr/lib/coworkvm/virtiofsd");
+    let program_headers = run(Command::new("readelf").arg("-lW").arg(&virtiofsd));
+    assert!(
+        !program_headers.contains("INTERP"),
+        "virtiofsd must not need a dynamic loader:\n{program_headers}"
+    );
+    assert_eq!(
+        run(Command::new(&virtiofsd).arg("--version")).trim(),
+        "virtiofsd 1.14.0"
+    );
+    let copyright = std::fs::read_to_string(root.join("usr/share/doc/coworkvm/copyright")).unwrap();
+    assert!(
+        copyright.contains("Files: usr/lib/coworkvm/virtiofsd")
+            && copyright.contains("License: Apache-2.0 AND BSD-3-Clause")
+            && copyright.contains("License: BSD-3-Clause\n Copyright 2017 The Chromium OS Authors"),
+        "{copyright}"
+    );
     let installed_images = root.join("usr/lib/coworkvm/images");
     let manifest: Manifest =
         serde_json::from_slice(&std::fs::read(installed_images.join("manifest.json")).unwrap())
@@ -109,6 +128,7 @@ fn deb_installs_runs_and_removes_cleanly() {
     // the user's, stays.
     run(dpkg(&root).args(["-r", "coworkvm"]));
     assert!(!bin.exists());
+    assert!(!virtiofsd.exists());
     assert!(!installed_images.exists());
     assert!(bundle.join("machineIdentifier").is_file());
     let _ = std::fs::remove_dir_all(&work);
