@@ -8,6 +8,7 @@
 //! | [`agent`] | the guest agent's connection on `RUNDIR/vsock.sock_51234`: request/response correlation, guest events to client events |
 //! | [`methods`] | dispatch of every host-protocol method |
 //! | [`mounts`] | the mount policy: `additionalMounts` / `mountPath` validation, parent-first order, the credential-store deny-list (not wired into `spawn` yet) |
+//! | [`share`] | the share keeper: a private namespace with a staging tmpfs, virtiofsd on it, each grant bound at `shared/<host path>` |
 //! | [`wire`] | async frame reading with bounded allocation |
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod methods;
 pub mod mounts;
 pub mod run;
 pub mod server;
+pub mod share;
 pub mod vm;
 pub mod wire;
 

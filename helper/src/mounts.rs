@@ -267,6 +267,32 @@ pub struct PlannedMount {
     /// Denied paths inside `host_path` that exist, canonical, outermost
     /// only: the staging step covers each with an empty read-only mount.
     pub hidden: Vec<PathBuf>,
+    /// Denied paths inside `host_path` that do not exist yet, lexical under
+    /// the canonical home, outermost only. A writable grant would let the
+    /// guest create them, so the share keeper creates each (empty) on the
+    /// host and covers it, as it covers [`PlannedMount::hidden`].
+    pub absent_denied: Vec<AbsentDenied>,
+    /// `(st_dev, st_ino)` of `host_path` when it was planned: the share
+    /// keeper binds only what still has this inode.
+    pub inode: (u64, u64),
+}
+
+/// A denied path that does not exist yet (see
+/// [`PlannedMount::absent_denied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsentDenied {
+    /// The path, absolute.
+    pub path: PathBuf,
+    /// Whether the store is a file ([`deny_entry_is_file`]), so that its
+    /// last component is created as an empty file rather than a directory.
+    pub file: bool,
+}
+
+/// Whether a deny-list entry names a file rather than a directory: its last
+/// component has an extension (`.docker/config.json`). Leading-dot names
+/// such as `.ssh` have none, so every other built-in entry is a directory.
+pub fn deny_entry_is_file(entry: &Path) -> bool {
+    entry.extension().is_some()
 }
 
 impl PlannedMount {
@@ -326,6 +352,8 @@ struct ResolvedDeny {
     path: PathBuf,
     /// `(st_dev, st_ino)` where it exists.
     inode: Option<(u64, u64)>,
+    /// Whether the entry names a file ([`deny_entry_is_file`]).
+    file: bool,
 }
 
 /// Decides which grants a session gets.
@@ -552,11 +580,29 @@ impl MountPolicy {
                 outermost.push(h);
             }
         }
+        let mut absent: Vec<&ResolvedDeny> = denied
+            .iter()
+            .filter(|d| d.inode.is_none() && d.path.starts_with(&host_path) && d.path != host_path)
+            .collect();
+        absent.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut absent_denied: Vec<AbsentDenied> = Vec::with_capacity(absent.len());
+        for d in absent {
+            if !absent_denied.iter().any(|o| d.path.starts_with(&o.path))
+                && !outermost.iter().any(|o| d.path.starts_with(o))
+            {
+                absent_denied.push(AbsentDenied {
+                    path: d.path.clone(),
+                    file: d.file,
+                });
+            }
+        }
         Ok(PlannedMount {
             name: name.to_owned(),
             host_path,
             mode,
             hidden: outermost,
+            absent_denied,
+            inode: (meta.dev(), meta.ino()),
         })
     }
 
@@ -594,11 +640,16 @@ impl MountPolicy {
                 match std::fs::canonicalize(&lexical) {
                     Ok(path) => {
                         let inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
-                        ResolvedDeny { path, inode }
+                        ResolvedDeny {
+                            path,
+                            inode,
+                            file: deny_entry_is_file(d),
+                        }
                     }
                     Err(_) => ResolvedDeny {
                         path: lexical,
                         inode: None,
+                        file: deny_entry_is_file(d),
                     },
                 }
             })
