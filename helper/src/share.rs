@@ -1285,10 +1285,7 @@ impl Keeper {
             .map_err(|e| KeeperError::Refused(format!("open {rel}: {e}")))?;
         detach(grant.as_fd()).map_err(|e| KeeperError::Refused(format!("unmount {rel}: {e}")))?;
         drop(grant);
-        let Some(b) = self.bound.remove(rel) else {
-            return Ok(());
-        };
-        drop(b);
+        self.bound.remove(rel);
         self.prune(rel);
         let mut failed = Vec::new();
         for (child, clone) in lifted {
@@ -1439,10 +1436,11 @@ impl Keeper {
             if r != 0 {
                 let leaf_file = depth == parts.len()
                     && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTDIR);
+                if !leaf_file {
+                    return;
+                }
                 // SAFETY: as above; a file mountpoint (the leaf only).
-                if !leaf_file
-                    || unsafe { libc::unlinkat(parent_fd.as_raw_fd(), cname.as_ptr(), 0) } != 0
-                {
+                if unsafe { libc::unlinkat(parent_fd.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
                     return;
                 }
             }

@@ -253,7 +253,7 @@ fn home_grants_hide_existing_and_absent_credential_stores() {
     // `.aws` and `.docker/config.json` do not exist.
 
     let ro = f.plan(&f.home, "ro");
-    assert_eq!(ro.hidden, [ssh.clone()]);
+    assert_eq!(ro.hidden, std::slice::from_ref(&ssh));
     let rel = f.share.grant(&ro).unwrap();
     let k = f.in_keeper(&rel);
     assert_eq!(fs::read_to_string(k.join("notes.txt")).unwrap(), "n");
