@@ -1058,6 +1058,48 @@ mod tests {
     }
 
     #[test]
+    fn plans_carry_the_inode_and_the_absent_denied_paths_to_cover() {
+        let f = Fake::new();
+        let ssh = f.mkdir(".ssh");
+        f.mkdir(".docker");
+        f.mkdir(".config/gcloud");
+        let plan = one(&f.default_policy(), "home", "", "rw");
+        let m = &plan.mounts[0];
+        let meta = fs::metadata(&f.home).unwrap();
+        assert_eq!(m.inode, (meta.dev(), meta.ino()));
+        let absent: Vec<(String, bool)> = m
+            .absent_denied
+            .iter()
+            .map(|a| (f.rel(&a.path), a.file))
+            .collect();
+        // Missing stores only; nothing that exists (.ssh, .config/gcloud)
+        // and nothing inside a hidden one; `.docker/config.json` is a file.
+        assert!(
+            absent.contains(&("home/u/.aws".into(), false)),
+            "{absent:?}"
+        );
+        assert!(
+            absent.contains(&("home/u/.docker/config.json".into(), true)),
+            "{absent:?}"
+        );
+        assert!(
+            absent.contains(&("home/u/.config/chromium".into(), false)),
+            "{absent:?}"
+        );
+        assert!(!absent
+            .iter()
+            .any(|(p, _)| p.contains(".ssh") || p.contains("gcloud")));
+        assert!(m.hidden.contains(&ssh));
+        // A grant with no stores inside has none to cover.
+        let work = f.mkdir("work");
+        let plan = one(&f.default_policy(), "w", &f.rel(&work), "rw");
+        assert!(plan.mounts[0].absent_denied.is_empty());
+        assert!(deny_entry_is_file(Path::new(".docker/config.json")));
+        assert!(!deny_entry_is_file(Path::new(".ssh")));
+        assert!(!deny_entry_is_file(Path::new(".local/share/keyrings")));
+    }
+
+    #[test]
     fn hidden_lists_outermost_denied_paths_only() {
         let f = Fake::new();
         let config = f.mkdir(".config");

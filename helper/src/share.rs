@@ -132,7 +132,10 @@ pub enum ShareError {
 #[serde(tag = "op", rename_all = "camelCase", deny_unknown_fields)]
 enum Request {
     /// Bind `/<rel>` (which must still have inode `dev:ino`) at
-    /// `shared/<rel>`.
+    /// `shared/<rel>`. With `replace`, a bind already there is replaced
+    /// (how a grant changes between read-only and writable: mount flags
+    /// set with mount_setattr do not propagate to virtiofsd's copy, a new
+    /// bind does).
     #[serde(rename_all = "camelCase")]
     Bind {
         rel: String,
@@ -143,14 +146,7 @@ enum Request {
         hidden: Vec<String>,
         /// Paths relative to the grant to create empty and cover.
         absent_denied: Vec<AbsentWire>,
-    },
-    /// Change a bound grant's read-only flag; when it becomes writable,
-    /// cover `absent_denied` first.
-    #[serde(rename_all = "camelCase")]
-    SetReadonly {
-        rel: String,
-        readonly: bool,
-        absent_denied: Vec<AbsentWire>,
+        replace: bool,
     },
     /// Detach the grant at `shared/<rel>` and its covers.
     Unbind { rel: String },
@@ -177,11 +173,40 @@ enum Reply {
     Error { message: String },
 }
 
-/// How many grants of one host path are live, by kind.
-#[derive(Debug, Default, Clone, Copy)]
+/// How many grants of one host path are live, by kind, and the bind
+/// request for it (the latest plan's covers and inode).
+#[derive(Debug)]
 struct GrantCount {
     readonly: u32,
     writable: u32,
+    plan: BindPlan,
+}
+
+/// What a bind request says about one host path.
+#[derive(Debug, Clone)]
+struct BindPlan {
+    rel: String,
+    inode: (u64, u64),
+    hidden: Vec<String>,
+    absent_denied: Vec<AbsentWire>,
+}
+
+impl BindPlan {
+    fn request(&self, readonly: bool, replace: bool) -> Request {
+        Request::Bind {
+            rel: self.rel.clone(),
+            dev: self.inode.0,
+            ino: self.inode.1,
+            readonly,
+            hidden: self.hidden.clone(),
+            absent_denied: if readonly {
+                Vec::new()
+            } else {
+                self.absent_denied.clone()
+            },
+            replace,
+        }
+    }
 }
 
 struct ShareState {
@@ -417,33 +442,40 @@ impl Share {
                 })
             })
             .collect::<Result<Vec<_>, ShareError>>()?;
+        let plan = BindPlan {
+            rel: rel.clone(),
+            inode: m.inode,
+            hidden,
+            absent_denied: absent,
+        };
         let writable = m.mode.is_writable();
         let mut st = crate::lock(&self.state);
-        let count = st.grants.get(&m.host_path).copied().unwrap_or_default();
-        let request = if count.readonly + count.writable == 0 {
-            Some(Request::Bind {
-                rel: rel.clone(),
-                dev: m.inode.0,
-                ino: m.inode.1,
-                readonly: !writable,
-                hidden,
-                absent_denied: if writable { absent } else { Vec::new() },
-            })
-        } else if writable && count.writable == 0 {
-            Some(Request::SetReadonly {
-                rel: rel.clone(),
-                readonly: false,
-                absent_denied: absent,
-            })
+        let (readonly, held) = match st.grants.get(&m.host_path) {
+            None => (0, 0),
+            Some(c) => (c.readonly, c.writable),
+        };
+        let request = if readonly + held == 0 {
+            Some(plan.request(!writable, false))
+        } else if writable && held == 0 {
+            // Read-only so far: rebind writable, with this plan's covers.
+            Some(plan.request(false, true))
         } else {
             None
         };
         if let Some(req) = request {
             st.call(&req)?;
         }
-        let c = st.grants.entry(m.host_path.clone()).or_default();
+        let c = st
+            .grants
+            .entry(m.host_path.clone())
+            .or_insert_with(|| GrantCount {
+                readonly: 0,
+                writable: 0,
+                plan: plan.clone(),
+            });
         if writable {
             c.writable += 1;
+            c.plan = plan;
         } else {
             c.readonly += 1;
         }
@@ -452,11 +484,12 @@ impl Share {
     }
 
     /// Drops one grant of `host_path` in `mode`: the bind goes when its
-    /// last grant does, and turns read-only when its last writable one does.
+    /// last grant does, and is rebound read-only when its last writable one
+    /// goes (if that fails it stays writable, logged).
     pub fn release(&self, host_path: &Path, mode: MountMode) -> Result<(), ShareError> {
         let rel = share_relative(host_path)?;
         let mut st = crate::lock(&self.state);
-        let Some(mut count) = st.grants.get(host_path).copied() else {
+        let Some(count) = st.grants.get_mut(host_path) else {
             return Err(ShareError::NotGranted(host_path.to_path_buf(), mode));
         };
         let held = if mode.is_writable() {
@@ -468,28 +501,24 @@ impl Share {
             return Err(ShareError::NotGranted(host_path.to_path_buf(), mode));
         }
         *held -= 1;
-        let request = if count.readonly + count.writable == 0 {
-            Some(Request::Unbind { rel })
-        } else if mode.is_writable() && count.writable == 0 {
-            Some(Request::SetReadonly {
-                rel,
-                readonly: true,
-                absent_denied: Vec::new(),
-            })
-        } else {
-            None
-        };
         // The count drops even if the keeper fails: a grant that cannot be
         // unbound is gone with the keeper anyway.
-        if count.readonly + count.writable == 0 {
+        let request = if count.readonly + count.writable == 0 {
             st.grants.remove(host_path);
+            Request::Unbind { rel }
+        } else if mode.is_writable() && count.writable == 0 {
+            count.plan.request(true, true)
         } else {
-            st.grants.insert(host_path.to_path_buf(), count);
+            return Ok(());
+        };
+        let r = st.call(&request);
+        if let (Err(e), Request::Bind { .. }) = (&r, &request) {
+            tracing::warn!(
+                "share: {} stays writable until its last grant goes: {e}",
+                host_path.display()
+            );
         }
-        match request {
-            Some(req) => st.call(&req),
-            None => Ok(()),
-        }
+        r
     }
 
     /// Ends the keeper (and with it virtiofsd and every grant) and waits
@@ -865,7 +894,6 @@ fn send_reply(fd: BorrowedFd<'_>, reply: &Reply) -> Result<(), ShareError> {
 /// What the keeper knows about one bound grant.
 #[derive(Debug)]
 struct Bound {
-    readonly: bool,
     /// Whether the grant is a directory.
     dir: bool,
 }
@@ -949,6 +977,24 @@ impl Keeper {
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
         let empty_file =
             open_beneath(root.as_fd(), EMPTY_FILE, 0).map_err(setup("open the cover file"))?;
+        // What virtiofsd serves is a read-only peer of the tmpfs stacked on
+        // it: the guest (squashed to this user, who owns the tmpfs) cannot
+        // create, rename or remove anything in the scaffolding around the
+        // grants (e.g. plant a symlink where a later grant's mountpoint
+        // goes). The keeper works on the writable one underneath through
+        // `root` and `shared`; every mount made there propagates to the
+        // peer, and from it to virtiofsd's slave copy.
+        let upper =
+            open_tree(root.as_fd(), OPEN_TREE_CLONE).map_err(setup("clone the staging tmpfs"))?;
+        mount_setattr(
+            upper.as_fd(),
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            0,
+            false,
+        )
+        .map_err(setup("make the staging view read-only"))?;
+        move_mount(upper.as_fd(), root.as_fd())
+            .map_err(setup("stack the read-only staging view"))?;
 
         let listen_raw = listen.as_raw_fd();
         let mut cmd = Command::new(&args.virtiofsd);
@@ -1109,12 +1155,14 @@ impl Keeper {
                 readonly,
                 hidden,
                 absent_denied,
-            } => self.bind(&rel, (dev, ino), readonly, &hidden, &absent_denied),
-            Request::SetReadonly {
-                rel,
-                readonly,
-                absent_denied,
-            } => self.set_readonly(&rel, readonly, &absent_denied),
+                replace,
+            } => {
+                if replace && self.bound.contains_key(&rel) {
+                    self.rebind(&rel, (dev, ino), readonly, &hidden, &absent_denied)
+                } else {
+                    self.bind(&rel, (dev, ino), readonly, &hidden, &absent_denied)
+                }
+            }
             Request::Unbind { rel } => self.unbind(&rel),
         }
     }
@@ -1211,7 +1259,7 @@ impl Keeper {
         }
         // The lifted grants' own tmpfs mountpoints are now under this bind,
         // their directories stay (shadowed) until this grant goes.
-        self.bound.insert(rel.to_owned(), Bound { readonly, dir });
+        self.bound.insert(rel.to_owned(), Bound { dir });
         tracing::info!(
             "share keeper: bound {host} ({})",
             if readonly { "ro" } else { "rw" }
@@ -1219,50 +1267,28 @@ impl Keeper {
         Ok(())
     }
 
-    fn set_readonly(
+    /// Replaces the bind at `rel` with a new one: the new source is
+    /// checked first, so that a swapped path leaves the old bind in place.
+    fn rebind(
         &mut self,
         rel: &str,
+        inode: (u64, u64),
         readonly: bool,
+        hidden: &[String],
         absent: &[AbsentWire],
     ) -> Result<(), KeeperError> {
         validate_rel(rel).map_err(|e| KeeperError::Refused(format!("grant {rel:?}: {e}")))?;
-        check_covers(absent.iter().map(|a| a.rel.as_str()))?;
-        let Some(b) = self.bound.get(rel) else {
-            return Err(KeeperError::Refused(format!("{rel} is not bound")));
-        };
-        if b.readonly == readonly {
-            return Ok(());
+        let host = format!("/{rel}");
+        let source = open_path_no_symlinks(&host)
+            .map_err(|e| KeeperError::Refused(format!("{host}: {e}")))?;
+        let st = fstat(source.as_fd()).map_err(|e| KeeperError::Refused(format!("{host}: {e}")))?;
+        if (st.st_dev, st.st_ino) != inode {
+            return Err(KeeperError::Refused(format!(
+                "{host} changed since it was planned; the bind there stays as it was"
+            )));
         }
-        let grant = open_beneath(self.shared.as_fd(), rel, 0)
-            .map_err(|e| KeeperError::Refused(format!("open {rel}: {e}")))?;
-        if !readonly {
-            // Created on the host through the host path (the bind is still
-            // read-only), after checking it is still what is bound.
-            let host = format!("/{rel}");
-            let source = open_path_no_symlinks(&host)
-                .map_err(|e| KeeperError::Refused(format!("{host}: {e}")))?;
-            let (a, b) = (
-                fstat(source.as_fd()).map_err(|e| KeeperError::Refused(format!("{host}: {e}")))?,
-                fstat(grant.as_fd()).map_err(|e| KeeperError::Refused(format!("{rel}: {e}")))?,
-            );
-            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
-                return Err(KeeperError::Refused(format!(
-                    "{host} is no longer the directory bound at {rel}"
-                )));
-            }
-            self.cover_absent(&grant, &source, &host, absent)?;
-        }
-        let (set, clear) = if readonly {
-            (MOUNT_ATTR_RDONLY, 0)
-        } else {
-            (0, MOUNT_ATTR_RDONLY)
-        };
-        mount_setattr(grant.as_fd(), set, clear, false)
-            .map_err(|e| KeeperError::Refused(format!("mount_setattr {rel}: {e}")))?;
-        if let Some(b) = self.bound.get_mut(rel) {
-            b.readonly = readonly;
-        }
-        Ok(())
+        self.unbind(rel)?;
+        self.bind(rel, inode, readonly, hidden, absent)
     }
 
     fn unbind(&mut self, rel: &str) -> Result<(), KeeperError> {

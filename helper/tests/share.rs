@@ -211,6 +211,23 @@ fn grants_are_bound_read_only_or_writable_with_credential_stores_covered() {
         "x"
     );
 
+    // The scaffolding around the grants is read-only for virtiofsd (and so
+    // for the guest), though the keeper's tmpfs under it is not.
+    let staging_view = served.ancestors().nth(rel.split('/').count()).unwrap();
+    assert!(
+        staging_view.ends_with("shared"),
+        "{}",
+        staging_view.display()
+    );
+    assert_eq!(write_err(&staging_view.join("planted")), Some(libc::EROFS));
+    assert_eq!(
+        fs::create_dir(staging_view.join("tmp/d"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    assert_eq!(write_err(&f.in_keeper("planted")), Some(libc::EROFS));
+
     // Release: the bind goes, in the keeper and in virtiofsd's tree.
     f.share.release(&docs, MountMode::ReadOnly).unwrap();
     assert!(!f.in_keeper(&rel).join("a.txt").exists());
@@ -294,9 +311,15 @@ fn home_grants_hide_existing_and_absent_credential_stores() {
     assert!(!served.join(".ssh/id_ed25519").exists());
     assert_eq!(write_err(&served.join(".aws/x")), Some(libc::EROFS));
 
-    // Releasing the writable one turns it read-only again.
+    // The rebind reaches virtiofsd's tree too: writable there now.
+    assert_eq!(write_err(&served.join("from-guest.txt")), None);
+    assert!(f.home.join("from-guest.txt").exists());
+
+    // Releasing the writable one turns it read-only again, everywhere.
     f.share.release(&f.home, MountMode::ReadWrite).unwrap();
     assert_eq!(write_err(&k.join("new2.txt")), Some(libc::EROFS));
+    assert_eq!(write_err(&served.join("new2.txt")), Some(libc::EROFS));
+    assert_eq!(fs::read_dir(served.join(".ssh")).unwrap().count(), 0);
     assert_eq!(fs::read_to_string(k.join("notes.txt")).unwrap(), "n");
     f.share.release(&f.home, MountMode::ReadOnly).unwrap();
     assert!(!k.join("notes.txt").exists());
