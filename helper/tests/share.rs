@@ -45,7 +45,11 @@ fn virtiofsd() -> Option<PathBuf> {
 /// The keeper executable: the `share_keeper` example, built with the tests.
 /// (`cargo test -p coworkvm-helper` builds it; `--test share` alone does
 /// not: `cargo build -p coworkvm-helper --examples` first.)
+/// `$COWORKVM_SHARE_KEEPER_EXE` (e.g. the `coworkvm` binary) instead.
 fn keeper_exe() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("COWORKVM_SHARE_KEEPER_EXE") {
+        return Some(p.into());
+    }
     let exe = std::env::current_exe().unwrap();
     let p = exe
         .parent()
@@ -209,6 +213,13 @@ fn grants_are_bound_read_only_or_writable_with_credential_stores_covered() {
     assert_eq!(
         fs::read_to_string(served_work.join("out.txt")).unwrap(),
         "x"
+    );
+
+    // Nothing of it is mounted in the helper's own namespace.
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(f.share.staging().to_str().unwrap()),
+        "{mountinfo}"
     );
 
     // The scaffolding around the grants is read-only for virtiofsd (and so
@@ -414,6 +425,62 @@ fn nested_grants_stack_in_either_order_and_survive_their_parent() {
     f.share.release(&sub, MountMode::ReadOnly).unwrap();
     f.share.release(&proj, MountMode::ReadWrite).unwrap();
     assert!(sub.join("f").exists());
+}
+
+#[test]
+fn the_returned_stream_is_connected_to_virtiofsd() {
+    let Some(f) = Fixture::start("vhost") else {
+        return;
+    };
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let mut stream =
+        std::os::unix::net::UnixStream::from(f._vhost.as_fd().try_clone_to_owned().unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // VHOST_USER_GET_FEATURES (1), version 1 flags, no payload.
+    let mut req = Vec::new();
+    req.extend_from_slice(&1u32.to_le_bytes());
+    req.extend_from_slice(&1u32.to_le_bytes());
+    req.extend_from_slice(&0u32.to_le_bytes());
+    stream.write_all(&req).unwrap();
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply).unwrap();
+    let field = |i: usize| u32::from_le_bytes(reply[i..i + 4].try_into().unwrap());
+    assert_eq!(field(0), 1, "reply to GET_FEATURES");
+    assert_eq!(field(4) & 0x4, 0x4, "reply flag");
+    assert_eq!(field(8), 8);
+    let features = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+    // VHOST_USER_F_PROTOCOL_FEATURES (bit 30) and VIRTIO_F_VERSION_1 (32).
+    assert_ne!(features & (1 << 30), 0, "{features:#x}");
+    assert_ne!(features & (1 << 32), 0, "{features:#x}");
+}
+
+#[test]
+fn virtiofsd_dying_ends_the_keeper_and_later_requests_fail_cleanly() {
+    let Some(f) = Fixture::start("vfsd-dies") else {
+        return;
+    };
+    let work = f.mkdir("home/u/work");
+    // SAFETY: kill with the pid of a process this test started.
+    assert_eq!(
+        unsafe { libc::kill(f.share.virtiofsd_pid(), libc::SIGKILL) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let keeper = f.share.keeper_pid();
+    while fs::read_to_string(format!("/proc/{keeper}/stat"))
+        .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"))
+    {
+        assert!(Instant::now() < deadline, "keeper still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let e = f.share.grant(&f.plan(&work, "rw")).unwrap_err();
+    assert!(matches!(e, ShareError::KeeperGone), "{e}");
+    // And it stays an error, without waiting for a reply that never comes.
+    let e = f.share.grant(&f.plan(&work, "ro")).unwrap_err();
+    assert!(matches!(e, ShareError::KeeperGone), "{e}");
 }
 
 #[test]
