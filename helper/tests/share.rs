@@ -463,11 +463,10 @@ fn virtiofsd_dying_ends_the_keeper_and_later_requests_fail_cleanly() {
         return;
     };
     let work = f.mkdir("home/u/work");
-    // SAFETY: kill with the pid of a process this test started.
-    assert_eq!(
-        unsafe { libc::kill(f.share.virtiofsd_pid(), libc::SIGKILL) },
-        0
-    );
+    // SAFETY: kill with the pid of a process this test started (the
+    // keeper has not reaped it: it is still running).
+    let killed = unsafe { libc::kill(f.share.virtiofsd_pid(), libc::SIGKILL) };
+    assert_eq!(killed, 0);
     let deadline = Instant::now() + Duration::from_secs(5);
     let keeper = f.share.keeper_pid();
     while fs::read_to_string(format!("/proc/{keeper}/stat"))
