@@ -337,6 +337,41 @@ fn home_grants_hide_existing_and_absent_credential_stores() {
 }
 
 #[test]
+fn file_grants_and_hidden_files_are_bound_as_files() {
+    let Some(f) = Fixture::start("files") else {
+        return;
+    };
+    let notes = f.home.join("notes.txt");
+    fs::write(&notes, "n").unwrap();
+    let rel = f.share.grant(&f.plan(&notes, "ro")).unwrap();
+    let k = f.in_keeper(&rel);
+    assert_eq!(fs::read_to_string(&k).unwrap(), "n");
+    assert_eq!(write_err(&k), Some(libc::EROFS));
+    assert_eq!(
+        fs::read_to_string(f.in_virtiofsd(&rel).unwrap()).unwrap(),
+        "n"
+    );
+    f.share.release(&notes, MountMode::ReadOnly).unwrap();
+    assert!(!k.exists(), "the file mountpoint is pruned");
+
+    // An existing credential file inside a grant is covered by an empty,
+    // read-only file.
+    let cfg = f.home.join(".docker/config.json");
+    fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    fs::write(&cfg, "secret").unwrap();
+    let docker = f.home.join(".docker");
+    let plan = f.plan(&docker, "rw");
+    assert_eq!(plan.hidden, std::slice::from_ref(&cfg));
+    let drel = f.share.grant(&plan).unwrap();
+    let covered = f.in_keeper(&drel).join("config.json");
+    assert_eq!(fs::read_to_string(&covered).unwrap(), "");
+    assert_eq!(write_err(&covered), Some(libc::EROFS));
+    let served = f.in_virtiofsd(&drel).unwrap().join("config.json");
+    assert_eq!(fs::read_to_string(&served).unwrap(), "");
+    assert_eq!(fs::read_to_string(&cfg).unwrap(), "secret");
+}
+
+#[test]
 fn a_path_swapped_for_a_symlink_after_planning_is_refused() {
     let Some(f) = Fixture::start("swap") else {
         return;
