@@ -70,14 +70,15 @@
 //!   exist, outermost only (a hidden `~/.config` already hides
 //!   `~/.config/gcloud`), for the staging step to cover.
 //!
-//! Limits, for the staging step to close: the plan is a snapshot, so the
-//! binder must re-check what it binds (open with `O_PATH | O_NOFOLLOW` and
-//! compare the inode with [`PlannedMount::host_path`]'s); a denied path that
-//! does not exist yet is not hidden, so a `rw` grant of a parent lets the
-//! guest create it (e.g. `~/.ssh/authorized_keys` through a `rw` home grant)
-//! unless the staging step prevents that; a hard link to a denied file
-//! *inside* a granted directory is not found (that would need a walk of the
-//! whole tree).
+//! Limits, closed by the share keeper ([`crate::share`]): the plan is a
+//! snapshot, so the keeper re-checks what it binds (opens it with
+//! `RESOLVE_NO_SYMLINKS`, `O_PATH | O_NOFOLLOW` and compares the inode with
+//! [`PlannedMount::inode`]); a denied path that does not exist yet
+//! ([`PlannedMount::absent_denied`]) would let a `rw` grant of a parent
+//! create it (e.g. `~/.ssh/authorized_keys` through a `rw` home grant), so
+//! for writable grants the keeper creates it empty on the host and covers
+//! it. Still open: a hard link to a denied file *inside* a granted
+//! directory is not found (that would need a walk of the whole tree).
 
 use std::collections::HashSet;
 use std::fmt;

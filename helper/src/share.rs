@@ -28,6 +28,15 @@
 //! when virtiofsd dies the keeper exits, and the next request fails with
 //! [`ShareError::KeeperGone`].
 //!
+//! Revocation limit: virtiofsd holds an `O_PATH` descriptor for every inode
+//! the guest has looked up, and a detached mount stays usable through
+//! them. So a released grant (or one rebound read-only after its last
+//! writable holder went) stops being reachable by *new* lookups at once,
+//! but what the guest already holds (an open file, a cwd, a cached dentry
+//! until it expires: `--cache=auto` gives 1 s) keeps the old bind's access
+//! until the guest lets go. The guest agent's per-session binds are the
+//! first line there (a session's processes end with it).
+//!
 //! The [`Share`] API is blocking: each call is one short round trip to the
 //! keeper (a few mount syscalls, bounded by [`REPLY_TIMEOUT`]). From async
 //! code call it directly when a millisecond stall of the executor is
