@@ -1641,7 +1641,7 @@ fn check_covers<'a>(rels: impl Iterator<Item = &'a str>) -> Result<(), KeeperErr
 /// virtiofsd's flags after `--fd` and `--shared-dir`: the namespace
 /// sandbox, no file handles (they need CAP_DAC_READ_SEARCH), and the
 /// ownership translation: whatever the guest creates is owned by the host
-/// user; the host user's files appear as [`GUEST_OWNER_ID`] in the guest.
+/// user; the host user's files appear as `socket_proto::guest::SHARE_OWNER_ID` (60000) in the guest.
 pub fn virtiofsd_flags(uid: u32, gid: u32) -> Vec<String> {
     // `--flag=value` throughout: clap refuses `--inode-file-handles never`.
     vec![
