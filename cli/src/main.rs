@@ -56,6 +56,23 @@ enum Command {
     /// Test hook: set up boot's sandbox and make one access (vmm/tests/sandbox.rs).
     #[command(hide = true)]
     SandboxProbe(coworkvm_vmm::sandbox_probe::ProbeArgs),
+    /// The helper's share keeper for one VM (spawned by the helper itself):
+    /// a private namespace with the staging tmpfs and virtiofsd.
+    #[command(hide = true)]
+    ShareKeeper {
+        /// The control socket inherited from the helper.
+        #[arg(long, value_name = "N")]
+        control_fd: i32,
+        /// The listening vhost-user socket, for virtiofsd.
+        #[arg(long, value_name = "M")]
+        listen_fd: i32,
+        /// The staging directory.
+        #[arg(long, value_name = "DIR")]
+        staging: PathBuf,
+        /// The virtiofsd to run.
+        #[arg(long, value_name = "PATH")]
+        virtiofsd: PathBuf,
+    },
 }
 
 /// `coworkvm doctor`'s shared-folder lines: the virtiofsd it would use, the candidates passed
@@ -532,7 +549,7 @@ fn bundle(command: BundleCommand) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
     let debug_switch = init_logging(match cli.command {
-        Command::Serve { .. } => "info",
+        Command::Serve { .. } | Command::ShareKeeper { .. } => "info",
         _ => "warn",
     });
     let result = match cli.command {
@@ -545,6 +562,20 @@ fn main() -> ExitCode {
             coworkvm_vmm::sandbox_probe::run(&args).clamp(0, 255) as u8,
         )),
         Command::Run(args) => run(args),
+        Command::ShareKeeper {
+            control_fd,
+            listen_fd,
+            staging,
+            virtiofsd,
+        } => Ok(ExitCode::from(
+            coworkvm_helper::share::keeper_main(&coworkvm_helper::share::KeeperArgs {
+                control_fd,
+                listen_fd,
+                staging,
+                virtiofsd,
+            })
+            .clamp(0, 255) as u8,
+        )),
         Command::Bundle { command } => bundle(command),
         Command::Doctor { json, virtiofsd } => {
             let report = doctor::run_doctor();

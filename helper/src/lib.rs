@@ -9,6 +9,7 @@
 //! | [`methods`] | dispatch of every host-protocol method |
 //! | [`grants`] | which host folders each session holds, released when its last process ends |
 //! | [`mounts`] | the mount policy: `additionalMounts` / `mountPath` validation, parent-first order, the credential-store deny-list (not wired into `spawn` yet) |
+//! | [`share`] | the share keeper: a private namespace with a staging tmpfs, virtiofsd on it, each grant bound at `shared/<host path>` |
 //! | [`virtiofsd`] | finding a usable virtiofsd (>= 1.13.0, the Rust daemon): configured path, `$COWORKVM_VIRTIOFSD`, distribution paths, coworkvm's own; `--version` probed with a timeout; each rejected candidate's reason kept |
 //! | [`wire`] | async frame reading with bounded allocation |
 
@@ -19,6 +20,7 @@ pub mod methods;
 pub mod mounts;
 pub mod run;
 pub mod server;
+pub mod share;
 pub mod virtiofsd;
 pub mod vm;
 pub mod wire;

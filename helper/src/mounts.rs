@@ -70,14 +70,15 @@
 //!   exist, outermost only (a hidden `~/.config` already hides
 //!   `~/.config/gcloud`), for the staging step to cover.
 //!
-//! Limits, for the staging step to close: the plan is a snapshot, so the
-//! binder must re-check what it binds (open with `O_PATH | O_NOFOLLOW` and
-//! compare the inode with [`PlannedMount::host_path`]'s); a denied path that
-//! does not exist yet is not hidden, so a `rw` grant of a parent lets the
-//! guest create it (e.g. `~/.ssh/authorized_keys` through a `rw` home grant)
-//! unless the staging step prevents that; a hard link to a denied file
-//! *inside* a granted directory is not found (that would need a walk of the
-//! whole tree).
+//! Limits, closed by the share keeper ([`crate::share`]): the plan is a
+//! snapshot, so the keeper re-checks what it binds (opens it with
+//! `RESOLVE_NO_SYMLINKS`, `O_PATH | O_NOFOLLOW` and compares the inode with
+//! [`PlannedMount::inode`]); a denied path that does not exist yet
+//! ([`PlannedMount::absent_denied`]) would let a `rw` grant of a parent
+//! create it (e.g. `~/.ssh/authorized_keys` through a `rw` home grant), so
+//! for writable grants the keeper creates it empty on the host and covers
+//! it. Still open: a hard link to a denied file *inside* a granted
+//! directory is not found (that would need a walk of the whole tree).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -267,6 +268,32 @@ pub struct PlannedMount {
     /// Denied paths inside `host_path` that exist, canonical, outermost
     /// only: the staging step covers each with an empty read-only mount.
     pub hidden: Vec<PathBuf>,
+    /// Denied paths inside `host_path` that do not exist yet, lexical under
+    /// the canonical home, outermost only. A writable grant would let the
+    /// guest create them, so the share keeper creates each (empty) on the
+    /// host and covers it, as it covers [`PlannedMount::hidden`].
+    pub absent_denied: Vec<AbsentDenied>,
+    /// `(st_dev, st_ino)` of `host_path` when it was planned: the share
+    /// keeper binds only what still has this inode.
+    pub inode: (u64, u64),
+}
+
+/// A denied path that does not exist yet (see
+/// [`PlannedMount::absent_denied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsentDenied {
+    /// The path, absolute.
+    pub path: PathBuf,
+    /// Whether the store is a file ([`deny_entry_is_file`]), so that its
+    /// last component is created as an empty file rather than a directory.
+    pub file: bool,
+}
+
+/// Whether a deny-list entry names a file rather than a directory: its last
+/// component has an extension (`.docker/config.json`). Leading-dot names
+/// such as `.ssh` have none, so every other built-in entry is a directory.
+pub fn deny_entry_is_file(entry: &Path) -> bool {
+    entry.extension().is_some()
 }
 
 impl PlannedMount {
@@ -326,6 +353,8 @@ struct ResolvedDeny {
     path: PathBuf,
     /// `(st_dev, st_ino)` where it exists.
     inode: Option<(u64, u64)>,
+    /// Whether the entry names a file ([`deny_entry_is_file`]).
+    file: bool,
 }
 
 /// Decides which grants a session gets.
@@ -552,11 +581,29 @@ impl MountPolicy {
                 outermost.push(h);
             }
         }
+        let mut absent: Vec<&ResolvedDeny> = denied
+            .iter()
+            .filter(|d| d.inode.is_none() && d.path.starts_with(&host_path) && d.path != host_path)
+            .collect();
+        absent.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut absent_denied: Vec<AbsentDenied> = Vec::with_capacity(absent.len());
+        for d in absent {
+            if !absent_denied.iter().any(|o| d.path.starts_with(&o.path))
+                && !outermost.iter().any(|o| d.path.starts_with(o))
+            {
+                absent_denied.push(AbsentDenied {
+                    path: d.path.clone(),
+                    file: d.file,
+                });
+            }
+        }
         Ok(PlannedMount {
             name: name.to_owned(),
             host_path,
             mode,
             hidden: outermost,
+            absent_denied,
+            inode: (meta.dev(), meta.ino()),
         })
     }
 
@@ -594,11 +641,16 @@ impl MountPolicy {
                 match std::fs::canonicalize(&lexical) {
                     Ok(path) => {
                         let inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
-                        ResolvedDeny { path, inode }
+                        ResolvedDeny {
+                            path,
+                            inode,
+                            file: deny_entry_is_file(d),
+                        }
                     }
                     Err(_) => ResolvedDeny {
                         path: lexical,
                         inode: None,
+                        file: deny_entry_is_file(d),
                     },
                 }
             })
@@ -1004,6 +1056,48 @@ mod tests {
         // A narrower parent hides only what is inside it.
         let plan = one(&f.default_policy(), "cfg", "home/u/.config", "ro");
         assert_eq!(plan.mounts[0].hidden, [gcloud]);
+    }
+
+    #[test]
+    fn plans_carry_the_inode_and_the_absent_denied_paths_to_cover() {
+        let f = Fake::new();
+        let ssh = f.mkdir(".ssh");
+        f.mkdir(".docker");
+        f.mkdir(".config/gcloud");
+        let plan = one(&f.default_policy(), "home", "", "rw");
+        let m = &plan.mounts[0];
+        let meta = fs::metadata(&f.home).unwrap();
+        assert_eq!(m.inode, (meta.dev(), meta.ino()));
+        let absent: Vec<(String, bool)> = m
+            .absent_denied
+            .iter()
+            .map(|a| (f.rel(&a.path), a.file))
+            .collect();
+        // Missing stores only; nothing that exists (.ssh, .config/gcloud)
+        // and nothing inside a hidden one; `.docker/config.json` is a file.
+        assert!(
+            absent.contains(&("home/u/.aws".into(), false)),
+            "{absent:?}"
+        );
+        assert!(
+            absent.contains(&("home/u/.docker/config.json".into(), true)),
+            "{absent:?}"
+        );
+        assert!(
+            absent.contains(&("home/u/.config/chromium".into(), false)),
+            "{absent:?}"
+        );
+        assert!(!absent
+            .iter()
+            .any(|(p, _)| p.contains(".ssh") || p.contains("gcloud")));
+        assert!(m.hidden.contains(&ssh));
+        // A grant with no stores inside has none to cover.
+        let work = f.mkdir("work");
+        let plan = one(&f.default_policy(), "w", &f.rel(&work), "rw");
+        assert!(plan.mounts[0].absent_denied.is_empty());
+        assert!(deny_entry_is_file(Path::new(".docker/config.json")));
+        assert!(!deny_entry_is_file(Path::new(".ssh")));
+        assert!(!deny_entry_is_file(Path::new(".local/share/keyrings")));
     }
 
     #[test]
