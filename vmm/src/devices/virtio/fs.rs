@@ -800,6 +800,11 @@ pub(crate) mod tests {
     /// DRIVER_OK (VERSION_1 and EVENT_IDX accepted, both queues set up).
     fn running(backend: FakeBackend) -> (MmioTransport, GuestMemoryMmap, Served) {
         let (socket, served) = serve(backend);
+        let (t, mem) = running_on(socket);
+        (t, mem, served)
+    }
+
+    fn running_on(socket: UnixStream) -> (MmioTransport, GuestMemoryMmap) {
         let dev = Fs::new(socket, "claudeshared").unwrap();
         let mem = crate::builder::shared_guest_memory(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mut t = MmioTransport::new(Box::new(dev), mem.clone()).unwrap();
@@ -831,7 +836,7 @@ pub(crate) mod tests {
         }
         wr(&mut t, REG_STATUS, DRIVER_OK);
         assert!(t.is_activated());
-        (t, mem, served)
+        (t, mem)
     }
 
     /// Waits (10 s at most) for the Status register to show DEVICE_NEEDS_RESET.
@@ -997,5 +1002,165 @@ pub(crate) mod tests {
             "{log:?}"
         );
         assert_ne!(rd(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG_CHANGE, 0);
+    }
+
+    /// A virtiofsd to test against: `$VIRTIOFSD`, else the one `make
+    /// build` produces, else an installed one.
+    fn find_virtiofsd() -> Option<std::path::PathBuf> {
+        let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../build/virtiofsd/bin/virtiofsd");
+        std::env::var_os("VIRTIOFSD")
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .chain([
+                built,
+                "/usr/lib/coworkvm/virtiofsd".into(),
+                "/usr/libexec/virtiofsd".into(),
+            ])
+            .find(|p| p.is_file())
+    }
+
+    /// The real back-end end to end, without a guest: the handshake, the
+    /// vring setup, then one FUSE_INIT request written into the request
+    /// ring as a driver would. virtiofsd reads it from the shared memfd
+    /// (kicked through the queue's ioeventfd), answers into guest memory,
+    /// and interrupts through the device's irqfd, and InterruptStatus
+    /// shows the ring bit the guest's handler needs.
+    #[test]
+    #[ignore = "needs virtiofsd (>= 1.13): VIRTIOFSD=/path cargo test -p coworkvm-vmm -- --ignored real_virtiofsd"]
+    fn real_virtiofsd_answers_fuse_init_through_shared_memory_and_the_irqfd() {
+        use std::process::{Command, Stdio};
+        use vm_memory::Bytes;
+        let bin = find_virtiofsd().expect(
+            "no virtiofsd: set $VIRTIOFSD, or run `make build` (build/virtiofsd/bin/virtiofsd)",
+        );
+        let dir = std::env::temp_dir().join(format!("coworkvm-vfsd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let socket_path = dir.join("vfsd.sock");
+        let mut child = Command::new(&bin)
+            .arg(format!("--socket-path={}", socket_path.display()))
+            .arg(format!("--shared-dir={}", dir.join("shared").display()))
+            .args(["--sandbox=none", "--log-level=error"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let socket = loop {
+            match UnixStream::connect(&socket_path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => panic!("virtiofsd's socket: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let (mut t, mem) = running_on(socket);
+
+        // Request queue (1): desc 0 = in header + fuse_init_in (read by
+        // the device), desc 1 = room for the reply (written by it).
+        let (desc, avail, used) = (RING_BASE[1], RING_BASE[1] + 0x1000, RING_BASE[1] + 0x2000);
+        let (req, reply) = (0x8_0000u64, 0x9_0000u64);
+        const FUSE_INIT: u32 = 26;
+        let unique = 0x1234_5678u64;
+        let mut request = Vec::new();
+        request.extend_from_slice(&(40u32 + 16).to_le_bytes()); // len
+        request.extend_from_slice(&FUSE_INIT.to_le_bytes());
+        request.extend_from_slice(&unique.to_le_bytes());
+        request.extend_from_slice(&[0u8; 8 + 4 + 4 + 4 + 2 + 2]); // nodeid..padding
+        request.extend_from_slice(&7u32.to_le_bytes()); // major
+        request.extend_from_slice(&31u32.to_le_bytes()); // minor
+        request.extend_from_slice(&[0u8; 8]); // max_readahead, flags
+        mem.write_slice(&request, GuestAddress(req)).unwrap();
+        let descriptor = |addr: u64, len: u32, flags: u16, next: u16| {
+            let mut d = Vec::new();
+            d.extend_from_slice(&addr.to_le_bytes());
+            d.extend_from_slice(&len.to_le_bytes());
+            d.extend_from_slice(&flags.to_le_bytes());
+            d.extend_from_slice(&next.to_le_bytes());
+            d
+        };
+        mem.write_slice(
+            &descriptor(req, request.len() as u32, 1, 1),
+            GuestAddress(desc),
+        )
+        .unwrap();
+        mem.write_slice(&descriptor(reply, 256, 2, 0), GuestAddress(desc + 16))
+            .unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap(); // ring[0] = head 0
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap(); // idx
+        t.queue_events()[1].write(1).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.interrupt().irqfd().read().is_err() {
+            assert!(Instant::now() < deadline, "no interrupt from virtiofsd");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(rd(&mut t, REG_INTERRUPT_STATUS) & INT_USED_RING, 0);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+        let written: u32 = mem.read_obj(GuestAddress(used + 8)).unwrap();
+        let out_len: u32 = mem.read_obj(GuestAddress(reply)).unwrap();
+        let error: i32 = mem.read_obj(GuestAddress(reply + 4)).unwrap();
+        let out_unique: u64 = mem.read_obj(GuestAddress(reply + 8)).unwrap();
+        let major: u32 = mem.read_obj(GuestAddress(reply + 16)).unwrap();
+        assert_eq!((error, out_unique, major), (0, unique, 7));
+        assert_eq!(written, out_len);
+
+        // The driver resets the device; virtiofsd answers the ring stops.
+        wr(&mut t, REG_STATUS, 0);
+        assert_eq!(rd(&mut t, REG_STATUS), 0);
+        drop(t);
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The vring setup and teardown make only the syscalls the virtio-fs
+    /// worker's seccomp list allows: run on a thread confined by it, a
+    /// missing one kills the test process with SIGSYS.
+    #[test]
+    fn the_vring_setup_and_teardown_run_under_the_fs_workers_filter() {
+        use crate::sandbox::seccomp::{ThreadFilter, ThreadKind};
+        let (socket, served) = serve(FakeBackend::virtiofsd());
+        let dev = Fs::new(socket, "t").unwrap();
+        let mem = crate::builder::shared_guest_memory(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let queues = RING_BASE
+            .iter()
+            .map(|base| {
+                let mut q = Queue::new(QUEUE_MAX_SIZE).unwrap();
+                q.set_size(RING_SIZE);
+                q.set_desc_table_address(Some(*base as u32), Some(0));
+                q.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+                q.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+                q.set_ready(true);
+                q
+            })
+            .collect();
+        let activation = Activation {
+            frontend: dev.frontend.clone(),
+            features: VIRTIO_F_VERSION_1 | (1 << 30),
+            mem,
+            queues,
+            kicks: (0..NUM_QUEUES)
+                .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+                .collect(),
+            interrupt: Arc::new(VirtioInterrupt::new().unwrap()),
+        };
+        let filter = ThreadFilter::compile(ThreadKind::FsWorker).unwrap();
+        let rings = std::thread::spawn(move || {
+            filter.install().unwrap();
+            let rings = activation.run().unwrap();
+            drop(FsWorker {
+                frontend: activation.frontend.clone(),
+                rings: rings.clone(),
+                failed: false,
+            });
+            rings
+        })
+        .join()
+        .unwrap();
+        assert_eq!(rings, [0, 1]);
+        assert_eq!(
+            served.log().last().map(String::as_str),
+            Some("GET_VRING_BASE 1")
+        );
     }
 }
