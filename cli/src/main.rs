@@ -9,7 +9,7 @@ use coworkvm_bundle::{Bundle, SeedOutcome};
 use coworkvm_helper::run::{RunConfig, RunMachine};
 use coworkvm_helper::vm::{BundleImages, ImageSource, MachineSize};
 use coworkvm_vmm::boot_file::{BootFile, DiskArg, FileArg};
-use coworkvm_vmm::config::{DiskConfig, DiskRole, LaunchConfig, MAX_CONFIG_BYTES};
+use coworkvm_vmm::config::{DiskConfig, DiskRole, FsConfig, LaunchConfig, MAX_CONFIG_BYTES};
 use coworkvm_vmm::doctor;
 use coworkvm_vmm::MachineUuid;
 use coworkvm_vmm::{GuestExit, VsockSpec};
@@ -152,7 +152,7 @@ struct BootArgs {
         long,
         value_name = "N",
         conflicts_with_all = ["kernel", "initrd", "disks", "cpus", "mem", "cmdline",
-                              "console", "vsock", "cid", "uuid"]
+                              "console", "vsock", "cid", "uuid", "fs_socket", "fs_tag"]
     )]
     config_fd: Option<i32>,
     /// bzImage of the guest kernel: PATH, or fd:N (a descriptor inherited
@@ -188,6 +188,15 @@ struct BootArgs {
     /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid.
     #[arg(long, value_parser = parse_uuid)]
     uuid: Option<MachineUuid>,
+    /// Give the guest a virtio-fs device served by the vhost-user back-end
+    /// (virtiofsd) listening on this socket, or on fd:N, an inherited
+    /// socket already connected to it.
+    #[arg(long, value_name = "PATH|fd:N")]
+    fs_socket: Option<FileArg>,
+    /// The virtio-fs tag the guest mounts (`mount -t virtiofs TAG DIR`).
+    #[arg(long, value_name = "TAG", requires = "fs_socket",
+          default_value = socket_proto::guest::SHARE_TAG)]
+    fs_tag: String,
     /// Run the VMM unconfined: no seccomp, Landlock, namespaces or rlimits.
     /// For debugging only.
     #[arg(long)]
@@ -222,6 +231,10 @@ impl BootArgs {
                 uds,
             }),
             machine_uuid: self.uuid,
+            fs: self.fs_socket.clone().map(|socket| FsConfig {
+                socket,
+                tag: self.fs_tag.clone(),
+            }),
             ..LaunchConfig::new(kernel)
         })
     }

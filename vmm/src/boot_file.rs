@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -37,6 +38,9 @@ pub enum BootFileError {
     /// Neither a regular file nor a block device (a FIFO, a directory...).
     #[error("{0} is not a regular file or a block device")]
     NotAFile(String),
+    /// Not a Unix stream socket where one is needed (vhost-user).
+    #[error("{0} is not a Unix stream socket")]
+    NotAUnixStream(String),
     /// fstat or fcntl failed.
     #[error("cannot examine {0}: {1}")]
     Stat(String, io::Error),
@@ -96,29 +100,8 @@ impl BootFile {
     /// above, named once, and a regular file or a block device. It is made
     /// close-on-exec.
     pub fn from_inherited_fd(fd: RawFd, writable: bool) -> Result<Self, BootFileError> {
-        static CLAIMED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
-        if fd <= 2 {
-            return Err(BootFileError::StdFd(fd));
-        }
         let label = format!("fd:{fd}");
-        // SAFETY: fcntl(F_GETFL) on an integer reads the descriptor table
-        // entry only; an unopened number gives EBADF and changes nothing.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(BootFileError::BadFd(fd, io::Error::last_os_error()));
-        }
-        if !CLAIMED.lock().unwrap_or_else(|p| p.into_inner()).insert(fd) {
-            return Err(BootFileError::FdTwice(fd));
-        }
-        // SAFETY: `fd` is open (F_GETFL succeeded), above the standard
-        // streams, and claimed only once (CLAIMED): it was inherited across
-        // exec, so no other object in this process owns it, and from here
-        // the File is its only owner.
-        let file = unsafe { File::from_raw_fd(fd) };
-        // SAFETY: fcntl(F_SETFD) on the descriptor `file` owns.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(BootFileError::Stat(label, io::Error::last_os_error()));
-        }
+        let (file, flags) = claim_inherited_fd(fd)?;
         if writable && flags & libc::O_ACCMODE != libc::O_RDWR {
             return Err(BootFileError::NotWritable(label));
         }
@@ -135,6 +118,85 @@ impl BootFile {
             .unwrap_or_else(|_| PathBuf::from(&label));
         Ok(Self::new(name, file))
     }
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the parent process,
+/// and makes it close-on-exec: it must be open, 3 or above, and claimed
+/// once in this process (whatever it is used for). Returns it with its
+/// status flags (`F_GETFL`).
+fn claim_inherited_fd(fd: RawFd) -> Result<(File, libc::c_int), BootFileError> {
+    static CLAIMED: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+    if fd <= 2 {
+        return Err(BootFileError::StdFd(fd));
+    }
+    // SAFETY: fcntl(F_GETFL) on an integer reads the descriptor table
+    // entry only; an unopened number gives EBADF and changes nothing.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(BootFileError::BadFd(fd, io::Error::last_os_error()));
+    }
+    if !CLAIMED.lock().unwrap_or_else(|p| p.into_inner()).insert(fd) {
+        return Err(BootFileError::FdTwice(fd));
+    }
+    // SAFETY: `fd` is open (F_GETFL succeeded), above the standard
+    // streams, and claimed only once (CLAIMED): it was inherited across
+    // exec, so no other object in this process owns it, and from here
+    // the File is its only owner.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: fcntl(F_SETFD) on the descriptor `file` owns.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(BootFileError::Stat(
+            format!("fd:{fd}"),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok((file, flags))
+}
+
+/// One `SOL_SOCKET` integer option of the socket `fd`.
+fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes (one c_int) into
+    // `value`, which lives across the call, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// `file` as the connected Unix stream socket it must be, blocking.
+fn unix_stream_from(file: File, name: &str) -> Result<UnixStream, BootFileError> {
+    check_unix_stream(&file, name)?;
+    set_blocking(&file, name)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(file)))
+}
+
+fn check_unix_stream(file: &File, name: &str) -> Result<(), BootFileError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| BootFileError::Stat(name.to_owned(), e))?;
+    if !meta.file_type().is_socket() {
+        return Err(BootFileError::NotAUnixStream(name.to_owned()));
+    }
+    let fd = file.as_raw_fd();
+    let domain =
+        socket_option(fd, libc::SO_DOMAIN).map_err(|e| BootFileError::Stat(name.to_owned(), e))?;
+    let kind =
+        socket_option(fd, libc::SO_TYPE).map_err(|e| BootFileError::Stat(name.to_owned(), e))?;
+    if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
+        return Err(BootFileError::NotAUnixStream(name.to_owned()));
+    }
+    Ok(())
 }
 
 fn check_kind(file: &File, name: &str) -> Result<(), BootFileError> {
@@ -212,6 +274,22 @@ impl FileArg {
             FileArg::Path(p) => BootFile::open_path(p, writable),
             FileArg::Fd(fd) => BootFile::from_inherited_fd(*fd, writable),
         }
+    }
+
+    /// A connected Unix stream socket (a vhost-user back-end's): an
+    /// inherited descriptor must already be one (connected by the parent);
+    /// a path is a listening socket to connect to. Blocking, close-on-exec.
+    pub fn open_unix_stream(&self) -> Result<UnixStream, BootFileError> {
+        let stream = match self {
+            FileArg::Path(p) => {
+                UnixStream::connect(p).map_err(|e| BootFileError::Open(p.clone(), e))?
+            }
+            FileArg::Fd(fd) => {
+                let (file, _) = claim_inherited_fd(*fd)?;
+                unix_stream_from(file, &format!("fd:{fd}"))?
+            }
+        };
+        Ok(stream)
     }
 
     /// The argument as given (`fd:N` or the path).
@@ -321,6 +399,42 @@ mod tests {
         ));
         drop(f);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_socket_argument_must_be_a_unix_stream() {
+        use std::io::{Read, Write};
+        // (The descriptors are not claimed as inherited ones here: a
+        // claimed number stays claimed for the whole test process.)
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut s = unix_stream_from(File::from(std::os::fd::OwnedFd::from(ours)), "s").unwrap();
+        peer.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        // A regular file or a datagram socket is refused by name.
+        let file = File::open("/proc/self/status").unwrap();
+        let e = unix_stream_from(file, "fd:7").unwrap_err();
+        assert!(
+            matches!(e, BootFileError::NotAUnixStream(ref n) if n == "fd:7"),
+            "{e}"
+        );
+        let (dgram, _dgram_peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let e = unix_stream_from(File::from(std::os::fd::OwnedFd::from(dgram)), "d").unwrap_err();
+        assert_eq!(e.to_string(), "d is not a Unix stream socket");
+        // A path is connected to; nobody listening is an error.
+        let e = FileArg::Path("/nonexistent/vfs.sock".into())
+            .open_unix_stream()
+            .unwrap_err();
+        assert!(matches!(e, BootFileError::Open(..)), "{e}");
+        let dir = temp("listen");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let _s = FileArg::Path(sock.clone()).open_unix_stream().unwrap();
+        assert!(listener.accept().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

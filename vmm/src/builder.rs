@@ -1,11 +1,15 @@
 //! Assembles a machine from a [`MachineConfig`] and runs it to the end.
 
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use linux_loader::cmdline::Cmdline;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::acpi::{self, VirtioMmioSlot};
@@ -17,6 +21,7 @@ use crate::devices::legacy::serial::{
     self as serial, BoundedConsole, ConsoleOut, ConsoleSink, ConsoleTail, SerialPort,
 };
 use crate::devices::virtio::block::{Block, DiskImage};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -45,6 +50,14 @@ pub struct VsockSpec {
     pub uds: PathBuf,
 }
 
+/// A virtio-fs device: the connected vhost-user socket of its back-end
+/// and the tag the guest mounts.
+#[derive(Debug, Clone)]
+pub struct FsSpec {
+    pub socket: Arc<UnixStream>,
+    pub tag: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct MachineConfig {
     pub kernel: BootFile,
@@ -57,6 +70,8 @@ pub struct MachineConfig {
     pub vsock: Option<VsockSpec>,
     /// SMBIOS type 1 UUID: the guest's `/sys/class/dmi/id/product_uuid`.
     pub machine_uuid: Option<MachineUuid>,
+    /// A virtio-fs device, if any.
+    pub fs: Option<FsSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +96,8 @@ pub enum BuildError {
     Block(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("console {0}: {1}")]
@@ -130,10 +147,18 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
         cfg.mem_mib,
         cfg.disks.len(),
         cfg.vsock.is_some(),
+        cfg.fs.is_some(),
     )?;
 
-    let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(cfg.mem_mib << 20))
-        .map_err(|e| BuildError::GuestMemory(e.to_string()))?;
+    // A vhost-user back-end maps guest RAM itself: it must be a shared
+    // file mapping. Otherwise anonymous private RAM, whose page faults
+    // are cheaper (Firecracker makes the same choice).
+    let ranges = boot::ram_ranges(cfg.mem_mib << 20);
+    let mem = if cfg.fs.is_some() {
+        shared_guest_memory(&ranges)
+    } else {
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::GuestMemory(e.to_string()))
+    }?;
     let vm = Vm::new(mem.clone(), true)?;
 
     let kernel = boot::load_kernel_file(&mem, cfg.kernel.name(), cfg.kernel.file())?;
@@ -188,6 +213,14 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
     };
     if let (Some(v), Some(uds)) = (&cfg.vsock, &vsock_uds) {
         devices.push(Box::new(Vsock::new(v.guest_cid, uds)?));
+    }
+    // The vhost-user handshake happens here, before the sandbox.
+    if let Some(f) = &cfg.fs {
+        let socket = f
+            .socket
+            .try_clone()
+            .map_err(|e| BuildError::Io("duplicating the virtio-fs socket", e))?;
+        devices.push(Box::new(Fs::new(socket, &f.tag)?));
     }
 
     let mut slots = Vec::new();
@@ -306,9 +339,87 @@ pub fn run_with(cfg: &MachineConfig, sandboxed: bool) -> Result<RunOutcome, Buil
     Ok(RunOutcome { exit, console_tail })
 }
 
+/// Guest RAM as one memfd mapped shared, each range at its own offset,
+/// for a vhost-user back-end to map through the descriptor. Sealed
+/// against resizing: the back-end gets the descriptor, and a file it could
+/// shrink would make the VMM's next access to the lost pages a SIGBUS.
+pub(crate) fn shared_guest_memory(
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, BuildError> {
+    let memory_error = |what: &str, e: io::Error| BuildError::GuestMemory(format!("{what}: {e}"));
+    let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    // SAFETY: memfd_create reads one NUL-terminated name that outlives the
+    // call; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"coworkvm-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(memory_error("memfd_create", io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(total)
+        .map_err(|e| memory_error("sizing the guest RAM memfd", e))?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on the descriptor `file` owns; no memory.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(memory_error(
+            "sealing the guest RAM memfd",
+            io::Error::last_os_error(),
+        ));
+    }
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(addr, len) in ranges {
+        regions.push((addr, len, Some(FileOffset::from_arc(file.clone(), offset))));
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_ranges_with_files(&regions)
+        .map_err(|e| BuildError::GuestMemory(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn shared_guest_memory_is_one_sealed_memfd_at_consecutive_offsets() {
+        let ranges = [
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x1_0000_0000), 0x20_0000),
+        ];
+        let mem = shared_guest_memory(&ranges).unwrap();
+        let regions: Vec<_> = mem.iter().collect();
+        assert_eq!(regions.len(), 2);
+        let (a, b) = (
+            regions[0].file_offset().unwrap(),
+            regions[1].file_offset().unwrap(),
+        );
+        assert_eq!((a.start(), b.start()), (0, 0x10_0000));
+        let file = a.file();
+        assert_eq!(file.as_raw_fd(), b.file().as_raw_fd(), "one memfd");
+        assert_eq!(file.metadata().unwrap().len(), 0x30_0000);
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor the region owns.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want);
+        assert!(
+            file.set_len(0x1000).is_err(),
+            "a sealed memfd cannot shrink"
+        );
+        // Shared: what the guest writes is in the file, where a back-end
+        // that maps it sees it.
+        mem.write_obj(0xabcd_u32, GuestAddress(0x1_0000_0010))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, 0x10_0010).unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0xabcd);
+    }
 
     #[test]
     fn exit_codes() {

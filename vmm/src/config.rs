@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::smbios::MachineUuid;
 use crate::boot_file::{BootFileError, FileArg};
-use crate::builder::{DiskSpec, MachineConfig, VsockSpec};
+use crate::builder::{DiskSpec, FsSpec, MachineConfig, VsockSpec};
+use crate::devices::virtio::fs::MAX_TAG_BYTES;
 
 /// The most vCPUs a VM gets.
 pub const MAX_CPUS: u8 = 32;
@@ -56,6 +57,10 @@ pub enum ConfigError {
     Cmdline(usize),
     #[error("the vsock CID must be 3 or above, got {0}")]
     Cid(u64),
+    #[error("the virtio-fs tag must be 1 to {MAX_TAG_BYTES} bytes without NUL, got {0:?}")]
+    FsTag(String),
+    #[error("the virtio-fs socket: {0}")]
+    FsSocket(BootFileError),
     #[error(transparent)]
     File(#[from] BootFileError),
 }
@@ -102,6 +107,27 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-fs device served by a vhost-user back-end (virtiofsd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The back-end: `{"fd": N}`, an inherited Unix stream socket already
+    /// connected to it (what the helper passes), or `{"path": P}`, its
+    /// listening socket, which the VMM connects to (tests, `coworkvm boot`).
+    pub socket: FileArg,
+    /// The name the guest mounts (`mount -t virtiofs TAG`): 1 to 36 bytes.
+    pub tag: String,
+}
+
+impl FsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.tag.is_empty() || self.tag.len() > MAX_TAG_BYTES || self.tag.contains('\0') {
+            return Err(ConfigError::FsTag(self.tag.clone()));
+        }
+        Ok(())
+    }
+}
+
 /// Everything the VMM needs to boot one machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +148,10 @@ pub struct LaunchConfig {
     pub vsock: Option<VsockSpec>,
     /// SMBIOS type 1 UUID: the guest's `/sys/class/dmi/id/product_uuid`.
     pub machine_uuid: Option<MachineUuid>,
+    /// A virtio-fs device (shared folders). Absent from older
+    /// configurations, which still parse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsConfig>,
 }
 
 impl LaunchConfig {
@@ -137,6 +167,7 @@ impl LaunchConfig {
             console: None,
             vsock: None,
             machine_uuid: None,
+            fs: None,
         }
     }
 
@@ -147,7 +178,11 @@ impl LaunchConfig {
             self.mem_mib,
             self.disks.len(),
             self.vsock.is_some(),
+            self.fs.is_some(),
         )?;
+        if let Some(fs) = &self.fs {
+            fs.validate()?;
+        }
         let mut previous: Option<DiskRole> = None;
         for d in &self.disks {
             if let Some(p) = previous {
@@ -200,6 +235,15 @@ impl LaunchConfig {
                 })
             })
             .collect::<Result<_, BootFileError>>()?;
+        let fs = match &self.fs {
+            Some(f) => Some(FsSpec {
+                socket: std::sync::Arc::new(
+                    f.socket.open_unix_stream().map_err(ConfigError::FsSocket)?,
+                ),
+                tag: f.tag.clone(),
+            }),
+            None => None,
+        };
         Ok(MachineConfig {
             kernel,
             initrd,
@@ -210,6 +254,7 @@ impl LaunchConfig {
             console: self.console.clone(),
             vsock: self.vsock.clone(),
             machine_uuid: self.machine_uuid,
+            fs,
         })
     }
 }
@@ -220,6 +265,7 @@ pub(crate) fn check_limits(
     mem_mib: u64,
     disks: usize,
     vsock: bool,
+    fs: bool,
 ) -> Result<(), ConfigError> {
     if cpus == 0 || cpus > u64::from(MAX_CPUS) {
         return Err(ConfigError::Cpus(cpus));
@@ -228,8 +274,8 @@ pub(crate) fn check_limits(
         return Err(ConfigError::Mem(mem_mib));
     }
     let max_slots = (layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1) as usize;
-    // One slot per disk, the rng, and the vsock device if any.
-    let slots_needed = disks + 1 + vsock as usize;
+    // One slot per disk, the rng, and the vsock and virtio-fs devices if any.
+    let slots_needed = disks + 1 + vsock as usize + fs as usize;
     if slots_needed > max_slots {
         return Err(ConfigError::TooManyDevices(slots_needed, max_slots));
     }
@@ -352,5 +398,73 @@ mod tests {
         let mut bad_uuid = json;
         bad_uuid["machine_uuid"] = "nope".into();
         assert!(serde_json::from_value::<LaunchConfig>(bad_uuid).is_err());
+    }
+
+    fn with_fs(socket: FileArg, tag: &str) -> LaunchConfig {
+        LaunchConfig {
+            fs: Some(FsConfig {
+                socket,
+                tag: tag.into(),
+            }),
+            ..bundle_vm()
+        }
+    }
+
+    #[test]
+    fn the_fs_device_has_its_json_form_and_older_configurations_still_parse() {
+        let c = with_fs(FileArg::Fd(9), "claudeshared");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            json["fs"],
+            serde_json::json!({"socket": {"fd": 9}, "tag": "claudeshared"})
+        );
+        assert_eq!(
+            serde_json::from_value::<LaunchConfig>(json.clone()).unwrap(),
+            c
+        );
+        let path = with_fs(FileArg::Path("/run/vfs.sock".into()), "t");
+        let json = serde_json::to_value(&path).unwrap();
+        assert_eq!(
+            json["fs"]["socket"],
+            serde_json::json!({"path": "/run/vfs.sock"})
+        );
+        // Without a device the key is left out, and a configuration
+        // written before it existed parses.
+        let old = serde_json::to_value(bundle_vm()).unwrap();
+        assert!(old.get("fs").is_none());
+        assert_eq!(
+            serde_json::from_value::<LaunchConfig>(old).unwrap().fs,
+            None
+        );
+        let mut extra = serde_json::to_value(&c).unwrap();
+        extra["fs"]["cache"] = "auto".into();
+        assert!(serde_json::from_value::<LaunchConfig>(extra).is_err());
+    }
+
+    #[test]
+    fn the_fs_tag_and_slot_are_checked() {
+        with_fs(FileArg::Fd(9), "claudeshared").validate().unwrap();
+        with_fs(FileArg::Fd(9), &"x".repeat(MAX_TAG_BYTES))
+            .validate()
+            .unwrap();
+        for bad in [String::new(), "x".repeat(MAX_TAG_BYTES + 1), "a\0b".into()] {
+            let e = with_fs(FileArg::Fd(9), &bad).validate().unwrap_err();
+            assert!(matches!(e, ConfigError::FsTag(_)), "{bad:?}: {e}");
+        }
+        // The device takes a slot: a configuration that fills every slot
+        // without it has none left for it.
+        let max_slots = (layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1) as usize;
+        let mut c = bundle_vm();
+        // rng + vsock + the disks.
+        let data = max_slots - 2 - c.disks.len();
+        c.disks
+            .extend((0..data).map(|i| disk(DiskRole::Data, 20 + i as i32, true)));
+        c.validate().unwrap();
+        c.fs = with_fs(FileArg::Fd(9), "t").fs;
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(e, ConfigError::TooManyDevices(n, m) if n == m + 1),
+            "{e}"
+        );
     }
 }

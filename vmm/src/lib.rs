@@ -19,7 +19,7 @@ mod sandbox;
 mod vstate;
 
 pub use arch::x86_64::smbios::{MachineUuid, SmbiosError};
-pub use builder::{run_with, BuildError, GuestExit, MachineConfig, RunOutcome, VsockSpec};
+pub use builder::{run_with, BuildError, FsSpec, GuestExit, MachineConfig, RunOutcome, VsockSpec};
 /// The test hook behind `coworkvm sandbox-probe`: sets up the VMM's
 /// sandbox and makes one access.
 pub use sandbox::probe as sandbox_probe;

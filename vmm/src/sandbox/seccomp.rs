@@ -65,6 +65,8 @@ pub enum ThreadKind {
     VsockWorker = 6,
     /// A worker of a device this module does not know: the event loop only.
     OtherWorker = 7,
+    /// virtio-fs: vhost-user requests to its back-end (virtiofsd).
+    FsWorker = 8,
 }
 
 impl ThreadKind {
@@ -77,6 +79,7 @@ impl ThreadKind {
             ThreadKind::RngWorker => "virtio-rng",
             ThreadKind::VsockWorker => "virtio-vsock",
             ThreadKind::OtherWorker => "device-worker",
+            ThreadKind::FsWorker => "virtio-fs",
         }
     }
 
@@ -89,6 +92,7 @@ impl ThreadKind {
             5 => ThreadKind::RngWorker,
             6 => ThreadKind::VsockWorker,
             7 => ThreadKind::OtherWorker,
+            8 => ThreadKind::FsWorker,
             _ => return None,
         })
     }
@@ -101,6 +105,7 @@ impl ThreadKind {
             "virtio-blk" => ThreadKind::BlockWorker,
             "virtio-rng" => ThreadKind::RngWorker,
             "virtio-vsock" => ThreadKind::VsockWorker,
+            "virtio-fs" => ThreadKind::FsWorker,
             _ => ThreadKind::OtherWorker,
         }
     }
@@ -319,6 +324,31 @@ fn vsock_worker() -> Rules {
     r
 }
 
+/// virtio-fs: the vring setup and teardown on the already connected
+/// vhost-user socket (vmm-sys-util's `sendmsg(.., MSG_NOSIGNAL)` with the
+/// memfd, irqfd and kick descriptors, `recvmsg(.., 0)` for the
+/// acknowledgements). No socket, connect or any file: the handshake and
+/// the connection happened before the sandbox. The back-end's data path
+/// (rings, irqfd) needs nothing from this thread.
+fn fs_worker() -> Rules {
+    let mut r = worker_base();
+    allow_if(
+        &mut r,
+        libc::SYS_sendmsg,
+        vec![rule(vec![dword(
+            2,
+            SeccompCmpOp::Eq,
+            libc::MSG_NOSIGNAL as u64,
+        )])],
+    );
+    allow_if(
+        &mut r,
+        libc::SYS_recvmsg,
+        vec![rule(vec![dword(2, SeccompCmpOp::Eq, 0)])],
+    );
+    r
+}
+
 /// The spawner: every worker's list (a worker keeps it beneath its own),
 /// plus starting a thread: glibc's pthread_create (clone with CLONE_THREAD
 /// only: no new processes; clone3, whose flags a filter cannot see, gets
@@ -330,6 +360,7 @@ fn spawner() -> Rules {
     merge(&mut r, block_worker());
     merge(&mut r, rng_worker());
     merge(&mut r, vsock_worker());
+    merge(&mut r, fs_worker());
     allow_if(
         &mut r,
         libc::SYS_clone,
@@ -384,6 +415,7 @@ fn rules_for(kind: ThreadKind) -> Rules {
         ThreadKind::RngWorker => rng_worker(),
         ThreadKind::VsockWorker => vsock_worker(),
         ThreadKind::OtherWorker => worker_base(),
+        ThreadKind::FsWorker => fs_worker(),
     }
 }
 
@@ -471,6 +503,7 @@ pub struct Filters {
     pub rng: ThreadFilter,
     pub vsock: ThreadFilter,
     pub other_worker: ThreadFilter,
+    pub fs: ThreadFilter,
 }
 
 impl Filters {
@@ -483,6 +516,7 @@ impl Filters {
             rng: ThreadFilter::compile(ThreadKind::RngWorker)?,
             vsock: ThreadFilter::compile(ThreadKind::VsockWorker)?,
             other_worker: ThreadFilter::compile(ThreadKind::OtherWorker)?,
+            fs: ThreadFilter::compile(ThreadKind::FsWorker)?,
         })
     }
 
@@ -492,6 +526,7 @@ impl Filters {
             ThreadKind::BlockWorker => &self.block,
             ThreadKind::RngWorker => &self.rng,
             ThreadKind::VsockWorker => &self.vsock,
+            ThreadKind::FsWorker => &self.fs,
             _ => &self.other_worker,
         }
     }
@@ -646,6 +681,7 @@ mod tests {
             ThreadKind::RngWorker,
             ThreadKind::VsockWorker,
             ThreadKind::OtherWorker,
+            ThreadKind::FsWorker,
         ] {
             let allowed = allowed_syscalls(kind);
             for nr in [
@@ -678,6 +714,21 @@ mod tests {
         // Only the vsock worker has sockets.
         assert!(allowed_syscalls(ThreadKind::VsockWorker).contains(&libc::SYS_socket));
         assert!(!allowed_syscalls(ThreadKind::BlockWorker).contains(&libc::SYS_socket));
+        // virtio-fs talks on the socket it was given, and makes none.
+        let fs = allowed_syscalls(ThreadKind::FsWorker);
+        assert!(fs.contains(&libc::SYS_sendmsg) && fs.contains(&libc::SYS_recvmsg));
+        for nr in [libc::SYS_socket, libc::SYS_connect, libc::SYS_accept4] {
+            assert!(!fs.contains(&nr), "virtio-fs may make {}", syscall_name(nr));
+        }
+        // Only the virtio-fs and vsock workers (and their spawner) send
+        // descriptors: not a vCPU, whose MMIO exit activates the device.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::BlockWorker] {
+            assert!(!allowed_syscalls(kind).contains(&libc::SYS_sendmsg));
+        }
+        assert_eq!(
+            ThreadKind::for_worker(crate::devices::virtio::fs::WORKER_THREAD),
+            ThreadKind::FsWorker
+        );
     }
 
     #[test]
@@ -688,6 +739,7 @@ mod tests {
             ThreadKind::RngWorker,
             ThreadKind::VsockWorker,
             ThreadKind::OtherWorker,
+            ThreadKind::FsWorker,
         ] {
             for nr in allowed_syscalls(kind) {
                 assert!(spawner.contains(&nr), "spawner lacks {}", syscall_name(nr));

@@ -784,6 +784,7 @@ pub(crate) mod tests {
                 queues: vec![queue],
                 queue_events: vec![evt],
                 interrupt: interrupt.clone(),
+                acked_features: 0,
             })
             .unwrap();
         kick.write(1).unwrap();

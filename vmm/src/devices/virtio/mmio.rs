@@ -123,6 +123,23 @@ impl MmioTransport {
         }
     }
 
+    /// InterruptStatus. A vhost-user back-end writes the irqfd directly
+    /// when it used buffers (no VMM hop per completion) and cannot set the
+    /// status bits; Linux's vm_interrupt services the rings only when it
+    /// reads INT_VRING, so a running device of that kind always reports
+    /// it. Unlike Firecracker's "CONFIG or else VRING", the bit is ORed
+    /// in: a ring notification that coalesced with a config change (the
+    /// device failing) is not lost. A read with no used buffers costs the
+    /// driver one scan of its rings.
+    fn interrupt_status(&self) -> u32 {
+        let status = self.interrupt.status();
+        if self.device.backend_signals_irqfd() && self.worker.is_some() {
+            status | super::INT_USED_RING
+        } else {
+            status
+        }
+    }
+
     fn device_features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1
     }
@@ -168,7 +185,7 @@ impl MmioTransport {
                 .queues
                 .get(self.queue_select as usize)
                 .map_or(0, |q| q.ready() as u32),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_INTERRUPT_STATUS => self.interrupt_status(),
             REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: length all-ones means "none".
@@ -315,6 +332,7 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
+            acked_features: self.driver_features,
         };
         match self.device.activate(ctx) {
             Ok(w) => self.worker = Some(w),

@@ -15,6 +15,7 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -26,9 +27,14 @@ pub use worker::DeviceWorker;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Indirect descriptors (virtio 1.2 section 2.7.5.3).
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+/// used_event / avail_event notification suppression (section 2.7.10).
+pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 
 /// InterruptStatus bits of the mmio transport.
 pub const INT_USED_RING: u32 = 1;
@@ -102,6 +108,8 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     pub queue_events: Vec<EventFd>,
     pub interrupt: Arc<VirtioInterrupt>,
+    /// The features the driver accepted (a subset of the device's).
+    pub acked_features: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +133,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<DeviceWorker, ActivateError>;
     /// Called when the worker was stopped by a reset; flush what must be flushed.
     fn reset(&mut self) {}
+    /// Whether an out-of-process (vhost-user) back-end signals used
+    /// buffers by writing the device's irqfd itself. It cannot set
+    /// [`VirtioInterrupt`]'s status bits, so the transport reports
+    /// [`INT_USED_RING`] on its own for such a device while it runs.
+    fn backend_signals_irqfd(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `data.len()` bytes of the config space `config` from `offset`: the

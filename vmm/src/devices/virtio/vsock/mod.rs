@@ -224,6 +224,7 @@ mod tests {
                 queues,
                 queue_events: evts,
                 interrupt: interrupt.clone(),
+                acked_features: 0,
             })
             .unwrap();
         tx_kick.write(1).unwrap();
