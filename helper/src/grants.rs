@@ -11,7 +11,6 @@
 //! this module only keeps the books, so it is tested with a fake backend.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
@@ -25,8 +24,8 @@ pub trait ShareBackend: Send + Sync {
     /// counts); returns the share-relative path the guest finds it at,
     /// under `/mnt/.virtiofs-root/shared/`.
     fn grant(&self, m: &PlannedMount) -> Result<String, String>;
-    /// Drops one grant of `host_path` made by [`Self::grant`].
-    fn release(&self, host_path: &Path);
+    /// Drops one grant made by [`Self::grant`] for `m`.
+    fn release(&self, m: &PlannedMount);
 }
 
 /// A grant a session holds.
@@ -47,8 +46,6 @@ struct Session {
 struct State {
     sessions: HashMap<String, Session>,
     session_of: HashMap<String, String>,
-    /// `installSdk`'s grants: the VM's, not a session's.
-    vm_held: Vec<PathBuf>,
 }
 
 /// The grants of one VM's sessions.
@@ -153,12 +150,10 @@ impl SessionShares {
         Ok(share_path)
     }
 
-    /// Grants a folder to the VM as a whole (`installSdk`), until it ends.
+    /// Grants a folder to the VM as a whole (`installSdk`): never
+    /// released, it ends with the VM's share.
     pub fn grant_to_vm(&self, m: &PlannedMount) -> Result<String, String> {
-        let mut st = lock(&self.state);
-        let p = self.backend.grant(m)?;
-        st.vm_held.push(m.host_path.clone());
-        Ok(p)
+        self.backend.grant(m)
     }
 
     /// Process `id` exited, or its spawn failed: the last process of a
@@ -185,8 +180,50 @@ impl SessionShares {
         };
         // Children before parents: the reverse of the order they were made.
         for h in released.iter().rev() {
-            self.backend.release(&h.mount.host_path);
+            self.backend.release(&h.mount);
         }
+    }
+}
+
+impl ShareBackend for crate::share::Share {
+    fn grant(&self, m: &PlannedMount) -> Result<String, String> {
+        crate::share::Share::grant(self, m).map_err(|e| e.to_string())
+    }
+
+    fn release(&self, m: &PlannedMount) {
+        if let Err(e) = crate::share::Share::release(self, &m.host_path, m.mode) {
+            tracing::warn!("releasing {}: {e}", m.host_path.display());
+        }
+    }
+}
+
+/// The production [`crate::vm::ShareLauncher`]: virtiofsd found by
+/// [`crate::virtiofsd::resolve`], the keeper re-executed from `exe`
+/// (`coworkvm share-keeper`), its staging directory `RUNDIR/share`.
+pub struct KeeperShareLauncher {
+    /// The `coworkvm` binary.
+    pub exe: std::path::PathBuf,
+}
+
+impl crate::vm::ShareLauncher for KeeperShareLauncher {
+    fn start(
+        &self,
+        run_dir: &std::path::Path,
+        virtiofsd: Option<&std::path::Path>,
+    ) -> Result<(Arc<dyn ShareBackend>, std::os::fd::OwnedFd), String> {
+        let v = crate::virtiofsd::resolve(virtiofsd).map_err(|e| e.to_string())?;
+        let (share, stream) =
+            crate::share::Share::start(&v.path, &self.exe, &run_dir.join("share"))
+                .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "shared folders: virtiofsd {}.{}.{} at {}, keeper pid {}",
+            v.version.0,
+            v.version.1,
+            v.version.2,
+            v.path.display(),
+            share.keeper_pid()
+        );
+        Ok((Arc::new(share), stream))
     }
 }
 
@@ -197,6 +234,8 @@ fn forward_entry(h: &Held) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
     use crate::mounts::{FailedMount, MountError, MountMode};
 
     #[derive(Default)]
@@ -213,8 +252,8 @@ mod tests {
             lock(&self.log).push(format!("grant {}", m.host_path.display()));
             Ok(m.staging_relative().to_string_lossy().into_owned())
         }
-        fn release(&self, host_path: &Path) {
-            lock(&self.log).push(format!("release {}", host_path.display()));
+        fn release(&self, m: &PlannedMount) {
+            lock(&self.log).push(format!("release {}", m.host_path.display()));
         }
     }
 
@@ -224,6 +263,8 @@ mod tests {
             host_path: path.into(),
             mode,
             hidden: vec![],
+            absent_denied: vec![],
+            inode: (0, 0),
         }
     }
 

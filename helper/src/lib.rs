@@ -8,7 +8,7 @@
 //! | [`agent`] | the guest agent's connection on `RUNDIR/vsock.sock_51234`: request/response correlation, guest events to client events |
 //! | [`methods`] | dispatch of every host-protocol method |
 //! | [`grants`] | which host folders each session holds, released when its last process ends |
-//! | [`mounts`] | the mount policy: `additionalMounts` / `mountPath` validation, parent-first order, the credential-store deny-list (not wired into `spawn` yet) |
+//! | [`mounts`] | the mount policy: `additionalMounts` / `mountPath` validation, parent-first order, the credential-store deny-list |
 //! | [`share`] | the share keeper: a private namespace with a staging tmpfs, virtiofsd on it, each grant bound at `shared/<host path>` |
 //! | [`virtiofsd`] | finding a usable virtiofsd (>= 1.13.0, the Rust daemon): configured path, `$COWORKVM_VIRTIOFSD`, distribution paths, coworkvm's own; `--version` probed with a timeout; each rejected candidate's reason kept |
 //! | [`wire`] | async frame reading with bounded allocation |
@@ -59,6 +59,9 @@ pub struct HelperConfig {
     /// Bytes of events each subscriber may fall behind
     /// ([`events::EVENT_BUDGET_BYTES`] in production).
     pub event_budget: usize,
+    /// Starts each VM's shared folders; `None`: VMs have none (every
+    /// mount comes back in `failedMounts`).
+    pub share_launcher: Option<Arc<dyn vm::ShareLauncher>>,
 }
 
 impl HelperConfig {
@@ -74,6 +77,9 @@ impl HelperConfig {
                 exe: std::env::current_exe()?,
                 inherit_stderr: false,
             }),
+            share_launcher: Some(Arc::new(grants::KeeperShareLauncher {
+                exe: std::env::current_exe()?,
+            })),
             run_dir: run_dir_for(socket),
             home: std::env::var_os("HOME").map(PathBuf::from),
             debug_switch: None,
@@ -98,12 +104,11 @@ impl Helper {
     /// A helper with no VM yet.
     pub fn new(cfg: HelperConfig) -> Arc<Self> {
         let events = Arc::new(events::EventHub::with_budget(cfg.event_budget));
-        let vm = Arc::new(vm::VmManager::new(
-            cfg.images,
-            cfg.launcher,
-            events.clone(),
-            cfg.run_dir,
-        ));
+        let mut vm = vm::VmManager::new(cfg.images, cfg.launcher, events.clone(), cfg.run_dir);
+        if let Some(s) = cfg.share_launcher {
+            vm = vm.with_shares(s);
+        }
+        let vm = Arc::new(vm);
         Arc::new(Self {
             events,
             vm,

@@ -9,16 +9,18 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use socket_proto::guest::{
-    failed_mount_names, GuestError, GuestFrame, GuestNotification, NO_FOLDER_SHARING,
+    failed_mount_names, GuestError, GuestFrame, GuestNotification, SHARE_CAPABILITY,
 };
 use socket_proto::host::{
-    ConnectedResult, HostMethod, HostRequest, InstallSdkParams, NetworkDrivesResult,
-    ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
+    ConnectedResult, HostMethod, HostRequest, InstallSdkParams, MountPathParams,
+    NetworkDrivesResult, ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
 };
 use socket_proto::redact::Redacted;
 use socket_proto::Response;
 
 use super::agent::{AgentClient, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
+use super::grants::{SessionShares, SpawnGrants};
+use super::mounts::{DenyConfig, MountPolicy};
 use super::vm::Sizing;
 use super::Helper;
 
@@ -160,20 +162,25 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
         tracing::warn!("spawn {} refused: {}", p.id, AgentError::NoSandbox);
         return req.err(AgentError::NoSandbox.to_string());
     }
-    let mut ours = p
-        .additional_mounts
-        .as_ref()
-        .map(failed_mount_names)
-        .unwrap_or_default();
-    if !ours.is_empty() {
-        tracing::info!(
-            "spawn {}: mounts {ours:?} failed: {NO_FOLDER_SHARING}",
-            p.id
-        );
-    }
-    // The guest cannot see host folders yet: do not ask it to mount them.
     let mut forwarded = p.clone();
-    forwarded.additional_mounts = None;
+    let (mut ours, shares) = match &p.additional_mounts {
+        None => (Vec::new(), None),
+        Some(requested) => match grant_spawn_mounts(helper, &agent, p, requested) {
+            Ok((g, shares)) => {
+                forwarded.additional_mounts =
+                    (!g.forward.is_empty()).then_some(Value::Object(g.forward));
+                (g.failed, Some(shares))
+            }
+            Err(why) => {
+                let names = failed_mount_names(requested);
+                if !names.is_empty() {
+                    tracing::info!("spawn {}: mounts {names:?} failed: {why}", p.id);
+                }
+                forwarded.additional_mounts = None;
+                (names, None)
+            }
+        },
+    };
     // coworkvm's own spawn extensions are for `coworkvm run` only: a client
     // of this socket never runs outside the session sandbox.
     forwarded.sandbox = None;
@@ -198,10 +205,134 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
         }
         Err(e) => {
             agent.process_not_started(&p.id);
+            if let Some(s) = shares {
+                // An agent that never tracked the process releases nothing.
+                s.process_ended(&p.id);
+            }
             tracing::warn!("spawn {}: {e}", p.id);
             req.err(e.to_string())
         }
     }
+}
+
+/// The mount policy for this helper's user.
+fn mount_policy(helper: &Helper) -> Result<MountPolicy, String> {
+    let home = helper
+        .home
+        .clone()
+        .ok_or_else(|| "no home directory (HOME is unset)".to_owned())?;
+    MountPolicy::new(home, &DenyConfig::default()).map_err(|e| e.to_string())
+}
+
+/// Plans and grants a spawn's `additionalMounts`; `Err` is why none of
+/// them can be made (no shared folders in this VM, an agent that cannot
+/// mount them).
+fn grant_spawn_mounts(
+    helper: &Helper,
+    agent: &AgentClient,
+    p: &SpawnParams,
+    requested: &Value,
+) -> Result<(SpawnGrants, Arc<SessionShares>), String> {
+    let shares = helper.vm.shares()?;
+    if !agent.has_capability(SHARE_CAPABILITY) {
+        return Err("the guest agent has no shared-folder device mounted".into());
+    }
+    let policy = mount_policy(helper)?;
+    let plan = policy.plan_additional_mounts(requested);
+    let g = shares.grant_for_spawn(&p.name, &p.id, &plan);
+    if !g.failed.is_empty() {
+        tracing::info!("spawn {}: mounts {:?} failed", p.id, g.failed);
+    }
+    Ok((g, shares))
+}
+
+/// `mountPath`: one more grant for the session of a running process, then
+/// the agent's bind of it.
+async fn mount_path(helper: &Helper, req: &HostRequest, p: &MountPathParams) -> Response {
+    let Some(agent) = helper.vm.agent().filter(|a| a.is_connected()) else {
+        return req.err(AgentError::NotConnected.to_string());
+    };
+    let shares = match helper.vm.shares() {
+        Ok(s) if agent.has_capability(SHARE_CAPABILITY) => s,
+        Ok(_) => return req.err("mountPath: the guest agent has no shared-folder device mounted"),
+        Err(why) => return req.err(format!("mountPath: {why}")),
+    };
+    let Some(session) = shares.session_of(&p.process_id) else {
+        return req.err(format!("mountPath: no running process {:?}", p.process_id));
+    };
+    let policy = match mount_policy(helper) {
+        Ok(pol) => pol,
+        Err(why) => return req.err(format!("mountPath: {why}")),
+    };
+    let planned = match policy.plan_mount_path(p, &shares.mounted(&session)) {
+        Ok(m) => m,
+        Err(e) => return req.err(format!("mountPath: {e}")),
+    };
+    let share_path = match shares.grant_to_session(&session, &planned) {
+        Ok(sp) => sp,
+        Err(e) => {
+            tracing::warn!("mountPath {:?}: {e}", p.mount_name);
+            return req.err(format!("mountPath: {e}"));
+        }
+    };
+    let mut forwarded = p.clone();
+    forwarded.subpath = share_path;
+    forwarded.mode = planned.mode.as_str().to_owned();
+    tracing::info!(
+        "mountPath {:?} for session {session:?}: {}",
+        p.mount_name,
+        planned.host_path.display()
+    );
+    from_agent(
+        req,
+        agent
+            .request(
+                &socket_proto::GuestRequest::MountPath(forwarded),
+                REQUEST_TIMEOUT,
+            )
+            .await,
+    )
+}
+
+/// `installSdk` through the share: the version directory granted
+/// read-only to the VM, the agent told where it is. `Err` is why not (the
+/// caller copies the binary instead).
+async fn install_sdk_shared(
+    helper: &Helper,
+    agent: &AgentClient,
+    p: &InstallSdkParams,
+    bin: &Path,
+) -> Result<(), String> {
+    let shares = helper.vm.shares()?;
+    if !agent.has_capability(SHARE_CAPABILITY) {
+        return Err("the guest agent did not mount the share".into());
+    }
+    let dir = bin.parent().ok_or("the SDK binary has no directory")?;
+    let policy = mount_policy(helper)?;
+    let rel = dir.to_string_lossy().trim_start_matches('/').to_owned();
+    let plan =
+        policy.plan_additional_mounts(&serde_json::json!({"sdk": {"path": rel, "mode": "ro"}}));
+    let Some(m) = plan.mounts.first() else {
+        let why = plan.failed.first().map(|f| f.reason.to_string());
+        return Err(why.unwrap_or_else(|| "the SDK directory cannot be shared".into()));
+    };
+    let share_path = shares.grant_to_vm(m)?;
+    let guest = socket_proto::GuestRequest::InstallSdk(InstallSdkParams {
+        shared_path: Some(share_path.clone()),
+        sha256: None,
+        size: None,
+        ..p.clone()
+    });
+    agent
+        .request(&guest, REQUEST_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        "installSdk: version {} shared read-only into the guest from {}",
+        p.version,
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Answers one request (anything but `subscribeEvents`).
@@ -210,6 +341,7 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
     let vm = &helper.vm;
     match &req.method {
         HostMethod::Configure(c) => {
+            vm.set_virtiofsd(c.virtiofsd_path.as_ref().map(PathBuf::from));
             vm.set_sizing(Sizing {
                 mem_mib: c.memory_mb,
                 cpus: c.cpu_count,
@@ -297,11 +429,16 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             let Some(agent) = vm.agent() else {
                 return req.err(AgentError::NotConnected.to_string());
             };
+            match install_sdk_shared(helper, &agent, p, &bin).await {
+                Ok(()) => return req.ok(),
+                Err(why) => tracing::info!("installSdk: copying the binary ({why})"),
+            }
             match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version).await {
                 Ok(()) => req.ok(),
                 Err(e) => req.err(e.to_string()),
             }
         }
+        HostMethod::MountPath(p) => mount_path(helper, &req, p).await,
         HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),
         HostMethod::Unknown(name) => {
             tracing::warn!("unknown method {name:?}");

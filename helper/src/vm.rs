@@ -11,14 +11,14 @@
 //! - [`VmLauncher`]: starts the VMM for a [`LaunchSpec`] and reports its
 //!   end. Production uses [`ProcessLauncher`]; tests use a double.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use socket_proto::guest::{GuestRequest, HostProxyConfig, AGENT_VSOCK_PORT};
+use socket_proto::guest::{GuestRequest, HostProxyConfig, AGENT_VSOCK_PORT, SHARE_TAG};
 use socket_proto::host::{CreateVmParams, StartVmParams};
 use socket_proto::ClientEvent;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,12 +26,13 @@ use tokio::task::JoinHandle;
 
 use super::agent::{AgentClient, SEND_TIMEOUT};
 use super::events::{EventHub, NOT_CONNECTED};
+use super::grants::{SessionShares, ShareBackend};
 use super::lock;
 use socket_proto::manifest::MANIFEST_FILE;
 
 use coworkvm_bundle::Bundle;
 use coworkvm_vmm::boot_file::{BootFile, FileArg};
-use coworkvm_vmm::config::{ConfigError, DiskConfig, DiskRole, LaunchConfig};
+use coworkvm_vmm::config::{ConfigError, DiskConfig, DiskRole, FsConfig, LaunchConfig};
 use coworkvm_vmm::MachineUuid;
 use coworkvm_vmm::VsockSpec;
 
@@ -183,6 +184,9 @@ pub struct LaunchSpec {
     pub config: LaunchConfig,
     /// The files `config` names by descriptor.
     files: Vec<BootFile>,
+    /// The virtio-fs device's connected vhost-user stream, when the VM has
+    /// shared folders.
+    share_stream: Option<Arc<OwnedFd>>,
 }
 
 impl LaunchSpec {
@@ -272,7 +276,11 @@ impl LaunchSpec {
         let mut files = vec![kernel];
         files.extend(initrd);
         files.extend(disks.into_iter().map(|(_, f, _)| f));
-        Ok(Self { config, files })
+        Ok(Self {
+            config,
+            files,
+            share_stream: None,
+        })
     }
 
     /// The hybrid vsock's socket; the agent reaches `<vsock>_51234`.
@@ -286,9 +294,23 @@ impl LaunchSpec {
         self.config.console.as_deref().unwrap_or(Path::new(""))
     }
 
+    /// Gives the VM the shared-folder device, driven over `stream` (a
+    /// connected vhost-user socket to the VM's virtiofsd).
+    pub fn set_share(&mut self, stream: OwnedFd) -> Result<(), VmManagerError> {
+        self.config.fs = Some(FsConfig {
+            socket: FileArg::Fd(stream.as_raw_fd()),
+            tag: SHARE_TAG.to_owned(),
+        });
+        self.share_stream = Some(Arc::new(stream));
+        self.config.validate()?;
+        Ok(())
+    }
+
     /// The descriptors the VMM child inherits: the files of the config.
     pub fn inherited_fds(&self) -> Vec<RawFd> {
-        self.files.iter().map(|f| f.file().as_raw_fd()).collect()
+        let mut fds: Vec<RawFd> = self.files.iter().map(|f| f.file().as_raw_fd()).collect();
+        fds.extend(self.share_stream.as_ref().map(|s| s.as_raw_fd()));
+        fds
     }
 }
 
@@ -474,6 +496,18 @@ impl VmLauncher for ProcessLauncher {
     }
 }
 
+/// Starts a VM's shared-folder service (the share keeper and its
+/// virtiofsd) in the VM's run directory: the grants' backend, and the
+/// connected vhost-user stream the VMM's virtio-fs device drives. An error
+/// is why this VM has no shared folders; the VM starts without them.
+pub trait ShareLauncher: Send + Sync {
+    fn start(
+        &self,
+        run_dir: &Path,
+        virtiofsd: Option<&Path>,
+    ) -> Result<(Arc<dyn ShareBackend>, OwnedFd), String>;
+}
+
 /// One running VM.
 struct Instance {
     name: String,
@@ -484,6 +518,10 @@ struct Instance {
     stopping: AtomicBool,
     accept: JoinHandle<()>,
     console: PathBuf,
+    /// The sessions' grants, when the VM has shared folders.
+    shares: Option<Arc<SessionShares>>,
+    /// Why the VM has no shared folders, when it has none.
+    no_shares: Option<String>,
 }
 
 /// Sizing defaults from `configure`.
@@ -506,6 +544,9 @@ pub struct VmManager {
     current: Mutex<Option<Arc<Instance>>>,
     created: Mutex<Option<CreateVmParams>>,
     sizing: Mutex<Sizing>,
+    share_launcher: Option<Arc<dyn ShareLauncher>>,
+    /// `configure.virtiofsdPath`.
+    virtiofsd: Mutex<Option<PathBuf>>,
 }
 
 impl VmManager {
@@ -525,6 +566,33 @@ impl VmManager {
             current: Mutex::new(None),
             created: Mutex::new(None),
             sizing: Mutex::new(Sizing::default()),
+            share_launcher: None,
+            virtiofsd: Mutex::new(None),
+        }
+    }
+
+    /// Gives the VMs shared folders, started by `launcher`.
+    pub fn with_shares(mut self, launcher: Arc<dyn ShareLauncher>) -> Self {
+        self.share_launcher = Some(launcher);
+        self
+    }
+
+    /// `configure.virtiofsdPath`: the virtiofsd the client ships, tried
+    /// first from the next `startVM` on.
+    pub fn set_virtiofsd(&self, path: Option<PathBuf>) {
+        *lock(&self.virtiofsd) = path;
+    }
+
+    /// The running VM's grants, or why it has none.
+    pub fn shares(&self) -> Result<Arc<SessionShares>, String> {
+        match self.current() {
+            None => Err("no VM is running".into()),
+            Some(i) => match (&i.shares, &i.no_shares) {
+                (Some(s), _) => Ok(s.clone()),
+                (None, why) => Err(why
+                    .clone()
+                    .unwrap_or_else(|| "shared folders are off".into())),
+            },
         }
     }
 
@@ -619,7 +687,8 @@ impl VmManager {
         self.step("prepareBundle", "completed");
 
         self.step("bootVM", "running");
-        match self.launch(images, &p) {
+        let share = self.start_share().await;
+        match self.launch(images, &p, share) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.step("bootVM", "failed");
@@ -629,7 +698,33 @@ impl VmManager {
         }
     }
 
-    fn launch(self: &Arc<Self>, images: VmImages, p: &StartVmParams) -> Result<(), VmManagerError> {
+    /// Starts the shared-folder service for the next VM, off the runtime's
+    /// thread (finding virtiofsd runs it; the keeper takes a moment to
+    /// come up). `Err` is why the VM will have no shared folders.
+    async fn start_share(&self) -> Result<(Arc<dyn ShareBackend>, OwnedFd), String> {
+        let Some(l) = self.share_launcher.clone() else {
+            return Err("shared folders are off in this helper".into());
+        };
+        let dir = self.run_dir.clone();
+        let configured = lock(&self.virtiofsd).clone();
+        let r = tokio::task::spawn_blocking(move || {
+            ensure_private_dir(&dir).map_err(|e| e.to_string())?;
+            l.start(&dir, configured.as_deref())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the share's start-up task failed: {e}")));
+        if let Err(why) = &r {
+            tracing::warn!("startVM: this VM gets no shared folders: {why}");
+        }
+        r
+    }
+
+    fn launch(
+        self: &Arc<Self>,
+        images: VmImages,
+        p: &StartVmParams,
+        share: Result<(Arc<dyn ShareBackend>, OwnedFd), String>,
+    ) -> Result<(), VmManagerError> {
         let sizing = *lock(&self.sizing);
         let mem_mib = p
             .memory_gb
@@ -638,13 +733,7 @@ impl VmManager {
             .unwrap_or(DEFAULT_MEM_MIB);
         let cpus = p.cpu_count.or(sizing.cpus).unwrap_or(DEFAULT_CPUS);
         let dir = &self.run_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err("creating the run directory", dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("securing the run directory", dir))?;
+        ensure_private_dir(dir)?;
         let vsock = dir.join("vsock.sock");
         let _ = std::fs::remove_file(&vsock);
         let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
@@ -654,8 +743,19 @@ impl VmManager {
             api_probe_url: Some(u.clone()),
             ..Default::default()
         });
-        let spec = LaunchSpec::bundle(images, cpus, mem_mib, vsock, dir.join("console.log"))?;
+        let mut spec = LaunchSpec::bundle(images, cpus, mem_mib, vsock, dir.join("console.log"))?;
+        let (shares, no_shares) = match share {
+            Ok((backend, stream)) => {
+                spec.set_share(stream)?;
+                (Some(Arc::new(SessionShares::new(backend))), None)
+            }
+            Err(why) => (None, Some(why)),
+        };
         let agent = AgentClient::new(self.events.clone(), proxy);
+        if let Some(s) = &shares {
+            let s = s.clone();
+            agent.on_process_end(Arc::new(move |id| s.process_ended(id)));
+        }
         let accept = agent.serve(listener);
         let launched = match self.launcher.launch(&spec) {
             Ok(l) => l,
@@ -678,6 +778,8 @@ impl VmManager {
             stopping: AtomicBool::new(false),
             accept,
             console: spec.console().to_owned(),
+            shares,
+            no_shares,
         });
         *lock(&self.current) = Some(inst.clone());
         let me = self.clone();
@@ -813,6 +915,17 @@ impl VmManager {
         }
         Err(VmManagerError::WontDie)
     }
+}
+
+/// Makes `dir` (and its parents) and leaves it 0700.
+fn ensure_private_dir(dir: &Path) -> Result<(), VmManagerError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("creating the run directory", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("securing the run directory", dir))
 }
 
 async fn run_blocking<T: Send + 'static>(

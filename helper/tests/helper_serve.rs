@@ -428,6 +428,7 @@ fn try_serve(
                 home,
                 debug_switch: None,
                 event_budget: EVENT_BUDGET,
+                share_launcher: None,
             });
             let _ = tx.send(Ok(()));
             listener

@@ -92,11 +92,6 @@ pub const SHARE_OWNER_ID: u32 = 60000;
 /// [`SHARE_TAG`]: the helper forwards mounts only to such an agent.
 pub const SHARE_CAPABILITY: &str = "virtiofs";
 
-/// Why a host folder cannot appear in the guest yet (virtio-fs comes
-/// later): the agent's error to `mountPath`, and what the helper logs for
-/// each mount it lists in `failedMounts`.
-pub const NO_FOLDER_SHARING: &str = "folder sharing is not available yet";
-
 /// The `failedMounts` of a `spawn` result for `additionalMounts` none of
 /// which can be made: the mount names, the shape the Go peer returns and the
 /// client reads (`docs/protocol.md`). The client sends a map keyed by mount
