@@ -40,8 +40,10 @@
 //!    reach even of a syscall the seccomp lists allow.
 //! 6. **seccomp**, per thread kind ([`seccomp`]): each thread may make only
 //!    the syscalls its code makes, with the ioctl of a vCPU limited to
-//!    KVM_RUN, sockets limited to AF_UNIX in the vsock worker, no
-//!    executable memory, no execve, no open. A forbidden syscall ends the
+//!    KVM_RUN, sockets limited to AF_UNIX in the vsock worker, vhost-user
+//!    messages (sendmsg/recvmsg on the socket connected before the
+//!    sandbox) only in the virtio-fs worker, no executable memory, no
+//!    execve, no open. A forbidden syscall ends the
 //!    VMM with a line naming it and exit status
 //!    [`seccomp::SECCOMP_KILL_STATUS`] (159).
 //!
@@ -52,7 +54,9 @@
 //!
 //! What it does not cover: a guest that takes over the VMM still has the
 //! VMM's open files (its disks read-write, the console, KVM) and the
-//! sockets in its vsock directory;
+//! sockets in its vsock directory; with a virtio-fs device, guest RAM is a
+//! memfd that virtiofsd maps too (a separate process with its own
+//! sandbox), and the VMM holds the vhost-user socket to it;
 //! the filters are per thread but the threads share one address space, so
 //! code execution in one thread can in principle borrow another's
 //! allowances. `coworkvm boot --no-sandbox` turns all of this off, for

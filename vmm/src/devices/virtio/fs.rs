@@ -26,10 +26,12 @@
 //!   and fetches their bases (`GET_VRING_BASE` stops a ring in the
 //!   back-end), so a new activation starts from clean rings.
 //!
-//! Every request waits for the back-end's answer at most [`SOCKET_TIMEOUT`]
-//! (SO_RCVTIMEO/SO_SNDTIMEO): a back-end that stops answering fails the
-//! device instead of hanging the worker and, through the reset that joins
-//! it, a vCPU.
+//! Known limit: a back-end that is alive but never answers a request
+//! blocks the worker in `recvmsg` (the vhost crate retries EAGAIN, so a
+//! socket timeout does not bound it), and a driver reset, which joins the
+//! worker from a vCPU, then blocks that vCPU. A back-end that dies (its
+//! socket hangs up) is handled as above: ending a wedged virtiofsd (its
+//! owner, the share keeper, can) turns the first case into the second.
 //!
 //! Interrupts: the Firecracker scheme, not a relay. The back-end gets the
 //! device's irqfd (registered with KVM on the device's GSI) as the call fd
@@ -44,7 +46,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{
@@ -74,8 +75,6 @@ pub const NUM_QUEUES: usize = 1 + REQUEST_QUEUES as usize;
 /// QueueNumMax of both queues: Linux sizes a FUSE request's pages by it
 /// (`max_pages_limit = queue size - 4`), and virtiofsd accepts up to 32768.
 pub const QUEUE_MAX_SIZE: u16 = 1024;
-/// How long the VMM waits for the back-end's answer to one request.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// The thread name of the device's worker (picks its seccomp list).
 pub const WORKER_THREAD: &str = "virtio-fs";
 
@@ -98,8 +97,6 @@ const SOCKET_TOKEN: u64 = 0;
 pub enum FsError {
     #[error("the virtio-fs tag must be 1 to {MAX_TAG_BYTES} bytes without NUL, got {0:?}")]
     Tag(String),
-    #[error("setting the vhost-user socket's timeouts: {0}")]
-    Socket(io::Error),
     #[error("vhost-user {0} failed: {1}")]
     Request(&'static str, vhost::Error),
     #[error("the vhost-user back-end lacks {0}")]
@@ -176,10 +173,6 @@ impl Fs {
     /// talks to the back-end from outside the device's worker.
     pub fn new(socket: UnixStream, tag: &str) -> Result<Self, FsError> {
         let config = FsConfigSpace::new(tag)?;
-        socket
-            .set_read_timeout(Some(SOCKET_TIMEOUT))
-            .and_then(|()| socket.set_write_timeout(Some(SOCKET_TIMEOUT)))
-            .map_err(FsError::Socket)?;
         let mut frontend = Frontend::from_stream(socket, NUM_QUEUES as u64);
         request("SET_OWNER", frontend.set_owner())?;
         let backend_features = request("GET_FEATURES", frontend.get_features())?;
@@ -418,7 +411,7 @@ pub(crate) mod tests {
     use std::fs::File;
     use std::os::unix::fs::MetadataExt;
     use std::sync::Mutex;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
     use vhost::vhost_user::message::{
         VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
         VhostUserInflight, VhostUserLog, VhostUserMemoryRegion, VhostUserShMemConfig,
