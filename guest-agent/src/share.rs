@@ -455,6 +455,101 @@ fn open_or_make_dir(dir: &OwnedFd, comp: &str) -> io::Result<OwnedFd> {
     }
 }
 
+/// `bindfs` in the guest image (Debian's package).
+const BINDFS: &str = "/usr/bin/bindfs";
+/// How long a `bindfs` may take to show its mount.
+const BINDFS_MOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs on drop.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// Mounts `source` on the directory `target` (`target_path` names it) with
+/// bindfs, mapping [`guest::SHARE_OWNER_ID`] to `uid` both ways. bindfs
+/// runs in the foreground as the agent's child (the agent, PID 1, reaps it
+/// when the mount is gone); the mount's appearance is awaited here.
+fn bindfs(
+    source: &Path,
+    target: &OwnedFd,
+    target_path: &Path,
+    uid: u32,
+    read_only: bool,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let before = std::fs::metadata(target_path)?.dev();
+    let owner = guest::SHARE_OWNER_ID;
+    let mut opts = String::from("nosuid,nodev");
+    if read_only {
+        opts.push_str(",ro");
+    }
+    let raw = target.as_raw_fd();
+    let mut cmd = std::process::Command::new(BINDFS);
+    cmd.arg("-f")
+        .arg("-o")
+        .arg(&opts)
+        .arg(format!("--map={owner}/{uid}:@{owner}/@{uid}"))
+        .arg(source)
+        // The directory checked beneath the tree, not a path a session
+        // could swap for a link in the meantime.
+        .arg(format!("/proc/self/fd/{raw}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: the closure runs between fork and exec and only clears the
+    // close-on-exec flag of a descriptor that stays open until spawn
+    // returns (fcntl is async-signal-safe).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // Never waited for here: the agent's reaper owns every child. A pidfd
+    // taken at once names this child even after a reap, for the kill below.
+    let child = cmd.spawn()?;
+    // SAFETY: pidfd_open with a pid and no flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    drop(child);
+    let deadline = std::time::Instant::now() + BINDFS_MOUNT_WAIT;
+    loop {
+        if std::fs::metadata(target_path).is_ok_and(|m| m.dev() != before) {
+            if pidfd >= 0 {
+                // SAFETY: closes the pidfd opened above, used nowhere else.
+                unsafe { libc::close(pidfd as libc::c_int) };
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            if pidfd >= 0 {
+                // SAFETY: pidfd_send_signal on our own pidfd (a process that
+                // is gone answers ESRCH), then close it.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd as libc::c_int,
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                    libc::close(pidfd as libc::c_int);
+                }
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("bindfs did not mount within {BINDFS_MOUNT_WAIT:?}"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     match std::fs::DirBuilder::new().mode(mode).create(path) {
@@ -529,6 +624,9 @@ struct SessionTree {
     uid: u32,
     /// What is mounted, by name.
     mounts: BTreeMap<String, (String, MountMode)>,
+    /// Root-only binds of grant sources that a `bindfs` in the tree reads
+    /// from (kernels without idmapped virtiofs), detached with the tree.
+    sources: Vec<PathBuf>,
 }
 
 /// The shared-folder device as the agent uses it.
@@ -537,6 +635,8 @@ pub struct Share {
     root: OwnedFd,
     trees_dir: PathBuf,
     sdk_dir: PathBuf,
+    /// Root-only (0700): grant sources for `bindfs`.
+    sources_dir: PathBuf,
     trees: Mutex<HashMap<String, SessionTree>>,
     /// SDK versions bound under `sdk_dir`, oldest first.
     sdk_mounts: Mutex<VecDeque<String>>,
@@ -609,15 +709,18 @@ impl Share {
         let root_fd = open_path_dir(root).map_err(tree_err(root))?;
         let trees_dir = run.join("mnt");
         let sdk_dir = run.join("sdk");
+        let sources_dir = run.join("src");
         // Root-owned, searchable: bwrap reaches its session's tree and the
         // SDK binds as the session user.
         for d in [run, &trees_dir, &sdk_dir] {
             mkdir_mode(d, 0o755).map_err(tree_err(d))?;
         }
+        mkdir_mode(&sources_dir, 0o700).map_err(tree_err(&sources_dir))?;
         Ok(Share {
             root: root_fd,
             trees_dir,
             sdk_dir,
+            sources_dir,
             trees: Mutex::new(HashMap::new()),
             sdk_mounts: Mutex::new(VecDeque::new()),
             no_idmap: AtomicBool::new(false),
@@ -719,6 +822,7 @@ impl Share {
                     userns: None,
                     uid,
                     mounts: BTreeMap::new(),
+                    sources: Vec::new(),
                 },
             );
         }
@@ -792,7 +896,34 @@ impl Share {
             set_attrs(&copy, attrs, None).map_err(|e| step("mount_setattr", e))?;
         }
         let target = self.target_dir(tree, &g.name)?;
-        attach(&copy, &target).map_err(|e| step("move_mount", e))?;
+        if idmapped || !Path::new(BINDFS).exists() {
+            attach(&copy, &target).map_err(|e| step("move_mount", e))?;
+        } else {
+            // No idmapped virtiofs (Debian 12's 6.1 and 6.12): bindfs shows
+            // the share owner's files as the session's and writes the
+            // session's as the share owner's, from a root-only bind of the
+            // grant.
+            let source = self.sources_dir.join(format!(
+                "{}.{}",
+                tree.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                tree.mounts.len() + tree.sources.len()
+            ));
+            mkdir_mode(&source, 0o700).map_err(|e| step("mkdir source", e))?;
+            let src_fd = open_path_dir(&source).map_err(|e| step("open source", e))?;
+            attach(&copy, &src_fd).map_err(|e| step("move_mount source", e))?;
+            tree.sources.push(source.clone());
+            bindfs(
+                &source,
+                &target,
+                &tree.path.join(&g.name),
+                tree.uid,
+                g.mode == MountMode::Ro,
+            )
+            .map_err(|e| step("bindfs", e))?;
+        }
         tree.mounts.insert(g.name.clone(), (g.path.clone(), g.mode));
         crate::debug!(
             "shared folder shared/{} at {}/{} ({:?}{})",
@@ -870,6 +1001,15 @@ impl Share {
             return;
         };
         drop(t.root);
+        // The bindfs mounts go with the tree (each bindfs exits when its
+        // mount is gone); their sources after them.
+        let sources = t.sources.clone();
+        let _release_sources = Defer(move || {
+            for s in &sources {
+                let _ = detach(s);
+                let _ = std::fs::remove_dir(s);
+            }
+        });
         if let Err(e) = detach(&t.path) {
             eprintln!(
                 "coworkvm-agent: shared folders: detaching {}: {e}",

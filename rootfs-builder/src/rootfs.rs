@@ -641,6 +641,7 @@ mod tests {
     fn the_package_list_has_what_the_guest_needs() {
         let p = packages();
         for need in [
+            "bindfs",
             "bubblewrap",
             "e2fsprogs",
             "bash",

@@ -48,6 +48,7 @@ echo "helper-rc=$?"
 echo "keepers-left=$(ps -o args | grep -c '[s]hare-keeper')"
 echo "virtiofsd-left=$(ps -o args | grep -c '[v]irtiofsd')"
 sed 's/^/helper| /' $TMPDIR/helper.log | tail -n 80
+for c in $TMPDIR/run/*.d/console.log; do grep -a -i -E "coworkvm-agent|virtio|fuse|idmap" $c | sed 's/^/console| /' | tail -n 40; done
 "#;
 
 #[test]
