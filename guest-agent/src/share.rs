@@ -469,48 +469,48 @@ impl<F: FnMut()> Drop for Defer<F> {
     }
 }
 
-/// Mounts `source` on the directory `target` (`target_path` names it) with
+/// Moves the mount at `from` onto the directory `to`.
+fn move_mount_path(from: &Path, to: &OwnedFd) -> io::Result<()> {
+    let from = cstring(from.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a NUL-terminated path, an open directory and a static empty
+    // string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            to.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts `source` on the empty directory `target_path` with
 /// bindfs, mapping [`guest::SHARE_OWNER_ID`] to `uid` both ways. bindfs
 /// runs in the foreground as the agent's child (the agent, PID 1, reaps it
 /// when the mount is gone); the mount's appearance is awaited here.
-fn bindfs(
-    source: &Path,
-    target: &OwnedFd,
-    target_path: &Path,
-    uid: u32,
-    read_only: bool,
-) -> io::Result<()> {
+fn bindfs(source: &Path, target_path: &Path, uid: u32, read_only: bool) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    use std::os::unix::process::CommandExt;
     let before = std::fs::metadata(target_path)?.dev();
     let owner = guest::SHARE_OWNER_ID;
     let mut opts = String::from("nosuid,nodev");
     if read_only {
         opts.push_str(",ro");
     }
-    let raw = target.as_raw_fd();
     let mut cmd = std::process::Command::new(BINDFS);
     cmd.arg("-f")
         .arg("-o")
         .arg(&opts)
         .arg(format!("--map={owner}/{uid}:@{owner}/@{uid}"))
         .arg(source)
-        // The directory checked beneath the tree, not a path a session
-        // could swap for a link in the meantime.
-        .arg(format!("/proc/self/fd/{raw}"))
+        .arg(target_path)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    // SAFETY: the closure runs between fork and exec and only clears the
-    // close-on-exec flag of a descriptor that stays open until spawn
-    // returns (fcntl is async-signal-safe).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(raw, libc::F_SETFD, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     // Never waited for here: the agent's reaper owns every child. A pidfd
     // taken at once names this child even after a reap, for the kill below.
     let child = cmd.spawn()?;
@@ -915,14 +915,15 @@ impl Share {
             let src_fd = open_path_dir(&source).map_err(|e| step("open source", e))?;
             attach(&copy, &src_fd).map_err(|e| step("move_mount source", e))?;
             tree.sources.push(source.clone());
-            bindfs(
-                &source,
-                &target,
-                &tree.path.join(&g.name),
-                tree.uid,
-                g.mode == MountMode::Ro,
-            )
-            .map_err(|e| step("bindfs", e))?;
+            // bindfs mounts on an empty root-only directory (libfuse may
+            // refuse a non-empty mountpoint, as a nested grant's is), and
+            // the mount is then moved onto the target checked above.
+            let view = source.with_extension("view");
+            mkdir_mode(&view, 0o700).map_err(|e| step("mkdir view", e))?;
+            tree.sources.push(view.clone());
+            bindfs(&source, &view, tree.uid, g.mode == MountMode::Ro)
+                .map_err(|e| step("bindfs", e))?;
+            move_mount_path(&view, &target).map_err(|e| step("move_mount bindfs", e))?;
         }
         tree.mounts.insert(g.name.clone(), (g.path.clone(), g.mode));
         crate::debug!(

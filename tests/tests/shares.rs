@@ -45,8 +45,12 @@ echo "probe-rc=$?"
 kill -TERM $H
 wait $H
 echo "helper-rc=$?"
+# The keeper and its virtiofsd end with the helper (SIGKILL on parent
+# death); give the kernel a moment to deliver it.
+i=0; while [ $i -lt 50 ] && ps -o args | grep -q '[s]hare-keeper\|[v]irtiofsd'; do sleep 0.1; i=$((i+1)); done
 echo "keepers-left=$(ps -o args | grep -c '[s]hare-keeper')"
 echo "virtiofsd-left=$(ps -o args | grep -c '[v]irtiofsd')"
+ps -o pid,ppid,stat,args | grep '[v]irtiofsd\|[s]hare-keeper
 sed 's/^/helper| /' $TMPDIR/helper.log | tail -n 80
 for c in $TMPDIR/run/*.d/console.log; do grep -a -i -E "coworkvm-agent|virtio|fuse|idmap" $c | sed 's/^/console| /' | tail -n 40; done
 "#;
