@@ -108,6 +108,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
                 baseline_name = Some(args.get(i + 1).context("--baseline-name TEXT")?.clone())
             }
             "--fs-runs" => fs_opts.runs = args.get(i + 1).context("--fs-runs N")?.parse()?,
+            "--fs-reps" => fs_opts.reps = args.get(i + 1).context("--fs-reps N")?.parse()?,
             "--fs-mib" => fs_opts.mib = args.get(i + 1).context("--fs-mib N")?.parse()?,
             "--fs-files" => fs_opts.files = args.get(i + 1).context("--fs-files N")?.parse()?,
             "--no-helper" => {

@@ -53,6 +53,8 @@ const MAX_FILE: u64 = 8192;
 pub struct Options {
     /// Runs, each booting all three guests once.
     pub runs: u32,
+    /// Times each boot runs the workload (each in a new directory).
+    pub reps: u32,
     /// Size of the sequential file.
     pub mib: u64,
     /// Files in the tarball.
@@ -63,6 +65,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             runs: 3,
+            reps: 1,
             mib: 256,
             files: 5000,
         }
@@ -81,6 +84,9 @@ impl Options {
         }
         if self.runs > 20 {
             bail!("--fs-runs {}: at most 20", self.runs);
+        }
+        if !(1..=10).contains(&self.reps) {
+            bail!("--fs-reps {}: 1 to 10", self.reps);
         }
         Ok(())
     }
@@ -202,9 +208,10 @@ pub fn write_source_tarball(out: &Path, files: u32) -> Result<SourceTree> {
 
 /// Size of the ext4 image: the sequential file, the extracted tree (4 KiB
 /// blocks: small files take a block each) and room for the journal.
+/// The trees of all repetitions of a boot stay until its end.
 pub fn ext4_image_mib(opts: &Options, tree: &SourceTree) -> u64 {
     let tree_mib = (u64::from(tree.files + tree.dirs) * 4096).div_ceil(1 << 20);
-    opts.mib + 2 * tree_mib + 64
+    opts.mib + (u64::from(opts.reps) + 1) * tree_mib + 64
 }
 
 /// An empty ext4 image for the reference disk, its inode tables and
@@ -251,7 +258,7 @@ bb() { if command -v "$1" >/dev/null; then "$@"; else busybox "$@"; fi; }
 /// the shared directory.
 pub fn run_script(run: u32, opts: &Options, disk: usize) -> String {
     let tag = socket_proto::guest::SHARE_TAG;
-    let mib = opts.mib;
+    let mib = format!("{} bench.reps={}", opts.mib, opts.reps);
     let mem = GUEST_MEM_MIB;
     let flags = keeper_flags(SHARE_USER_ID, SHARE_USER_ID).join(" ");
     let cmdline = super::CMDLINE;
@@ -347,6 +354,9 @@ boot_coworkvm_blk() {{
 pub struct Sample {
     pub label: String,
     pub fs: String,
+    /// Repetition in its boot, from 1.
+    #[serde(default)]
+    pub rep: u32,
     pub mib: u64,
     /// Bytes of the sequential file after the write.
     pub size: u64,
@@ -420,22 +430,28 @@ pub fn collect(
     for (run, out) in outputs.iter().enumerate() {
         let samples = parse_samples(out);
         for (k, label) in LABELS.iter().enumerate() {
-            match samples.iter().find(|s| s.label == *label) {
-                Some(s) => match s.check(opts, tree) {
-                    Ok(()) => by_label[k].push(s.clone()),
+            let mine: Vec<&Sample> = samples.iter().filter(|s| s.label == *label).collect();
+            for s in &mine {
+                match s.check(opts, tree) {
+                    Ok(()) => by_label[k].push((*s).clone()),
                     Err(e) => missing.push(format!("fs{run}: {e}")),
-                },
-                None => {
-                    let why: Vec<&str> = out
-                        .lines()
-                        .map(str::trim_end)
-                        .filter(|l| {
-                            l.starts_with("@@FS-BENCH-ERROR")
-                                || l.starts_with(&format!("@@FS-VMM {label} "))
-                        })
-                        .collect();
-                    missing.push(format!("fs{run}: no {label} result ({})", why.join("; ")));
                 }
+            }
+            if mine.len() < opts.reps as usize {
+                let why: Vec<&str> = out
+                    .lines()
+                    .map(str::trim_end)
+                    .filter(|l| {
+                        l.starts_with("@@FS-BENCH-ERROR")
+                            || l.starts_with(&format!("@@FS-VMM {label} "))
+                    })
+                    .collect();
+                missing.push(format!(
+                    "fs{run}: {} of {} {label} results ({})",
+                    mine.len(),
+                    opts.reps,
+                    why.join("; ")
+                ));
             }
         }
     }
@@ -470,8 +486,10 @@ pub fn render(
     let n = by_label.iter().map(Vec::len).min().unwrap_or(0);
     let _ = writeln!(
         s,
-        "{heading_note}; {n} runs, each booting the three guests once, in an order that \
-         rotates from run to run; medians (min-max).\n"
+        "{heading_note}; {} run(s), each booting the three guests once, in an order that \
+         rotates from run to run, each boot doing the workload {} time(s) (each time in a new \
+         directory); {n} results each; medians (min-max).\n",
+        opts.runs, opts.reps
     );
     let _ = writeln!(
         s,
@@ -661,7 +679,8 @@ pub fn prepare(
     let disk = scratch.join("fsbench-ext4.img");
     make_ext4_image(&disk, ext4_image_mib(opts, &tree))?;
     // A boot: 20-60 s in the rig; the workload a few minutes at most.
-    let per_run = 3 * (120 + 10 * opts.mib / 16 + u64::from(opts.files) / 20);
+    let per_run =
+        3 * (120 + u64::from(opts.reps) * (10 * opts.mib / 16 + u64::from(opts.files) / 20));
     let cases = (0..opts.runs)
         .map(|r| crate::Case::new(&case_name(r), &run_script(r, opts, disk_index), per_run))
         .collect();
@@ -695,6 +714,7 @@ mod tests {
                 "virtiofs"
             }
             .into(),
+            rep: 1,
             mib: 256,
             size: 256 << 20,
             write_us: write_ms * 1000,
@@ -843,9 +863,42 @@ mod tests {
         assert_eq!(missing.len(), 2, "{missing:?}");
         assert!(missing[0].contains("fs1: qemu-virtiofs: file of 104857600 bytes, not 256 MiB"));
         assert!(
-            missing[1].contains("no coworkvm-blk result (@@FS-BENCH-ERROR coworkvm-blk: mount")
+            missing[1]
+                .contains("fs1: 0 of 1 coworkvm-blk results (@@FS-BENCH-ERROR coworkvm-blk: mount")
                 && missing[1].contains("@@FS-VMM coworkvm-blk rc=0"),
             "{missing:?}"
+        );
+    }
+
+    /// With repetitions, every result of a boot counts, and a boot that
+    /// gave fewer than asked is named.
+    #[test]
+    fn each_repetition_is_a_sample() {
+        let opts = Options {
+            reps: 2,
+            ..Default::default()
+        };
+        let t = tree();
+        let mut second = sample(COWORKVM_FS, 1300);
+        second.rep = 2;
+        let run0 = format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            line(&sample(COWORKVM_FS, 1000)),
+            line(&second),
+            line(&sample(QEMU_FS, 900)),
+            line(&sample(QEMU_FS, 950)),
+            line(&sample(COWORKVM_BLK, 400)),
+        );
+        let (by, missing) = collect(&[run0], &opts, &t);
+        assert_eq!(by.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(missing, ["fs0: 1 of 2 coworkvm-blk results ()"]);
+        let mut img = Options::default();
+        let one = ext4_image_mib(&img, &t);
+        img.reps = 3;
+        assert_eq!(
+            ext4_image_mib(&img, &t),
+            one + 2,
+            "a tree of 1 MiB more per repetition"
         );
     }
 
@@ -890,7 +943,9 @@ mod tests {
         ];
         let md = render(&by, &opts, &t, "2026-11-30 06:00 UTC; mode **L1**");
         assert!(md.starts_with(SECTION_HEADING), "{md}");
-        assert!(md.contains("2 runs, each booting"), "{md}");
+        assert!(md.contains("; 3 run(s), each booting"), "{md}");
+        assert!(md.contains("the workload 1 time(s)"), "{md}");
+        assert!(md.contains("; 2 results each;"), "{md}");
         assert!(
             md.contains(
                 "| sequential write, 256 MiB | 1200 ms (1000-2000), 213 MiB/s | \
@@ -1079,6 +1134,10 @@ mod tests {
             },
             Options {
                 runs: 100,
+                ..Default::default()
+            },
+            Options {
+                reps: 0,
                 ..Default::default()
             },
         ] {
