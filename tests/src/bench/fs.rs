@@ -491,6 +491,16 @@ pub fn render(
          directory); {n} results each; medians (min-max).\n",
         opts.runs, opts.reps
     );
+    let d = Options::default();
+    if *opts != d {
+        let _ = writeln!(
+            s,
+            "Sized down from `make bench`'s defaults ({} MiB, {} files, {} runs of {} \
+             repetition) with `--fs-runs {} --fs-reps {} --fs-mib {} --fs-files {}`, to fit \
+             the time the rig had.\n",
+            d.mib, d.files, d.runs, d.reps, opts.runs, opts.reps, opts.mib, opts.files
+        );
+    }
     let _ = writeln!(
         s,
         "Every guest: the same kernel, 1 vCPU, {GUEST_MEM_MIB} MiB, busybox \
@@ -962,6 +972,21 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("--translate-uid=host:1000:60000:1"), "{md}");
+        assert!(!md.contains("Sized down"), "{md}");
+        let small = Options {
+            runs: 1,
+            reps: 3,
+            mib: 32,
+            files: 625,
+        };
+        let md = render(&by, &small, &t, "x");
+        assert!(
+            md.contains(
+                "Sized down from `make bench`'s defaults (256 MiB, 5000 files, 3 runs of 1 \
+                 repetition) with `--fs-runs 1 --fs-reps 3 --fs-mib 32 --fs-files 625`"
+            ),
+            "{md}"
+        );
         let none = render(&[vec![], vec![], vec![]], &opts, &t, "x");
         assert!(
             none.contains("| extract 10 files | n/a | n/a | n/a | n/a |"),
