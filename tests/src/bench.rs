@@ -10,6 +10,14 @@
 //! as the reference a user would otherwise take, the same payloads over
 //! QEMU microvm's virtio-serial (`agent-probe --serial-bench`, guest
 //! `tests/guest/serial-bench.init`), same kernel, vCPUs and memory.
+//!
+//! And shared folders ([`fs`]): sequential write and read and a
+//! metadata-heavy workload in a virtio-fs share under coworkvm and under
+//! QEMU microvm with the same virtiofsd, with a virtio-blk ext4 disk as
+//! reference. `--fs-only` runs just that part and replaces its section of
+//! an existing results file.
+
+pub mod fs;
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -82,6 +90,8 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut helper_runs = true;
     let mut baseline: Option<PathBuf> = None;
     let mut baseline_name: Option<String> = None;
+    let mut fs_opts = fs::Options::default();
+    let mut fs_only = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -97,8 +107,17 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "--baseline-name" => {
                 baseline_name = Some(args.get(i + 1).context("--baseline-name TEXT")?.clone())
             }
+            "--fs-runs" => fs_opts.runs = args.get(i + 1).context("--fs-runs N")?.parse()?,
+            "--fs-reps" => fs_opts.reps = args.get(i + 1).context("--fs-reps N")?.parse()?,
+            "--fs-mib" => fs_opts.mib = args.get(i + 1).context("--fs-mib N")?.parse()?,
+            "--fs-files" => fs_opts.files = args.get(i + 1).context("--fs-files N")?.parse()?,
             "--no-helper" => {
                 helper_runs = false;
+                i += 1;
+                continue;
+            }
+            "--fs-only" => {
+                fs_only = true;
                 i += 1;
                 continue;
             }
@@ -106,8 +125,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         }
         i += 2;
     }
+    fs_opts.validate()?;
     let scratch = std::env::temp_dir().join(format!("coworkvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    if fs_only {
+        let r = run_fs_only(paths, &scratch, &fs_opts, &out);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return r;
+    }
     let initrd = scratch.join("bench.cpio.zst");
     paths.guest_initramfs(&paths.root.join("tests/guest/bench.init"), &initrd)?;
     let serial_initrd = scratch.join("serial.cpio.zst");
@@ -173,6 +198,15 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         cases.push(Case::new(&format!("agent{r}"), &agent_script, 900));
         cases.push(Case::new(&format!("serial{r}"), &serial_script, 600));
     }
+    let shared = if fs_opts.runs > 0 {
+        let p = fs::prepare(paths, &scratch, &fs_opts, disks.len())?;
+        disks.push(p.disk.clone());
+        files.extend(p.files.iter().cloned());
+        cases.extend(p.cases.iter().cloned());
+        Some(p.tree)
+    } else {
+        None
+    };
     let batch = Batch {
         cases,
         files,
@@ -207,6 +241,11 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         missing.push("helper: no @@HELPER-BENCH result".into());
     }
     let mut streams = render_streams(&agent_out, &serial_out, mib);
+    if let Some(tree) = &shared {
+        let (section, fs_missing) = fs_section(&result, &fs_opts, tree, paths);
+        streams.push_str(&section);
+        missing.extend(fs_missing);
+    }
     streams.push_str(&host);
     streams.push_str(&rerun_note(&result));
     if runs == 0 {
@@ -248,6 +287,76 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     }
     report.push_str(&streams);
     write_results(&out, &report, &missing)
+}
+
+/// `--fs-only`: the shared-folder cases alone, in one batch; their
+/// section replaces the one in `out` (the rest of the file stays), or is
+/// added to it.
+fn run_fs_only(paths: &Paths, scratch: &Path, opts: &fs::Options, out: &Path) -> Result<()> {
+    if opts.runs == 0 {
+        bail!("--fs-only measures shared folders: it needs --fs-runs 1 or more");
+    }
+    let existing = match std::fs::read_to_string(out) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let p = fs::prepare(paths, scratch, opts, 0)?;
+    let mut files = p.files.clone();
+    files.extend(crate::qemu::payload()?);
+    let batch = Batch {
+        cases: p.cases.clone(),
+        files,
+        disks: vec![p.disk.clone()],
+    };
+    let result = batch.run(paths)?;
+    let mut missing = unfinished_cases(&result);
+    let (mut section, fs_missing) = fs_section(&result, opts, &p.tree, paths);
+    missing.extend(fs_missing);
+    section.push_str(&rerun_note(&result));
+    write_results(out, &fs::splice_section(&existing, &section), &missing)
+}
+
+/// The shared-folder section from a batch that ran [`fs::prepare`]'s
+/// cases, and the runs and figures missing from it.
+fn fs_section(
+    result: &crate::BatchResult,
+    opts: &fs::Options,
+    tree: &fs::SourceTree,
+    paths: &Paths,
+) -> (String, Vec<String>) {
+    let outputs: Vec<String> = (0..opts.runs)
+        .map(|r| result.case(&fs::case_name(r)).output.clone())
+        .collect();
+    let (by_label, missing) = fs::collect(&outputs, opts, tree);
+    let section = fs::render(&by_label, opts, tree, &run_context(result.mode, paths));
+    (section, missing)
+}
+
+/// The first words of a section: when, where, on what.
+fn run_context(mode: crate::Mode, paths: &Paths) -> String {
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "{date}; mode **{mode:?}** ({}); host CPU {host_cpu}; guest kernel {}",
+        match mode {
+            crate::Mode::L1 => "both VMMs run inside the L1 VM under QEMU TCG, on its emulated SVM",
+            crate::Mode::Direct => "both VMMs run directly on the host's KVM",
+        },
+        paths.kernel_release,
+    )
 }
 
 /// Name under `$P` of the `--baseline` binary in the rig.
@@ -518,31 +627,12 @@ fn render(
     result: &crate::BatchResult,
     paths: &Paths,
 ) -> Result<String> {
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let host_cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_default();
     let mut s = String::new();
     writeln!(s, "# Boot benchmark: coworkvm vs QEMU microvm\n")?;
     writeln!(
         s,
-        "{date}; mode **{:?}** ({}); host CPU {host_cpu}; guest kernel {}; {} runs each, alternating.\n",
-        result.mode,
-        match result.mode {
-            crate::Mode::L1 => "both VMMs run inside the L1 VM under QEMU TCG, on its emulated SVM",
-            crate::Mode::Direct => "both VMMs run directly on the host's KVM",
-        },
-        paths.kernel_release,
+        "{}; {} runs each, alternating.\n",
+        run_context(result.mode, paths),
         cw.len().min(qm.len())
     )?;
     writeln!(

@@ -4,10 +4,17 @@
 //! usage: coworkvm-rig demo | coworkvm-rig bench [--out FILE] [--runs N]
 //!        [--stream-runs N] [--mib N] [--no-helper]
 //!        [--baseline COWORKVM-BINARY [--baseline-name TEXT]]
+//!        [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only]
 //!
 //! `--baseline` adds an earlier `coworkvm` binary to the boot loop (its
 //! sandboxed `boot`, same flags, alternating with this build's) and a
 //! "new / baseline" table to the results.
+//!
+//! `--fs-runs` (default 3; 0 leaves it out), `--fs-reps` (workloads per
+//! boot, default 1), `--fs-mib` (256) and
+//! `--fs-files` (5000) size the shared-folder benchmark (virtio-fs under
+//! coworkvm and QEMU microvm, virtio-blk for reference); `--fs-only` runs
+//! only that and replaces its section of the results file, keeping the rest.
 
 use anyhow::{bail, Context, Result};
 use coworkvm_tests::{Batch, Case, Paths};
@@ -98,7 +105,8 @@ fn main() -> Result<()> {
         Some("bench") => coworkvm_tests::bench::run(&paths, &args[1..]),
         _ => bail!(
             "usage: coworkvm-rig demo | bench [--out FILE] [--runs N] [--stream-runs N] [--mib N] \
-             [--no-helper] [--baseline COWORKVM-BINARY [--baseline-name TEXT]]"
+             [--no-helper] [--baseline COWORKVM-BINARY [--baseline-name TEXT]] \
+             [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only]"
         ),
     }
 }
