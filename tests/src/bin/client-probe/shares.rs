@@ -240,7 +240,7 @@ pub fn shares(socket: &str, bundle: &str, host_dir: &str) {
                 .collect()
         })
         .unwrap_or_default();
-    println!("@@CLIENT failedMounts {failed:?}");
+    println!("@@CLIENT mounts-that-failed {failed:?}");
     for name in must_fail {
         p.check(
             &format!("mount {name:?} comes back in failedMounts"),
