@@ -699,8 +699,8 @@ impl Agent {
 }
 
 /// `additionalMounts` (the client's `{mountName: spec}` map, or a list):
-/// each one in `failedMounts` by name, since folder sharing comes later.
-/// `None` when none were asked for.
+/// each one in `failedMounts` by name, for an agent that cannot mount them
+/// (no shared-folder device, no sandbox). `None` when none were asked for.
 pub fn failed_mounts(m: Option<&Value>) -> Option<Vec<String>> {
     let names = guest::failed_mount_names(m?);
     (!names.is_empty()).then_some(names)

@@ -2,13 +2,13 @@
 //! `mountPath` requests may share into the guest, in which order, and what
 //! must stay hidden inside them (issue 13).
 //!
-//! This is the host side's pure planning step only. Nothing here mounts
-//! anything, and it is not wired into `spawn` or `mountPath` yet: the
-//! virtio-fs device, virtiofsd, the staging directory that binds each grant
-//! at `shared/<root-relative path>` (hiding [`PlannedMount::hidden`] under
-//! empty read-only mounts), and the guest agent's binds at
-//! `/sessions/<name>/mnt/<mountName>` come later and consume a
-//! [`MountPlan`].
+//! This is the host side's pure planning step: nothing here mounts
+//! anything. [`crate::grants`] keeps which session holds which plan, the
+//! share keeper ([`crate::share`]) binds each grant at
+//! `shared/<root-relative path>` in the VM's staging tree (covering
+//! [`PlannedMount::hidden`] and [`PlannedMount::absent_denied`] with empty
+//! read-only mounts), and the guest agent binds it at
+//! `/sessions/<name>/mnt/<mountName>`.
 //!
 //! # What the client sends
 //!

@@ -26,7 +26,6 @@ fn virtiofsd() -> Option<PathBuf> {
     c.push(root.join("build/virtiofsd/bin/virtiofsd"));
     c.push("/usr/lib/coworkvm/virtiofsd".into());
     c.push("/usr/libexec/virtiofsd".into());
-    c.push("/tmp/vfsd-c/bin/virtiofsd".into());
     c.into_iter().find(|p| {
         std::process::Command::new(p)
             .arg("--version")
