@@ -882,9 +882,12 @@ impl Share {
                         if !self.no_idmap.swap(true, Ordering::Relaxed) {
                             eprintln!(
                                 "coworkvm-agent: shared folders: this kernel refuses idmapped \
-                                 virtiofs binds ({e}); the host user's files show as uid {} in \
-                                 the sessions",
-                                guest::SHARE_OWNER_ID
+                                 virtiofs binds ({e}); {}",
+                                if Path::new(BINDFS).exists() {
+                                    "bindfs maps the host user's files to each session's uid"
+                                } else {
+                                    "no bindfs either: the host user's files show as uid 60000"
+                                }
                             );
                         }
                     }
