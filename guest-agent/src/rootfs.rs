@@ -112,27 +112,13 @@ fn sys_mount(
     data: &str,
 ) -> Result<(), BootDiskError> {
     let _ = std::fs::create_dir_all(target);
-    let (src, tgt, d) = (cstr(source), cstr(target), cstr(data));
-    let fs = fstype.map(cstr);
-    // SAFETY: every pointer is a NUL-terminated string (or null for the
-    // fstype of a move) that outlives the call.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
-            flags,
-            d.as_ptr() as *const libc::c_void,
-        )
-    };
-    if r != 0 {
-        return Err(BootDiskError::Mount {
+    crate::share::sys_mount(source, Path::new(target), fstype, flags, data).map_err(|error| {
+        BootDiskError::Mount {
             source_path: source.to_owned(),
             target: target.to_owned(),
-            error: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+            error,
+        }
+    })
 }
 
 fn wait_for(dev: &str) -> Result<(), BootDiskError> {

@@ -398,7 +398,8 @@ fn attach(from: &OwnedFd, to: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-fn sys_mount(
+/// mount(2) with Rust strings (the boot disk's mounts use it too).
+pub(crate) fn sys_mount(
     source: &str,
     target: &Path,
     fstype: Option<&str>,

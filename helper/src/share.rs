@@ -962,28 +962,11 @@ impl Keeper {
         let tmpfs_dev = fstat(root.as_fd())
             .map_err(setup("stat the staging tmpfs"))?
             .st_dev;
-        let grants = CString::new(GRANTS_DIR).map_err(|e| setup("grants dir")(e.into()))?;
-        // SAFETY: mkdirat with a live directory descriptor and C string.
-        if unsafe { libc::mkdirat(root.as_raw_fd(), grants.as_ptr(), 0o755) } != 0 {
-            return Err(setup("mkdir shared")(io::Error::last_os_error()));
-        }
+        create_entry(root.as_fd(), GRANTS_DIR, Entry::Dir(0o755)).map_err(setup("mkdir shared"))?;
         let shared = open_beneath(root.as_fd(), GRANTS_DIR, libc::O_DIRECTORY)
             .map_err(setup("open shared"))?;
-        let empty = CString::new(EMPTY_FILE).map_err(|e| setup("empty file")(e.into()))?;
-        // SAFETY: openat with a live directory descriptor and C string.
-        let fd = unsafe {
-            libc::openat(
-                root.as_raw_fd(),
-                empty.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                0o444,
-            )
-        };
-        if fd < 0 {
-            return Err(setup("create the cover file")(io::Error::last_os_error()));
-        }
-        // SAFETY: just opened, owned by nobody else.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        create_entry(root.as_fd(), EMPTY_FILE, Entry::File(0o444))
+            .map_err(setup("create the cover file"))?;
         let empty_file =
             open_beneath(root.as_fd(), EMPTY_FILE, 0).map_err(setup("open the cover file"))?;
         // What virtiofsd serves is a read-only peer of the tmpfs stacked on
@@ -1407,33 +1390,13 @@ impl Keeper {
                     format!("mountpoint {sofar} is missing inside a bound grant"),
                 ));
             }
-            let name = CString::new(*part)
-                .map_err(|_| fail(&created, format!("mountpoint {sofar}: NUL")))?;
-            let r = if last && !dir {
-                // SAFETY: openat with a live directory descriptor and C string.
-                let fd = unsafe {
-                    libc::openat(
-                        cur.as_raw_fd(),
-                        name.as_ptr(),
-                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                        0o444,
-                    )
-                };
-                if fd >= 0 {
-                    // SAFETY: just opened, owned by nobody else.
-                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                    0
-                } else {
-                    -1
-                }
+            let entry = if last && !dir {
+                Entry::File(0o444)
             } else {
-                // SAFETY: mkdirat with a live directory descriptor and C string.
-                unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) }
+                Entry::Dir(0o755)
             };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                return Err(fail(&created, format!("mountpoint {sofar}: {e}")));
-            }
+            create_entry(cur.as_fd(), part, entry)
+                .map_err(|e| fail(&created, format!("mountpoint {sofar}: {e}")))?;
             created.push(sofar.clone());
             cur = open_beneath(cur.as_fd(), part, 0)
                 .map_err(|e| fail(&created, format!("mountpoint {sofar}: {e}")))?;
@@ -1570,40 +1533,15 @@ impl Keeper {
                     Err(e) => return Err(KeeperError::Refused(format!("cover {}: {e}", a.rel))),
                 }
                 let file = a.file && i + 1 == parts.len();
-                let name = CString::new(*part)
-                    .map_err(|_| KeeperError::Refused(format!("cover {}: NUL", a.rel)))?;
                 let made = parts[..=i].join("/");
-                let r = if file {
-                    // SAFETY: openat with a live directory descriptor and C string.
-                    let fd = unsafe {
-                        libc::openat(
-                            cur.as_raw_fd(),
-                            name.as_ptr(),
-                            libc::O_CREAT
-                                | libc::O_EXCL
-                                | libc::O_WRONLY
-                                | libc::O_NOFOLLOW
-                                | libc::O_CLOEXEC,
-                            0o600,
-                        )
-                    };
-                    if fd >= 0 {
-                        // SAFETY: just opened, owned by nobody else.
-                        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                        0
-                    } else {
-                        -1
-                    }
+                let entry = if file {
+                    Entry::File(0o600)
                 } else {
-                    // SAFETY: mkdirat with a live directory descriptor and C string.
-                    unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o700) }
+                    Entry::Dir(0o700)
                 };
-                if r != 0 {
-                    let e = io::Error::last_os_error();
-                    return Err(KeeperError::Refused(format!(
-                        "create {host}/{made} to cover it: {e}"
-                    )));
-                }
+                create_entry(cur.as_fd(), part, entry).map_err(|e| {
+                    KeeperError::Refused(format!("create {host}/{made} to cover it: {e}"))
+                })?;
                 tracing::info!(
                     "share keeper: created empty {host}/{made} ({}) so that the guest cannot create the credential store {host}/{}",
                     if file { "file 0600" } else { "directory 0700" },
@@ -1797,6 +1735,48 @@ fn open_tree(fd: BorrowedFd<'_>, flags: u32) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new descriptor, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// What [`create_entry`] makes.
+#[derive(Clone, Copy)]
+enum Entry {
+    Dir(libc::mode_t),
+    File(libc::mode_t),
+}
+
+/// Creates `name` in `dir` (a new directory or an empty file, never
+/// following or reusing what is there: `O_EXCL | O_NOFOLLOW`).
+fn create_entry(dir: BorrowedFd<'_>, name: &str, entry: Entry) -> io::Result<()> {
+    let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    match entry {
+        Entry::Dir(mode) => {
+            // SAFETY: mkdirat with a live directory descriptor and C string.
+            if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Entry::File(mode) => {
+            // SAFETY: openat with a live directory descriptor and C string.
+            let fd = unsafe {
+                libc::openat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    libc::c_uint::from(mode),
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: just opened, owned by nobody else.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    Ok(())
 }
 
 fn move_mount(from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> io::Result<()> {
