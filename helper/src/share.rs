@@ -79,8 +79,6 @@ const SOCKET_NAME: &str = ".vhost-user.sock";
 /// The directory under the staging tmpfs that holds the grants
 /// (`socket_proto::guest::SHARE_GRANTS_DIR`).
 const GRANTS_DIR: &str = socket_proto::guest::SHARE_GRANTS_DIR;
-/// The uid and gid that host files of the user appear as in the guest.
-const GUEST_OWNER_ID: u32 = socket_proto::guest::SHARE_OWNER_ID;
 /// The empty file under the staging tmpfs that covers hidden files.
 const EMPTY_FILE: &str = ".empty";
 
@@ -1576,23 +1574,8 @@ fn check_covers<'a>(rels: impl Iterator<Item = &'a str>) -> Result<(), KeeperErr
     Ok(())
 }
 
-/// virtiofsd's flags after `--fd` and `--shared-dir`: the namespace
-/// sandbox, no file handles (they need CAP_DAC_READ_SEARCH), and the
-/// ownership translation: whatever the guest creates is owned by the host
-/// user; the host user's files appear as `socket_proto::guest::SHARE_OWNER_ID` (60000) in the guest.
-pub fn virtiofsd_flags(uid: u32, gid: u32) -> Vec<String> {
-    // `--flag=value` throughout: clap refuses `--inode-file-handles never`.
-    vec![
-        "--sandbox=namespace".into(),
-        "--inode-file-handles=never".into(),
-        "--cache=auto".into(),
-        "--announce-submounts".into(),
-        format!("--translate-uid=squash-guest:0:{uid}:4294967295"),
-        format!("--translate-gid=squash-guest:0:{gid}:4294967295"),
-        format!("--translate-uid=host:{uid}:{GUEST_OWNER_ID}:1"),
-        format!("--translate-gid=host:{gid}:{GUEST_OWNER_ID}:1"),
-    ]
-}
+/// virtiofsd's flags for the share (the keeper's command line).
+pub use socket_proto::guest::virtiofsd_flags;
 
 // ---------------------------------------------------------------------------
 // Syscall wrappers.

@@ -88,6 +88,27 @@ pub const SHARE_GRANTS_DIR: &str = "shared";
 /// range (1001-59999) and below `nobody`; the agent maps it to each
 /// session's uid with an idmapped bind where the guest kernel can.
 pub const SHARE_OWNER_ID: u32 = 60000;
+/// virtiofsd's flags for a VM's share, after `--fd`/`--socket-path` and
+/// `--shared-dir`, for a virtiofsd running as `uid`/`gid`: its namespace
+/// sandbox, no file handles (they need CAP_DAC_READ_SEARCH), and the
+/// ownership translation: whatever the guest creates is owned by the host
+/// user; the host user's files appear as [`SHARE_OWNER_ID`] in the guest.
+/// The share keeper runs virtiofsd with them, and `make bench` too, so the
+/// bench measures the daemon the helper runs.
+pub fn virtiofsd_flags(uid: u32, gid: u32) -> Vec<String> {
+    // `--flag=value` throughout: clap refuses `--inode-file-handles never`.
+    vec![
+        "--sandbox=namespace".into(),
+        "--inode-file-handles=never".into(),
+        "--cache=auto".into(),
+        "--announce-submounts".into(),
+        format!("--translate-uid=squash-guest:0:{uid}:4294967295"),
+        format!("--translate-gid=squash-guest:0:{gid}:4294967295"),
+        format!("--translate-uid=host:{uid}:{SHARE_OWNER_ID}:1"),
+        format!("--translate-gid=host:{gid}:{SHARE_OWNER_ID}:1"),
+    ]
+}
+
 /// The capability the agent reports in `agent.info` when it has mounted
 /// [`SHARE_TAG`]: the helper forwards mounts only to such an agent.
 pub const SHARE_CAPABILITY: &str = "virtiofs";

@@ -92,24 +92,9 @@ impl Options {
     }
 }
 
-/// virtiofsd's flags as the share keeper gives them
-/// (`coworkvm_helper::share::virtiofsd_flags`; helper/tests/bench_flags.rs
-/// holds the two equal): namespace sandbox, no file handles, `cache=auto`,
-/// submounts announced, every guest uid squashed to the user's and the
-/// user's shown to the guest as 60000.
-pub fn keeper_flags(uid: u32, gid: u32) -> Vec<String> {
-    let owner = socket_proto::guest::SHARE_OWNER_ID;
-    vec![
-        "--sandbox=namespace".into(),
-        "--inode-file-handles=never".into(),
-        "--cache=auto".into(),
-        "--announce-submounts".into(),
-        format!("--translate-uid=squash-guest:0:{uid}:4294967295"),
-        format!("--translate-gid=squash-guest:0:{gid}:4294967295"),
-        format!("--translate-uid=host:{uid}:{owner}:1"),
-        format!("--translate-gid=host:{gid}:{owner}:1"),
-    ]
-}
+/// virtiofsd's flags as the share keeper gives them (one definition:
+/// `socket_proto::guest::virtiofsd_flags`).
+pub use socket_proto::guest::virtiofsd_flags as keeper_flags;
 
 /// What [`write_source_tarball`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
