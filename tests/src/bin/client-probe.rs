@@ -301,13 +301,15 @@ fn rtt(n: usize, socket: &str) {
     );
 }
 
-/// `--escape`: one VM, a victim session and an attacker session, driven
-/// as the client drives the helper. Every check is something a session
-/// could do to another session, to the agent channel or to the guest.
-fn escape(socket: &str, bundle: &str) {
-    let mut p = Probe { failed: false };
-    let long = Duration::from_secs(240);
-    let short = Duration::from_secs(60);
+/// The client's opening for a 2-vCPU, 1 GiB VM: configure on a pipe, the
+/// event stream, startVM, then isGuestConnected polled until true; each a
+/// check.
+fn open_and_start(
+    p: &mut Probe,
+    socket: &str,
+    bundle: &str,
+    timeout: Duration,
+) -> (Pipe, Arc<Events>) {
     let mut pipe = Pipe::open(socket);
     let r = pipe.call(
         "configure",
@@ -322,9 +324,20 @@ fn escape(socket: &str, bundle: &str) {
     p.check("startVM", ok(&r), &r);
     p.check(
         "isGuestConnected turns true",
-        poll_connected(socket, long).is_some(),
+        poll_connected(socket, timeout).is_some(),
         "timed out",
     );
+    (pipe, ev)
+}
+
+/// `--escape`: one VM, a victim session and an attacker session, driven
+/// as the client drives the helper. Every check is something a session
+/// could do to another session, to the agent channel or to the guest.
+fn escape(socket: &str, bundle: &str) {
+    let mut p = Probe { failed: false };
+    let long = Duration::from_secs(240);
+    let short = Duration::from_secs(60);
+    let (mut pipe, ev) = open_and_start(&mut p, socket, bundle, long);
 
     // The VMM runs confined.
     match vmm_pid(bundle) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{ok, poll_connected, Events, Pipe, Probe};
+use super::{ok, open_and_start, Probe};
 
 /// A host path as the client sends it: relative to `/`.
 fn rel(p: &Path) -> String {
@@ -169,23 +169,7 @@ pub fn shares(socket: &str, bundle: &str, host_dir: &str) {
     let t = Path::new(host_dir);
     let home = std::env::var("HOME").expect("HOME");
     let home = Path::new(&home);
-    let mut pipe = Pipe::open(socket);
-    let r = pipe.call(
-        "configure",
-        json!({"userDataName": "e2e", "userDataRoot": "/tmp/e2e"}),
-    );
-    p.check("configure", ok(&r), &r);
-    let (ev, _) = Events::subscribe(socket);
-    let r = pipe.call(
-        "startVM",
-        json!({"bundlePath": bundle, "memoryGB": 1, "cpuCount": 2}),
-    );
-    p.check("startVM", ok(&r), &r);
-    p.check(
-        "isGuestConnected turns true",
-        poll_connected(socket, long).is_some(),
-        "timed out",
-    );
+    let (mut pipe, ev) = open_and_start(&mut p, socket, bundle, long);
 
     // The seven standard mounts, a picked folder, the home directory, and
     // mounts that must fail.
