@@ -77,7 +77,7 @@ impl HelperConfig {
                 exe: std::env::current_exe()?,
                 inherit_stderr: false,
             }),
-            share_launcher: Some(Arc::new(grants::KeeperShareLauncher {
+            share_launcher: Some(Arc::new(share::KeeperShareLauncher {
                 exe: std::env::current_exe()?,
             })),
             run_dir: run_dir_for(socket),

@@ -1574,6 +1574,47 @@ fn check_covers<'a>(rels: impl Iterator<Item = &'a str>) -> Result<(), KeeperErr
     Ok(())
 }
 
+impl crate::grants::ShareBackend for Share {
+    fn grant(&self, m: &PlannedMount) -> Result<String, String> {
+        Share::grant(self, m).map_err(|e| e.to_string())
+    }
+
+    fn release(&self, m: &PlannedMount) {
+        if let Err(e) = Share::release(self, &m.host_path, m.mode) {
+            tracing::warn!("releasing {}: {e}", m.host_path.display());
+        }
+    }
+}
+
+/// The production [`crate::vm::ShareLauncher`]: virtiofsd found by
+/// [`crate::virtiofsd::resolve`], the keeper re-executed from `exe`
+/// (`coworkvm share-keeper`), its staging directory `RUNDIR/share`.
+pub struct KeeperShareLauncher {
+    /// The `coworkvm` binary.
+    pub exe: std::path::PathBuf,
+}
+
+impl crate::vm::ShareLauncher for KeeperShareLauncher {
+    fn start(
+        &self,
+        run_dir: &std::path::Path,
+        virtiofsd: Option<&std::path::Path>,
+    ) -> Result<(std::sync::Arc<dyn crate::grants::ShareBackend>, OwnedFd), String> {
+        let v = crate::virtiofsd::resolve(virtiofsd).map_err(|e| e.to_string())?;
+        let (share, stream) =
+            Share::start(&v.path, &self.exe, &run_dir.join("share")).map_err(|e| e.to_string())?;
+        tracing::info!(
+            "shared folders: virtiofsd {}.{}.{} at {}, keeper pid {}",
+            v.version.0,
+            v.version.1,
+            v.version.2,
+            v.path.display(),
+            share.keeper_pid()
+        );
+        Ok((std::sync::Arc::new(share), stream))
+    }
+}
+
 /// virtiofsd's flags for the share (the keeper's command line).
 pub use socket_proto::guest::virtiofsd_flags;
 
