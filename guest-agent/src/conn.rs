@@ -302,7 +302,9 @@ pub fn runs_on_worker(req: &GuestRequest) -> bool {
         | GuestRequest::DeleteSessionDirs(_)
         | GuestRequest::PruneSessionCaches(_)
         // Mounting waits on the shared-folder device (the host's virtiofsd).
-        | GuestRequest::MountPath(_) => true,
+        | GuestRequest::MountPath(_)
+        // Dials the host and waits for its reply.
+        | GuestRequest::EgressProbe(_) => true,
         GuestRequest::AgentInfo
         | GuestRequest::Kill(_)
         | GuestRequest::IsProcessRunning(_)

@@ -161,7 +161,11 @@ pub const GUEST_METHODS: &[&str] = &[
 
 /// coworkvm's own host-to-guest request methods, beyond the protocol's
 /// ([`crate::sdk`]: the SDK transfer).
-pub const COWORKVM_GUEST_METHODS: &[&str] = &[crate::sdk::METHOD_CHUNK, crate::sdk::METHOD_COMMIT];
+pub const COWORKVM_GUEST_METHODS: &[&str] = &[
+    crate::sdk::METHOD_CHUNK,
+    crate::sdk::METHOD_COMMIT,
+    crate::egress::METHOD_PROBE,
+];
 
 /// Every guest-to-host event.
 pub const GUEST_EVENTS: &[&str] = &[
@@ -617,6 +621,8 @@ pub enum GuestRequest {
     InstallSdkCommit(InstallSdkCommitParams),
     /// `addApprovedOauthToken`
     AddApprovedOauthToken(AddApprovedOauthTokenParams),
+    /// `egress.probe` (coworkvm extension, [`crate::egress`])
+    EgressProbe(crate::egress::EgressProbeParams),
     /// `getSessionsDiskInfo`
     GetSessionsDiskInfo(SessionsDiskInfoParams),
     /// `deleteSessionDirs`
@@ -655,6 +661,7 @@ impl GuestRequest {
             "installSdk.chunk" => Self::InstallSdkChunk(params(method, p)?),
             "installSdk.commit" => Self::InstallSdkCommit(params(method, p)?),
             "addApprovedOauthToken" => Self::AddApprovedOauthToken(params(method, p)?),
+            crate::egress::METHOD_PROBE => Self::EgressProbe(params(method, p)?),
             "getSessionsDiskInfo" => Self::GetSessionsDiskInfo(params(method, p)?),
             "deleteSessionDirs" => Self::DeleteSessionDirs(params(method, p)?),
             "pruneSessionCaches" => Self::PruneSessionCaches(params(method, p)?),
@@ -677,6 +684,7 @@ impl GuestRequest {
             Self::InstallSdkChunk(_) => crate::sdk::METHOD_CHUNK,
             Self::InstallSdkCommit(_) => crate::sdk::METHOD_COMMIT,
             Self::AddApprovedOauthToken(_) => "addApprovedOauthToken",
+            Self::EgressProbe(_) => crate::egress::METHOD_PROBE,
             Self::GetSessionsDiskInfo(_) => "getSessionsDiskInfo",
             Self::DeleteSessionDirs(_) => "deleteSessionDirs",
             Self::PruneSessionCaches(_) => "pruneSessionCaches",
@@ -698,6 +706,7 @@ impl GuestRequest {
             Self::InstallSdkChunk(x) => to_value(x),
             Self::InstallSdkCommit(x) => to_value(x),
             Self::AddApprovedOauthToken(x) => to_value(x),
+            Self::EgressProbe(x) => to_value(x),
             Self::GetSessionsDiskInfo(x) => to_value(x),
             Self::DeleteSessionDirs(x) => to_value(x),
             Self::PruneSessionCaches(x) => to_value(x),

@@ -16,6 +16,8 @@
 //! - [`params`]: typed decoding with errors that name the field.
 //! - [`sdk`]: coworkvm's SDK transfer extension (`installSdk.chunk`,
 //!   `installSdk.commit`) and [`sdk::upload_sdk`], the helper's side of it.
+//! - [`egress`]: the egress channel's open and reply lines (agent to
+//!   helper, vsock port 51235) and `egress.probe`.
 //! - [`redact`]: secrets (`env`, `oauthToken`, `token`) never reach a log.
 //!
 //! The crate has no async runtime and no features: the agent in the guest
@@ -64,6 +66,7 @@
 //! assert_eq!(reply.error.unwrap(), "bad params for kill: missing field `id`");
 //! ```
 
+pub mod egress;
 pub mod frame;
 pub mod guest;
 pub mod host;
