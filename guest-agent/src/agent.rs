@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
+use socket_proto::egress::{EgressProbeParams, EGRESS_CAPABILITY};
 use socket_proto::guest;
 use socket_proto::host::{
     InstallSdkParams, MountPathParams, MountPathResult, PruneSessionCachesParams, SpawnParams,
@@ -17,6 +18,7 @@ use socket_proto::sdk::{InstallSdkChunkParams, InstallSdkResult};
 use socket_proto::Secret;
 
 use crate::cgroup::{CgroupError, SessionCgroups};
+use crate::egress::{self, Egress, EgressError};
 use crate::lock;
 use crate::procs::{ProcError, Procs};
 use crate::sandbox::{self, SystemEntry};
@@ -134,6 +136,10 @@ pub enum RequestError {
     /// `readFile` refused.
     #[error(transparent)]
     ReadFile(#[from] crate::conn::ReadFileError),
+    /// The session's network namespace, or the egress channel
+    /// (`egress.probe`).
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     /// A request that does not run on a worker thread reached one.
     #[error("{0} is not a worker's request")]
     NotAWorkersRequest(String),
@@ -156,6 +162,10 @@ pub struct Agent {
     /// The SDK binary an `installSdk` with `sharedPath` bound last: the
     /// runtime until a copied install replaces it.
     shared_sdk: Mutex<Option<PathBuf>>,
+    /// The channel to the host's egress service, and (in the guest's
+    /// rootfs with the sandbox) each session's network namespace with its
+    /// proxies.
+    egress: Egress,
 }
 
 /// Whether `path` is a mount point: another device than its parent's.
@@ -286,7 +296,32 @@ impl Agent {
                 why.join("; ")
             );
         }
-        let agent = Self::new(procs, root, sessions, sandbox, without_sandbox);
+        // Sessions' network: their own namespaces with the proxies, where
+        // sessions are sandboxed in the rootfs (every sandboxed spawn then
+        // enters its session's, or fails). Elsewhere bwrap's empty one.
+        let egress = if rootfs && sessions.is_some() && sandbox.is_some() {
+            match egress::netns_supported() {
+                Ok(()) => {
+                    eprintln!(
+                        "coworkvm-agent: each session's network: its own namespace with an HTTP \
+                         proxy on 127.0.0.1:{} and SOCKS5 on 127.0.0.1:{}, relayed to the host",
+                        socket_proto::egress::HTTP_PROXY_PORT,
+                        socket_proto::egress::SOCKS_PROXY_PORT
+                    );
+                    Egress::per_session(egress::vsock_dialer(), egress::Bounds::default())
+                }
+                Err(e) => {
+                    eprintln!(
+                        "coworkvm-agent: network namespaces are unavailable ({e}): sessions \
+                         have no network"
+                    );
+                    Egress::channel_only(egress::vsock_dialer())
+                }
+            }
+        } else {
+            Egress::channel_only(egress::vsock_dialer())
+        };
+        let agent = Self::new(procs, root, sessions, sandbox, without_sandbox).with_egress(egress);
         match share {
             Some(s) => agent.with_share(s),
             None => agent,
@@ -302,6 +337,12 @@ impl Agent {
                 s.release(session, || procs.running_sessions())
             }));
         self.share = Some(share);
+        self
+    }
+
+    /// The agent with `egress` instead of the channel only.
+    pub fn with_egress(mut self, egress: Egress) -> Self {
+        self.egress = egress;
         self
     }
 
@@ -325,6 +366,7 @@ impl Agent {
             oauth_tokens: Mutex::new(Vec::new()),
             share: None,
             shared_sdk: Mutex::new(None),
+            egress: Egress::channel_only(egress::vsock_dialer()),
         }
     }
 
@@ -352,6 +394,10 @@ impl Agent {
         }
         if self.share.is_some() {
             c.push(guest::SHARE_CAPABILITY.into());
+        }
+        // Sandboxed spawns get their session's proxies.
+        if self.sandboxed() && self.egress.serves_sessions() {
+            c.push(EGRESS_CAPABILITY.into());
         }
         c
     }
@@ -482,6 +528,9 @@ impl Agent {
                     .as_ref()
                     .map(|e| e.expose().clone())
                     .unwrap_or_default();
+                // Held until the process is started: its descriptor is the
+                // child's setns target.
+                let net = self.egress.session_net(&p.name)?;
                 let mut spec = sandbox::Spec {
                     session_dir: sd.path.clone(),
                     cwd,
@@ -492,6 +541,7 @@ impl Agent {
                     seccomp_fd: None,
                     passwd_fd: None,
                     group_fd: None,
+                    netns_fd: net.as_ref().map(|n| n.netns_fd()),
                 };
                 if !env.contains_key("PATH") && !program.contains('/') {
                     let path = spec.base_env(sd.uid)["PATH"].clone();
@@ -539,7 +589,7 @@ impl Agent {
                     .procs
                     .spawn(&p.id, &p.name, cmd, encoding, Some(info_r), &p.command);
                 // Our copies: bwrap holds its own.
-                drop((info_w, seccomp_fd, passwd_fd, group_fd, cgroup_procs));
+                drop((info_w, seccomp_fd, passwd_fd, group_fd, cgroup_procs, net));
                 r?;
             }
             _ => {
@@ -677,6 +727,11 @@ impl Agent {
         crate::debug!("approved OAuth tokens held: {}", tokens.len());
     }
 
+    /// `egress.probe`: one probe stream to the host.
+    pub fn egress_probe(&self, p: &EgressProbeParams) -> Result<Value, RequestError> {
+        Ok(self.egress.probe(p)?)
+    }
+
     pub fn disk_info(&self) -> Result<Value, RequestError> {
         let r = self.sessions()?.disk_info()?;
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
@@ -687,6 +742,10 @@ impl Agent {
         let r = self.sessions()?.delete(names, &running);
         if !r.deleted.is_empty() {
             eprintln!("coworkvm-agent: deleted sessions {:?}", r.deleted);
+        }
+        // A deleted session's namespace and proxies go with it.
+        for name in &r.deleted {
+            self.egress.forget(name);
         }
         Ok(serde_json::to_value(r).unwrap_or(Value::Null))
     }

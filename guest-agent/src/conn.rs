@@ -479,6 +479,7 @@ fn respond_on_worker(agent: &Agent, req: GuestRequest) -> Result<Value, RequestE
         GuestRequest::GetSessionsDiskInfo(_) => agent.disk_info(),
         GuestRequest::DeleteSessionDirs(d) => agent.delete_sessions(&d.names),
         GuestRequest::PruneSessionCaches(p) => agent.prune(&p),
+        GuestRequest::EgressProbe(p) => agent.egress_probe(&p),
         other => Err(RequestError::NotAWorkersRequest(other.name().to_owned())),
     }
 }

@@ -9,6 +9,7 @@
 mod agent;
 mod cgroup;
 mod conn;
+mod egress;
 mod init;
 mod procs;
 mod rootfs;

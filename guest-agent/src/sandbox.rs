@@ -4,7 +4,8 @@
 //! controlling terminal and the tree is apart from the agent), sets
 //! no_new_privs, drops to the session's uid/gid with no supplementary
 //! groups, and executes `bwrap`. bwrap, unprivileged, makes a user namespace
-//! that maps only that uid, plus pid, net, ipc, uts and cgroup namespaces,
+//! that maps only that uid, plus pid, ipc, uts and cgroup namespaces (the
+//! network namespace is the session's, entered before bwrap runs),
 //! drops every capability and runs the command under its own pid 1:
 //!
 //! ```text
@@ -37,8 +38,9 @@
 //! nobody and the session's user, so no session learns the others' names
 //! and homes from the guest's files. Nothing else of the
 //! session disk is visible except the installed SDK, read-only. The network
-//! namespace has only loopback: the egress proxy that will be the session's
-//! way out comes later.
+//! namespace is the session's own (`crate::egress`), entered by the forked
+//! child while still root: loopback and the session's two proxies, its only
+//! way out. Without one (off the guest), bwrap makes an empty one.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -105,6 +107,10 @@ pub struct Spec {
     /// as `--ro-bind-data`.
     pub passwd_fd: Option<i32>,
     pub group_fd: Option<i32>,
+    /// The session's network namespace (`crate::egress`), entered before
+    /// bwrap runs: then bwrap makes none (no `--unshare-net`). `None`:
+    /// bwrap's own, with loopback only.
+    pub netns_fd: Option<i32>,
 }
 
 /// The passwd of a session's sandbox: root, nobody, and the session's user
@@ -142,11 +148,11 @@ impl Spec {
                 a.push(x.as_ref().to_owned());
             }
         };
+        push(&[&"--unshare-user", &"--disable-userns", &"--unshare-pid"]);
+        if self.netns_fd.is_none() {
+            push(&[&"--unshare-net"]);
+        }
         push(&[
-            &"--unshare-user",
-            &"--disable-userns",
-            &"--unshare-pid",
-            &"--unshare-net",
             &"--unshare-ipc",
             &"--unshare-uts",
             &"--unshare-cgroup-try",
@@ -254,10 +260,11 @@ pub fn command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let inherited = [spec.info_fd, spec.seccomp_fd, spec.passwd_fd, spec.group_fd];
+    let netns_fd = spec.netns_fd;
     // SAFETY: the closure runs in the forked child before exec and makes
     // only async-signal-safe system calls (write, open, close, setsid,
-    // setgroups, setgid, setuid, prctl, fcntl) on integers, a static string
-    // and stack buffers; it allocates nothing and touches no lock.
+    // setns, setgroups, setgid, setuid, prctl, fcntl) on integers, a static
+    // string and stack buffers; it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(move || {
             // Into the session's group while still root (the group and its
@@ -270,6 +277,13 @@ pub fn command(
             reset_oom_score_adj()?;
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Into the session's network namespace while still root (it
+            // takes CAP_SYS_ADMIN); the descriptor stays close-on-exec.
+            if let Some(fd) = netns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             // The session's user, no supplementary groups.
             if libc::setgroups(0, std::ptr::null()) != 0
@@ -365,6 +379,7 @@ mod tests {
             seccomp_fd: Some(8),
             passwd_fd: Some(9),
             group_fd: Some(10),
+            netns_fd: None,
         }
     }
 
@@ -430,6 +445,29 @@ mod tests {
         // A command that looks like an option is still the command.
         let a = strings(&spec().args("--version", &[]));
         assert_eq!(&a[a.len() - 2..], ["--", "--version"]);
+    }
+
+    /// With the session's namespace entered before bwrap, bwrap makes no
+    /// network namespace of its own (which would hide the proxies), and
+    /// shares none either: the namespace is the one the spawn entered.
+    #[test]
+    fn a_session_namespace_replaces_unshare_net() {
+        let mut s = spec();
+        s.netns_fd = Some(11);
+        let a = strings(&s.args("sh", &[]));
+        assert!(!a.iter().any(|x| x == "--unshare-net"), "{a:?}");
+        assert!(!a.iter().any(|x| x == "--share-net" || x == "11"), "{a:?}");
+        for flag in [
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+        ] {
+            assert!(a.contains(&flag.to_string()), "{flag} missing: {a:?}");
+        }
+        // Without it, bwrap's own.
+        let a = strings(&spec().args("sh", &[]));
+        assert!(a.contains(&"--unshare-net".to_string()));
     }
 
     #[test]
