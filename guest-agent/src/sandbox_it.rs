@@ -20,6 +20,7 @@ use socket_proto::host::SpawnParams;
 use crate::agent::{Agent, RequestError, Sandbox, WithoutSandbox};
 use crate::cgroup::{is_cgroup2, SessionCgroups};
 use crate::conn::Sender;
+use crate::egress::{self, Egress};
 use crate::procs::Procs;
 use crate::sandbox::{scan_system, BWRAP};
 use crate::sessions::Sessions;
@@ -43,6 +44,8 @@ fn available() -> bool {
 struct Rig {
     agent: Agent,
     events: Receiver<GuestEvent>,
+    /// The session each egress open line named, in order.
+    egress_sessions: Receiver<String>,
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
 }
@@ -89,16 +92,21 @@ impl Rig {
             }
         });
         let sandbox = Sandbox::new(BWRAP.into(), scan_system(Path::new("/")), cgroups).unwrap();
+        // As in the guest: each session in its own network namespace with
+        // its proxies, relayed to a fake host.
+        let (dialer, egress_sessions) = fake_egress_host();
         let agent = Agent::new(
             procs,
             root.clone(),
             Some(sessions),
             Some(sandbox),
             WithoutSandbox::Refuse("unused: the sandbox is there".into()),
-        );
+        )
+        .with_egress(Egress::per_session(dialer, egress::Bounds::default()));
         Rig {
             agent,
             events,
+            egress_sessions,
             _dir: dir,
             root,
         }
@@ -179,6 +187,42 @@ impl Rig {
             }
         }
     }
+}
+
+/// A host that refuses every stream: `blocked-by-allowlist` for session
+/// beta, `dns-failure` for the others; each open line's session is sent
+/// on the receiver.
+fn fake_egress_host() -> (egress::Dialer, Receiver<String>) {
+    use socket_proto::egress::{
+        decode_line, encode_line, EgressOpen, EgressRefusal, EgressReply, MAX_OPEN_LINE,
+    };
+    use std::io::{Read, Write};
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let dialer: egress::Dialer = std::sync::Arc::new(move || {
+        let (agent, mut host) = UnixStream::pair().expect("socketpair");
+        let tx = crate::lock(&tx).clone();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while b[0] != b'\n' && host.read_exact(&mut b).is_ok() {
+                line.push(b[0]);
+            }
+            let Ok(open) = decode_line::<EgressOpen>(&line, MAX_OPEN_LINE) else {
+                return;
+            };
+            let session = open.session.unwrap_or_default();
+            let why = if session == "beta" {
+                EgressRefusal::BlockedByAllowlist
+            } else {
+                EgressRefusal::DnsFailure
+            };
+            let _ = tx.send(session);
+            let _ = host.write_all(&encode_line(&EgressReply::refused(why, "test")));
+        });
+        Ok(agent.into())
+    });
+    (dialer, rx)
 }
 
 fn rand_id() -> u64 {
@@ -290,6 +334,7 @@ fn sessions_run_in_bwrap() {
     if have_perl() {
         filtered_with_own_accounts_in_their_cgroup(&mut rig, cg_base.as_deref());
     }
+    sessions_reach_their_own_proxies(&mut rig);
     match private_mounts {
         Ok(()) => shared_folders(rig),
         Err(e) => coworkvm_tests::skip_or_fail(format!(
@@ -474,6 +519,72 @@ fn own_users_signals_and_janitor(rig: &mut Rig) {
     .unwrap();
     let e = rig.agent.spawn(&p).unwrap_err();
     assert!(matches!(e, RequestError::NotFound { .. }), "{e}");
+}
+
+/// Issue 14 on the session side: every spawn of a session is in the
+/// session's network namespace (one per session, shared by its spawns),
+/// which has loopback and the two proxies listening; a session's request
+/// reaches the host tagged with its own name, and the refusal comes back
+/// as the HTTP proxy's 403 with `X-Proxy-Error`.
+fn sessions_reach_their_own_proxies(rig: &mut Rig) {
+    let script = r#"echo "ns=$(readlink /proc/self/ns/net)"
+        echo "listen=$(awk '$4 == "0A" {print $2}' /proc/net/tcp | sort | tr '\n' ,)"
+        echo "netdevs=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,)"
+        bash -c 'exec 3<>/dev/tcp/127.0.0.1/3128 || exit 1
+          printf "CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n" >&3
+          tr -d "\r" <&3'"#;
+    let ns = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("ns="))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let beta = rig.run("beta", script);
+    assert_eq!(beta.code, Some(0), "{beta:?}");
+    let out = &beta.stdout;
+    assert!(out.starts_with("ns=net:["), "{beta:?}");
+    // 127.0.0.1:3128 and 127.0.0.1:1080, listening.
+    assert!(
+        out.contains("listen=0100007F:0438,0100007F:0C38,\n"),
+        "{beta:?}"
+    );
+    assert!(out.contains("netdevs=lo,\n"), "only loopback: {beta:?}");
+    assert!(
+        out.contains("HTTP/1.1 403 Forbidden\nX-Proxy-Error: blocked-by-allowlist\n"),
+        "{beta:?}"
+    );
+    assert_eq!(
+        rig.egress_sessions
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap(),
+        "beta"
+    );
+    // The same session's next spawn shares the namespace; another
+    // session's is another, with its own proxies and its own answer.
+    let again = rig.run("beta", "readlink /proc/self/ns/net | sed 's/^/ns=/'");
+    assert_eq!(ns(&again.stdout), ns(out), "{again:?}");
+    let gamma = rig.run("gamma", script);
+    assert_eq!(gamma.code, Some(0), "{gamma:?}");
+    assert_ne!(ns(&gamma.stdout), ns(out), "{gamma:?}");
+    assert!(
+        gamma
+            .stdout
+            .contains("HTTP/1.1 502 Bad Gateway\nX-Proxy-Error: dns-failure\n"),
+        "{gamma:?}"
+    );
+    assert_eq!(
+        rig.egress_sessions
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap(),
+        "gamma"
+    );
+    // Not the agent's own namespace.
+    let agent_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(ns(out), agent_ns.to_string_lossy(), "{beta:?}");
+    assert!(rig
+        .agent
+        .capabilities()
+        .contains(&socket_proto::egress::EGRESS_CAPABILITY.to_string()));
 }
 
 /// The adversarial half of issue 11 on the session side: no vsock (the
@@ -662,12 +773,14 @@ fn shared_folders(rig: Rig) {
     let Rig {
         agent,
         events,
+        egress_sessions,
         _dir,
         root,
     } = rig;
     let mut rig = Rig {
         agent: agent.with_share(share.clone()),
         events,
+        egress_sessions,
         _dir,
         root,
     };
