@@ -944,6 +944,28 @@ mod tests {
         }
     }
 
+    /// `egress.probe` runs on a worker and is the agent's to answer: an
+    /// answer from the host's egress service, or (here, with no host) an
+    /// error saying it could not be reached, never "not a worker's".
+    #[test]
+    fn the_egress_probe_is_answered_by_the_egress_channel() {
+        let (_d, agent, sender, frames) = agent_and_frames();
+        let workers = Workers::start(1, 1).unwrap();
+        let probe = json!({"nonce": "n1", "host": "api.test", "port": 443});
+        handle(
+            &agent,
+            &workers,
+            &sender,
+            request("p1", "egress.probe", probe),
+        );
+        let r = response(&frames, "p1");
+        let e = r["error"].to_string();
+        assert!(e.contains("cannot reach the host's egress service"), "{r}");
+        assert!(!agent
+            .capabilities()
+            .contains(&socket_proto::egress::EGRESS_CAPABILITY.to_string()));
+    }
+
     #[test]
     fn with_every_worker_stuck_quick_requests_are_still_answered() {
         let (_d, agent, sender, frames) = agent_and_frames();

@@ -322,24 +322,49 @@ impl Proxy {
     }
 }
 
-/// Writes a final answer and closes the connection.
+/// How long, and for how many bytes, a refused client's remaining input
+/// (a request body, say) is read and dropped before the close.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Writes a final answer and closes the connection, gently: the end of
+/// our output first, then what the client still sends is read and dropped
+/// (bounded by [`LINGER`] and [`LINGER_BYTES`]), so that a client still
+/// sending gets the answer instead of a reset on its write.
 fn answer(mut client: &Socket, bytes: &[u8]) {
-    let _ = client.write_all(bytes);
-    let _ = client.shutdown(Shutdown::Write);
+    if client.write_all(bytes).is_err() || client.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let mut r = DeadlineReader::new(client, LINGER);
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        match r.fill() {
+            Ok(n) => {
+                dropped += n;
+                let all = r.pending().len();
+                r.consume(all);
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Refuses a connection over the bounds without a thread: the busy answer
 /// written at once (for SOCKS5 the method selection and a failure reply,
 /// which a client reads in order after its greeting and request).
 fn refuse_busy(kind: Kind, client: Socket) {
-    match kind {
-        Kind::Http => answer(&client, &http::refusal(EgressRefusal::Busy)),
+    let answer = match kind {
+        Kind::Http => http::refusal(EgressRefusal::Busy),
         Kind::Socks => {
             let mut b = socks::METHOD_SELECTED.to_vec();
             b.extend_from_slice(&socks::reply(EgressRefusal::Busy.socks_reply()));
-            answer(&client, &b);
+            b
         }
-    }
+    };
+    // A fresh socket's buffer takes the few bytes at once; the accept
+    // thread does not wait for the client.
+    let _ = (&client).write_all(&answer);
+    let _ = client.shutdown(Shutdown::Write);
 }
 
 /// Accepts on `listener` until `stop`; each connection gets a thread (or

@@ -185,6 +185,28 @@ fn an_allowlist_refusal_is_403_with_the_header() {
 }
 
 #[test]
+fn a_refused_client_still_sending_its_body_gets_the_answer() {
+    let (dialer, _opens) = fake_host(Helper::Refuse(EgressRefusal::BlockedByAllowlist));
+    let egress = Egress::per_session(dialer, quick());
+    let rig = serve(&egress, "s1");
+    let mut c = connect(rig.http);
+    c.write_all(b"POST http://denied.test/ HTTP/1.1\r\nContent-Length: 32768\r\n\r\n")
+        .unwrap();
+    let mut w = c.try_clone().unwrap();
+    // The body keeps coming after the refusal: its writes must not be
+    // reset (a close with unread input would).
+    let body = std::thread::spawn(move || {
+        for _ in 0..32 {
+            w.write_all(&[b'b'; 1024])?;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        w.shutdown(Shutdown::Write)
+    });
+    assert!(read_all(&mut c).starts_with("HTTP/1.1 403 Forbidden\r\n"));
+    body.join().unwrap().unwrap();
+}
+
+#[test]
 fn an_absolute_uri_request_is_forwarded_in_origin_form() {
     let (dialer, opens) = fake_host(Helper::OpenAndEcho { first: b"" });
     let egress = Egress::per_session(dialer, quick());
