@@ -154,8 +154,8 @@ pub struct Agent {
     /// Locked per request: the SDK requests of one transfer come in order.
     sdk: Option<Mutex<SdkStore>>,
     /// `addApprovedOauthToken`: kept in memory only, never logged. The
-    /// vendor's guest hands them to its egress proxy (which comes in a
-    /// later issue); nothing reads them yet.
+    /// helper puts the session's token in the spawn's `env` itself and
+    /// the egress proxies add no credentials, so nothing here reads them.
     oauth_tokens: Mutex<Vec<Secret<String>>>,
     /// The shared-folder device, when one is mounted.
     share: Option<Arc<Share>>,
