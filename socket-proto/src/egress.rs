@@ -201,7 +201,8 @@ impl EgressReply {
 
 /// `egress.probe {nonce, host, port}`: the agent opens one egress stream
 /// with `probe: nonce`, reads the helper's reply, closes the stream, and
-/// answers `{}` (or an error when it could not reach the helper at all).
+/// answers `{"ok": bool, "error"?: refusal}` with the reply's verdict (an
+/// error frame only when it could not reach the helper at all).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressProbeParams {
     pub nonce: String,
