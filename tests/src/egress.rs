@@ -227,6 +227,49 @@ mod tests {
     }
 
     #[test]
+    fn the_section_replaces_its_own_or_goes_before_the_host_sections() {
+        use crate::bench::fs::splice_named;
+        let base = "# B\n\n## Streams\n\ns\n\n## Helper with real VMs\n\nh\n";
+        let sec = format!("{SECTION_HEADING}\n\nfirst\n");
+        let once = splice_named(base, SECTION_HEADING, &sec);
+        assert_eq!(
+            once,
+            format!("# B\n\n## Streams\n\ns\n\n{SECTION_HEADING}\n\nfirst\n\n## Helper with real VMs\n\nh\n")
+        );
+        let again = splice_named(
+            &once,
+            SECTION_HEADING,
+            &format!("{SECTION_HEADING}\n\nsecond\n"),
+        );
+        assert_eq!(again, once.replace("first", "second"));
+        let opts = crate::bench::EgressOptions::default();
+        assert!(opts.validate().is_ok());
+        assert!(crate::bench::EgressOptions {
+            mib: 0,
+            ..opts.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(crate::bench::EgressOptions {
+            connects: 0,
+            ..opts.clone()
+        }
+        .validate()
+        .is_err());
+        let case = opts.case();
+        assert!(
+            case.script.contains("--egress-bench 256 100 "),
+            "{}",
+            case.script
+        );
+        assert!(
+            case.script.contains("--egress-allow 127.0.0.2/32"),
+            "{}",
+            case.script
+        );
+    }
+
+    #[test]
     fn the_section_shows_rates_ratios_and_latency() {
         let out = "noise\n@@EGRESS-BENCH {\"mib\":256,\"direct_s\":1.0,\"proxy_http_s\":2.0,\
                    \"proxy_connect_s\":4.0,\"proxy_socks_s\":2.0,\

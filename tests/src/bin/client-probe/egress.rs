@@ -712,6 +712,23 @@ fn events_of(ev: &Events, kind: &str) -> Vec<String> {
         .collect()
 }
 
+/// The benchmark's session: `@BYTES@` through the HTTP proxy as an
+/// absolute URI, as a CONNECT tunnel (`-p`) and through SOCKS5, each
+/// printed `B <path> <seconds> <bytes> <status>`; then `@N@` sequential
+/// CONNECT set-ups, each `L <seconds to the tunnel> <status>`.
+const BENCH_SCRIPT: &str = r#"U=http://allowed.test/bytes/@BYTES@
+t() { curl -sS --max-time 3000 -o /dev/null -w '%{time_total} %{size_download} %{http_code}' "$@"; }
+echo "B http $(t $U)"
+echo "B connect $(t -p $U)"
+echo "B socks $(t --socks5-hostname 127.0.0.1:1080 $U)"
+i=0
+while [ $i -lt @N@ ]; do
+  curl -sS -p --max-time 60 -o /dev/null -w 'L %{time_pretransfer} %{http_code}\n' http://allowed.test/
+  i=$((i+1))
+done
+echo "R done=yes"
+"#;
+
 /// `client-probe --egress-bench MIB N SOCKET BUNDLE_DIR EGRESS_DIR`: one VM,
 /// one session allowed `allowed.test`; `MIB` MiB downloaded through the
 /// session's HTTP proxy (absolute URI and a CONNECT tunnel) and SOCKS5
@@ -727,20 +744,9 @@ pub fn bench(mib: u64, n: usize, socket: &str, bundle: &str, _dir: &str) {
         Duration::from_secs(300),
     );
     let bytes = mib << 20;
-    let body = format!(
-        r#"U=http://allowed.test/bytes/{bytes}
-t() {{ curl -sS --max-time 3000 -o /dev/null -w '%{{time_total}} %{{size_download}} %{{http_code}}' "$@"; }}
-echo "B http $(t $U)"
-echo "B connect $(t -p $U)"
-echo "B socks $(t --socks5-hostname 127.0.0.1:1080 $U)"
-i=0
-while [ $i -lt {n} ]; do
-  curl -sS -p --max-time 60 -o /dev/null -w 'L %{{time_pretransfer}} %{{http_code}}\n' http://allowed.test/
-  i=$((i+1))
-done
-echo "R done=yes"
-"#
-    );
+    let body = BENCH_SCRIPT
+        .replace("@BYTES@", &bytes.to_string())
+        .replace("@N@", &n.to_string());
     let r = pipe.call(
         "spawn",
         json!({"id": "eb", "name": "bench", "command": "sh", "args": ["-c", body],
@@ -842,4 +848,62 @@ fn direct_download(bytes: u64) -> Result<f64, String> {
         ));
     }
     Ok(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scan_reads_the_data_of_a_sparse_file_and_finds_cut_needles() {
+        let dir = coworkvm_tests::temp_dir("egress-scan");
+        let path = dir.join("disk.img");
+        let f = File::create(&path).unwrap();
+        f.set_len(64 << 20).unwrap();
+        // One token across a 1 MiB chunk boundary of a data extent, one
+        // deep in the file after a hole; the third nowhere.
+        let at = (8 << 20) - 5;
+        f.write_all_at(&vec![b'z'; 2 << 20], (7 << 20) as u64)
+            .unwrap();
+        f.write_all_at(TOKEN_A.as_bytes(), at).unwrap();
+        f.write_all_at(format!("xx{TOKEN_APPROVED}yy").as_bytes(), 40 << 20)
+            .unwrap();
+        f.write_all_at(TOKEN_PREFIX.as_bytes(), 50 << 20).unwrap();
+        let needles = [
+            TOKEN_A.as_bytes(),
+            TOKEN_B.as_bytes(),
+            TOKEN_APPROVED.as_bytes(),
+        ];
+        let found = scan_file(&path, TOKEN_PREFIX.as_bytes(), &needles).unwrap();
+        assert_eq!(found, [true, false, true]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn find_finds_the_first_whole_match() {
+        assert_eq!(find(b"aab aabc", b"abc"), Some(5));
+        assert_eq!(find(b"ab", b"abc"), None);
+        assert_eq!(find(b"", b"a"), None);
+    }
+
+    #[test]
+    fn session_scripts_are_filled_in() {
+        let s = script(
+            "sa",
+            "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n",
+            SESSION_A,
+        );
+        assert!(s.starts_with("cd /sessions/sa || exit 1\n"), "{s}");
+        assert!(s.contains("-----END CERTIFICATE-----\nPEM\n"), "{s}");
+        assert!(s.contains("code https://127.0.0.2/"), "{s}");
+        for placeholder in ["@NAME@", "@CA@", "@ADDR@"] {
+            assert!(!s.contains(placeholder), "{s}");
+        }
+        for t in [TOKEN_A, TOKEN_B, TOKEN_APPROVED] {
+            assert!(
+                !s.contains(t),
+                "a token in a session's arguments would reach the logs"
+            );
+        }
+    }
 }
