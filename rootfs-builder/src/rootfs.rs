@@ -646,6 +646,7 @@ mod tests {
             "e2fsprogs",
             "bash",
             "ca-certificates",
+            "curl",
             "util-linux",
         ] {
             assert!(p.contains(&need), "{need} in {p:?}");

@@ -16,6 +16,11 @@
 //! QEMU microvm with the same virtiofsd, with a virtio-blk ext4 disk as
 //! reference. `--fs-only` runs just that part and replaces its section of
 //! an existing results file.
+//!
+//! And sessions' network ([`crate::egress`]): a download from a local
+//! upstream in L1 through a session's egress proxies (HTTP absolute URI,
+//! CONNECT tunnel, SOCKS5) vs the same download directly in L1, and the
+//! CONNECT set-up latency. `--egress-only` runs just that part, likewise.
 
 pub mod fs;
 
@@ -92,6 +97,8 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut baseline_name: Option<String> = None;
     let mut fs_opts = fs::Options::default();
     let mut fs_only = false;
+    let mut egress_opts = EgressOptions::default();
+    let mut egress_only = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -111,6 +118,12 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "--fs-reps" => fs_opts.reps = args.get(i + 1).context("--fs-reps N")?.parse()?,
             "--fs-mib" => fs_opts.mib = args.get(i + 1).context("--fs-mib N")?.parse()?,
             "--fs-files" => fs_opts.files = args.get(i + 1).context("--fs-files N")?.parse()?,
+            "--egress-mib" => {
+                egress_opts.mib = args.get(i + 1).context("--egress-mib N")?.parse()?
+            }
+            "--egress-connects" => {
+                egress_opts.connects = args.get(i + 1).context("--egress-connects N")?.parse()?
+            }
             "--no-helper" => {
                 helper_runs = false;
                 i += 1;
@@ -121,13 +134,27 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
                 i += 1;
                 continue;
             }
+            "--egress-only" => {
+                egress_only = true;
+                i += 1;
+                continue;
+            }
             other => bail!("unknown bench argument {other}"),
         }
         i += 2;
     }
     fs_opts.validate()?;
+    egress_opts.validate()?;
+    if fs_only && egress_only {
+        bail!("--fs-only and --egress-only: one part at a time");
+    }
     let scratch = std::env::temp_dir().join(format!("coworkvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    if egress_only {
+        let r = run_egress_only(paths, &scratch, &egress_opts, &out);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return r;
+    }
     if fs_only {
         let r = run_fs_only(paths, &scratch, &fs_opts, &out);
         let _ = std::fs::remove_dir_all(&scratch);
@@ -192,6 +219,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         crate::images::ext4_image(&bundle, None, 3072)?;
         disks.push(bundle);
         cases.push(Case::new("helper", HELPER_CASE, 1800));
+        cases.push(egress_opts.case());
     }
     // Alternating, so a busy stretch of the host hits both paths alike.
     for r in 0..stream_runs {
@@ -240,11 +268,25 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     if helper_runs && tagged(&result.case("helper").output, "@@HELPER-BENCH").is_empty() {
         missing.push("helper: no @@HELPER-BENCH result".into());
     }
+    let egress = helper_runs.then(|| {
+        let (section, complete) = crate::egress::render(
+            &result.case(EGRESS_CASE).output,
+            &run_context(result.mode, paths),
+        );
+        if !complete {
+            missing.push(format!("{EGRESS_CASE}: no @@EGRESS-BENCH result"));
+        }
+        section
+    });
     let mut streams = render_streams(&agent_out, &serial_out, mib);
     if let Some(tree) = &shared {
         let (section, fs_missing) = fs_section(&result, &fs_opts, tree, paths);
         streams.push_str(&section);
         missing.extend(fs_missing);
+    }
+    if let Some(section) = &egress {
+        streams.push('\n');
+        streams.push_str(section);
     }
     streams.push_str(&host);
     streams.push_str(&rerun_note(&result));
@@ -315,6 +357,81 @@ fn run_fs_only(paths: &Paths, scratch: &Path, opts: &fs::Options, out: &Path) ->
     missing.extend(fs_missing);
     section.push_str(&rerun_note(&result));
     write_results(out, &fs::splice_section(&existing, &section), &missing)
+}
+
+/// The egress case's name.
+const EGRESS_CASE: &str = "egress";
+
+/// How the egress benchmark is sized: `--egress-mib` (256) per download,
+/// `--egress-connects` (100) CONNECT set-ups.
+#[derive(Debug, Clone)]
+pub struct EgressOptions {
+    pub mib: u64,
+    pub connects: usize,
+}
+
+impl Default for EgressOptions {
+    fn default() -> Self {
+        Self {
+            mib: 256,
+            connects: 100,
+        }
+    }
+}
+
+impl EgressOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=4096).contains(&self.mib) {
+            bail!("--egress-mib {}: 1 to 4096", self.mib);
+        }
+        if !(1..=10_000).contains(&self.connects) {
+            bail!("--egress-connects {}: 1 to 10000", self.connects);
+        }
+        Ok(())
+    }
+
+    /// The case (disks: the images, then a bundle disk). Its time-out: a
+    /// boot, three proxied downloads and one direct at 1 MiB/s or better
+    /// under TCG, and a second per CONNECT.
+    pub fn case(&self) -> Case {
+        let secs = 600 + 4 * self.mib + self.connects as u64;
+        Case::new(
+            EGRESS_CASE,
+            &crate::egress::bench_case_script(self.mib, self.connects),
+            secs,
+        )
+    }
+}
+
+/// `--egress-only`: the egress case alone in one batch (with the images
+/// and a bundle disk); its section replaces the one in `out`, or is added.
+fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Path) -> Result<()> {
+    let existing = match std::fs::read_to_string(out) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let images = crate::images::images_dir(&paths.root)?;
+    let images_disk = crate::images::images_disk(&images, scratch, false)?;
+    let bundle = scratch.join("bundle.ext4");
+    crate::images::ext4_image(&bundle, None, 3072)?;
+    let batch = Batch {
+        cases: vec![opts.case()],
+        files: vec![],
+        disks: vec![images_disk, bundle],
+    };
+    let result = batch.run(paths)?;
+    let mut missing = unfinished_cases(&result);
+    let (mut section, complete) = crate::egress::render(
+        &result.case(EGRESS_CASE).output,
+        &run_context(result.mode, paths),
+    );
+    if !complete {
+        missing.push(format!("{EGRESS_CASE}: no @@EGRESS-BENCH result"));
+    }
+    section.push_str(&rerun_note(&result));
+    let spliced = fs::splice_named(&existing, crate::egress::SECTION_HEADING, &section);
+    write_results(out, &spliced, &missing)
 }
 
 /// The shared-folder section from a batch that ran [`fs::prepare`]'s

@@ -6,7 +6,8 @@
 //! A case is a POSIX shell script. It finds what it needs in environment
 //! variables, the same in both modes:
 //! - the tools of [`Paths::tools`]: `COWORKVM` (the coworkvm binary),
-//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`, `RUN_AS`, and
+//!   `VMM_TIMER`, `VSOCK_PROBE`, `AGENT_PROBE`, `CLIENT_PROBE`, `RUN_AS`,
+//!   `EGRESS_UPSTREAM` (the egress tests' local HTTP and TLS server), and
 //!   `VIRTIOFSD` (the virtiofsd `make build` builds; in L1 it is at
 //!   `/usr/lib/coworkvm/virtiofsd`, where coworkvm's package puts it, so
 //!   the helper's own search finds it there too);
@@ -46,6 +47,7 @@ use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 pub mod bench;
 pub mod client;
+pub mod egress;
 pub mod images;
 pub mod l1;
 pub mod process;
@@ -88,6 +90,7 @@ pub struct Paths {
     pub agent_probe: PathBuf,
     pub client_probe: PathBuf,
     pub run_as: PathBuf,
+    pub egress_upstream: PathBuf,
     /// The static virtiofsd of `make build` (scripts/build-virtiofsd.sh).
     pub virtiofsd: PathBuf,
     /// Initramfs with coworkvm-agent as /init.
@@ -143,6 +146,7 @@ impl Paths {
             agent_probe: release_dir.join("agent-probe"),
             client_probe: release_dir.join("client-probe"),
             run_as: release_dir.join("run-as"),
+            egress_upstream: release_dir.join("egress-upstream"),
             // Always the workspace's build/: make build puts it there even
             // when COWORKVM_BUILD_DIR points at a second kernel's directory.
             virtiofsd: root.join(VIRTIOFSD_BUILT),
@@ -170,6 +174,11 @@ impl Paths {
             ("AGENT_PROBE", &self.agent_probe, "/bin/agent-probe"),
             ("CLIENT_PROBE", &self.client_probe, "/bin/client-probe"),
             ("RUN_AS", &self.run_as, "/bin/run-as"),
+            (
+                "EGRESS_UPSTREAM",
+                &self.egress_upstream,
+                "/bin/egress-upstream",
+            ),
             ("VIRTIOFSD", &self.virtiofsd, VIRTIOFSD_IN_L1),
         ]
     }
@@ -791,6 +800,7 @@ mod tests {
             agent_probe: fake("agent-probe"),
             client_probe: fake("client-probe"),
             run_as: fake("run-as"),
+            egress_upstream: fake("egress-upstream"),
             virtiofsd: fake("virtiofsd"),
             agent_initrd: fake("agent.cpio.zst"),
         };

@@ -608,6 +608,11 @@ const HOST_SECTIONS: &[&str] = &[
 /// none yet, with `section` put before the host-measured sections (or at
 /// the end). The other sections stay byte for byte.
 pub fn splice_section(existing: &str, section: &str) -> String {
+    splice_named(existing, SECTION_HEADING, section)
+}
+
+/// [`splice_section`] for the section headed `heading`.
+pub fn splice_named(existing: &str, heading: &str, section: &str) -> String {
     let section = format!("{}\n", section.trim_end());
     let next_heading = |from: usize| {
         existing[from..]
@@ -622,8 +627,8 @@ pub fn splice_section(existing: &str, section: &str) -> String {
             existing.find(&format!("\n{h}\n")).map(|i| i + 1)
         }
     };
-    if let Some(start) = heading_at(SECTION_HEADING) {
-        let end = next_heading(start + SECTION_HEADING.len());
+    if let Some(start) = heading_at(heading) {
+        let end = next_heading(start + heading.len());
         let sep = if end < existing.len() { "\n" } else { "" };
         return format!("{}{section}{sep}{}", &existing[..start], &existing[end..]);
     }

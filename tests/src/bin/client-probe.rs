@@ -16,6 +16,12 @@
 //!        client-probe --shares SOCKET BUNDLE_DIR HOST_DIR
 //! shared folders: the standard mounts, mountPath, and the escape attempts
 //! against the share (tests/tests/shares.rs).
+//!        client-probe --egress SOCKET BUNDLE_DIR EGRESS_DIR
+//! sessions' network through the egress proxy, the OAuth token, and the
+//! reachability events (tests/tests/egress.rs).
+//!        client-probe --egress-bench MIB N SOCKET BUNDLE_DIR EGRESS_DIR
+//! a download through a session's proxies vs directly, and N CONNECT
+//! set-ups; prints `@@EGRESS-BENCH {json}` (`coworkvm-rig bench`).
 //!        client-probe --start SOCKET BUNDLE_DIR
 //! only starts the VM and waits until the guest is connected.
 //!        client-probe --bench N SOCKET BUNDLE_DIR
@@ -31,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+#[path = "client-probe/egress.rs"]
+mod egress;
 #[path = "client-probe/shares.rs"]
 mod shares;
 use serde_json::{json, Value};
@@ -310,6 +318,21 @@ fn open_and_start(
     bundle: &str,
     timeout: Duration,
 ) -> (Pipe, Arc<Events>) {
+    open_and_start_with(
+        p,
+        socket,
+        json!({"bundlePath": bundle, "memoryGB": 1, "cpuCount": 2}),
+        timeout,
+    )
+}
+
+/// [`open_and_start`] with `start` as startVM's parameters.
+fn open_and_start_with(
+    p: &mut Probe,
+    socket: &str,
+    start: Value,
+    timeout: Duration,
+) -> (Pipe, Arc<Events>) {
     let mut pipe = Pipe::open(socket);
     let r = pipe.call(
         "configure",
@@ -317,10 +340,7 @@ fn open_and_start(
     );
     p.check("configure", ok(&r), &r);
     let (ev, _) = Events::subscribe(socket);
-    let r = pipe.call(
-        "startVM",
-        json!({"bundlePath": bundle, "memoryGB": 1, "cpuCount": 2}),
-    );
+    let r = pipe.call("startVM", start);
     p.check("startVM", ok(&r), &r);
     p.check(
         "isGuestConnected turns true",
@@ -679,6 +699,16 @@ fn main() {
     if let [_, flag, socket, bundle, host_dir] = argv.as_slice() {
         if flag == "--shares" {
             return shares::shares(socket, bundle, host_dir);
+        }
+        if flag == "--egress" {
+            return egress::egress(socket, bundle, host_dir);
+        }
+    }
+    if let [_, flag, mib, n, socket, bundle, dir] = argv.as_slice() {
+        if flag == "--egress-bench" {
+            let mib: u64 = mib.parse().expect("MIB");
+            let n: usize = n.parse().expect("N");
+            return egress::bench(mib, n, socket, bundle, dir);
         }
     }
     if let [_, flag, n, socket, rest @ ..] = argv.as_slice() {

@@ -5,6 +5,7 @@
 //!        [--stream-runs N] [--mib N] [--no-helper]
 //!        [--baseline COWORKVM-BINARY [--baseline-name TEXT]]
 //!        [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only]
+//!        [--egress-mib N] [--egress-connects N] [--egress-only]
 //!
 //! `--baseline` adds an earlier `coworkvm` binary to the boot loop (its
 //! sandboxed `boot`, same flags, alternating with this build's) and a
@@ -15,6 +16,11 @@
 //! `--fs-files` (5000) size the shared-folder benchmark (virtio-fs under
 //! coworkvm and QEMU microvm, virtio-blk for reference); `--fs-only` runs
 //! only that and replaces its section of the results file, keeping the rest.
+//!
+//! `--egress-mib` (256) and `--egress-connects` (100) size the egress
+//! benchmark (a session's proxies vs L1 directly; part of the helper runs,
+//! so `--no-helper` leaves it out); `--egress-only` runs only that, as
+//! `--fs-only` does.
 
 use anyhow::{bail, Context, Result};
 use coworkvm_tests::{Batch, Case, Paths};
@@ -106,7 +112,8 @@ fn main() -> Result<()> {
         _ => bail!(
             "usage: coworkvm-rig demo | bench [--out FILE] [--runs N] [--stream-runs N] [--mib N] \
              [--no-helper] [--baseline COWORKVM-BINARY [--baseline-name TEXT]] \
-             [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only]"
+             [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only] \
+             [--egress-mib N] [--egress-connects N] [--egress-only]"
         ),
     }
 }

@@ -23,7 +23,7 @@ fn rel(p: &Path) -> String {
 }
 
 /// The `R key=value` lines a guest script printed.
-fn results(out: &str) -> BTreeMap<String, String> {
+pub fn results(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| l.strip_prefix("R "))
         .filter_map(|l| l.split_once('='))
