@@ -125,7 +125,7 @@ pub fn normalise(host: &str) -> Result<Host, HostError> {
 
 /// The most entries of one session's list that are kept; the rest are
 /// ignored (with a log line): the list is the client's input.
-pub const MAX_ENTRIES: usize = 4096;
+pub const MAX_ENTRIES: usize = 1024;
 
 /// One session's `allowedDomains`, compiled.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -194,7 +194,10 @@ impl Allowlist {
 /// The most sessions whose lists one VM keeps. Past it the oldest-recorded
 /// list is dropped (that session then has no network until its next
 /// spawn: failing closed).
-pub const MAX_SESSIONS: usize = 4096;
+pub const MAX_SESSIONS: usize = 1024;
+
+/// The longest session name a policy is kept for.
+pub const MAX_SESSION_NAME: usize = 256;
 
 /// Each session's allowlist: the `allowedDomains` of its LATEST spawn.
 /// A session with none has no network.
@@ -210,8 +213,17 @@ struct PolicyMap {
 }
 
 impl EgressPolicies {
-    /// Records `session`'s list (its latest spawn's `allowedDomains`).
+    /// Records `session`'s list (its latest spawn's `allowedDomains`). A
+    /// session name over [`MAX_SESSION_NAME`] bytes is not recorded (no
+    /// agent runs such a session; its streams are refused).
     pub fn record(&self, session: &str, allowed: Option<&[String]>) {
+        if session.len() > MAX_SESSION_NAME {
+            tracing::warn!(
+                "a session name of {} bytes gets no network policy (at most {MAX_SESSION_NAME})",
+                session.len()
+            );
+            return;
+        }
         let list = Arc::new(Allowlist::new(allowed.unwrap_or(&[])));
         if list.invalid > 0 {
             tracing::info!(
@@ -240,13 +252,10 @@ impl EgressPolicies {
         m.lists.insert(session.to_owned(), (n, list));
     }
 
-    /// `session`'s list; an empty one for a session never recorded.
-    pub fn get(&self, session: &str) -> Arc<Allowlist> {
-        lock(&self.inner)
-            .lists
-            .get(session)
-            .map(|(_, l)| l.clone())
-            .unwrap_or_default()
+    /// `session`'s list; `None` for a session never recorded (no spawn
+    /// of it went through this helper).
+    pub fn get(&self, session: &str) -> Option<Arc<Allowlist>> {
+        lock(&self.inner).lists.get(session).map(|(_, l)| l.clone())
     }
 }
 
@@ -343,12 +352,18 @@ mod tests {
         assert!(Allowlist::new(&none).is_empty());
         assert!(!allows(&[""], "example.com"));
         let p = EgressPolicies::default();
-        assert!(!p.get("never").allows(&Host::Name("example.com".into())));
+        assert!(p.get("never").is_none());
         p.record("s", Some(&["example.com".to_owned()]));
-        assert!(p.get("s").allows(&Host::Name("example.com".into())));
+        assert!(p
+            .get("s")
+            .unwrap()
+            .allows(&Host::Name("example.com".into())));
         // The latest spawn's list replaces the earlier one.
         p.record("s", None);
-        assert!(!p.get("s").allows(&Host::Name("example.com".into())));
+        assert!(!p
+            .get("s")
+            .unwrap()
+            .allows(&Host::Name("example.com".into())));
     }
 
     #[test]
@@ -362,7 +377,11 @@ mod tests {
         // The newest are kept.
         assert!(p
             .get(&format!("s{}", MAX_SESSIONS + 9))
+            .unwrap()
             .allows(&Host::Name("example.com".into())));
-        assert!(p.get("s0").is_empty());
+        assert!(p.get("s0").is_none());
+        let long = "s".repeat(MAX_SESSION_NAME + 1);
+        p.record(&long, Some(&list));
+        assert!(p.get(&long).is_none());
     }
 }

@@ -22,7 +22,7 @@
 //! | streams open at once | [`MAX_STREAMS`]; over it the stream gets `busy` and is closed |
 //! | the open line | [`MAX_OPEN_LINE`] bytes within [`OPEN_TIMEOUT`] |
 //! | resolution | [`RESOLVE_TIMEOUT`], at most [`MAX_ADDRESSES`] addresses tried |
-//! | connection | [`CONNECT_TIMEOUT`] for all addresses together |
+//! | connection | [`CONNECT_TIMEOUT`] for all addresses together; a probe's resolution and connection together [`PROBE_OPEN_TIMEOUT`] |
 //! | the first TLS record | 5 + [`MAX_RECORD_BODY`] bytes within [`SNI_TIMEOUT`] |
 
 use std::collections::HashSet;
@@ -58,6 +58,9 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the session may take to send its first TLS record.
 pub const SNI_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a probe's resolution and connection may take together: less
+/// than the agent waits for a reply line (10 s).
+pub const PROBE_OPEN_TIMEOUT: Duration = Duration::from_secs(8);
 /// The most addresses of one resolution that are tried.
 pub const MAX_ADDRESSES: usize = 16;
 /// Streams refused as busy whose `busy` reply is still being written; past
@@ -377,7 +380,17 @@ impl EgressServer {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let host_text = host.to_string();
-        if !self.policies.get(session).allows(&host) {
+        let Some(list) = self.policies.get(session) else {
+            self.log_refusal(
+                session,
+                &host_text,
+                "no spawn of this session went through the helper",
+            );
+            let r = EgressReply::refused(EgressRefusal::BadRequest, "unknown session");
+            let _ = reply(&mut guest, &r).await;
+            return;
+        };
+        if !list.allows(&host) {
             self.log_refusal(session, &host_text, "not in the session's allowedDomains");
             let r = EgressReply::refused(
                 EgressRefusal::BlockedByAllowlist,
@@ -448,8 +461,17 @@ impl EgressServer {
                 .send(Err((EgressRefusal::BadRequest, "wrong target".into())));
             return;
         }
+        // Within the agent's own wait for the reply, so that a slow
+        // upstream reads as the upstream's failure, not the channel's.
         let result = match normalise(host) {
-            Ok(h) => self.open_upstream(&h, port).await,
+            Ok(h) => tokio::time::timeout(PROBE_OPEN_TIMEOUT, self.open_upstream(&h, port))
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
+                        EgressRefusal::Timeout,
+                        format!("resolving and connecting took over {PROBE_OPEN_TIMEOUT:?}"),
+                    ))
+                }),
             Err(e) => Err((EgressRefusal::DnsFailure, e.to_string())),
         };
         let answer = match &result {
