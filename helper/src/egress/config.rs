@@ -28,15 +28,15 @@ pub const MAX_CONFIG_FILE: u64 = 1 << 20;
 /// Why the settings are not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--egress-resolve {0:?}: expected HOST=IP or HOST:PORT=IP")]
+    #[error("egress resolve {0:?}: expected HOST=IP or HOST:PORT=IP")]
     ResolveForm(String),
-    #[error("--egress-resolve {0:?}: {1}")]
+    #[error("egress resolve {0:?}: {1}")]
     ResolveHost(String, HostError),
-    #[error("--egress-resolve {0:?}: {1:?} is not an IP address")]
+    #[error("egress resolve {0:?}: {1:?} is not an IP address")]
     ResolveAddress(String, String),
-    #[error("--egress-resolve {0:?}: {1:?} is not a port")]
+    #[error("egress resolve {0:?}: {1:?} is not a port")]
     ResolvePort(String, String),
-    #[error("--egress-allow: {0}")]
+    #[error("egress allow: {0}")]
     Allow(#[from] CidrError),
     #[error("the config file {}: {err}", .path.display())]
     Read { path: PathBuf, err: std::io::Error },

@@ -240,6 +240,11 @@ impl ProbeShared {
     pub fn reprobe_now(&self) {
         self.reprobe.notify_one();
     }
+
+    /// Resolves once a re-probe was asked for.
+    pub async fn reprobe_requested(&self) {
+        self.reprobe.notified().await
+    }
 }
 
 /// 128 random bits as hex.
@@ -294,7 +299,7 @@ impl Prober {
             self.publish(outcome);
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_PERIOD) => {}
-                _ = self.shared.reprobe.notified() => {
+                _ = self.shared.reprobe_requested() => {
                     tokio::time::sleep_until(started + MIN_PROBE_GAP).await;
                 }
             }

@@ -218,6 +218,43 @@ fn a_closed_port_is_connection_refused() {
     });
 }
 
+#[test]
+fn a_failed_stream_to_the_probe_host_asks_for_a_probe_now() {
+    rt().block_on(async {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let s = setup(
+            &["probe.test", "other.test"],
+            &["probe.test=127.0.0.1", "other.test=127.0.0.1"],
+            &["127.0.0.1/32"],
+            443,
+            MAX_STREAMS,
+        );
+        let asked = s.probes.clone();
+        let waiter = tokio::spawn(async move { asked.reprobe_requested().await });
+        tokio::task::yield_now().await;
+        // Another host's failure asks for nothing.
+        let mut a = stream(&s.server, &open_line("s1", "other.test", port, Via::Http)).await;
+        assert_eq!(
+            read_reply(&mut a).await.error,
+            Some(EgressRefusal::ConnectionRefused)
+        );
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let mut b = stream(&s.server, &open_line("s1", "probe.test", port, Via::Http)).await;
+        assert_eq!(
+            read_reply(&mut b).await.error,
+            Some(EgressRefusal::ConnectionRefused)
+        );
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("a re-probe was asked for")
+            .unwrap();
+    });
+}
+
 /// A CONNECT to the TLS port: the upstream gets the ClientHello only when
 /// its name is the host asked for.
 async fn connect_tls(first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
