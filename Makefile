@@ -89,7 +89,7 @@ bench: build
 # lets the stable toolchain accept them. Each fuzz crate builds into its
 # own fuzz/target, away from the static release build in target/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := socket-proto:decode vmm:vsock_tx
+FUZZ_TARGETS := socket-proto:decode vmm:vsock_tx helper:sni
 fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	@set -e; for t in $(FUZZ_TARGETS); do \

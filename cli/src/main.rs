@@ -38,6 +38,18 @@ enum Command {
         /// The socket [default: $XDG_RUNTIME_DIR/claude-cowork-vm.sock].
         #[arg(long = "socket", value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Connect the sessions' streams to HOST (any port, or only PORT) at IP
+        /// instead of its DNS answer, like curl's --resolve. Repeatable.
+        #[arg(long = "egress-resolve", value_name = "HOST[:PORT]=IP")]
+        egress_resolve: Vec<String>,
+        /// Let the sessions' streams reach addresses in CIDR even inside a refused
+        /// range (loopback, private, link-local, ...). Repeatable.
+        #[arg(long = "egress-allow", value_name = "CIDR")]
+        egress_allow: Vec<String>,
+        /// The config file ([egress] resolve = [...], allow = [...])
+        /// [default: $XDG_CONFIG_HOME/coworkvm/config.toml, else ~/.config/coworkvm/config.toml].
+        #[arg(long = "config", value_name = "PATH")]
+        config: Option<PathBuf>,
     },
     /// Inspect or prepare a VM bundle (images, identity, session disk).
     Bundle {
@@ -401,20 +413,30 @@ fn init_logging(default: &'static str) -> coworkvm_helper::DebugSwitch {
 /// subcommand: that (and `--socket PATH`) means `serve --socket PATH`. A
 /// single-dash `-socket` is accepted after `serve` too.
 fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    let is_socket_flag = |a: &std::ffi::OsString| {
-        let s = a.to_string_lossy();
-        s == "-socket" || s == "--socket" || s.starts_with("-socket=") || s.starts_with("--socket=")
+    // `serve`'s flags, which also come in the client's single-dash form.
+    const SERVE_FLAGS: &[&str] = &["socket", "config", "egress-resolve", "egress-allow"];
+    let serve_flag = |a: &str| -> Option<&'static str> {
+        let bare = a.strip_prefix("--").or_else(|| a.strip_prefix('-'))?;
+        SERVE_FLAGS.iter().copied().find(|f| {
+            bare.strip_prefix(f)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+        })
     };
-    if args.get(1).is_some_and(is_socket_flag) {
+    if args
+        .get(1)
+        .is_some_and(|a| serve_flag(&a.to_string_lossy()).is_some())
+    {
         args.insert(1, "serve".into());
     }
     if args.get(1).is_some_and(|a| a == "serve") {
         for a in args.iter_mut().skip(2) {
             let s = a.to_string_lossy().into_owned();
-            if let Some(rest) = s.strip_prefix("-socket") {
-                if rest.is_empty() || rest.starts_with('=') {
-                    *a = format!("--socket{rest}").into();
-                }
+            if s.starts_with("--") {
+                continue;
+            }
+            if let Some(flag) = serve_flag(&s) {
+                let rest = &s[1 + flag.len()..];
+                *a = format!("--{flag}{rest}").into();
             }
         }
     }
@@ -566,9 +588,17 @@ fn main() -> ExitCode {
         _ => "warn",
     });
     let result = match cli.command {
-        Command::Serve { socket } => {
+        Command::Serve {
+            socket,
+            egress_resolve,
+            egress_allow,
+            config,
+        } => {
             let socket = socket.unwrap_or_else(coworkvm_helper::default_socket_path);
-            coworkvm_helper::serve(&socket, Some(debug_switch)).map(|()| ExitCode::SUCCESS)
+            coworkvm_helper::egress::config::load(&egress_resolve, &egress_allow, config.as_deref())
+                .context("the egress settings")
+                .and_then(|egress| coworkvm_helper::serve(&socket, Some(debug_switch), egress))
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Boot(args) => boot(args),
         Command::SandboxProbe(args) => Ok(ExitCode::from(
@@ -719,9 +749,70 @@ mod tests {
         );
         let cli = Cli::parse_from(norm(&["helper", "-socket", "/run/s"]));
         assert!(
-            matches!(cli.command, Command::Serve { socket: Some(p) } if p == std::path::Path::new("/run/s"))
+            matches!(cli.command, Command::Serve { socket: Some(p), .. } if p == std::path::Path::new("/run/s"))
         );
         let cli = Cli::parse_from(norm(&["coworkvm", "serve"]));
-        assert!(matches!(cli.command, Command::Serve { socket: None }));
+        assert!(matches!(cli.command, Command::Serve { socket: None, .. }));
+    }
+
+    #[test]
+    fn serve_takes_the_egress_flags_in_either_form() {
+        assert_eq!(
+            norm(&[
+                "/x/helper",
+                "-socket",
+                "/run/s",
+                "-egress-resolve",
+                "h=1.2.3.4",
+                "-config=/c"
+            ]),
+            [
+                "/x/helper",
+                "serve",
+                "--socket",
+                "/run/s",
+                "--egress-resolve",
+                "h=1.2.3.4",
+                "--config=/c"
+            ]
+        );
+        assert_eq!(
+            norm(&["coworkvm", "-config", "/c", "-socket", "/s"]),
+            ["coworkvm", "serve", "--config", "/c", "--socket", "/s"]
+        );
+        // A value that looks like a flag name is not one.
+        assert_eq!(
+            norm(&["coworkvm", "serve", "--egress-allow", "-configx"]),
+            ["coworkvm", "serve", "--egress-allow", "-configx"]
+        );
+        let cli = Cli::parse_from(norm(&[
+            "helper",
+            "-socket",
+            "/run/s",
+            "--egress-resolve",
+            "a.example=192.0.2.1",
+            "--egress-resolve",
+            "b.example:443=192.0.2.2",
+            "--egress-allow",
+            "127.0.0.1/32",
+            "--config",
+            "/etc/c.toml",
+        ]));
+        let Command::Serve {
+            socket,
+            egress_resolve,
+            egress_allow,
+            config,
+        } = cli.command
+        else {
+            panic!("not serve");
+        };
+        assert_eq!(socket.as_deref(), Some(std::path::Path::new("/run/s")));
+        assert_eq!(
+            egress_resolve,
+            ["a.example=192.0.2.1", "b.example:443=192.0.2.2"]
+        );
+        assert_eq!(egress_allow, ["127.0.0.1/32"]);
+        assert_eq!(config.as_deref(), Some(std::path::Path::new("/etc/c.toml")));
     }
 }

@@ -37,7 +37,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::events::{EventHub, CONNECTED, NOT_CONNECTED};
+use super::events::{EventHub, NOT_CONNECTED};
 use super::wire::read_frame;
 use super::LogLimit;
 
@@ -81,18 +81,17 @@ pub const AGENT_INFO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SANDBOX_CAPABILITY: &str = "sandbox";
 
 /// Guest events the helper passes on to the client: the documented set
-/// (docs/protocol.md, the host protocol's event table). `ready` is the
-/// helper's own. Anything else is dropped with a (rate-limited) log line:
-/// the client never sees an event it did not ask for.
-pub const FORWARDED_GUEST_EVENTS: &[&str] = &[
-    "stdout",
-    "stderr",
-    "exit",
-    "error",
-    "networkStatus",
-    "apiReachability",
-    "startupStep",
-];
+/// (docs/protocol.md, the host protocol's event table) less the two the
+/// helper owns ([`HELPER_OWNED_EVENTS`]). `ready` is the helper's own.
+/// Anything else is dropped with a (rate-limited) log line: the client
+/// never sees an event it did not ask for.
+pub const FORWARDED_GUEST_EVENTS: &[&str] = &["stdout", "stderr", "exit", "error", "startupStep"];
+
+/// Events the helper itself reports (its egress probe,
+/// [`crate::egress::probe`]): the guest's are ignored, since the guest
+/// cannot know whether the host side of its network works, and a guest
+/// that says `CONNECTED` must not make it so.
+pub const HELPER_OWNED_EVENTS: &[&str] = &["networkStatus", "apiReachability"];
 
 /// Guest-to-host request methods the helper passes on to the client as
 /// `request` events. The protocol documents the mechanism but no method,
@@ -593,6 +592,10 @@ impl AgentClient {
             self.observe(&event, params);
             return;
         }
+        if HELPER_OWNED_EVENTS.contains(&event.as_str()) {
+            tracing::debug!("ignoring the guest's {event}: the helper's probe reports it");
+            return;
+        }
         if !FORWARDED_GUEST_EVENTS.contains(&event.as_str()) {
             if let Some(n) = self.dropped_log.allow() {
                 tracing::warn!(
@@ -680,16 +683,8 @@ impl AgentClient {
                     );
                 }
             }
-            Ok(GuestEvent::NetworkStatus { status }) => {
-                if let Some(n) = self.guest_event_log.allow() {
-                    tracing::info!("guest network status: {status:?}{}", LogLimit::suffix(n))
-                }
-            }
-            Ok(GuestEvent::ApiReachability { status }) => {
-                if let Some(n) = self.guest_event_log.allow() {
-                    tracing::info!("guest API reachability: {status:?}{}", LogLimit::suffix(n))
-                }
-            }
+            // Never reach here (HELPER_OWNED_EVENTS).
+            Ok(GuestEvent::NetworkStatus { .. } | GuestEvent::ApiReachability { .. }) => {}
             Ok(GuestEvent::Stdout { .. } | GuestEvent::Stderr { .. }) => {}
             Err(e) => tracing::debug!("a guest event this helper cannot read: {e}"),
         }
@@ -698,7 +693,8 @@ impl AgentClient {
     /// After `ready`: the proxy configuration, then `agent.info` for the
     /// agent's capabilities, then `isGuestConnected` turns true. In that
     /// order, so that the client's first `spawn` (it waits for
-    /// `isGuestConnected`) finds the capabilities known.
+    /// `isGuestConnected`) finds the capabilities known. `networkStatus`
+    /// is the egress probe's to set ([`crate::egress::probe`]).
     async fn after_ready(self: Arc<Self>) {
         if let Some(cfg) = &self.proxy_config {
             let n = GuestNotification::HostProxyConfig(cfg.clone());
@@ -751,9 +747,6 @@ impl AgentClient {
         let still = matches!(&*lock(&self.link), Link::Current(_));
         if still && !self.connected.send_replace(true) {
             tracing::info!("guest agent ready");
-            if self.events.network_status() == NOT_CONNECTED {
-                self.events.set_network_status(CONNECTED);
-            }
         }
     }
 

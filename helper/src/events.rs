@@ -35,8 +35,16 @@ pub const EVENT_BUDGET_BYTES: usize = 64 << 20;
 pub const NOT_CONNECTED: &str = "NOT_CONNECTED";
 /// `networkStatus` once the guest agent is ready (unless it reports otherwise).
 pub const CONNECTED: &str = "CONNECTED";
-/// `apiReachability` until the guest reports one.
+/// `apiReachability` until the helper's probe has an answer (and for good
+/// when there is no probe URL).
 pub const UNKNOWN: &str = "UNKNOWN";
+/// `apiReachability`: the probe URL answered with an HTTP status.
+pub const REACHABLE: &str = "REACHABLE";
+/// `apiReachability`: a connection, but no sensible answer (TLS failed, a
+/// garbled or missing status line).
+pub const PROBABLY_UNREACHABLE: &str = "PROBABLY_UNREACHABLE";
+/// `apiReachability`: no connection (no name, refused, timed out, blocked).
+pub const UNREACHABLE: &str = "UNREACHABLE";
 
 #[derive(Debug)]
 struct State {
@@ -247,6 +255,20 @@ impl EventHub {
     /// The current `networkStatus`.
     pub fn network_status(&self) -> String {
         self.lock().network.clone()
+    }
+
+    /// Publishes `apiReachability` unless it already is `status`.
+    pub fn set_api_reachability(&self, status: &str) {
+        if self.api_reachability() != status {
+            self.publish_event(&ClientEvent::ApiReachability {
+                status: status.into(),
+            });
+        }
+    }
+
+    /// The current `apiReachability`.
+    pub fn api_reachability(&self) -> String {
+        self.lock().api.clone()
     }
 
     /// The number of live subscribers.

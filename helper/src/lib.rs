@@ -5,6 +5,7 @@
 //! | [`server`] | binds the client socket (0700 dir, 0600 socket, stale socket replaced, live one refused), checks SO_PEERCRED, serves one-shot, pipe and event-stream connections |
 //! | [`events`] | the broadcast of client events, with the current `networkStatus` / `apiReachability` for new subscribers |
 //! | [`vm`] | VM lifecycle: images from the bundle ([`vm::ImageSource`]), the VMM child process ([`vm::VmLauncher`]), start, stop, crash handling |
+//! | [`egress`] | the sessions' network: the egress proxy's server on `RUNDIR/vsock.sock_51235` (allowlists, address ranges, SNI check), the reachability probe that owns `networkStatus` / `apiReachability`, the `--egress-*` settings |
 //! | [`agent`] | the guest agent's connection on `RUNDIR/vsock.sock_51234`: request/response correlation, guest events to client events |
 //! | [`methods`] | dispatch of every host-protocol method |
 //! | [`grants`] | which host folders each session holds, released when its last process ends |
@@ -14,6 +15,7 @@
 //! | [`wire`] | async frame reading with bounded allocation |
 
 pub mod agent;
+pub mod egress;
 pub mod events;
 pub mod grants;
 pub mod methods;
@@ -62,6 +64,9 @@ pub struct HelperConfig {
     /// Starts each VM's shared folders; `None`: VMs have none (every
     /// mount comes back in `failedMounts`).
     pub share_launcher: Option<Arc<dyn vm::ShareLauncher>>,
+    /// The egress proxy's settings (`--egress-resolve`, `--egress-allow`,
+    /// the config file).
+    pub egress: Arc<egress::EgressConfig>,
 }
 
 impl HelperConfig {
@@ -84,6 +89,7 @@ impl HelperConfig {
             home: std::env::var_os("HOME").map(PathBuf::from),
             debug_switch: None,
             event_budget: events::EVENT_BUDGET_BYTES,
+            egress: Arc::new(egress::EgressConfig::default()),
         })
     }
 }
@@ -98,13 +104,17 @@ pub struct Helper {
     pub home: Option<PathBuf>,
     /// See [`HelperConfig::debug_switch`].
     pub debug_switch: Option<DebugSwitch>,
+    /// The last `addApprovedOauthToken` token: a spawn without its own
+    /// `oauthToken` gets this one (never logged).
+    pub approved_token: std::sync::Mutex<Option<socket_proto::Secret<String>>>,
 }
 
 impl Helper {
     /// A helper with no VM yet.
     pub fn new(cfg: HelperConfig) -> Arc<Self> {
         let events = Arc::new(events::EventHub::with_budget(cfg.event_budget));
-        let mut vm = vm::VmManager::new(cfg.images, cfg.launcher, events.clone(), cfg.run_dir);
+        let mut vm = vm::VmManager::new(cfg.images, cfg.launcher, events.clone(), cfg.run_dir)
+            .with_egress(cfg.egress);
         if let Some(s) = cfg.share_launcher {
             vm = vm.with_shares(s);
         }
@@ -114,6 +124,7 @@ impl Helper {
             vm,
             home: cfg.home,
             debug_switch: cfg.debug_switch,
+            approved_token: std::sync::Mutex::new(None),
         })
     }
 }
@@ -189,7 +200,13 @@ pub fn euid() -> u32 {
 /// Runs the helper on `socket` until SIGTERM or SIGINT, then stops the VM
 /// cleanly. Blocks the calling thread (a current-thread runtime: every VMM
 /// is forked from this thread, which `PR_SET_PDEATHSIG` relies on).
-pub fn serve(socket: &Path, debug_switch: Option<DebugSwitch>) -> anyhow::Result<()> {
+/// `egress` is the egress proxy's settings ([`egress::config::load`]).
+pub fn serve(
+    socket: &Path,
+    debug_switch: Option<DebugSwitch>,
+    egress: egress::EgressConfig,
+) -> anyhow::Result<()> {
+    tracing::info!("egress settings: {}", egress.describe());
     raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,6 +214,7 @@ pub fn serve(socket: &Path, debug_switch: Option<DebugSwitch>) -> anyhow::Result
     rt.block_on(async {
         let mut cfg = HelperConfig::production(socket)?;
         cfg.debug_switch = debug_switch;
+        cfg.egress = Arc::new(egress);
         let listener = bind(socket)?;
         let helper = Helper::new(cfg);
         use tokio::signal::unix::{signal, SignalKind};

@@ -19,10 +19,13 @@ use socket_proto::redact::Redacted;
 use socket_proto::Response;
 
 use super::agent::{AgentClient, AgentError, REQUEST_TIMEOUT, SANDBOX_CAPABILITY};
+use super::egress;
 use super::grants::{SessionShares, SpawnGrants};
+use super::lock;
 use super::mounts::{DenyConfig, MountPolicy};
 use super::vm::Sizing;
 use super::Helper;
+use socket_proto::egress::EGRESS_CAPABILITY;
 
 /// Why `installSdk` could not find a usable SDK on the host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -185,6 +188,18 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
     // of this socket never runs outside the session sandbox.
     forwarded.sandbox = None;
     forwarded.encoding = None;
+    // The session's network: its policy is in place before any of its
+    // processes can open a stream, and the spawn gets the proxy variables
+    // (and the OAuth token) when the agent runs the proxies.
+    if let Some(policies) = helper.vm.egress_policies() {
+        policies.record(&p.name, p.allowed_domains.as_deref());
+    }
+    let approved = lock(&helper.approved_token).clone();
+    forwarded.env = egress::spawn_env(
+        p.env.as_ref(),
+        agent.has_capability(EGRESS_CAPABILITY),
+        p.oauth_token.as_ref().or(approved.as_ref()),
+    );
     tracing::info!(
         "spawn {} in session {}: {} ({} args)",
         p.id,
@@ -439,6 +454,18 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             }
         }
         HostMethod::MountPath(p) => mount_path(helper, &req, p).await,
+        HostMethod::AddApprovedOauthToken(p) => {
+            // Kept for the spawns that carry no oauthToken of their own
+            // (CLAUDE_CODE_OAUTH_TOKEN), then passed to the agent as before.
+            *lock(&helper.approved_token) = Some(p.token.clone());
+            match (req.method.to_guest_request(), vm.agent()) {
+                (Some(g), Some(agent)) => {
+                    from_agent(&req, agent.request(&g, REQUEST_TIMEOUT).await)
+                }
+                (_, None) => req.err(AgentError::NotConnected.to_string()),
+                (None, _) => req.err("addApprovedOauthToken is not forwardable"),
+            }
+        }
         HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),
         HostMethod::Unknown(name) => {
             tracing::warn!("unknown method {name:?}");

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use socket_proto::egress::{EGRESS_CAPABILITY, EGRESS_VSOCK_PORT};
 use socket_proto::guest::{GuestRequest, HostProxyConfig, AGENT_VSOCK_PORT, SHARE_TAG};
 use socket_proto::host::{CreateVmParams, StartVmParams};
 use socket_proto::ClientEvent;
@@ -25,6 +26,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::agent::{AgentClient, SEND_TIMEOUT};
+use super::egress::probe::{parse_probe_url, ProbeShared, ProbeUrl, Prober};
+use super::egress::{EgressConfig, EgressPolicies, EgressServer};
 use super::events::{EventHub, NOT_CONNECTED};
 use super::grants::{SessionShares, ShareBackend};
 use super::lock;
@@ -522,6 +525,14 @@ struct Instance {
     shares: Option<Arc<SessionShares>>,
     /// Why the VM has no shared folders, when it has none.
     no_shares: Option<String>,
+    /// Each session's `allowedDomains`, as the egress server applies them.
+    egress_policies: Arc<EgressPolicies>,
+    /// The egress server's accept loop.
+    egress_server: JoinHandle<()>,
+    /// What the reachability probe shares with the egress server.
+    probe_shared: Arc<ProbeShared>,
+    /// `startVM`'s `apiProbeURL`, when it parsed.
+    probe_url: Option<ProbeUrl>,
 }
 
 /// Sizing defaults from `configure`.
@@ -547,6 +558,8 @@ pub struct VmManager {
     share_launcher: Option<Arc<dyn ShareLauncher>>,
     /// `configure.virtiofsdPath`.
     virtiofsd: Mutex<Option<PathBuf>>,
+    /// The egress proxy's settings.
+    egress: Arc<EgressConfig>,
 }
 
 impl VmManager {
@@ -568,7 +581,19 @@ impl VmManager {
             sizing: Mutex::new(Sizing::default()),
             share_launcher: None,
             virtiofsd: Mutex::new(None),
+            egress: Arc::new(EgressConfig::default()),
         }
+    }
+
+    /// Applies `config` to the egress streams of the VMs started from now.
+    pub fn with_egress(mut self, config: Arc<EgressConfig>) -> Self {
+        self.egress = config;
+        self
+    }
+
+    /// The running VM's session network policies.
+    pub fn egress_policies(&self) -> Option<Arc<EgressPolicies>> {
+        self.current().map(|i| i.egress_policies.clone())
     }
 
     /// Gives the VMs shared folders, started by `launcher`.
@@ -739,6 +764,21 @@ impl VmManager {
         let agent_path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", vsock.display()));
         let listener = AgentClient::listen(&agent_path)
             .map_err(io_err("listening for the guest agent on", &agent_path))?;
+        let egress_path = PathBuf::from(format!("{}_{EGRESS_VSOCK_PORT}", vsock.display()));
+        let egress_listener = EgressServer::listen(&egress_path)
+            .map_err(io_err("listening for egress streams on", &egress_path))?;
+        let probe_url = p
+            .api_probe_url
+            .as_deref()
+            .and_then(|u| match parse_probe_url(u) {
+                Ok(url) => Some(url),
+                Err(e) => {
+                    tracing::warn!("startVM: apiProbeURL is not probed: {e}");
+                    None
+                }
+            });
+        let probe_shared = ProbeShared::new(probe_url.as_ref().map(|u| u.normal.clone()));
+        let egress_policies = Arc::new(EgressPolicies::default());
         let proxy = p.api_probe_url.as_ref().map(|u| HostProxyConfig {
             api_probe_url: Some(u.clone()),
             ..Default::default()
@@ -757,10 +797,17 @@ impl VmManager {
             agent.on_process_end(Arc::new(move |id| s.process_ended(id)));
         }
         let accept = agent.serve(listener);
+        let egress_server = EgressServer::new(
+            egress_policies.clone(),
+            self.egress.clone(),
+            probe_shared.clone(),
+        )
+        .serve(egress_listener);
         let launched = match self.launcher.launch(&spec) {
             Ok(l) => l,
             Err(e) => {
                 accept.abort();
+                egress_server.abort();
                 return Err(e);
             }
         };
@@ -780,6 +827,10 @@ impl VmManager {
             console: spec.console().to_owned(),
             shares,
             no_shares,
+            egress_policies,
+            egress_server,
+            probe_shared,
+            probe_url,
         });
         *lock(&self.current) = Some(inst.clone());
         let me = self.clone();
@@ -797,9 +848,25 @@ impl VmManager {
         let ready = {
             let agent = inst.agent.clone();
             let me = self.clone();
+            let prober = Prober {
+                agent: agent.clone(),
+                events: self.events.clone(),
+                shared: inst.probe_shared.clone(),
+                url: inst.probe_url.clone(),
+            };
             tokio::spawn(async move {
-                if agent.wait_ready(Duration::from_secs(24 * 3600)).await {
-                    me.step("bootVM", "completed");
+                if !agent.wait_ready(Duration::from_secs(24 * 3600)).await {
+                    return;
+                }
+                me.step("bootVM", "completed");
+                if agent.has_capability(EGRESS_CAPABILITY) {
+                    // Runs until the agent's channel ends or the VM does.
+                    prober.run().await;
+                } else {
+                    tracing::info!(
+                        "the guest agent has no egress proxy (capability \"{EGRESS_CAPABILITY}\"): \
+                         sessions have no network and networkStatus stays NOT_CONNECTED"
+                    );
                 }
             })
         };
@@ -808,6 +875,7 @@ impl VmManager {
             .unwrap_or_else(|_| "its supervisor went away".into());
         ready.abort();
         inst.accept.abort();
+        inst.egress_server.abort();
         let was_ready = inst.agent.is_connected();
         inst.agent.disconnect();
         let expected = inst.stopping.load(Ordering::SeqCst);

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use coworkvm_helper::egress::EgressConfig;
 use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use coworkvm_tests::client::{connect, is_running, one_shot, recv};
@@ -78,6 +79,8 @@ struct FakeVm {
     no_sandbox: bool,
     /// While set, the agent reads nothing (after the frame in hand).
     stop_reading: AtomicBool,
+    /// The helper's egress socket (`RUNDIR/vsock.sock_51235`).
+    egress_path: PathBuf,
 }
 
 impl FakeVm {
@@ -165,7 +168,7 @@ impl FakeVm {
                         let caps = if self.no_sandbox {
                             json!([])
                         } else {
-                            json!(["sandbox"])
+                            json!(["sandbox", "egress"])
                         };
                         send(reply(json!({"agent": "fake-agent", "version": "0",
                                           "protocol": 1, "capabilities": caps})))
@@ -206,6 +209,11 @@ impl FakeVm {
                             return;
                         }
                         send(reply(json!({"failedMounts": ["guest-side"]})));
+                        if cmd == "netlie" {
+                            // A guest that claims the network's state.
+                            send(event("networkStatus", json!({"status": "NOT_CONNECTED"})));
+                            send(event("apiReachability", json!({"status": "UNREACHABLE"})));
+                        }
                         self.running.lock().unwrap().insert(pid.clone());
                         send(event(
                             "stdout",
@@ -265,6 +273,22 @@ impl FakeVm {
                         send(reply(json!({})));
                         self.power_off("exit status: 0");
                     }
+                    "egress.probe" => {
+                        // As the agent does: one egress stream with the
+                        // nonce, the helper's reply passed back.
+                        let line = json!({"v": 1, "probe": p["nonce"], "host": p["host"],
+                                          "port": p["port"], "via": "probe"});
+                        let path = self.egress_path.clone();
+                        let w = w.clone();
+                        std::thread::spawn(move || {
+                            let answer = match egress_round_trip(&path, &line) {
+                                Ok(r) => json!({"type": "response", "id": id, "result": r}),
+                                Err(e) => json!({"type": "response", "id": id,
+                                    "error": {"code": -32000, "message": e.to_string()}}),
+                            };
+                            let _ = write_frame(&mut *w.lock().unwrap(), &answer);
+                        });
+                    }
                     other => send(json!({"type": "response", "id": id,
                         "error": {"code": -32601, "message": format!("unknown method: {other}")}})),
                 }
@@ -272,6 +296,20 @@ impl FakeVm {
             _ => {}
         }
     }
+}
+
+/// Opens one egress stream to the helper, writes `line`, and returns the
+/// helper's reply line as JSON.
+fn egress_round_trip(path: &Path, line: &Value) -> std::io::Result<Value> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut bytes = serde_json::to_vec(line)?;
+    bytes.push(b'\n');
+    s.write_all(&bytes)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(s).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
 }
 
 /// The tests' image source: the bundle directory's files by name (the
@@ -343,6 +381,7 @@ impl VmLauncher for FakeLauncher {
             ignore_term: self.ignore_term.load(Ordering::SeqCst),
             no_agent: self.no_agent.load(Ordering::SeqCst),
             no_sandbox: self.no_sandbox.load(Ordering::SeqCst),
+            egress_path: PathBuf::from(format!("{}_51235", spec.vsock().display())),
             ..Default::default()
         });
         let path = PathBuf::from(format!("{}_{AGENT_VSOCK_PORT}", spec.vsock().display()));
@@ -401,6 +440,15 @@ fn try_serve(
     launcher: Arc<FakeLauncher>,
     home: Option<PathBuf>,
 ) -> Result<Served, String> {
+    try_serve_with(socket, launcher, home, EgressConfig::default())
+}
+
+fn try_serve_with(
+    socket: &Path,
+    launcher: Arc<FakeLauncher>,
+    home: Option<PathBuf>,
+    egress: EgressConfig,
+) -> Result<Served, String> {
     logs();
     let dir = socket.parent().unwrap().to_owned();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -429,6 +477,7 @@ fn try_serve(
                 debug_switch: None,
                 event_budget: EVENT_BUDGET,
                 share_launcher: None,
+                egress: Arc::new(egress),
             });
             let _ = tx.send(Ok(()));
             listener
@@ -681,6 +730,12 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
         spawned["params"]["env"]["ANTHROPIC_API_KEY"], "sk-SECRET2",
         "secrets reach the guest"
     );
+    // The agent runs the egress proxies: the spawn gets their variables
+    // and the spawn's own OAuth token.
+    let env = &spawned["params"]["env"];
+    assert_eq!(env["HTTPS_PROXY"], "http://127.0.0.1:3128", "{env}");
+    assert_eq!(env["ALL_PROXY"], "socks5h://127.0.0.1:1080", "{env}");
+    assert_eq!(env["CLAUDE_CODE_OAUTH_TOKEN"], "sk-SECRET3");
 
     // A long-running process: stdin, isProcessRunning, kill.
     pipe.ok(
@@ -688,6 +743,19 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
         json!({"id": "p2", "name": "s1", "command": "cat", "args": [], "isResume": false}),
     );
     sub.until("stdout p2", |e| e["type"] == "stdout" && e["id"] == "p2");
+    // Without its own oauthToken the spawn gets the approved one.
+    let p2 = vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "spawn" && r["params"]["id"] == "p2")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        p2["params"]["env"]["CLAUDE_CODE_OAUTH_TOKEN"],
+        "sk-ant-oat-SECRET1"
+    );
     pipe.ok("writeStdin", json!({"id": "p2", "data": "ping\n"}));
     let echo = sub.until("stdin echo", |e| e["type"] == "stdout" && e["id"] == "p2");
     assert_eq!(echo["data"], "echo:ping\n");
@@ -814,6 +882,62 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
     for secret in ["sk-ant-oat-SECRET1", "sk-SECRET2", "sk-SECRET3"] {
         assert!(!text.contains(secret), "{secret} leaked into the log");
     }
+}
+
+#[test]
+fn the_helpers_probe_owns_network_status_and_api_reachability() {
+    use coworkvm_helper::egress::addr::AddressPolicy;
+    use coworkvm_helper::egress::config::parse_resolve;
+    // The API: a local HTTP server, reached through an override and an
+    // allowed loopback block.
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = api.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in api.incoming() {
+            let Ok(mut s) = s else { break };
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b);
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let egress = EgressConfig {
+        resolve: vec![parse_resolve("api.probe.test=127.0.0.1").unwrap()],
+        addresses: AddressPolicy {
+            allow: vec!["127.0.0.1/32".parse().unwrap()],
+        },
+        file: None,
+    };
+    let dir = temp_dir("probe");
+    let h = try_serve_with(&dir.join("helper.sock"), Arc::default(), None, egress).unwrap();
+    let mut sub = Subscriber::open(&h.socket);
+    assert_eq!(sub.next()["status"], "NOT_CONNECTED");
+    assert_eq!(sub.next()["status"], "UNKNOWN");
+    let mut pipe = Pipe::open(&h.socket);
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    pipe.ok(
+        "startVM",
+        json!({"bundlePath": bundle, "apiProbeURL": format!("http://api.probe.test:{port}/ping")}),
+    );
+    sub.until("networkStatus CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "CONNECTED"
+    });
+    sub.until("apiReachability REACHABLE", |e| {
+        e["type"] == "apiReachability" && e["status"] == "REACHABLE"
+    });
+    // What the guest says about the network is not passed on.
+    pipe.ok(
+        "spawn",
+        json!({"id": "n1", "name": "s1", "command": "netlie", "args": [], "isResume": false}),
+    );
+    let e = sub.until("stdout n1", |e| {
+        e["type"] == "stdout" || e["type"] == "networkStatus" || e["type"] == "apiReachability"
+    });
+    assert_eq!(e["type"], "stdout", "{e}");
+    // The VM goes: NOT_CONNECTED.
+    h.launcher.last().power_off("signal: 9 (SIGKILL)");
+    sub.until("NOT_CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "NOT_CONNECTED"
+    });
 }
 
 #[test]
