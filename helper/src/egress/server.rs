@@ -7,7 +7,7 @@
 //! checked against the refused ranges ([`AddressPolicy`]), and a vetted
 //! address connected to (never a second resolution). Then one
 //! [`EgressReply`] line, and the stream carries the connection's bytes both
-//! ways with half-close. A `CONNECT` to port 443 has its first TLS record
+//! ways with half-close. A stream to port 443 (any `via`) has its first TLS record
 //! read first: a ClientHello naming another server than the host the
 //! session asked for is refused (the stream closed).
 //!
@@ -420,7 +420,9 @@ impl EgressServer {
         if reply(&mut guest, &EgressReply::open()).await.is_err() {
             return;
         }
-        if via == Via::Connect && port == self.tls_port {
+        // Whatever `via` says: a SOCKS5 stream is as good a tunnel as a
+        // CONNECT, and `via` is the agent's word.
+        if port == self.tls_port {
             match check_sni(&mut guest, first, &host).await {
                 Ok(bytes) => first = bytes,
                 Err(why) => {
@@ -576,9 +578,9 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, r: &EgressReply) -> std::io::Re
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// For a `CONNECT host:443`: reads the session's first TLS record (`first`
+/// For a stream to `host:443`: reads the session's first TLS record (`first`
 /// holds what was read already) and returns the bytes read, to be sent on
-/// unchanged, when it may pass: not a handshake record (not TLS: passed
+/// unchanged, when it may pass: not a TLS record (not TLS: passed
 /// through), or a ClientHello that names no server or names `want`. `Err`
 /// says why the stream is refused.
 pub async fn check_sni<R: AsyncRead + Unpin>(
@@ -588,6 +590,16 @@ pub async fn check_sni<R: AsyncRead + Unpin>(
 ) -> Result<Vec<u8>, String> {
     let read = async {
         fill(r, &mut first, 1).await?;
+        // Another TLS record first (an alert, which some servers drop
+        // before the ClientHello, or any other) would let a fronted
+        // ClientHello follow unread: refused. Other bytes are not TLS.
+        if NOT_HANDSHAKE_RECORDS.contains(&first[0]) {
+            return Err(format!(
+                "refused a TLS stream that starts with a record of type {:#04x}, not a \
+                 ClientHello",
+                first[0]
+            ));
+        }
         if first[0] != HANDSHAKE {
             return Ok(first);
         }
@@ -613,6 +625,10 @@ pub async fn check_sni<R: AsyncRead + Unpin>(
         .await
         .unwrap_or_else(|_| Err(format!("no TLS ClientHello within {SNI_TIMEOUT:?}")))
 }
+
+/// The TLS record types other than handshake (change_cipher_spec, alert,
+/// application_data, heartbeat): never a client's first record.
+const NOT_HANDSHAKE_RECORDS: [u8; 4] = [0x14, 0x15, 0x17, 0x18];
 
 /// Reads until `buf` holds at least `want` bytes (never more than the
 /// largest record at once).

@@ -258,6 +258,12 @@ fn a_failed_stream_to_the_probe_host_asks_for_a_probe_now() {
 /// A CONNECT to the TLS port: the upstream gets the ClientHello only when
 /// its name is the host asked for.
 async fn connect_tls(first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    tls_port_stream(Via::Connect, first).await
+}
+
+/// A stream to the TLS port asked for `via`, whose first bytes are
+/// `first`: what came back, and what the upstream saw.
+async fn tls_port_stream(via: Via, first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     let (port, upstream) = echo_upstream().await;
     let s = setup(
         &["api.test"],
@@ -266,12 +272,13 @@ async fn connect_tls(first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         port,
         MAX_STREAMS,
     );
-    let mut agent = stream(&s.server, &open_line("s1", "api.test", port, Via::Connect)).await;
+    let mut agent = stream(&s.server, &open_line("s1", "api.test", port, via)).await;
     assert_eq!(read_reply(&mut agent).await, EgressReply::open());
     agent.write_all(&first).await.unwrap();
     agent.shutdown().await.unwrap();
     let mut back = Vec::new();
-    agent.read_to_end(&mut back).await.unwrap();
+    // A refused stream closed with our bytes unread may read as a reset.
+    let _ = agent.read_to_end(&mut back).await;
     // Refused: the upstream saw its connection close with nothing.
     let got = upstream.await.unwrap();
     (back, got)
@@ -304,6 +311,46 @@ fn connect_443_with_another_sni_is_closed_and_the_same_one_passes() {
         broken[3..5].copy_from_slice(&((last - 5) as u16).to_be_bytes());
         let (back, got) = connect_tls(broken).await;
         assert!(back.is_empty() && got.is_empty());
+    });
+}
+
+#[test]
+fn a_socks_or_http_stream_to_443_gets_the_sni_check_too() {
+    // The session picks how it asks (its SOCKS5 proxy is as good a tunnel
+    // as CONNECT), and a hostile agent picks `via`: the SNI check must not
+    // depend on it.
+    rt().block_on(async {
+        for via in [Via::Socks, Via::Http] {
+            let (back, got) = tls_port_stream(via, hello("evil.test")).await;
+            assert!(back.is_empty() && got.is_empty(), "{via:?}: fronted");
+            let h = hello("api.test");
+            assert_eq!(tls_port_stream(via, h.clone()).await.1, h, "{via:?}");
+        }
+        // A plain HTTP request (an absolute-URI request to port 443) passes.
+        let get = b"GET / HTTP/1.1\r\nHost: api.test:443\r\n\r\n".to_vec();
+        assert_eq!(tls_port_stream(Via::Http, get.clone()).await.1, get);
+    });
+}
+
+#[test]
+fn a_tls_record_before_the_client_hello_does_not_skip_the_sni_check() {
+    // Some TLS servers (Go's crypto/tls) drop warning alerts that come
+    // before the ClientHello: an alert first, then a ClientHello naming
+    // another server, must not pass as "not TLS".
+    rt().block_on(async {
+        for first_record in [
+            &[0x15, 3, 1, 0, 2, 1, 0][..], // warning alert
+            &[0x14, 3, 1, 0, 1, 1],        // change_cipher_spec
+            &[0x17, 3, 3, 0, 1, 0],        // application data
+        ] {
+            let mut bytes = first_record.to_vec();
+            bytes.extend(hello("evil.test"));
+            let (back, got) = connect_tls(bytes).await;
+            assert!(
+                back.is_empty() && got.is_empty(),
+                "{first_record:?} then a fronted ClientHello passed"
+            );
+        }
     });
 }
 
