@@ -5,8 +5,8 @@
 //! against the refused ranges below, and only an address outside them (or
 //! inside an `--egress-allow` CIDR the user gave) is ever connected to.
 //! IPv6 forms that carry an IPv4 address (IPv4-mapped `::ffff:a.b.c.d`,
-//! IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) are judged as that
-//! IPv4 address.
+//! IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4
+//! `2002:aabb:ccdd::`) are judged as that IPv4 address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -159,7 +159,7 @@ const REFUSED: &[(Cidr, &str)] = &[
 ];
 
 /// The IPv4 address an IPv6 address carries (mapped, compatible, NAT64
-/// well-known prefix), if any. `::` and `::1` carry none.
+/// well-known prefix, 6to4), if any. `::` and `::1` carry none.
 pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
@@ -171,6 +171,16 @@ pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return Some(tail);
+    }
+    // 6to4 (2002:AABB:CCDD::/48, RFC 3056): a host with a 6to4 route
+    // sends it, encapsulated, to AA.BB.CC.DD.
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
     }
     None
 }
@@ -286,12 +296,16 @@ mod tests {
             "::10.0.0.1",
             "64:ff9b::127.0.0.1",
             "64:ff9b::192.168.1.1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::",
+            "2002:a9fe:a9fe:1::1",
         ] {
             assert!(refused(ip), "{ip} should be refused");
         }
         assert!(!refused("::ffff:1.1.1.1"));
         assert!(!refused("::1.1.1.1"));
         assert!(!refused("64:ff9b::1.1.1.1"));
+        assert!(!refused("2002:101:101::1"));
     }
 
     #[test]
