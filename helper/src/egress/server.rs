@@ -71,6 +71,21 @@ const BUSY_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// (session, host) pairs whose refusal was logged; the set is cleared
 /// when full (a flood of names costs at most this much memory).
 const REFUSALS_REMEMBERED: usize = 4096;
+/// Refusal lines logged per [`REFUSAL_LOG_WINDOW`] at most: a session
+/// that asks for ever new names must not write a line for each (the
+/// suppressed are counted in the next line).
+const REFUSAL_LINES_PER_WINDOW: u64 = 32;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// The refusals logged: which (session, host) pairs, and this window's
+/// line count.
+#[derive(Default)]
+struct RefusalLog {
+    seen: HashSet<(String, String)>,
+    window: Option<std::time::Instant>,
+    lines: u64,
+    suppressed: u64,
+}
 
 /// Why the open line could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +166,7 @@ pub struct EgressServer {
     /// their local upstream's port).
     pub(crate) tls_port: u16,
     busy_replies: Arc<Semaphore>,
-    refusals_logged: Mutex<HashSet<(String, String)>>,
+    refusals_logged: Mutex<RefusalLog>,
     /// Connection-level trouble (foreign uid, busy, bad lines).
     conn_log: LogLimit,
 }
@@ -182,7 +197,7 @@ impl EgressServer {
             max_streams,
             tls_port: 443,
             busy_replies: Arc::new(Semaphore::new(MAX_BUSY_REPLIES)),
-            refusals_logged: Mutex::new(HashSet::new()),
+            refusals_logged: Mutex::new(RefusalLog::default()),
             conn_log: LogLimit::new(),
         }
     }
@@ -354,16 +369,40 @@ impl EgressServer {
         }
     }
 
-    /// Logs a refusal once per (session, host).
-    fn log_refusal(&self, session: &str, host: &str, why: &str) {
-        let mut seen = lock(&self.refusals_logged);
-        if seen.len() >= REFUSALS_REMEMBERED {
-            seen.clear();
+    /// Logs a refusal once per (session, host), at most
+    /// [`REFUSAL_LINES_PER_WINDOW`] lines per [`REFUSAL_LOG_WINDOW`].
+    /// Returns whether it was logged.
+    pub(crate) fn log_refusal(&self, session: &str, host: &str, why: &str) -> bool {
+        let mut log = lock(&self.refusals_logged);
+        let key = (session.to_owned(), host.to_owned());
+        if log.seen.contains(&key) {
+            return false;
         }
-        if seen.insert((session.to_owned(), host.to_owned())) {
-            // Debug formatting: the names are the session's, escaped.
-            tracing::info!("egress: session {session:?} refused {host:?}: {why}");
+        let now = std::time::Instant::now();
+        if log
+            .window
+            .is_none_or(|start| now.duration_since(start) >= REFUSAL_LOG_WINDOW)
+        {
+            log.window = Some(now);
+            log.lines = 0;
         }
+        if log.lines >= REFUSAL_LINES_PER_WINDOW {
+            // Not remembered: it is logged when it comes again later.
+            log.suppressed += 1;
+            return false;
+        }
+        log.lines += 1;
+        if log.seen.len() >= REFUSALS_REMEMBERED {
+            log.seen.clear();
+        }
+        log.seen.insert(key);
+        let suppressed = std::mem::take(&mut log.suppressed);
+        // Debug formatting: the names are the session's, escaped.
+        tracing::info!(
+            "egress: session {session:?} refused {host:?}: {why}{}",
+            LogLimit::suffix(suppressed)
+        );
+        true
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -355,6 +355,18 @@ fn a_tls_record_before_the_client_hello_does_not_skip_the_sni_check() {
 }
 
 #[test]
+fn refusal_lines_are_once_per_pair_and_bounded_in_rate() {
+    let s = setup(&["api.test"], &[], &[], 443, MAX_STREAMS);
+    assert!(s.server.log_refusal("s1", "a.test", "x"));
+    assert!(!s.server.log_refusal("s1", "a.test", "x"), "once per pair");
+    // A session asking for ever new names does not get a line for each.
+    let logged = (0..10_000)
+        .filter(|i| s.server.log_refusal("s1", &format!("h{i}.test"), "x"))
+        .count();
+    assert!(logged <= 64, "{logged} lines");
+}
+
+#[test]
 fn a_probe_nonce_works_once_and_only_for_its_target() {
     rt().block_on(async {
         let (port, upstream) = echo_upstream().await;
