@@ -213,20 +213,79 @@ impl AddressPolicy {
         let Some(range) = refused_range(ip) else {
             return Ok(());
         };
-        let v4 = match ip {
-            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
-            IpAddr::V4(_) => None,
-        };
-        let allowed = self
-            .allow
-            .iter()
-            .any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4)));
-        if allowed {
+        if self.allows(ip) {
             Ok(())
         } else {
             Err(range)
         }
     }
+
+    /// [`AddressPolicy::check`], and `ip` (or the IPv4 address it
+    /// carries) is none of `own`, the host's own interface addresses: a
+    /// public address of the host reaches the host's services as loopback
+    /// does.
+    pub fn check_not_own(&self, ip: IpAddr, own: &[IpAddr]) -> Result<(), &'static str> {
+        self.check(ip)?;
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let is_own = own.contains(&ip) || v4.is_some_and(|v4| own.contains(&v4));
+        if is_own && !self.allows(ip) {
+            return Err("the host's own address");
+        }
+        Ok(())
+    }
+
+    /// Whether an `--egress-allow` block holds `ip` (or the IPv4 address
+    /// it carries).
+    fn allows(&self, ip: IpAddr) -> bool {
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        self.allow
+            .iter()
+            .any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4)))
+    }
+}
+
+/// The addresses of the host's own interfaces (getifaddrs(3)).
+pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes the head of a list it allocates to `head`
+    // (a live local); the list is freed below, once.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut node = head;
+    while !node.is_null() {
+        // SAFETY: `node` is a node of the list getifaddrs returned, which
+        // is not freed until after this loop.
+        let ifa = unsafe { &*node };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr at least as
+            // long as its family's; sa_family is its first field.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET ifa_addr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 ifa_addr is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        node = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing
+    // borrowed from the list outlives this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -319,6 +378,18 @@ mod tests {
         assert!(p.check("fd12::1".parse().unwrap()).is_ok());
         assert!(p.check("fc00::1".parse().unwrap()).is_err());
         assert!(p.check("10.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_hosts_addresses_are_listed() {
+        let own = host_addresses().unwrap();
+        assert!(own.contains(&IpAddr::from([127, 0, 0, 1])), "{own:?}");
+        let p = AddressPolicy::default();
+        let public: IpAddr = "203.0.113.5".parse().unwrap();
+        assert!(p.check_not_own(public, &[]).is_ok());
+        assert!(p.check_not_own(public, &[public]).is_err());
+        let mapped: IpAddr = "::ffff:203.0.113.5".parse().unwrap();
+        assert!(p.check_not_own(mapped, &[public]).is_err());
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub struct EgressServer {
     /// their local upstream's port).
     pub(crate) tls_port: u16,
     busy_replies: Arc<Semaphore>,
+    /// The host's own addresses, listed for each stream (tests replace
+    /// it).
+    pub(crate) host_addresses: fn() -> std::io::Result<Vec<IpAddr>>,
     refusals_logged: Mutex<RefusalLog>,
     /// Connection-level trouble (foreign uid, busy, bad lines).
     conn_log: LogLimit,
@@ -197,6 +200,7 @@ impl EgressServer {
             max_streams,
             tls_port: 443,
             busy_replies: Arc::new(Semaphore::new(MAX_BUSY_REPLIES)),
+            host_addresses: super::addr::host_addresses,
             refusals_logged: Mutex::new(RefusalLog::default()),
             conn_log: LogLimit::new(),
         }
@@ -527,10 +531,17 @@ impl EgressServer {
     pub async fn open_upstream(&self, host: &Host, port: u16) -> Result<TcpStream, Refused> {
         let addrs = self.resolve(host, port).await?;
         let policy: &AddressPolicy = &self.config.addresses;
+        // Listed now: interfaces come and go.
+        let own = (self.host_addresses)().map_err(|e| {
+            (
+                EgressRefusal::BlockedAddress,
+                format!("cannot list the host's own addresses to refuse them: {e}"),
+            )
+        })?;
         let mut vetted = Vec::new();
         let mut refused = None;
         for a in addrs.into_iter().take(MAX_ADDRESSES) {
-            match policy.check(a.ip()) {
+            match policy.check_not_own(a.ip(), &own) {
                 Ok(()) => vetted.push(a),
                 Err(range) => refused = refused.or(Some((a.ip(), range))),
             }

@@ -355,6 +355,46 @@ fn a_tls_record_before_the_client_hello_does_not_skip_the_sni_check() {
 }
 
 #[test]
+fn the_hosts_own_addresses_are_refused_even_when_public() {
+    // A name that resolves to one of the host's own interface addresses
+    // (a laptop's global IPv6, say) would reach the host's services on
+    // that address: refused as loopback is, unless an allow block covers
+    // it. 203.0.113.5 stands in for such an address here.
+    fn own() -> std::io::Result<Vec<std::net::IpAddr>> {
+        Ok(vec!["203.0.113.5".parse().unwrap()])
+    }
+    rt().block_on(async {
+        for (allow, refused) in [(None, true), (Some("203.0.113.0/24"), false)] {
+            let policies = Arc::new(EgressPolicies::default());
+            policies.record("s1", Some(&["own.test".to_owned()]));
+            let mut config = EgressConfig::default();
+            config
+                .resolve
+                .push(parse_resolve("own.test=203.0.113.5").unwrap());
+            config
+                .addresses
+                .allow
+                .extend(allow.map(|a| a.parse::<super::addr::Cidr>().unwrap()));
+            let probes = ProbeShared::new(None);
+            let mut server = EgressServer::build(policies, Arc::new(config), probes, MAX_STREAMS);
+            server.host_addresses = own;
+            let server = Arc::new(server);
+            let host = normalise("own.test").unwrap();
+            let r =
+                tokio::time::timeout(Duration::from_millis(300), server.open_upstream(&host, 9))
+                    .await;
+            let blocked = matches!(r, Ok(Err((EgressRefusal::BlockedAddress, _))));
+            assert_eq!(
+                blocked,
+                refused,
+                "allow {allow:?}: {:?}",
+                r.map(|r| r.err())
+            );
+        }
+    });
+}
+
+#[test]
 fn refusal_lines_are_once_per_pair_and_bounded_in_rate() {
     let s = setup(&["api.test"], &[], &[], 443, MAX_STREAMS);
     assert!(s.server.log_refusal("s1", "a.test", "x"));
