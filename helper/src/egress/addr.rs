@@ -5,8 +5,8 @@
 //! against the refused ranges below, and only an address outside them (or
 //! inside an `--egress-allow` CIDR the user gave) is ever connected to.
 //! IPv6 forms that carry an IPv4 address (IPv4-mapped `::ffff:a.b.c.d`,
-//! IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) are judged as that
-//! IPv4 address.
+//! IPv4-compatible `::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`, 6to4
+//! `2002:aabb:ccdd::`) are judged as that IPv4 address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -159,7 +159,7 @@ const REFUSED: &[(Cidr, &str)] = &[
 ];
 
 /// The IPv4 address an IPv6 address carries (mapped, compatible, NAT64
-/// well-known prefix), if any. `::` and `::1` carry none.
+/// well-known prefix, 6to4), if any. `::` and `::1` carry none.
 pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
@@ -171,6 +171,16 @@ pub fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return Some(tail);
+    }
+    // 6to4 (2002:AABB:CCDD::/48, RFC 3056): a host with a 6to4 route
+    // sends it, encapsulated, to AA.BB.CC.DD.
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
     }
     None
 }
@@ -203,20 +213,79 @@ impl AddressPolicy {
         let Some(range) = refused_range(ip) else {
             return Ok(());
         };
-        let v4 = match ip {
-            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
-            IpAddr::V4(_) => None,
-        };
-        let allowed = self
-            .allow
-            .iter()
-            .any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4)));
-        if allowed {
+        if self.allows(ip) {
             Ok(())
         } else {
             Err(range)
         }
     }
+
+    /// [`AddressPolicy::check`], and `ip` (or the IPv4 address it
+    /// carries) is none of `own`, the host's own interface addresses: a
+    /// public address of the host reaches the host's services as loopback
+    /// does.
+    pub fn check_not_own(&self, ip: IpAddr, own: &[IpAddr]) -> Result<(), &'static str> {
+        self.check(ip)?;
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        let is_own = own.contains(&ip) || v4.is_some_and(|v4| own.contains(&v4));
+        if is_own && !self.allows(ip) {
+            return Err("the host's own address");
+        }
+        Ok(())
+    }
+
+    /// Whether an `--egress-allow` block holds `ip` (or the IPv4 address
+    /// it carries).
+    fn allows(&self, ip: IpAddr) -> bool {
+        let v4 = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        self.allow
+            .iter()
+            .any(|c| c.contains(ip) || v4.is_some_and(|v4| c.contains(v4)))
+    }
+}
+
+/// The addresses of the host's own interfaces (getifaddrs(3)).
+pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes the head of a list it allocates to `head`
+    // (a live local); the list is freed below, once.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut node = head;
+    while !node.is_null() {
+        // SAFETY: `node` is a node of the list getifaddrs returned, which
+        // is not freed until after this loop.
+        let ifa = unsafe { &*node };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: a non-null ifa_addr points to a sockaddr at least as
+            // long as its family's; sa_family is its first field.
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET ifa_addr is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 ifa_addr is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        node = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing
+    // borrowed from the list outlives this.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -286,12 +355,16 @@ mod tests {
             "::10.0.0.1",
             "64:ff9b::127.0.0.1",
             "64:ff9b::192.168.1.1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::",
+            "2002:a9fe:a9fe:1::1",
         ] {
             assert!(refused(ip), "{ip} should be refused");
         }
         assert!(!refused("::ffff:1.1.1.1"));
         assert!(!refused("::1.1.1.1"));
         assert!(!refused("64:ff9b::1.1.1.1"));
+        assert!(!refused("2002:101:101::1"));
     }
 
     #[test]
@@ -305,6 +378,18 @@ mod tests {
         assert!(p.check("fd12::1".parse().unwrap()).is_ok());
         assert!(p.check("fc00::1".parse().unwrap()).is_err());
         assert!(p.check("10.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_hosts_addresses_are_listed() {
+        let own = host_addresses().unwrap();
+        assert!(own.contains(&IpAddr::from([127, 0, 0, 1])), "{own:?}");
+        let p = AddressPolicy::default();
+        let public: IpAddr = "203.0.113.5".parse().unwrap();
+        assert!(p.check_not_own(public, &[]).is_ok());
+        assert!(p.check_not_own(public, &[public]).is_err());
+        let mapped: IpAddr = "::ffff:203.0.113.5".parse().unwrap();
+        assert!(p.check_not_own(mapped, &[public]).is_err());
     }
 
     #[test]

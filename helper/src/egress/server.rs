@@ -7,7 +7,7 @@
 //! checked against the refused ranges ([`AddressPolicy`]), and a vetted
 //! address connected to (never a second resolution). Then one
 //! [`EgressReply`] line, and the stream carries the connection's bytes both
-//! ways with half-close. A `CONNECT` to port 443 has its first TLS record
+//! ways with half-close. A stream to port 443 (any `via`) has its first TLS record
 //! read first: a ClientHello naming another server than the host the
 //! session asked for is refused (the stream closed).
 //!
@@ -71,6 +71,21 @@ const BUSY_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// (session, host) pairs whose refusal was logged; the set is cleared
 /// when full (a flood of names costs at most this much memory).
 const REFUSALS_REMEMBERED: usize = 4096;
+/// Refusal lines logged per [`REFUSAL_LOG_WINDOW`] at most: a session
+/// that asks for ever new names must not write a line for each (the
+/// suppressed are counted in the next line).
+const REFUSAL_LINES_PER_WINDOW: u64 = 32;
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// The refusals logged: which (session, host) pairs, and this window's
+/// line count.
+#[derive(Default)]
+struct RefusalLog {
+    seen: HashSet<(String, String)>,
+    window: Option<std::time::Instant>,
+    lines: u64,
+    suppressed: u64,
+}
 
 /// Why the open line could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +166,10 @@ pub struct EgressServer {
     /// their local upstream's port).
     pub(crate) tls_port: u16,
     busy_replies: Arc<Semaphore>,
-    refusals_logged: Mutex<HashSet<(String, String)>>,
+    /// The host's own addresses, listed for each stream (tests replace
+    /// it).
+    pub(crate) host_addresses: fn() -> std::io::Result<Vec<IpAddr>>,
+    refusals_logged: Mutex<RefusalLog>,
     /// Connection-level trouble (foreign uid, busy, bad lines).
     conn_log: LogLimit,
 }
@@ -182,7 +200,8 @@ impl EgressServer {
             max_streams,
             tls_port: 443,
             busy_replies: Arc::new(Semaphore::new(MAX_BUSY_REPLIES)),
-            refusals_logged: Mutex::new(HashSet::new()),
+            host_addresses: super::addr::host_addresses,
+            refusals_logged: Mutex::new(RefusalLog::default()),
             conn_log: LogLimit::new(),
         }
     }
@@ -354,16 +373,40 @@ impl EgressServer {
         }
     }
 
-    /// Logs a refusal once per (session, host).
-    fn log_refusal(&self, session: &str, host: &str, why: &str) {
-        let mut seen = lock(&self.refusals_logged);
-        if seen.len() >= REFUSALS_REMEMBERED {
-            seen.clear();
+    /// Logs a refusal once per (session, host), at most
+    /// [`REFUSAL_LINES_PER_WINDOW`] lines per [`REFUSAL_LOG_WINDOW`].
+    /// Returns whether it was logged.
+    pub(crate) fn log_refusal(&self, session: &str, host: &str, why: &str) -> bool {
+        let mut log = lock(&self.refusals_logged);
+        let key = (session.to_owned(), host.to_owned());
+        if log.seen.contains(&key) {
+            return false;
         }
-        if seen.insert((session.to_owned(), host.to_owned())) {
-            // Debug formatting: the names are the session's, escaped.
-            tracing::info!("egress: session {session:?} refused {host:?}: {why}");
+        let now = std::time::Instant::now();
+        if log
+            .window
+            .is_none_or(|start| now.duration_since(start) >= REFUSAL_LOG_WINDOW)
+        {
+            log.window = Some(now);
+            log.lines = 0;
         }
+        if log.lines >= REFUSAL_LINES_PER_WINDOW {
+            // Not remembered: it is logged when it comes again later.
+            log.suppressed += 1;
+            return false;
+        }
+        log.lines += 1;
+        if log.seen.len() >= REFUSALS_REMEMBERED {
+            log.seen.clear();
+        }
+        log.seen.insert(key);
+        let suppressed = std::mem::take(&mut log.suppressed);
+        // Debug formatting: the names are the session's, escaped.
+        tracing::info!(
+            "egress: session {session:?} refused {host:?}: {why}{}",
+            LogLimit::suffix(suppressed)
+        );
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -420,7 +463,9 @@ impl EgressServer {
         if reply(&mut guest, &EgressReply::open()).await.is_err() {
             return;
         }
-        if via == Via::Connect && port == self.tls_port {
+        // Whatever `via` says: a SOCKS5 stream is as good a tunnel as a
+        // CONNECT, and `via` is the agent's word.
+        if port == self.tls_port {
             match check_sni(&mut guest, first, &host).await {
                 Ok(bytes) => first = bytes,
                 Err(why) => {
@@ -486,10 +531,17 @@ impl EgressServer {
     pub async fn open_upstream(&self, host: &Host, port: u16) -> Result<TcpStream, Refused> {
         let addrs = self.resolve(host, port).await?;
         let policy: &AddressPolicy = &self.config.addresses;
+        // Listed now: interfaces come and go.
+        let own = (self.host_addresses)().map_err(|e| {
+            (
+                EgressRefusal::BlockedAddress,
+                format!("cannot list the host's own addresses to refuse them: {e}"),
+            )
+        })?;
         let mut vetted = Vec::new();
         let mut refused = None;
         for a in addrs.into_iter().take(MAX_ADDRESSES) {
-            match policy.check(a.ip()) {
+            match policy.check_not_own(a.ip(), &own) {
                 Ok(()) => vetted.push(a),
                 Err(range) => refused = refused.or(Some((a.ip(), range))),
             }
@@ -576,9 +628,9 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, r: &EgressReply) -> std::io::Re
     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// For a `CONNECT host:443`: reads the session's first TLS record (`first`
+/// For a stream to `host:443`: reads the session's first TLS record (`first`
 /// holds what was read already) and returns the bytes read, to be sent on
-/// unchanged, when it may pass: not a handshake record (not TLS: passed
+/// unchanged, when it may pass: not a TLS record (not TLS: passed
 /// through), or a ClientHello that names no server or names `want`. `Err`
 /// says why the stream is refused.
 pub async fn check_sni<R: AsyncRead + Unpin>(
@@ -588,6 +640,16 @@ pub async fn check_sni<R: AsyncRead + Unpin>(
 ) -> Result<Vec<u8>, String> {
     let read = async {
         fill(r, &mut first, 1).await?;
+        // Another TLS record first (an alert, which some servers drop
+        // before the ClientHello, or any other) would let a fronted
+        // ClientHello follow unread: refused. Other bytes are not TLS.
+        if NOT_HANDSHAKE_RECORDS.contains(&first[0]) {
+            return Err(format!(
+                "refused a TLS stream that starts with a record of type {:#04x}, not a \
+                 ClientHello",
+                first[0]
+            ));
+        }
         if first[0] != HANDSHAKE {
             return Ok(first);
         }
@@ -613,6 +675,10 @@ pub async fn check_sni<R: AsyncRead + Unpin>(
         .await
         .unwrap_or_else(|_| Err(format!("no TLS ClientHello within {SNI_TIMEOUT:?}")))
 }
+
+/// The TLS record types other than handshake (change_cipher_spec, alert,
+/// application_data, heartbeat): never a client's first record.
+const NOT_HANDSHAKE_RECORDS: [u8; 4] = [0x14, 0x15, 0x17, 0x18];
 
 /// Reads until `buf` holds at least `want` bytes (never more than the
 /// largest record at once).

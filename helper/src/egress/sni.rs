@@ -1,6 +1,6 @@
 //! The server name (SNI) of a TLS ClientHello.
 //!
-//! Used on `CONNECT host:443` streams: the session's first TLS record is
+//! Used on streams to `host:443` (CONNECT or SOCKS5): the session's first TLS record is
 //! read, and a ClientHello that names another server than the one the
 //! allowlist let through is refused (a shared front end would otherwise
 //! route the session to a host it was never allowed).

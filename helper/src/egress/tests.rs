@@ -258,6 +258,12 @@ fn a_failed_stream_to_the_probe_host_asks_for_a_probe_now() {
 /// A CONNECT to the TLS port: the upstream gets the ClientHello only when
 /// its name is the host asked for.
 async fn connect_tls(first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    tls_port_stream(Via::Connect, first).await
+}
+
+/// A stream to the TLS port asked for `via`, whose first bytes are
+/// `first`: what came back, and what the upstream saw.
+async fn tls_port_stream(via: Via, first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     let (port, upstream) = echo_upstream().await;
     let s = setup(
         &["api.test"],
@@ -266,12 +272,13 @@ async fn connect_tls(first: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
         port,
         MAX_STREAMS,
     );
-    let mut agent = stream(&s.server, &open_line("s1", "api.test", port, Via::Connect)).await;
+    let mut agent = stream(&s.server, &open_line("s1", "api.test", port, via)).await;
     assert_eq!(read_reply(&mut agent).await, EgressReply::open());
     agent.write_all(&first).await.unwrap();
     agent.shutdown().await.unwrap();
     let mut back = Vec::new();
-    agent.read_to_end(&mut back).await.unwrap();
+    // A refused stream closed with our bytes unread may read as a reset.
+    let _ = agent.read_to_end(&mut back).await;
     // Refused: the upstream saw its connection close with nothing.
     let got = upstream.await.unwrap();
     (back, got)
@@ -305,6 +312,98 @@ fn connect_443_with_another_sni_is_closed_and_the_same_one_passes() {
         let (back, got) = connect_tls(broken).await;
         assert!(back.is_empty() && got.is_empty());
     });
+}
+
+#[test]
+fn a_socks_or_http_stream_to_443_gets_the_sni_check_too() {
+    // The session picks how it asks (its SOCKS5 proxy is as good a tunnel
+    // as CONNECT), and a hostile agent picks `via`: the SNI check must not
+    // depend on it.
+    rt().block_on(async {
+        for via in [Via::Socks, Via::Http] {
+            let (back, got) = tls_port_stream(via, hello("evil.test")).await;
+            assert!(back.is_empty() && got.is_empty(), "{via:?}: fronted");
+            let h = hello("api.test");
+            assert_eq!(tls_port_stream(via, h.clone()).await.1, h, "{via:?}");
+        }
+        // A plain HTTP request (an absolute-URI request to port 443) passes.
+        let get = b"GET / HTTP/1.1\r\nHost: api.test:443\r\n\r\n".to_vec();
+        assert_eq!(tls_port_stream(Via::Http, get.clone()).await.1, get);
+    });
+}
+
+#[test]
+fn a_tls_record_before_the_client_hello_does_not_skip_the_sni_check() {
+    // Some TLS servers (Go's crypto/tls) drop warning alerts that come
+    // before the ClientHello: an alert first, then a ClientHello naming
+    // another server, must not pass as "not TLS".
+    rt().block_on(async {
+        for first_record in [
+            &[0x15, 3, 1, 0, 2, 1, 0][..], // warning alert
+            &[0x14, 3, 1, 0, 1, 1],        // change_cipher_spec
+            &[0x17, 3, 3, 0, 1, 0],        // application data
+        ] {
+            let mut bytes = first_record.to_vec();
+            bytes.extend(hello("evil.test"));
+            let (back, got) = connect_tls(bytes).await;
+            assert!(
+                back.is_empty() && got.is_empty(),
+                "{first_record:?} then a fronted ClientHello passed"
+            );
+        }
+    });
+}
+
+#[test]
+fn the_hosts_own_addresses_are_refused_even_when_public() {
+    // A name that resolves to one of the host's own interface addresses
+    // (a laptop's global IPv6, say) would reach the host's services on
+    // that address: refused as loopback is, unless an allow block covers
+    // it. 203.0.113.5 stands in for such an address here.
+    fn own() -> std::io::Result<Vec<std::net::IpAddr>> {
+        Ok(vec!["203.0.113.5".parse().unwrap()])
+    }
+    rt().block_on(async {
+        for (allow, refused) in [(None, true), (Some("203.0.113.0/24"), false)] {
+            let policies = Arc::new(EgressPolicies::default());
+            policies.record("s1", Some(&["own.test".to_owned()]));
+            let mut config = EgressConfig::default();
+            config
+                .resolve
+                .push(parse_resolve("own.test=203.0.113.5").unwrap());
+            config
+                .addresses
+                .allow
+                .extend(allow.map(|a| a.parse::<super::addr::Cidr>().unwrap()));
+            let probes = ProbeShared::new(None);
+            let mut server = EgressServer::build(policies, Arc::new(config), probes, MAX_STREAMS);
+            server.host_addresses = own;
+            let server = Arc::new(server);
+            let host = normalise("own.test").unwrap();
+            let r =
+                tokio::time::timeout(Duration::from_millis(300), server.open_upstream(&host, 9))
+                    .await;
+            let blocked = matches!(r, Ok(Err((EgressRefusal::BlockedAddress, _))));
+            assert_eq!(
+                blocked,
+                refused,
+                "allow {allow:?}: {:?}",
+                r.map(|r| r.err())
+            );
+        }
+    });
+}
+
+#[test]
+fn refusal_lines_are_once_per_pair_and_bounded_in_rate() {
+    let s = setup(&["api.test"], &[], &[], 443, MAX_STREAMS);
+    assert!(s.server.log_refusal("s1", "a.test", "x"));
+    assert!(!s.server.log_refusal("s1", "a.test", "x"), "once per pair");
+    // A session asking for ever new names does not get a line for each.
+    let logged = (0..10_000)
+        .filter(|i| s.server.log_refusal("s1", &format!("h{i}.test"), "x"))
+        .count();
+    assert!(logged <= 64, "{logged} lines");
 }
 
 #[test]
