@@ -132,6 +132,7 @@ fn sessions_reach_exactly_what_their_allowlist_allows() {
         "an IP literal is refused (CONNECT)",
         "a listed name resolving to 127.0.0.1 is refused (CONNECT)",
         "a CONNECT to allowed.test:443 whose ClientHello names denied.test is refused",
+        "a SOCKS5 stream to allowed.test:443 whose ClientHello names denied.test is refused",
         "a session has no route (connect: ENETUNREACH)",
         "a session cannot create an AF_VSOCK socket",
         "another session has its own token, not the first one's",

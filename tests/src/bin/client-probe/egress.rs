@@ -84,6 +84,7 @@ r ip-socks "$(try --socks5-hostname 127.0.0.1:1080 https://@ADDR@/)"
 r loop-http "$(code http://loop.test/)"
 r loop-https "$(code https://loop.test/)"
 r fronting "$(try -w ' connect=%{http_connect}' --connect-to denied.test:443:allowed.test:443 https://denied.test/)"
+r socks-fronting "$(try --socks5-hostname 127.0.0.1:1080 --connect-to denied.test:443:allowed.test:443 https://denied.test/)"
 r noproxy "$(try --noproxy '*' --max-time 10 http://192.0.2.1/)"
 r connect-errno "$(perl -e 'socket(my $s, 2, 1, 0) or die "socket: $!"; print connect($s, pack("SnC4x8", 2, 80, 192, 0, 2, 1)) ? "connected" : $!+0')"
 r vsock "$(perl -e 'print socket(my $s, 40, 1, 0) ? "created" : $!+0')"
@@ -422,6 +423,13 @@ pub fn egress(socket: &str, bundle: &str, dir: &str) {
         "a CONNECT to allowed.test:443 whose ClientHello names denied.test is refused",
         "fronting",
         &|v| !v.starts_with("rc=0 ") && v.contains("connect=200") && !v.contains("hello"),
+    );
+    expect(
+        &mut p,
+        &a,
+        "a SOCKS5 stream to allowed.test:443 whose ClientHello names denied.test is refused",
+        "socks-fronting",
+        &|v| !v.starts_with("rc=0 ") && !v.contains("hello"),
     );
     expect(
         &mut p,
