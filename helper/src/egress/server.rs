@@ -9,7 +9,9 @@
 //! [`EgressReply`] line, and the stream carries the connection's bytes both
 //! ways with half-close. A stream to port 443 (any `via`) has its first TLS record
 //! read first: a ClientHello naming another server than the host the
-//! session asked for is refused (the stream closed).
+//! session asked for is refused (the stream closed). On other ports the
+//! session's first bytes are looked at when they come (the server may
+//! speak first): a TLS handshake there gets the same check.
 //!
 //! A probe line (the helper's own reachability probe, via the agent)
 //! carries a one-time nonce instead of a session; its connection goes to
@@ -465,13 +467,17 @@ impl EgressServer {
         }
         // Whatever `via` says: a SOCKS5 stream is as good a tunnel as a
         // CONNECT, and `via` is the agent's word.
-        if port == self.tls_port {
-            match check_sni(&mut guest, first, &host).await {
-                Ok(bytes) => first = bytes,
-                Err(why) => {
-                    self.log_refusal(session, &host_text, &why);
-                    return;
-                }
+        if port != self.tls_port {
+            if let Err(why) = relay_sniffing(guest, upstream, first, &host).await {
+                self.log_refusal(session, &host_text, &why);
+            }
+            return;
+        }
+        match check_sni(&mut guest, first, &host).await {
+            Ok(bytes) => first = bytes,
+            Err(why) => {
+                self.log_refusal(session, &host_text, &why);
+                return;
             }
         }
         if !first.is_empty() && upstream.write_all(&first).await.is_err() {
@@ -674,6 +680,55 @@ pub async fn check_sni<R: AsyncRead + Unpin>(
     tokio::time::timeout(SNI_TIMEOUT, read)
         .await
         .unwrap_or_else(|_| Err(format!("no TLS ClientHello within {SNI_TIMEOUT:?}")))
+}
+
+/// Relays a stream to a port other than 443, where the session may speak
+/// anything and the server may speak first (SMTP, MySQL, SSH banners):
+/// the upstream's bytes flow to the session at once, and the session's
+/// first bytes are looked at when they come, however late. If they begin
+/// a TLS handshake, its ClientHello must name `host` or no server (as on
+/// 443: TLS fronting through an allowed host on 8443 is refused too);
+/// anything else passes. `Err` says why the stream was refused.
+pub async fn relay_sniffing<S>(
+    guest: S,
+    upstream: TcpStream,
+    mut first: Vec<u8>,
+    host: &Host,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut from_guest, mut to_guest) = tokio::io::split(guest);
+    let (mut from_upstream, mut to_upstream) = upstream.into_split();
+    let down = async {
+        let r = tokio::io::copy(&mut from_upstream, &mut to_guest).await;
+        let _ = to_guest.shutdown().await;
+        r.map(|_| ())
+            .map_err(|e| format!("upstream to session: {e}"))
+    };
+    let up = async {
+        if first.is_empty() {
+            let mut chunk = [0u8; 4096];
+            // No time bound: the session may wait for the server forever,
+            // as it could on a direct connection.
+            let n = from_guest
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("session to upstream: {e}"))?;
+            first.extend_from_slice(&chunk[..n]);
+        }
+        if first.first() == Some(&HANDSHAKE) {
+            first = check_sni(&mut from_guest, first, host).await?;
+        }
+        let r = async {
+            to_upstream.write_all(&first).await?;
+            tokio::io::copy(&mut from_guest, &mut to_upstream).await?;
+            to_upstream.shutdown().await
+        };
+        r.await.map_err(|e| format!("session to upstream: {e}"))
+    };
+    // A refusal on the way up ends the way down too (both halves dropped).
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 /// The TLS record types other than handshake (change_cipher_spec, alert,

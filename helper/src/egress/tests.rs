@@ -715,3 +715,69 @@ fn hosts_normalise_for_the_server_as_for_the_list() {
         Ok(Host::Name("xn--bcher-kva.example".into()))
     );
 }
+
+#[test]
+fn other_ports_check_a_tls_handshake_when_it_comes_and_let_the_server_speak_first() {
+    rt().block_on(async {
+        // TLS fronting through an allowed host on a port that is not 443.
+        let (port, upstream) = echo_upstream().await;
+        let s = setup(
+            &["api.test"],
+            &["api.test=127.0.0.1"],
+            &["127.0.0.1/32"],
+            443,
+            MAX_STREAMS,
+        );
+        for (name, passes) in [("evil.test", false), ("api.test", true)] {
+            let (port, upstream) = if passes {
+                echo_upstream().await
+            } else {
+                (port, tokio::spawn(async { Vec::new() }))
+            };
+            let mut agent = stream(&s.server, &open_line("s1", "api.test", port, Via::Socks)).await;
+            assert_eq!(read_reply(&mut agent).await, EgressReply::open());
+            let h = hello(name);
+            agent.write_all(&h).await.unwrap();
+            agent.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            let _ = agent.read_to_end(&mut back).await;
+            if passes {
+                assert_eq!(
+                    upstream.await.unwrap(),
+                    h,
+                    "{name}: the hello passes unchanged"
+                );
+                assert!(back.starts_with(b"pong:"), "{name}");
+            } else {
+                assert!(back.is_empty(), "{name}: refused, nothing comes back");
+            }
+        }
+        assert!(
+            upstream.await.unwrap().is_empty(),
+            "the fronted hello never reached the upstream"
+        );
+
+        // A server that speaks first: its banner reaches the session before
+        // the session has sent anything.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            c.write_all(b"220 banner\r\n").await.unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut agent = stream(&s.server, &open_line("s1", "api.test", port, Via::Connect)).await;
+        assert_eq!(read_reply(&mut agent).await, EgressReply::open());
+        let mut banner = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), agent.read_exact(&mut banner))
+            .await
+            .expect("the banner came before the session spoke")
+            .unwrap();
+        assert_eq!(&banner, b"220 banner\r\n");
+        agent.write_all(b"HELO x\r\n").await.unwrap();
+        agent.shutdown().await.unwrap();
+        assert_eq!(server.await.unwrap(), b"HELO x\r\n");
+    });
+}
