@@ -883,6 +883,113 @@ mod tests {
     }
 
     #[test]
+    fn the_community_builds_node_command_line_serves() {
+        // "$COWORK_NODE_PATH" <resources>/cowork-vm-service.js -socket PATH
+        assert_eq!(
+            norm(&[
+                "/usr/bin/coworkvm",
+                "/usr/lib/claude-desktop/resources/cowork-vm-service.js",
+                "-socket",
+                "/run/user/1000/claude-cowork-vm.sock"
+            ]),
+            [
+                "/usr/bin/coworkvm",
+                "serve",
+                "--socket",
+                "/run/user/1000/claude-cowork-vm.sock"
+            ]
+        );
+        let cli = Cli::parse_from(norm(&[
+            "coworkvm",
+            "x.js",
+            "-socket",
+            "/s",
+            "-idle-exit",
+            "5",
+        ]));
+        assert!(matches!(
+            cli.command,
+            Command::Serve { socket: Some(p), idle_exit: Some(5), .. } if p == std::path::Path::new("/s")
+        ));
+        // A script path with no helper flag after it is not the stub's
+        // command line: left for clap to refuse.
+        assert_eq!(norm(&["coworkvm", "x.js"]), ["coworkvm", "x.js"]);
+        assert!(Cli::try_parse_from(norm(&["coworkvm", "x.js"])).is_err());
+        // Nor is a .js argument of another subcommand.
+        assert_eq!(
+            norm(&["coworkvm", "run", "x.js", "-socket", "/s"]),
+            ["coworkvm", "run", "x.js", "-socket", "/s"]
+        );
+    }
+
+    #[test]
+    fn socket_activation_settings() {
+        use std::time::Duration;
+        assert_eq!(
+            idle_exit(None, true),
+            Some(coworkvm_helper::DEFAULT_IDLE_EXIT)
+        );
+        assert_eq!(idle_exit(None, false), None);
+        assert_eq!(idle_exit(Some(0), true), None);
+        assert_eq!(idle_exit(Some(7), false), Some(Duration::from_secs(7)));
+        assert_eq!(default_level("info", 0, false), "info");
+        assert_eq!(default_level("warn", 1, false), "info");
+        assert_eq!(default_level("warn", 9, false), "trace");
+        assert_eq!(default_level("info", 0, true), "error");
+        // `--socket` naming another path than systemd's socket is refused
+        // rather than silently served elsewhere.
+        let dir = std::env::temp_dir().join(format!("cvm-src-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let inherited = || coworkvm_helper::activation::InheritedSocket {
+            fd: std::os::fd::OwnedFd::from(l.try_clone().unwrap()),
+            path: path.clone(),
+            name: None,
+        };
+        let e = serve_source(Some(dir.join("b.sock")), Some(inherited()))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("systemd passed a socket bound to"),
+            "{e}"
+        );
+        assert!(matches!(
+            serve_source(Some(path.clone()), Some(inherited())).unwrap(),
+            coworkvm_helper::SocketSource::Inherited(_)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_run_and_serve_option_says_its_unit_or_kind() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for sub in ["run", "serve"] {
+            let sub = cmd.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments() {
+                if arg.is_positional() || arg.get_id() == "help" {
+                    continue;
+                }
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(!help.is_empty(), "--{} has no help", arg.get_id());
+            }
+        }
+        let run = cmd.find_subcommand("run").unwrap();
+        let help_of = |id: &str| {
+            run.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap()
+        };
+        assert!(help_of("mem").contains("MiB"));
+        assert!(help_of("disk_size_gb").contains("GiB"));
+        assert!(help_of("boot_timeout").contains("Seconds"));
+    }
+
+    #[test]
     fn serve_takes_the_egress_flags_in_either_form() {
         assert_eq!(
             norm(&[
