@@ -398,10 +398,18 @@ fn run_command(args: RunArgs, progress: bool) -> anyhow::Result<i32> {
     })?)
 }
 
-/// The log filter: `RUST_LOG` when set, else `default`.
+/// The log filter: `RUST_LOG` when set, else `default`. At the default
+/// `warn`, the rootfs expansion's progress lines (info, when stderr is no
+/// terminal and so has no progress bar) still show: a minutes-long
+/// `coworkvm run` in a log says what it is doing.
 fn base_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        if default == "warn" {
+            tracing_subscriber::EnvFilter::new("warn,coworkvm_bundle::expand=info")
+        } else {
+            tracing_subscriber::EnvFilter::new(default)
+        }
+    })
 }
 
 /// The default log level: the command's own, moved by `-v`/`-q`.
