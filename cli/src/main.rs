@@ -278,7 +278,7 @@ fn read_config_fd(fd: i32) -> anyhow::Result<LaunchConfig> {
 #[derive(clap::Args)]
 #[command(
     after_help = "Exit status: the command's own (128+N when signal N ended it); \
-125 when coworkvm itself failed (the VM did not boot, its agent did not connect); \
+125 when coworkvm itself failed (a bad option, the VM did not boot, its agent did not connect); \
 126 when the command cannot be executed; 127 when it is not found."
 )]
 struct RunArgs {
@@ -761,7 +761,26 @@ fn idle_exit(secs: Option<u64>, activated: bool) -> Option<std::time::Duration> 
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
+    let args = normalize_args(std::env::args_os().collect());
+    // `coworkvm run` keeps 0-124 and 128+ for the command: its own usage
+    // errors are coworkvm's failures too (125), not a status 2 the command
+    // could have returned.
+    let is_run = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .is_some_and(|a| a == "run");
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match (e.use_stderr(), is_run) {
+                (false, _) => 0,
+                (true, true) => coworkvm_helper::run::EXIT_RUN_FAILED,
+                (true, false) => 2,
+            });
+        }
+    };
     // Before anything else runs (no thread yet): the socket systemd passed,
     // taken off the environment so that no child sees it.
     let inherited = match cli.command {
