@@ -1,5 +1,7 @@
 //! `coworkvm`: boot a guest, or check the host.
 
+mod doctor_checks;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,6 +24,13 @@ use socket_proto::manifest::MANIFEST_FILE;
     about = "A KVM sandbox VM for the Cowork agent"
 )]
 struct Cli {
+    /// More log output: -v info, -vv debug, -vvv trace (RUST_LOG, when
+    /// set, decides instead).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Less log output: errors only (RUST_LOG, when set, decides instead).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,11 +42,19 @@ enum Command {
     /// Boot a VM with the guest agent and run CMD in it, like `ssh host CMD`.
     Run(RunArgs),
     /// Serve the desktop client's helper protocol on a Unix socket (also
-    /// what `coworkvm -socket PATH` does, as the client starts its helper).
+    /// what `coworkvm -socket PATH` and `coworkvm SCRIPT.js -socket PATH`
+    /// do, as the clients start their helper). Under systemd socket
+    /// activation (LISTEN_FDS) it serves the socket systemd passed.
     Serve {
-        /// The socket [default: $XDG_RUNTIME_DIR/claude-cowork-vm.sock].
+        /// The socket [default: the one systemd passed, else
+        /// $XDG_RUNTIME_DIR/claude-cowork-vm.sock].
         #[arg(long = "socket", value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Stop after SECS seconds with no VM and no client connection; 0
+        /// never [default: 300 when socket-activated (the socket stays and
+        /// the next connection starts the helper again), else never].
+        #[arg(long = "idle-exit", value_name = "SECS")]
+        idle_exit: Option<u64>,
         /// Connect the sessions' streams to HOST (any port, or only PORT) at IP
         /// instead of its DNS answer, like curl's --resolve. Repeatable.
         #[arg(long = "egress-resolve", value_name = "HOST[:PORT]=IP")]
@@ -56,11 +73,19 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
-    /// Check that this host can run coworkvm VMs.
+    /// Check that this host can run coworkvm VMs: one PASS/WARN/FAIL line per
+    /// check, each failing one with its fix. Exit status 1 when coworkvm
+    /// cannot run a VM here (or, with --client, the client's probe would
+    /// refuse this machine).
     Doctor {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Also check what the desktop client's own probe wants (QEMU, OVMF,
+        /// virtiofsd at its paths, /dev/vhost-vsock) and the community
+        /// build's COWORK_NODE_PATH.
+        #[arg(long)]
+        client: bool,
         /// Check this virtiofsd first, as the client's configure.virtiofsdPath would name it.
         #[arg(long, value_name = "PATH")]
         virtiofsd: Option<PathBuf>,
@@ -85,35 +110,6 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         virtiofsd: PathBuf,
     },
-}
-
-/// `coworkvm doctor`'s shared-folder lines: the virtiofsd it would use, the candidates passed
-/// over (a missing distribution path is not worth a line), or how to get one.
-fn virtiofsd_lines(res: &coworkvm_helper::virtiofsd::Resolution) -> Vec<String> {
-    use coworkvm_helper::virtiofsd::{version_string, Rejection, Source, HOW_TO_GET, MIN_VERSION};
-    let mut lines = Vec::new();
-    match &res.chosen {
-        Some(v) => lines.push(format!(
-            "virtiofsd:          {} {} (shared folders work)",
-            v.path.display(),
-            version_string(v.version)
-        )),
-        None => lines.push(format!(
-            "virtiofsd:          none usable (>= {} needed): shared folders are unavailable",
-            version_string(MIN_VERSION)
-        )),
-    }
-    for r in &res.rejected {
-        let quiet = matches!(r.reason, Rejection::Missing)
-            && matches!(r.candidate.source, Source::System | Source::Bundled);
-        if !quiet {
-            lines.push(format!("  passed over {r}"));
-        }
-    }
-    if res.chosen.is_none() {
-        lines.push(format!("  to get one: {HOW_TO_GET}"));
-    }
-    lines
 }
 
 /// The same as JSON: `{"path", "version"}` or `null` for the chosen one, every rejection.
@@ -280,20 +276,29 @@ fn read_config_fd(fd: i32) -> anyhow::Result<LaunchConfig> {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Exit status: the command's own (128+N when signal N ended it); \
+125 when coworkvm itself failed (a bad option, the VM did not boot, its agent did not connect); \
+126 when the command cannot be executed; 127 when it is not found."
+)]
 struct RunArgs {
-    /// Guest kernel [default: $COWORKVM_KERNEL or build/kernel/vmlinuz].
-    #[arg(long)]
+    /// Guest kernel (bzImage) [default: $COWORKVM_KERNEL or build/kernel/vmlinuz].
+    #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Initramfs with coworkvm-agent as /init [default: $COWORKVM_INITRD or
     /// build/agent-initrd.cpio.zst].
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    #[arg(long, default_value_t = 2)]
+    /// Number of vCPUs (serve: the client's cpuCount, else 2).
+    #[arg(long, value_name = "N", default_value_t = 2)]
     cpus: u8,
-    #[arg(long, default_value_t = 512)]
+    /// Guest memory in MiB. Smaller than serve's default (the client's
+    /// memoryMB, else 2048): one command needs less than a desktop session.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
     mem: u64,
-    /// Keep the guest console here (default: a temporary file).
-    #[arg(long)]
+    /// Keep the guest console in this file [default: console.log in a
+    /// temporary run directory, kept (and named) when the boot fails].
+    #[arg(long, value_name = "PATH")]
     console: Option<PathBuf>,
     /// Machine UUID the guest reads from /sys/class/dmi/id/product_uuid
     /// [default: the bundle's machineIdentifier].
@@ -310,8 +315,12 @@ struct RunArgs {
     images: Option<PathBuf>,
     /// Size of a new session disk in GiB [default: the bundle's
     /// config.json, else 10].
-    #[arg(long)]
+    #[arg(long, value_name = "GIB")]
     disk_size_gb: Option<u64>,
+    /// Seconds to wait for the guest agent to connect before giving up
+    /// (exit status 125).
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    boot_timeout: u64,
     /// Run CMD sandboxed as session NAME (its own user under bubblewrap,
     /// home /sessions/NAME), as the desktop client's processes run.
     /// Default: as root in the guest, like `ssh root@vm CMD`.
@@ -331,7 +340,22 @@ fn default_path(flag: Option<PathBuf>, env: &str, fallback: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(fallback))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `coworkvm run`: the command's exit status, or 125/126/127 (see
+/// [`RunArgs`]'s help) with the reason on stderr.
+fn run(args: RunArgs, progress: bool) -> ExitCode {
+    match run_command(args, progress) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("coworkvm: {e:#}");
+            let code = e
+                .downcast_ref::<coworkvm_helper::run::RunError>()
+                .map_or(coworkvm_helper::run::EXIT_RUN_FAILED, |e| e.exit_code());
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run_command(args: RunArgs, progress: bool) -> anyhow::Result<i32> {
     let machine = if args.kernel.is_some() || args.initrd.is_some() {
         // A bare kernel + initramfs (the busybox test image): no rootfs,
         // no session disk, no identity unless --uuid.
@@ -360,7 +384,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         images.machine_uuid = args.uuid.or(images.machine_uuid);
         RunMachine::Bundle(images)
     };
-    let code = coworkvm_helper::run::run(RunConfig {
+    Ok(coworkvm_helper::run::run(RunConfig {
         machine,
         size: MachineSize {
             cpus: args.cpus.into(),
@@ -368,34 +392,136 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         console: args.console,
         command: args.command,
-        connect_timeout: std::time::Duration::from_secs(180),
+        connect_timeout: std::time::Duration::from_secs(args.boot_timeout),
         session: args.session,
-    })?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        progress,
+    })?)
 }
 
-/// The log filter: `RUST_LOG` when set, else `default`.
+/// The log filter: `RUST_LOG` when set, else `default`. At the default
+/// `warn`, the rootfs expansion's progress lines (info, when stderr is no
+/// terminal and so has no progress bar) still show: a minutes-long
+/// `coworkvm run` in a log says what it is doing.
 fn base_filter(default: &str) -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        if default == "warn" {
+            tracing_subscriber::EnvFilter::new("warn,coworkvm_bundle::expand=info")
+        } else {
+            tracing_subscriber::EnvFilter::new(default)
+        }
+    })
 }
 
-/// One readable line per event on stderr. Returns the switch that
-/// `setDebugLogging` flips (debug on, or back to the base filter).
+/// The default log level: the command's own, moved by `-v`/`-q`.
+fn default_level(command_default: &'static str, verbose: u8, quiet: bool) -> &'static str {
+    if quiet {
+        return "error";
+    }
+    const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+    let base = LEVELS
+        .iter()
+        .position(|l| *l == command_default)
+        .unwrap_or(1);
+    LEVELS[(base + usize::from(verbose)).min(LEVELS.len() - 1)]
+}
+
+/// Whether stderr is the journal: `JOURNAL_STREAM` (set by systemd for a
+/// service whose output goes to the journal) names stderr's device and
+/// inode. A child that inherited the variable but writes elsewhere does
+/// not match.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// Lines for the journal: each starts with its syslog priority (`<3>`
+/// error, `<4>` warning, `<6>` info, `<7>` debug), which journald reads
+/// and strips; no timestamp (the journal keeps its own), no level word, no
+/// colour. A multi-line message gets the prefix on every line.
+struct JournalFormat(
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>,
+);
+
+impl JournalFormat {
+    fn new() -> Self {
+        Self(
+            tracing_subscriber::fmt::format()
+                .without_time()
+                .with_level(false)
+                .with_target(false)
+                .with_ansi(false),
+        )
+    }
+
+    fn priority(level: tracing::Level) -> u8 {
+        match level {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        }
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JournalFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = Self::priority(*event.metadata().level());
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        for part in line.trim_end_matches('\n').split('\n') {
+            writeln!(writer, "<{priority}>{part}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One readable line per event on stderr (journal lines when stderr is the
+/// journal). Returns the switch that `setDebugLogging` flips (debug on, or
+/// back to the base filter).
 fn init_logging(default: &'static str) -> coworkvm_helper::DebugSwitch {
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
     let (filter, handle) = tracing_subscriber::reload::Layer::new(base_filter(default));
+    let journal = stderr_is_journal();
+    let plain = (!journal).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+    });
+    let journal = journal.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(JournalFormat::new())
+    });
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false),
-        )
+        .with(plain)
+        .with(journal)
         .init();
     std::sync::Arc::new(move |debug: bool| {
         let f = if debug {
@@ -410,11 +536,19 @@ fn init_logging(default: &'static str) -> coworkvm_helper::DebugSwitch {
 }
 
 /// The client starts its helper as `HELPER -socket PATH`, with no
-/// subcommand: that (and `--socket PATH`) means `serve --socket PATH`. A
-/// single-dash `-socket` is accepted after `serve` too.
+/// subcommand: that (and `--socket PATH`) means `serve --socket PATH`, and
+/// so does `SCRIPT.js -socket PATH` (the community build's Node stub, run
+/// by whatever `COWORK_NODE_PATH` names). A single-dash `-socket` is
+/// accepted after `serve` too.
 fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     // `serve`'s flags, which also come in the client's single-dash form.
-    const SERVE_FLAGS: &[&str] = &["socket", "config", "egress-resolve", "egress-allow"];
+    const SERVE_FLAGS: &[&str] = &[
+        "socket",
+        "config",
+        "egress-resolve",
+        "egress-allow",
+        "idle-exit",
+    ];
     let serve_flag = |a: &str| -> Option<&'static str> {
         let bare = a.strip_prefix("--").or_else(|| a.strip_prefix('-'))?;
         SERVE_FLAGS.iter().copied().find(|f| {
@@ -422,6 +556,19 @@ fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> 
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
         })
     };
+    // The community build's bwrap backend starts
+    // `"$COWORK_NODE_PATH" <resources>/cowork-vm-service.js -socket PATH`:
+    // with COWORK_NODE_PATH=/usr/bin/coworkvm the script's path comes first.
+    // It names the stub coworkvm stands in for; it is not read.
+    if args
+        .get(1)
+        .is_some_and(|a| a.to_string_lossy().ends_with(".js"))
+        && args
+            .get(2)
+            .is_some_and(|a| serve_flag(&a.to_string_lossy()).is_some())
+    {
+        args.remove(1);
+    }
     if args
         .get(1)
         .is_some_and(|a| serve_flag(&a.to_string_lossy()).is_some())
@@ -581,30 +728,104 @@ fn bundle(command: BundleCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `coworkvm serve`'s socket: the one systemd passed (which `--socket`,
+/// when given too, must name), else `--socket`, else the default path.
+fn serve_source(
+    socket: Option<PathBuf>,
+    inherited: Option<coworkvm_helper::activation::InheritedSocket>,
+) -> anyhow::Result<coworkvm_helper::SocketSource> {
+    use coworkvm_helper::SocketSource;
+    Ok(match inherited {
+        Some(sock) => {
+            if let Some(p) = socket.filter(|p| *p != sock.path) {
+                anyhow::bail!(
+                    "--socket {} but systemd passed a socket bound to {}",
+                    p.display(),
+                    sock.path.display()
+                );
+            }
+            SocketSource::Inherited(sock)
+        }
+        None => SocketSource::Bind(socket.unwrap_or_else(coworkvm_helper::default_socket_path)),
+    })
+}
+
+/// `--idle-exit SECS`: 0 never; unset: [`coworkvm_helper::DEFAULT_IDLE_EXIT`]
+/// when socket-activated, else never.
+fn idle_exit(secs: Option<u64>, activated: bool) -> Option<std::time::Duration> {
+    match secs {
+        Some(0) => None,
+        Some(n) => Some(std::time::Duration::from_secs(n)),
+        None => activated.then_some(coworkvm_helper::DEFAULT_IDLE_EXIT),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(normalize_args(std::env::args_os().collect()));
-    let debug_switch = init_logging(match cli.command {
-        Command::Serve { .. } | Command::ShareKeeper { .. } => "info",
-        _ => "warn",
-    });
+    let args = normalize_args(std::env::args_os().collect());
+    // `coworkvm run` keeps 0-124 and 128+ for the command: its own usage
+    // errors are coworkvm's failures too (125), not a status 2 the command
+    // could have returned.
+    let is_run = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .is_some_and(|a| a == "run");
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(match (e.use_stderr(), is_run) {
+                (false, _) => 0,
+                (true, true) => coworkvm_helper::run::EXIT_RUN_FAILED,
+                (true, false) => 2,
+            });
+        }
+    };
+    // Before anything else runs (no thread yet): the socket systemd passed,
+    // taken off the environment so that no child sees it.
+    let inherited = match cli.command {
+        Command::Serve { .. } => coworkvm_helper::activation::take_listen_socket(),
+        _ => Ok(None),
+    };
+    let debug_switch = init_logging(default_level(
+        match cli.command {
+            Command::Serve { .. } | Command::ShareKeeper { .. } => "info",
+            _ => "warn",
+        },
+        cli.verbose,
+        cli.quiet,
+    ));
     let result = match cli.command {
         Command::Serve {
             socket,
+            idle_exit: idle_secs,
             egress_resolve,
             egress_allow,
             config,
-        } => {
-            let socket = socket.unwrap_or_else(coworkvm_helper::default_socket_path);
-            coworkvm_helper::egress::config::load(&egress_resolve, &egress_allow, config.as_deref())
-                .context("the egress settings")
-                .and_then(|egress| coworkvm_helper::serve(&socket, Some(debug_switch), egress))
-                .map(|()| ExitCode::SUCCESS)
-        }
+        } => inherited
+            .context("socket activation")
+            .and_then(|inherited| serve_source(socket, inherited))
+            .and_then(|source| {
+                let activated = matches!(source, coworkvm_helper::SocketSource::Inherited(_));
+                let egress = coworkvm_helper::egress::config::load(
+                    &egress_resolve,
+                    &egress_allow,
+                    config.as_deref(),
+                )
+                .context("the egress settings")?;
+                coworkvm_helper::serve(
+                    source,
+                    Some(debug_switch),
+                    egress,
+                    idle_exit(idle_secs, activated),
+                )
+            })
+            .map(|()| ExitCode::SUCCESS),
         Command::Boot(args) => boot(args),
         Command::SandboxProbe(args) => Ok(ExitCode::from(
             coworkvm_vmm::sandbox_probe::run(&args).clamp(0, 255) as u8,
         )),
-        Command::Run(args) => run(args),
+        Command::Run(args) => Ok(run(args, !cli.quiet)),
         Command::ShareKeeper {
             control_fd,
             listen_fd,
@@ -620,32 +841,25 @@ fn main() -> ExitCode {
             .clamp(0, 255) as u8,
         )),
         Command::Bundle { command } => bundle(command),
-        Command::Doctor { json, virtiofsd } => {
-            let report = doctor::run_doctor();
+        Command::Doctor {
+            json,
+            client,
+            virtiofsd,
+        } => {
+            let kvm = doctor::run_doctor();
             let shares = coworkvm_helper::virtiofsd::resolve_all(virtiofsd.as_deref());
+            let report = doctor_checks::run(&doctor_checks::Host::current(), kvm, &shares, client);
             if json {
-                let mut v = serde_json::to_value(&report).unwrap_or_default();
-                v["virtiofsd"] = virtiofsd_json(&shares);
-                println!("{v}");
-            } else {
-                println!("/dev/kvm present:   {}", report.kvm_device);
-                println!("KVM usable:         {}", report.kvm_usable);
-                if let Some(m) = report.ring0_mips {
-                    println!("guest ring-0 speed: {m:.1} MIPS");
+                match serde_json::to_string(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("coworkvm: {e}"),
                 }
-                println!("can boot Linux:     {}", report.can_boot_linux);
-                println!("{}", report.verdict);
-                for line in virtiofsd_lines(&shares) {
+            } else {
+                for line in doctor_checks::text(&report) {
                     println!("{line}");
                 }
             }
-            // Shared folders are optional: without a virtiofsd VMs still run, so only KVM
-            // decides the exit status.
-            Ok(if report.kvm_usable {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(ExitCode::from(report.exit_code()))
         }
     };
     match result {
@@ -660,66 +874,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn doctor_names_the_virtiofsd_or_says_how_to_get_one() {
-        use coworkvm_helper::virtiofsd::{
-            Candidate, Rejected, Rejection, Resolution, Source, Virtiofsd,
-        };
-        let rejected = |path: &str, source, reason| Rejected {
-            candidate: Candidate {
-                path: path.into(),
-                source,
-            },
-            reason,
-        };
-        let found = Resolution {
-            chosen: Some(Virtiofsd {
-                path: "/usr/lib/coworkvm/virtiofsd".into(),
-                version: (1, 14, 0),
-            }),
-            rejected: vec![
-                rejected(
-                    "/opt/qemu-virtiofsd",
-                    Source::Configured,
-                    Rejection::LegacyC {
-                        reported: "virtiofsd version 7.2.22".into(),
-                    },
-                ),
-                rejected("/usr/libexec/virtiofsd", Source::System, Rejection::Missing),
-            ],
-        };
-        let lines = virtiofsd_lines(&found);
-        assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(
-            lines[0].contains("/usr/lib/coworkvm/virtiofsd 1.14.0"),
-            "{lines:?}"
-        );
-        assert!(
-            lines[1].contains("/opt/qemu-virtiofsd (configure.virtiofsdPath)"),
-            "{lines:?}"
-        );
-        let json = virtiofsd_json(&found);
-        assert_eq!(json["version"], "1.14.0");
-        assert_eq!(json["rejected"].as_array().unwrap().len(), 2);
-
-        let none = Resolution {
-            chosen: None,
-            rejected: vec![rejected(
-                "/usr/bin/virtiofsd",
-                Source::System,
-                Rejection::TooOld { found: (1, 10, 1) },
-            )],
-        };
-        let lines = virtiofsd_lines(&none).join("\n");
-        assert!(lines.contains("none usable (>= 1.13.0 needed)"), "{lines}");
-        assert!(lines.contains("1.10.1 is too old"), "{lines}");
-        assert!(
-            lines.contains("make build") && lines.contains("virtiofsdPath"),
-            "{lines}"
-        );
-        assert!(virtiofsd_json(&none)["path"].is_null());
-    }
 
     fn norm(args: &[&str]) -> Vec<String> {
         normalize_args(args.iter().map(Into::into).collect())
@@ -753,6 +907,113 @@ mod tests {
         );
         let cli = Cli::parse_from(norm(&["coworkvm", "serve"]));
         assert!(matches!(cli.command, Command::Serve { socket: None, .. }));
+    }
+
+    #[test]
+    fn the_community_builds_node_command_line_serves() {
+        // "$COWORK_NODE_PATH" <resources>/cowork-vm-service.js -socket PATH
+        assert_eq!(
+            norm(&[
+                "/usr/bin/coworkvm",
+                "/usr/lib/claude-desktop/resources/cowork-vm-service.js",
+                "-socket",
+                "/run/user/1000/claude-cowork-vm.sock"
+            ]),
+            [
+                "/usr/bin/coworkvm",
+                "serve",
+                "--socket",
+                "/run/user/1000/claude-cowork-vm.sock"
+            ]
+        );
+        let cli = Cli::parse_from(norm(&[
+            "coworkvm",
+            "x.js",
+            "-socket",
+            "/s",
+            "-idle-exit",
+            "5",
+        ]));
+        assert!(matches!(
+            cli.command,
+            Command::Serve { socket: Some(p), idle_exit: Some(5), .. } if p == std::path::Path::new("/s")
+        ));
+        // A script path with no helper flag after it is not the stub's
+        // command line: left for clap to refuse.
+        assert_eq!(norm(&["coworkvm", "x.js"]), ["coworkvm", "x.js"]);
+        assert!(Cli::try_parse_from(norm(&["coworkvm", "x.js"])).is_err());
+        // Nor is a .js argument of another subcommand.
+        assert_eq!(
+            norm(&["coworkvm", "run", "x.js", "-socket", "/s"]),
+            ["coworkvm", "run", "x.js", "-socket", "/s"]
+        );
+    }
+
+    #[test]
+    fn socket_activation_settings() {
+        use std::time::Duration;
+        assert_eq!(
+            idle_exit(None, true),
+            Some(coworkvm_helper::DEFAULT_IDLE_EXIT)
+        );
+        assert_eq!(idle_exit(None, false), None);
+        assert_eq!(idle_exit(Some(0), true), None);
+        assert_eq!(idle_exit(Some(7), false), Some(Duration::from_secs(7)));
+        assert_eq!(default_level("info", 0, false), "info");
+        assert_eq!(default_level("warn", 1, false), "info");
+        assert_eq!(default_level("warn", 9, false), "trace");
+        assert_eq!(default_level("info", 0, true), "error");
+        // `--socket` naming another path than systemd's socket is refused
+        // rather than silently served elsewhere.
+        let dir = std::env::temp_dir().join(format!("cvm-src-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let inherited = || coworkvm_helper::activation::InheritedSocket {
+            fd: std::os::fd::OwnedFd::from(l.try_clone().unwrap()),
+            path: path.clone(),
+            name: None,
+        };
+        let e = serve_source(Some(dir.join("b.sock")), Some(inherited()))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("systemd passed a socket bound to"),
+            "{e}"
+        );
+        assert!(matches!(
+            serve_source(Some(path.clone()), Some(inherited())).unwrap(),
+            coworkvm_helper::SocketSource::Inherited(_)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_run_and_serve_option_says_its_unit_or_kind() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        for sub in ["run", "serve"] {
+            let sub = cmd.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments() {
+                if arg.is_positional() || arg.get_id() == "help" {
+                    continue;
+                }
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                assert!(!help.is_empty(), "--{} has no help", arg.get_id());
+            }
+        }
+        let run = cmd.find_subcommand("run").unwrap();
+        let help_of = |id: &str| {
+            run.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap()
+        };
+        assert!(help_of("mem").contains("MiB"));
+        assert!(help_of("disk_size_gb").contains("GiB"));
+        assert!(help_of("boot_timeout").contains("Seconds"));
     }
 
     #[test]
@@ -803,6 +1064,7 @@ mod tests {
             egress_resolve,
             egress_allow,
             config,
+            ..
         } = cli.command
         else {
             panic!("not serve");

@@ -2,6 +2,7 @@
 //!
 //! | module | what it does |
 //! |---|---|
+//! | [`activation`] | systemd socket activation: the listening socket passed in `LISTEN_FDS`/`LISTEN_PID` |
 //! | [`server`] | binds the client socket (0700 dir, 0600 socket, stale socket replaced, live one refused), checks SO_PEERCRED, serves one-shot, pipe and event-stream connections |
 //! | [`events`] | the broadcast of client events, with the current `networkStatus` / `apiReachability` for new subscribers |
 //! | [`vm`] | VM lifecycle: images from the bundle ([`vm::ImageSource`]), the VMM child process ([`vm::VmLauncher`]), start, stop, crash handling |
@@ -14,6 +15,7 @@
 //! | [`virtiofsd`] | finding a usable virtiofsd (>= 1.13.0, the Rust daemon): configured path, `$COWORKVM_VIRTIOFSD`, distribution paths, coworkvm's own; `--version` probed with a timeout; each rejected candidate's reason kept |
 //! | [`wire`] | async frame reading with bounded allocation |
 
+pub mod activation;
 pub mod agent;
 pub mod egress;
 pub mod events;
@@ -197,14 +199,39 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Runs the helper on `socket` until SIGTERM or SIGINT, then stops the VM
-/// cleanly. Blocks the calling thread (a current-thread runtime: every VMM
-/// is forked from this thread, which `PR_SET_PDEATHSIG` relies on).
-/// `egress` is the egress proxy's settings ([`egress::config::load`]).
+/// How long a socket-activated helper waits with no VM and no connection
+/// before it stops (`coworkvm serve --idle-exit`'s default then).
+pub const DEFAULT_IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Where the client socket comes from.
+pub enum SocketSource {
+    /// Bind this path ([`bind`]); the file goes when the helper stops.
+    Bind(PathBuf),
+    /// Serve the socket systemd passed ([`activation::take_listen_socket`]);
+    /// the file stays.
+    Inherited(activation::InheritedSocket),
+}
+
+impl SocketSource {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            SocketSource::Bind(p) => p,
+            SocketSource::Inherited(s) => &s.path,
+        }
+    }
+}
+
+/// Runs the helper on `source` until SIGTERM or SIGINT (or, with
+/// `idle_exit`, until it was idle that long), then stops the VM cleanly.
+/// Blocks the calling thread (a current-thread runtime: every VMM is
+/// forked from this thread, which `PR_SET_PDEATHSIG` relies on). `egress`
+/// is the egress proxy's settings ([`egress::config::load`]).
 pub fn serve(
-    socket: &Path,
+    source: SocketSource,
     debug_switch: Option<DebugSwitch>,
     egress: egress::EgressConfig,
+    idle_exit: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
     tracing::info!("egress settings: {}", egress.describe());
     raise_nofile_limit();
@@ -212,10 +239,14 @@ pub fn serve(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut cfg = HelperConfig::production(socket)?;
+        let mut cfg = HelperConfig::production(source.path())?;
         cfg.debug_switch = debug_switch;
         cfg.egress = Arc::new(egress);
-        let listener = bind(socket)?;
+        let listener = match source {
+            SocketSource::Bind(path) => bind(&path)?,
+            SocketSource::Inherited(sock) => Listener::inherited(sock)?,
+        }
+        .with_idle_exit(idle_exit);
         let helper = Helper::new(cfg);
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;

@@ -32,10 +32,52 @@ pub enum RunError {
     Timeout(Duration),
     #[error("the agent refused the command: {0}")]
     SpawnRefused(String),
+    /// The command is not there (exit status 127, as a shell's).
+    #[error("{0}")]
+    CommandNotFound(String),
+    /// The command is there but cannot be executed (126, as a shell's).
+    #[error("{0}")]
+    CannotExecute(String),
     #[error("the agent connection broke: {0}")]
     Protocol(String),
     #[error(transparent)]
     Vm(#[from] VmManagerError),
+}
+
+/// `coworkvm run`'s exit status when coworkvm itself failed (the VM did
+/// not boot, the agent did not connect, ...), as `docker run`'s.
+pub const EXIT_RUN_FAILED: u8 = 125;
+/// The command was found but cannot be executed (a shell's 126).
+pub const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// The command was not found (a shell's 127).
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+impl RunError {
+    /// The exit status `coworkvm run` ends with for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::CommandNotFound(_) => EXIT_NOT_FOUND,
+            RunError::CannotExecute(_) => EXIT_CANNOT_EXECUTE,
+            _ => EXIT_RUN_FAILED,
+        }
+    }
+}
+
+/// Sorts the agent's refusal of a spawn: the command is missing (its own
+/// PATH check, or `execve`'s ENOENT), cannot be executed (EACCES: no
+/// execute permission or a directory; ENOEXEC: not a program), or the
+/// refusal is coworkvm's own. The guest protocol answers a refusal with
+/// text only: these are the agent's `RequestError::NotFound` and Rust's
+/// `io::Error` forms.
+pub fn classify_spawn_refusal(message: String) -> RunError {
+    let has = |s: &str| message.contains(s);
+    if has("(os error 2)") || (has("cannot run ") && has(": not found in ")) {
+        RunError::CommandNotFound(message)
+    } else if has("(os error 13)") || has("(os error 8)") {
+        RunError::CannotExecute(message)
+    } else {
+        RunError::SpawnRefused(message)
+    }
 }
 
 pub struct RunConfig {
@@ -49,7 +91,13 @@ pub struct RunConfig {
     /// Run CMD in this session's sandbox (its own user, bubblewrap,
     /// `/sessions/NAME` as home) instead of as root in the guest.
     pub session: Option<String>,
+    /// Print the boot's progress on stderr once it has taken
+    /// [`STATUS_AFTER`] (`false`: `-q`).
+    pub progress: bool,
 }
+
+/// How long the boot may take before `coworkvm run` says what it waits for.
+pub const STATUS_AFTER: Duration = Duration::from_secs(2);
 
 /// What `coworkvm run` boots.
 pub enum RunMachine {
@@ -224,13 +272,49 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
     drop(spec);
 
     // The agent's `ready`, the VMM's end, or the deadline: whichever first.
-    tokio::select! {
-        ready = agent.wait_ready(cfg.connect_timeout) => if !ready {
-            let _ = control.send(VmSignal::Kill);
-            return Err(RunError::Timeout(cfg.connect_timeout));
-        },
-        how = &mut exited => {
-            return Err(RunError::VmEnded(how.unwrap_or_else(|_| "it vanished".into())));
+    // Past STATUS_AFTER, a line says what is awaited, and each boot step
+    // the agent reports gets a line of its own (plain lines: a terminal
+    // and a log read them alike).
+    let booting = std::time::Instant::now();
+    let ready = agent.wait_ready(cfg.connect_timeout);
+    tokio::pin!(ready);
+    let status_at = tokio::time::sleep(STATUS_AFTER);
+    tokio::pin!(status_at);
+    let mut steps: Vec<(String, String)> = Vec::new();
+    let mut status_shown = !cfg.progress;
+    loop {
+        tokio::select! {
+            r = &mut ready => {
+                if !r {
+                    let _ = control.send(VmSignal::Kill);
+                    return Err(RunError::Timeout(cfg.connect_timeout));
+                }
+                break;
+            }
+            how = &mut exited => {
+                return Err(RunError::VmEnded(how.unwrap_or_else(|_| "it vanished".into())));
+            }
+            _ = &mut status_at, if !status_shown => {
+                status_shown = true;
+                eprintln!("coworkvm: {}", boot_status(booting.elapsed(), &steps));
+            }
+            next = output.next() => {
+                let event = match next {
+                    Next::Event(e) => e,
+                    Next::Overflowed { budget } => {
+                        return Err(RunError::Protocol(format!(
+                            "the boot's events ran {budget} bytes ahead"
+                        )))
+                    }
+                };
+                output.written(event.len());
+                if let Some((step, status)) = startup_step(&event) {
+                    if status_shown && cfg.progress {
+                        eprintln!("coworkvm: boot step {step}: {status}");
+                    }
+                    steps.push((step, status));
+                }
+            }
         }
     }
     // Later connections are refused by the accept task (one per boot).
@@ -252,7 +336,7 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
     agent
         .request(&GuestRequest::Spawn(Box::new(spawn)), SPAWN_TIMEOUT)
         .await
-        .map_err(|e| RunError::SpawnRefused(e.to_string()))?;
+        .map_err(|e| classify_spawn_refusal(e.to_string()))?;
 
     // stdin -> the command, EOF included. A blocking reader thread feeds
     // a task that sends; a full channel holds the reader back.
@@ -358,6 +442,32 @@ async fn run_in(cfg: RunConfig, dir: &RunDir, console: &Path) -> Result<i32, Run
     Ok(code)
 }
 
+/// A `startupStep` event's step and status (the hub holds each event as
+/// its frame: 4 length bytes, then JSON).
+fn startup_step(frame: &[u8]) -> Option<(String, String)> {
+    let obj: serde_json::Map<String, Value> = serde_json::from_slice(frame.get(4..)?).ok()?;
+    if obj.get("type").and_then(Value::as_str) != Some("startupStep") {
+        return None;
+    }
+    let field = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    Some((field("step"), field("status")))
+}
+
+/// The line `coworkvm run` prints when the boot takes a while.
+pub fn boot_status(elapsed: Duration, steps: &[(String, String)]) -> String {
+    let mut line = format!(
+        "booting the VM: {:.0} s, waiting for its agent",
+        elapsed.as_secs_f64()
+    );
+    if steps.is_empty() {
+        line.push_str(" (no boot step reported yet)");
+    } else {
+        let seen: Vec<String> = steps.iter().map(|(s, st)| format!("{s} {st}")).collect();
+        line.push_str(&format!("; steps so far: {}", seen.join(", ")));
+    }
+    line
+}
+
 /// Output data of a process spawned with `encoding: base64`.
 fn decode_stream(data: &str) -> Result<Vec<u8>, RunError> {
     B64.decode(data)
@@ -439,6 +549,53 @@ mod tests {
         drop(kept);
         assert!(path.is_dir());
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_refused_spawn_gets_the_shells_status() {
+        // The unsandboxed spawn's execve errors, as the agent words them.
+        let missing =
+            "the agent answered: cannot run nosuch: No such file or directory (os error 2)";
+        assert_eq!(classify_spawn_refusal(missing.into()).exit_code(), 127);
+        // The sandboxed spawn's own PATH check.
+        let not_in_path = "cannot run nosuch: not found in /usr/bin:/bin";
+        assert_eq!(classify_spawn_refusal(not_in_path.into()).exit_code(), 127);
+        let denied = "cannot run /etc/passwd: Permission denied (os error 13)";
+        assert_eq!(classify_spawn_refusal(denied.into()).exit_code(), 126);
+        let not_a_program = "cannot run /x: Exec format error (os error 8)";
+        assert_eq!(
+            classify_spawn_refusal(not_a_program.into()).exit_code(),
+            126
+        );
+        // Anything else is coworkvm's failure, not the command's.
+        let other = "process id run is already in use";
+        assert_eq!(classify_spawn_refusal(other.into()).exit_code(), 125);
+        assert_eq!(RunError::Timeout(Duration::from_secs(1)).exit_code(), 125);
+        assert_eq!(RunError::VmEnded("exit status: 1".into()).exit_code(), 125);
+    }
+
+    #[test]
+    fn the_boot_status_line_names_the_steps_seen() {
+        let none = boot_status(Duration::from_millis(2100), &[]);
+        assert_eq!(
+            none,
+            "booting the VM: 2 s, waiting for its agent (no boot step reported yet)"
+        );
+        let frame = |v: Value| {
+            let json = serde_json::to_vec(&v).unwrap();
+            let mut f = (json.len() as u32).to_be_bytes().to_vec();
+            f.extend(json);
+            f
+        };
+        let step = startup_step(&frame(
+            json!({"type": "startupStep", "step": "rootfs", "status": "completed"}),
+        ))
+        .unwrap();
+        assert_eq!(step, ("rootfs".to_string(), "completed".to_string()));
+        assert!(startup_step(&frame(json!({"type": "stdout", "id": "run"}))).is_none());
+        assert!(startup_step(b"ab").is_none());
+        let line = boot_status(Duration::from_secs(5), &[step]);
+        assert!(line.ends_with("steps so far: rootfs completed"), "{line}");
     }
 
     #[test]

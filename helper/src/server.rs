@@ -57,7 +57,11 @@ pub enum ServeError {
 pub struct Listener {
     listener: UnixListener,
     path: PathBuf,
-    ino: u64,
+    /// The inode of the socket file this helper bound; `None` for a socket
+    /// it inherited (systemd's), which it never removes.
+    ino: Option<u64>,
+    /// Stop after this long with no VM and no connection.
+    idle_exit: Option<Duration>,
 }
 
 /// Binds `path`: its directory is created 0700 when missing (and must be
@@ -122,30 +126,103 @@ pub fn bind(path: &Path) -> Result<Listener, ServeError> {
     Ok(Listener {
         listener,
         path: path.to_owned(),
-        ino,
+        ino: Some(ino),
+        idle_exit: None,
     })
 }
 
 impl Listener {
-    /// Removes the socket file, if it still is the one this helper bound.
+    /// Serves a listening socket that systemd bound and passed (socket
+    /// activation). The file stays when the helper stops: it is systemd's,
+    /// and the next connection starts the helper again. Must be called
+    /// inside a tokio runtime.
+    pub fn inherited(sock: super::activation::InheritedSocket) -> Result<Listener, ServeError> {
+        let std_listener = std::os::unix::net::UnixListener::from(sock.fd);
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| ServeError::Io("using the inherited socket", sock.path.clone(), e))?;
+        let listener = UnixListener::from_std(std_listener)
+            .map_err(|e| ServeError::Io("using the inherited socket", sock.path.clone(), e))?;
+        Ok(Listener {
+            listener,
+            path: sock.path,
+            ino: None,
+            idle_exit: None,
+        })
+    }
+
+    /// Makes [`Listener::run`] return after `idle` with no VM and no open
+    /// connection (`None`: never).
+    pub fn with_idle_exit(mut self, idle: Option<Duration>) -> Self {
+        self.idle_exit = idle.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the socket was passed by systemd rather than bound here.
+    pub fn is_inherited(&self) -> bool {
+        self.ino.is_none()
+    }
+
+    /// Removes the socket file, if it still is the one this helper bound
+    /// (never an inherited one).
     pub fn remove(&self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+        let Some(ino) = self.ino else { return };
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == ino) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 
-    /// Serves connections until `shutdown` resolves; then stops the VM and
-    /// removes the socket file.
+    /// Serves connections until `shutdown` resolves (or, with an idle exit,
+    /// until nothing happened for that long); then stops the VM and removes
+    /// the socket file if this helper bound it.
     pub async fn run(self, helper: Arc<Helper>, shutdown: impl Future<Output = ()>) {
-        tracing::info!("serving {}", self.path.display());
+        if self.is_inherited() {
+            tracing::info!("serving {} (passed by systemd)", self.path.display());
+        } else {
+            tracing::info!("serving {}", self.path.display());
+        }
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let uid = euid();
+        // Idle: no connection open and no VM, checked every `tick`, so the
+        // helper stops between `idle` and `idle + tick` after it went idle.
+        let tick = self
+            .idle_exit
+            .map(|d| (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+            .unwrap_or(Duration::from_secs(3600));
+        let mut last_busy = tokio::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
                 _ = &mut shutdown => break,
                 a = self.listener.accept() => a,
+                _ = tokio::time::sleep(tick), if self.idle_exit.is_some() => {
+                    let busy = slots.available_permits() < MAX_CONNECTIONS || helper.vm.has_vm();
+                    let now = tokio::time::Instant::now();
+                    if busy {
+                        last_busy = now;
+                    } else if let Some(idle) = self.idle_exit {
+                        if now.duration_since(last_busy) >= idle {
+                            tracing::info!(
+                                "idle for {} s (no VM, no connection): stopping{}",
+                                idle.as_secs_f64(),
+                                if self.is_inherited() {
+                                    "; the socket stays, the next connection starts the helper again"
+                                } else {
+                                    ""
+                                }
+                            );
+                            break;
+                        }
+                    }
+                    continue;
+                }
             };
+            last_busy = tokio::time::Instant::now();
             let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {

@@ -644,6 +644,12 @@ impl VmManager {
         self.current().is_some_and(|i| !i.agent.channel_ended())
     }
 
+    /// Whether a VMM of this helper's exists (running, starting or not yet
+    /// reaped): the socket-activated helper does not stop while one does.
+    pub fn has_vm(&self) -> bool {
+        self.current().is_some()
+    }
+
     /// `isGuestConnected`.
     pub fn is_guest_connected(&self) -> bool {
         self.current().is_some_and(|i| i.agent.is_connected())

@@ -449,6 +449,18 @@ fn try_serve_with(
     home: Option<PathBuf>,
     egress: EgressConfig,
 ) -> Result<Served, String> {
+    try_serve_idle(socket, launcher, home, egress, None)
+}
+
+/// As [`try_serve_with`], the helper stopping after `idle_exit` with no VM
+/// and no connection.
+fn try_serve_idle(
+    socket: &Path,
+    launcher: Arc<FakeLauncher>,
+    home: Option<PathBuf>,
+    egress: EgressConfig,
+    idle_exit: Option<Duration>,
+) -> Result<Served, String> {
     logs();
     let dir = socket.parent().unwrap().to_owned();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -463,7 +475,7 @@ fn try_serve_with(
             .unwrap();
         rt.block_on(async move {
             let listener: Listener = match bind(&sock) {
-                Ok(l) => l,
+                Ok(l) => l.with_idle_exit(idle_exit),
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string()));
                     return;
@@ -1613,4 +1625,47 @@ fn start_vm_refuses_what_the_vmm_would_refuse_before_it_forks() {
         "nothing was launched"
     );
     assert!(!is_running(&h.socket));
+}
+
+/// The idle exit (`serve --idle-exit`, socket activation's) waits for the
+/// VM: a client that started one over a one-shot connection and went away
+/// leaves a VM running, which must keep the helper up; once it stops, the
+/// helper stops too, and removes the socket it bound.
+#[test]
+fn the_idle_exit_waits_while_a_vm_runs() {
+    let dir = temp_dir("idle-exit");
+    let sock = dir.join("helper.sock");
+    let mut h = try_serve_idle(
+        &sock,
+        Arc::default(),
+        None,
+        EgressConfig::default(),
+        Some(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let bundle = h.bundle.to_str().unwrap().to_string();
+    let r = one_shot(&sock, "startVM", json!({"bundlePath": bundle}));
+    assert_eq!(r["success"], true, "{r}");
+    poll_connected(&sock, true);
+    // No connection open, a VM running: well past the idle period, it
+    // still serves.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !h.thread.as_ref().unwrap().is_finished(),
+        "stopped with a VM running"
+    );
+    assert!(is_running(&sock));
+    let r = one_shot(&sock, "stopVM", json!({}));
+    assert_eq!(r["success"], true, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.thread.as_ref().unwrap().is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "no idle exit after the VM stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.thread.take().unwrap().join().unwrap();
+    assert!(!sock.exists(), "the socket it bound goes with it");
+    assert!(log_text().contains("idle for 0.3 s"), "{}", log_text());
 }

@@ -1,6 +1,7 @@
 //! End-to-end: `coworkvm run -- CMD` boots a VM whose /init is
 //! coworkvm-agent, runs CMD in it over vsock, streams its output and stdin,
-//! forwards Ctrl-C, and exits with CMD's exit code.
+//! forwards Ctrl-C, and exits with CMD's exit code; 125 when coworkvm itself
+//! failed, 126 when CMD cannot be executed, 127 when it is not found.
 
 use coworkvm_tests::{paths_or_skip, Batch, Case};
 
@@ -98,5 +99,68 @@ echo "rc=$?"
         ["130"],
         "Ctrl-C ends the command with SIGINT\n{}",
         ctx("signal")
+    );
+}
+
+#[test]
+fn run_exit_statuses_say_who_failed() {
+    let Some(paths) = paths_or_skip() else { return };
+    // Each case: the status, then the lines coworkvm wrote on stderr.
+    let case = |cmd: &str| {
+        format!("{cmd} > $TMPDIR/o 2> $TMPDIR/e\necho \"rc=$?\"\nsed 's/^/err| /' $TMPDIR/e\n")
+    };
+    let not_found = case(&format!("{RUN} -- /no/such/command"));
+    let not_found_in_path = case(&format!("{RUN} -- no-such-command-anywhere"));
+    let cannot_execute = case(&format!("{RUN} -- /"));
+    let own_status = case(&format!("{RUN} -- sh -c 'exit 42'"));
+    // The initramfs is no bzImage: the VMM stops before any agent.
+    let boot_fails = case(
+        "$COWORKVM run --kernel $P/agent.cpio.zst --initrd $P/agent.cpio.zst --cpus 1 --mem 256 -- true",
+    );
+    // No agent connects within a second.
+    let agent_timeout = case(&format!("{RUN} --boot-timeout 1 -- true"));
+    let batch = Batch {
+        cases: vec![
+            Case::new("not-found", &not_found, 180),
+            Case::new("not-found-in-path", &not_found_in_path, 180),
+            Case::new("cannot-execute", &cannot_execute, 180),
+            Case::new("own-status", &own_status, 180),
+            Case::new("boot-fails", &boot_fails, 180),
+            Case::new("agent-timeout", &agent_timeout, 180),
+        ],
+        files: vec![(paths.agent_initrd.clone(), "agent.cpio.zst".into())],
+        disks: vec![],
+    };
+    let result = batch.run(&paths).expect("the rig runs");
+    result.print_cases();
+    for (name, want) in [
+        ("not-found", "127"),
+        ("not-found-in-path", "127"),
+        ("cannot-execute", "126"),
+        ("own-status", "42"),
+        ("boot-fails", "125"),
+        ("agent-timeout", "125"),
+    ] {
+        let c = result.case(name);
+        assert_eq!(c.lines_with("rc="), [want], "{}", result.context(name));
+    }
+    // A failed boot names the console log it kept.
+    for name in ["boot-fails", "agent-timeout"] {
+        let c = result.case(name);
+        assert!(
+            c.lines_with("err|")
+                .iter()
+                .any(|l| l.contains("the guest console log is")),
+            "{}",
+            result.context(name)
+        );
+    }
+    let c = result.case("not-found");
+    assert!(
+        c.lines_with("err|")
+            .iter()
+            .any(|l| l.contains("/no/such/command")),
+        "the reason names the command\n{}",
+        result.context("not-found")
     );
 }

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{cpu, regs};
@@ -25,7 +25,9 @@ pub const PROBE_ITERATIONS: u32 = 200_000;
 pub const BOOTABLE_MIPS: f64 = 10.0;
 const CODE_ADDR: u64 = 0x10_0000;
 
-#[derive(Debug, Serialize)]
+/// What the KVM probe found (`coworkvm doctor --json` keeps these fields
+/// at its top level).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DoctorReport {
     pub kvm_device: bool,
     pub kvm_usable: bool,

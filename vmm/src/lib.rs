@@ -22,6 +22,7 @@ pub use arch::x86_64::smbios::{MachineUuid, SmbiosError};
 pub use builder::{run_with, BuildError, FsSpec, GuestExit, MachineConfig, RunOutcome, VsockSpec};
 /// The test hook behind `coworkvm sandbox-probe`: sets up the VMM's
 /// sandbox and makes one access.
+pub use sandbox::landlock_abi;
 pub use sandbox::probe as sandbox_probe;
 
 /// The vsock muxer's harness, for the fuzz target in `vmm/fuzz`.
