@@ -721,14 +721,23 @@ fn events_of(ev: &Events, kind: &str) -> Vec<String> {
 }
 
 /// The benchmark's session: `@BYTES@` through the HTTP proxy as an
-/// absolute URI, as a CONNECT tunnel (`-p`) and through SOCKS5, each
-/// printed `B <path> <seconds> <bytes> <status>`; then `@N@` sequential
+/// absolute URI, as a CONNECT tunnel (`-p`) and through SOCKS5, and from a
+/// server in the session itself over its loopback (the guest's own
+/// ceiling: no vsock, no proxy), each printed `B <path> <seconds> <bytes>
+/// <status>`; then `@N@` sequential
 /// CONNECT set-ups, each `L <seconds to the tunnel> <status>`.
 const BENCH_SCRIPT: &str = r#"U=http://allowed.test/bytes/@BYTES@
 t() { curl -sS --max-time 3000 -o /dev/null -w '%{time_total} %{size_download} %{http_code}' "$@"; }
 echo "B http $(t $U)"
 echo "B connect $(t -p $U)"
 echo "B socks $(t --socks5-hostname 127.0.0.1:1080 $U)"
+perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:9000", Listen => 1, ReuseAddr => 1) or die "listen: $!";
+  $c = $s->accept or die; sysread($c, $r, 4096); $n = @BYTES@; $b = "x" x 65536;
+  syswrite($c, "HTTP/1.1 200 OK\r\nContent-Length: $n\r\nConnection: close\r\n\r\n");
+  while ($n > 0) { $w = syswrite($c, $b, $n < 65536 ? $n : 65536); last unless $w; $n -= $w } close $c' &
+sleep 1
+echo "B loopback $(t --noproxy '*' http://127.0.0.1:9000/)"
+wait
 i=0
 while [ $i -lt @N@ ]; do
   curl -sS -p --max-time 60 -o /dev/null -w 'L %{time_pretransfer} %{http_code}\n' http://allowed.test/
@@ -794,6 +803,12 @@ pub fn bench(mib: u64, n: usize, socket: &str, bundle: &str, _dir: &str) {
     let direct = direct_download(bytes);
     p.check("the direct download", direct.is_ok(), format!("{direct:?}"));
     let (http, connect, socks) = (took("http"), took("connect"), took("socks"));
+    let loopback = took("loopback");
+    p.check(
+        "the in-guest loopback download was whole",
+        loopback.is_some(),
+        &out,
+    );
     p.check(
         "every proxied download was whole",
         http.is_some() && connect.is_some() && socks.is_some(),
@@ -808,6 +823,7 @@ pub fn bench(mib: u64, n: usize, socket: &str, bundle: &str, _dir: &str) {
         "@@EGRESS-BENCH {}",
         json!({"mib": mib, "direct_s": direct.ok(), "proxy_http_s": http,
                "proxy_connect_s": connect, "proxy_socks_s": socks,
+               "guest_loopback_s": loopback,
                "connect_setup_ms": setup_ms})
     );
     let _ = std::io::stdout().flush();
