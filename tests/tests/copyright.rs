@@ -26,9 +26,10 @@ fn debian_copyright_is_current() {
     }
 }
 
-/// Every licence a linked crate is under is one deny.toml allows, and the
-/// other way round every allowed licence has its text here or in
-/// /usr/share/common-licenses: the two lists cannot drift apart.
+/// Every licence deny.toml allows has its text (or its pointer to
+/// /usr/share/common-licenses) in debian/copyright, so allowing a licence
+/// cannot skip adding its text; that every linked crate's licence is
+/// allowed is cargo-deny's own check (make lint).
 #[test]
 fn every_linked_licence_has_its_text() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
