@@ -9,7 +9,7 @@ STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
 # Build outputs go to target/ and build/ only, whatever the caller's setting.
 export CARGO_TARGET_DIR := $(CURDIR)/target
 
-.PHONY: all deps kernel kernel-6.1 test-kernel-6.1 build images rootfs-refresh deb lint test test-quick run bench fuzz clean
+.PHONY: all deps kernel kernel-6.1 test-kernel-6.1 build images rootfs-refresh deb copyright lint test test-quick run bench fuzz clean
 
 all: build
 
@@ -58,13 +58,25 @@ images:
 rootfs-refresh:
 	rm -rf build/cache build/images
 
-# The Debian package: build/coworkvm_VERSION_ARCH.deb (scripts/build-deb.sh).
+# The Debian packages: build/coworkvm_VERSION_ARCH.deb and its -dbgsym
+# (scripts/build-deb.sh, metadata in debian/; docs/packaging.md).
+# tests/tests/deb.rs builds them again, runs lintian and installs them.
 deb: build
 	scripts/build-deb.sh build
 
+# debian/copyright after a dependency change (tests/tests/copyright.rs
+# fails until it is current).
+copyright:
+	cargo run -q -p coworkvm-tests --bin gen-copyright
+
+# cargo-deny (deny.toml): licences, duplicate versions and sources, and
+# RustSec advisories where its database can be fetched (a loud WARNING
+# where it cannot).
 lint:
+	@scripts/install-deps.sh --cargo-tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/cargo-deny.sh
 
 # Strict, as CI: a test that needs KVM, root, the rig, a Debian package or
 # the build's artifacts and cannot run fails (SKIP_VM is cleared).

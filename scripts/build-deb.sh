@@ -1,31 +1,52 @@
 #!/usr/bin/env bash
-# Builds the Debian package from what `make build` made:
-#   /usr/bin/coworkvm                      the static VMM, helper and tools
-#   /usr/lib/coworkvm/virtiofsd            the static virtiofsd (1.14.0) for
-#                                          shared folders, where the helper's
-#                                          search (helper/src/virtiofsd.rs) finds it
-#   /usr/lib/coworkvm/images/              kernel, initramfs, rootfs.img.zst and
-#                                          manifest.json: what every bundle is
-#                                          seeded from (Bundle::default_images_dir)
-#   /usr/share/doc/coworkvm/               README, copyright, changelog
-# No maintainer scripts: the package only adds files, and each user's bundle
-# is made on first use under their own $XDG_DATA_HOME.
+# Builds the Debian packages from what `make build` made, with Debian's own
+# tools (dpkg-shlibdeps, dpkg-gencontrol, dpkg-deb) and the metadata in
+# debian/ (docs/packaging.md says why not cargo-deb):
+#   coworkvm_VERSION_ARCH.deb
+#     /usr/bin/coworkvm                  the static VMM, helper and tools
+#     /usr/lib/coworkvm/virtiofsd        the static virtiofsd for shared
+#                                        folders, where the helper's search
+#                                        (helper/src/virtiofsd.rs) finds it
+#     /usr/lib/coworkvm/images/          kernel, initramfs, rootfs.img.zst and
+#                                        manifest.json: what every bundle is
+#                                        seeded from (Bundle::default_images_dir)
+#     /usr/lib/systemd/user/             coworkvm.socket, coworkvm.service
+#                                        (user units, enabled by no one)
+#     /usr/share/man/man1/               coworkvm(1) and a page per subcommand
+#     /usr/share/{bash-completion,zsh,fish}/...  completions
+#     /usr/share/doc/coworkvm/           README, copyright, changelog
+#   coworkvm-dbgsym_VERSION_ARCH.deb     the binaries' debug symbols under
+#                                        /usr/lib/debug/.build-id/
+# Both binaries are stripped; the VERSION is debian/changelog's (0.1.0-1).
+# No maintainer scripts: the package only adds files, each user's bundle is
+# made on first use under their own $XDG_DATA_HOME, and the user units are
+# for each user to enable.
 #
 # usage: scripts/build-deb.sh [OUTDIR]     (default: build)
+# Prints the main package's path; the -dbgsym package is beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-build}
-bin=target/x86_64-unknown-linux-gnu/release/coworkvm
+target_dir=${CARGO_TARGET_DIR:-target}
+bin=${COWORKVM_BIN:-$target_dir/x86_64-unknown-linux-gnu/release/coworkvm}
 images=build/images
 virtiofsd=build/virtiofsd/bin/virtiofsd
-virtiofsd_doc=build/virtiofsd/share/doc/virtiofsd
-for f in "$bin" "$virtiofsd" "$virtiofsd_doc/LICENSE-BSD-3-Clause" "$images/vmlinuz" "$images/initrd.img" "$images/rootfs.img.zst" "$images/manifest.json"; do
+kernel_version_file=build/kernel/version
+for f in "$bin" "$virtiofsd" "$images/vmlinuz" "$images/initrd.img" "$images/rootfs.img.zst" \
+    "$images/manifest.json" "$kernel_version_file" build/debs/busybox/*.deb; do
     [ -f "$f" ] || { echo "build-deb: $f is missing; run make build" >&2; exit 1; }
 done
-command -v dpkg-deb >/dev/null || { echo "build-deb: dpkg-deb not found" >&2; exit 1; }
+for tool in dpkg-deb dpkg-gencontrol dpkg-shlibdeps dpkg-parsechangelog objcopy debugfs zstd; do
+    command -v "$tool" >/dev/null || { echo "build-deb: $tool not found; run make deps" >&2; exit 1; }
+done
 
-version=$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version = "\(.*\)"/\1/p' Cargo.toml)
+upstream=$(sed -n '/^\[workspace.package\]/,/^\[/ s/^version = "\(.*\)"/\1/p' Cargo.toml)
+version=$(dpkg-parsechangelog -S Version)
+[ "${version%-*}" = "$upstream" ] || {
+    echo "build-deb: debian/changelog is at $version, Cargo.toml at $upstream: add a changelog entry" >&2
+    exit 1
+}
 arch=$(dpkg --print-architecture)
 # The files' times: the last commit's, so two builds of one commit give the
 # same package (dpkg-deb takes the archive's own times from the same value).
@@ -33,85 +54,133 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/coworkvm-deb.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
-root=$stage/root
+root=$stage/coworkvm
+dbg=$stage/coworkvm-dbgsym
 install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/usr/lib/coworkvm/images" \
-    "$root/usr/share/doc/coworkvm"
-# Debug line tables stay in target/; symbols stay for backtraces.
-objcopy --strip-debug "$bin" "$root/usr/bin/coworkvm"
-chmod 0755 "$root/usr/bin/coworkvm"
-objcopy --strip-debug "$virtiofsd" "$root/usr/lib/coworkvm/virtiofsd"
-chmod 0755 "$root/usr/lib/coworkvm/virtiofsd"
+    "$root/usr/share/doc/coworkvm" "$root/usr/lib/systemd/user" "$root/usr/share/man/man1" \
+    "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
+    "$root/usr/share/fish/vendor_completions.d" "$root/usr/share/lintian/overrides" \
+    "$dbg/DEBIAN"
+
+# Strip as dh_strip does: the debug sections (line tables) and the symbol
+# table go to /usr/lib/debug/.build-id/NN/REST.debug in the -dbgsym
+# package, which gdb and debuginfod find by the binary's build ID.
+build_ids=()
+strip_into() {
+    local from=$1 to=$2 id
+    id=$(readelf -nW "$from" | sed -n 's/.*Build ID: \([0-9a-f]*\).*/\1/p')
+    [ -n "$id" ] || { echo "build-deb: $from has no build ID" >&2; exit 1; }
+    local debug=$dbg/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug
+    install -d -m 0755 "$(dirname "$debug")"
+    objcopy --only-keep-debug --compress-debug-sections "$from" "$debug"
+    chmod 0644 "$debug"
+    objcopy --strip-unneeded --remove-section=.comment --remove-section=.note \
+        --add-gnu-debuglink="$debug" "$from" "$to"
+    chmod 0755 "$to"
+    build_ids+=("$id")
+}
+strip_into "$bin" "$root/usr/bin/coworkvm"
+strip_into "$virtiofsd" "$root/usr/lib/coworkvm/virtiofsd"
+
 for f in vmlinuz initrd.img rootfs.img.zst manifest.json; do
     install -m 0644 "$images/$f" "$root/usr/lib/coworkvm/images/$f"
 done
+install -m 0644 systemd/coworkvm.socket systemd/coworkvm.service "$root/usr/lib/systemd/user/"
+
+# Man pages and completions, rendered from the CLI's clap definition.
+cargo run --quiet -p coworkvm --features gendoc --bin coworkvm-gendoc -- "$stage/gen"
+for page in "$stage"/gen/man/*.1; do
+    gzip -9n < "$page" > "$root/usr/share/man/man1/$(basename "$page").gz"
+done
+install -m 0644 "$stage/gen/completions/coworkvm.bash" "$root/usr/share/bash-completion/completions/coworkvm"
+install -m 0644 "$stage/gen/completions/_coworkvm" "$root/usr/share/zsh/vendor-completions/_coworkvm"
+install -m 0644 "$stage/gen/completions/coworkvm.fish" "$root/usr/share/fish/vendor_completions.d/coworkvm.fish"
+
 install -m 0644 README.md "$root/usr/share/doc/coworkvm/README.md"
+install -m 0644 debian/copyright "$root/usr/share/doc/coworkvm/copyright"
+gzip -9n < debian/changelog > "$root/usr/share/doc/coworkvm/changelog.Debian.gz"
+install -m 0644 debian/coworkvm.lintian-overrides "$root/usr/share/lintian/overrides/coworkvm"
+install -d -m 0755 "$dbg/usr/share/doc"
+ln -s coworkvm "$dbg/usr/share/doc/coworkvm-dbgsym"
 
-kernel=$(sed -n 's/.*"kernel_version": "\(.*\)".*/\1/p' "$images/manifest.json")
-rootfs=$(sed -n 's/.*"rootfs_version": "\(.*\)".*/\1/p' "$images/manifest.json")
-# BSD-3-Clause has no copy in /usr/share/common-licenses: its text goes in.
-bsd_text=$(sed -e 's|^// \{0,1\}||' -e 's|^$|.|' -e 's|^| |' "$virtiofsd_doc/LICENSE-BSD-3-Clause")
-cat > "$root/usr/share/doc/coworkvm/copyright" <<EOF
-Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
-Upstream-Name: coworkvm
+# Built-Using: the Debian source packages whose code the package carries.
+#   the guest kernel and its modules (vmlinuz, initrd.img): the kernel .deb
+#   busybox (initrd.img): the busybox-static .deb
+#   every package of the rootfs (rootfs.img.zst): its dpkg status
+#   glibc, linked into coworkvm, coworkvm-agent and virtiofsd; libseccomp and
+#   libcap-ng, linked into virtiofsd: this host's -dev packages, which the
+#   static links took their .a archives from
+source_of_deb() { dpkg-deb -f "$1" Package Source Version | awk '
+    /^Package:/ { p = $2 } /^Version:/ { v = $2 }
+    /^Source:/ { s = $2; if ($3 ~ /^\(/) { sv = $3; gsub(/[()]/, "", sv) } }
+    END { if (s == "") s = p; if (sv == "") sv = v; print s " (= " sv ")" }'; }
+kernel_pkg=$(sed -n 's/^package=\([^ ]*\) .*/\1/p' "$kernel_version_file")
+kernel_deb=$(ls build/debs/kernel/"${kernel_pkg}"_*.deb 2>/dev/null | head -n1)
+[ -f "$kernel_deb" ] || { echo "build-deb: the .deb of $kernel_pkg is not in build/debs/kernel; run make kernel" >&2; exit 1; }
+rootfs_img=$stage/rootfs.img
+zstd -q -d -o "$rootfs_img" "$images/rootfs.img.zst"
+rootfs_status=$stage/rootfs-status
+debugfs -R 'cat /var/lib/dpkg/status' "$rootfs_img" > "$rootfs_status" 2>/dev/null
+rm -f "$rootfs_img"
+grep -q '^Package: ' "$rootfs_status" || { echo "build-deb: no dpkg status in the rootfs image" >&2; exit 1; }
+built_using=$( {
+    source_of_deb "$kernel_deb"
+    for d in build/debs/busybox/*.deb; do source_of_deb "$d"; done
+    awk -v RS= -F '\n' '{
+        p = ""; v = ""; s = ""; sv = ""; ok = 0
+        for (i = 1; i <= NF; i++) {
+            split($i, kv, ": ")
+            if (kv[1] == "Package") p = kv[2]
+            else if (kv[1] == "Version") v = kv[2]
+            else if (kv[1] == "Status") ok = ($i ~ / installed$/)
+            else if (kv[1] == "Source") { n = split(kv[2], w, " "); s = w[1]; if (n > 1) { sv = w[2]; gsub(/[()]/, "", sv) } }
+        }
+        if (!ok) next
+        if (s == "") s = p
+        if (sv == "") sv = v
+        print s " (= " sv ")"
+    }' "$rootfs_status"
+    dpkg-query -W -f '${source:Package} (= ${source:Version})\n' libc6-dev libseccomp-dev libcap-ng-dev
+} | LC_ALL=C sort -u | paste -sd, | sed 's/,/, /g')
 
-Files: *
-Copyright: the coworkvm authors
-License: Apache-2.0
- On Debian systems the full text of the Apache License 2.0 is in
- /usr/share/common-licenses/Apache-2.0.
+# Depends: what the shipped binaries link dynamically, by dpkg-shlibdeps.
+# Both are static-pie (no PT_INTERP, no NEEDED), so it finds nothing to
+# depend on (and says it found no dynamic symbols); it runs anyway so that a
+# dynamic build would get its Depends.
+substvars=$stage/substvars
+printf 'shlibs:Depends=\nmisc:Depends=\n' > "$substvars"
+dpkg-shlibdeps -T"$substvars" -e"$root/usr/bin/coworkvm" -e"$root/usr/lib/coworkvm/virtiofsd" 2>"$stage/shlibdeps.log" \
+    || { cat "$stage/shlibdeps.log" >&2; exit 1; }
+grep -v -e 'no symbols$' -e '^$' "$stage/shlibdeps.log" >&2 || true
+echo "coworkvm:Built-Using=$built_using" >> "$substvars"
 
-Files: usr/lib/coworkvm/images/*
-Copyright: the authors of the Debian packages they contain
-License: various, see each package
- vmlinuz is Debian's linux-image-$kernel (GPL-2). initrd.img holds
- coworkvm-agent (Apache-2.0), busybox (GPL-2) and kernel modules of the same
- package. rootfs.img.zst is a Debian bookworm tree ($rootfs) made from the
- packages listed in /usr/share/doc/<package>/copyright inside it; their
- sources are in the Debian archive and at snapshot.debian.org.
-
-Files: usr/lib/coworkvm/virtiofsd
-Copyright: the Virtiofs Project Developers; 2017 The Chromium OS Authors
-License: Apache-2.0 AND BSD-3-Clause
- virtiofsd 1.14.0 from crates.io (https://gitlab.com/virtio-fs/virtiofsd),
- unmodified, linked statically with Debian's libseccomp, libcap-ng (both
- LGPL-2.1) and glibc (LGPL-2.1+), whose sources are in the Debian archive.
- The Apache License 2.0 is in /usr/share/common-licenses/Apache-2.0.
-
-License: BSD-3-Clause
-$bsd_text
-EOF
-date_rfc=$(date -u -R -d "@$SOURCE_DATE_EPOCH")
-printf 'coworkvm (%s) unstable; urgency=medium\n\n  * Upstream build, rootfs %s, kernel %s.\n\n -- coworkvm maintainers <coworkvm@example.invalid>  %s\n' \
-    "$version" "$rootfs" "$kernel" "$date_rfc" | gzip -9n > "$root/usr/share/doc/coworkvm/changelog.Debian.gz"
-
-find "$root" -path "$root/DEBIAN" -prune -o -type f -print0 | sort -z \
-    | (cd "$root" && xargs -0 -r md5sum | sed "s| $root/| |") > "$root/DEBIAN/md5sums"
-installed=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
-cat > "$root/DEBIAN/control" <<EOF
-Package: coworkvm
+find "$root" "$dbg" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+for pkg in "$root" "$dbg"; do
+    find "$pkg" -path "$pkg/DEBIAN" -prune -o -type f -print0 | sort -z \
+        | (cd "$pkg" && xargs -0 -r md5sum | sed "s| $pkg/| |") > "$pkg/DEBIAN/md5sums"
+done
+dpkg-gencontrol -pcoworkvm -P"$root" -T"$substvars" -f"$stage/files"
+# The -dbgsym package's control, as dh_gencontrol writes it.
+cat > "$dbg/DEBIAN/control" <<EOF
+Package: coworkvm-dbgsym
+Source: coworkvm
 Version: $version
+Auto-Built-Package: debug-symbols
 Architecture: $arch
-Maintainer: coworkvm maintainers <coworkvm@example.invalid>
-Installed-Size: $installed
-Section: admin
+Maintainer: $(sed -n 's/^Maintainer: //p' debian/control)
+Installed-Size: $(du -sk --exclude=DEBIAN "$dbg" | cut -f1)
+Depends: coworkvm (= $version)
+Section: debug
 Priority: optional
-Homepage: https://example.invalid/coworkvm
-Description: KVM sandbox for the desktop agent app's Cowork mode
- coworkvm runs the agent's processes inside a small KVM virtual machine,
- so they cannot reach the user's SSH keys, API keys or browser data. One
- static binary needs only /dev/kvm: no QEMU, firmware or vhost-vsock;
- shared folders use the static virtiofsd it ships. "coworkvm serve" (or "coworkvm -socket PATH") is a drop-in
- for the client's VM helper; "coworkvm run -- CMD" runs a command in a VM;
- "coworkvm doctor" checks a host.
- .
- Includes the guest kernel ($kernel) and a Debian bookworm
- rootfs ($rootfs).
+Description: debug symbols for coworkvm
+Build-Ids: ${build_ids[*]}
 EOF
-find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
-chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/md5sums"
+chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/md5sums" "$dbg/DEBIAN/control" "$dbg/DEBIAN/md5sums"
+touch -h -d "@$SOURCE_DATE_EPOCH" "$root/DEBIAN"/* "$dbg/DEBIAN"/*
 
 mkdir -p "$out"
 deb="$out/coworkvm_${version}_${arch}.deb"
 # The images are zstd already: gzip -1 keeps the build quick, costs nothing.
 dpkg-deb --root-owner-group -Zgzip -z1 --build "$root" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Zxz --build "$dbg" "$out/coworkvm-dbgsym_${version}_${arch}.deb" >/dev/null
 echo "$deb"

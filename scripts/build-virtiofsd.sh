@@ -15,8 +15,10 @@ root="$BUILD/virtiofsd"
 bin="$root/bin/virtiofsd"
 
 doc="$root/share/doc/virtiofsd"
+# Built with line tables (CARGO_PROFILE_RELEASE_DEBUG below), which the
+# package's -dbgsym keeps: a binary without them is from an older recipe.
 if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null)" = "virtiofsd $VERSION" ] \
-    && [ -f "$doc/LICENSE-BSD-3-Clause" ]; then
+    && [ -f "$doc/LICENSE-BSD-3-Clause" ] && readelf -SW "$bin" | grep -q '\.debug_line'; then
     exit 0
 fi
 for lib in libseccomp.a libcap-ng.a; do
@@ -32,9 +34,12 @@ start=$(date +%s)
 # static: libseccomp-sys and capng link the .a archives instead of the .so's
 # (without it capng links libcap-ng.so into a crt-static binary, which then
 # segfaults at start). --locked: the crate's own Cargo.lock, as upstream tested.
+# Line tables (as coworkvm's release profile): scripts/build-deb.sh moves
+# them, with the symbols, into the coworkvm-dbgsym package.
 env -u CARGO_BUILD_TARGET \
     CARGO_TARGET_DIR="$BUILD/virtiofsd-target" \
     RUSTFLAGS="-C target-feature=+crt-static" \
+    CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
     LIBSECCOMP_LINK_TYPE=static \
     LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
     LIBCAPNG_LINK_TYPE=static \

@@ -14,7 +14,32 @@
 #   libseccomp-dev,   virtiofsd (built from crates.io by make build) links
 #   libcap-ng-dev     libseccomp and libcap-ng statically: their .a archives
 #   pkg-config        and the pkg-config that finds them
+#   dpkg-dev          dpkg-gencontrol, dpkg-shlibdeps, dpkg-parsechangelog
+#                     for the package (scripts/build-deb.sh)
+#   lintian           checks the built package (tests/tests/deb.rs)
+# and, with cargo (no root needed), the cargo tools at pinned versions, each
+# only when missing or another version:
+#   cargo-deny        make lint's licence, ban, source and advisory checks
+# `install-deps.sh --cargo-tools` installs only those (make lint).
 set -euo pipefail
+
+# name, version: `cargo NAME --version` must print "cargo-NAME VERSION".
+CARGO_TOOLS=("deny 0.20.2")
+install_cargo_tools() {
+    local tool name version start
+    for tool in "${CARGO_TOOLS[@]}"; do
+        read -r name version <<<"$tool"
+        [ "$(cargo "$name" --version 2>/dev/null)" = "cargo-$name $version" ] && continue
+        echo "install-deps: cargo install cargo-$name@$version (a few minutes, once)"
+        start=$(date +%s)
+        # Its own temporary target dir, not the build's (make exports one).
+        env -u CARGO_TARGET_DIR cargo install --locked --quiet "cargo-$name@$version"
+        echo "install-deps: cargo-$name $version in $(($(date +%s) - start)) s"
+    done
+}
+install_cargo_tools
+[ "${1:-}" != --cargo-tools ] || exit 0
+
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 [ -e /usr/share/qemu/bios-microvm.bin ] || need+=(qemu-system-data)
@@ -28,6 +53,8 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 [ -e /usr/lib/x86_64-linux-gnu/libseccomp.a ] || need+=(libseccomp-dev)
 [ -e /usr/lib/x86_64-linux-gnu/libcap-ng.a ] || need+=(libcap-ng-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v dpkg-gencontrol >/dev/null && command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+command -v lintian >/dev/null || need+=(lintian)
 command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
 [ ${#need[@]} -gt 0 ] || exit 0
 

@@ -35,6 +35,13 @@ struct Cli {
     command: Command,
 }
 
+/// The CLI's definition, for the man pages and shell completions that
+/// coworkvm-gendoc (src/bin/gendoc.rs, which includes this file) renders.
+#[allow(dead_code, reason = "used only by the coworkvm-gendoc binary")]
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Boot a Linux kernel with an initramfs and disks; exits when the guest powers off.

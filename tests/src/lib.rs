@@ -47,6 +47,7 @@ use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 
 pub mod bench;
 pub mod client;
+pub mod copyright;
 pub mod egress;
 pub mod images;
 pub mod l1;
