@@ -17,6 +17,8 @@
 #   dpkg-dev          dpkg-gencontrol, dpkg-shlibdeps, dpkg-parsechangelog
 #                     for the package (scripts/build-deb.sh)
 #   lintian           checks the built package (tests/tests/deb.rs)
+#   systemd           systemd-socket-activate, which starts `coworkvm serve`
+#                     as the user unit does (cli/tests/activation.rs)
 # and, with cargo (no root needed), the cargo tools at pinned versions, each
 # only when missing or another version:
 #   cargo-deny        make lint's licence, ban, source and advisory checks
@@ -55,6 +57,7 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v dpkg-gencontrol >/dev/null && command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
 command -v lintian >/dev/null || need+=(lintian)
+[ -x /usr/bin/systemd-socket-activate ] || need+=(systemd)
 command -v apt-get >/dev/null || { echo "install-deps: needs a Debian-based system (apt-get)" >&2; exit 1; }
 [ ${#need[@]} -gt 0 ] || exit 0
 

@@ -23,8 +23,14 @@ const COWORKVM: &str = env!("CARGO_BIN_EXE_coworkvm");
 /// Debian's `systemd` package ships it; COWORKVM_TEST_PASS_FD=1 passes the
 /// socket by hand even where it is installed.
 fn have_socket_activate() -> bool {
-    Path::new("/usr/bin/systemd-socket-activate").exists()
-        && std::env::var_os("COWORKVM_TEST_PASS_FD").is_none()
+    let installed = Path::new("/usr/bin/systemd-socket-activate").exists();
+    // CI installs it (scripts/install-deps.sh): there, a run without it
+    // would quietly test only the hand-passed descriptor.
+    assert!(
+        installed || std::env::var_os("CI").is_none(),
+        "systemd-socket-activate is missing under CI=true: run scripts/install-deps.sh"
+    );
+    installed && std::env::var_os("COWORKVM_TEST_PASS_FD").is_none()
 }
 
 /// Starts `coworkvm serve ARGS` on `socket` the way systemd does: with
