@@ -9,6 +9,8 @@
 # dir stays under $BUILD so a version bump rebuilds only what changed.
 set -euo pipefail
 BUILD=${1:-build}
+# The one place the version is set: tests/src/copyright.rs (make copyright)
+# reads this line to list the crates linked into this virtiofsd.
 VERSION=1.14.0
 TARGET=x86_64-unknown-linux-gnu
 root="$BUILD/virtiofsd"

@@ -2,9 +2,15 @@
 //! machine-readable format, generated from `cargo metadata`: the hand-written
 //! paragraphs of debian/copyright.in (coworkvm itself, the images,
 //! virtiofsd), then one paragraph per crates.io crate linked into a shipped
-//! binary (`coworkvm`, and `coworkvm-agent` inside the images), then the
-//! text of every licence they name that Debian does not carry in
-//! /usr/share/common-licenses (debian/licenses/<SPDX id>).
+//! binary (`coworkvm`, `coworkvm-agent` inside the images, and the static
+//! virtiofsd), then the text of every licence they name that Debian does
+//! not carry in /usr/share/common-licenses (debian/licenses/<SPDX id>).
+//!
+//! virtiofsd's crates come from its own graph: scripts/build-virtiofsd.sh
+//! builds it with `cargo install --locked`, which uses the Cargo.lock
+//! inside the published crate, so this reads `cargo metadata --locked` of
+//! that crate's unpacked source (VERSION as the script sets it). A crate
+//! both graphs link at the same version gets one paragraph naming both.
 //!
 //! "Linked" means a normal dependency, on x86_64-unknown-linux-gnu, that is
 //! not a proc-macro: build-dependencies and proc-macros run on the build
@@ -26,6 +32,12 @@ use serde::Deserialize;
 
 /// The workspace packages whose binaries the package ships.
 pub const SHIPPED: [&str; 2] = ["coworkvm", "coworkvm-agent"];
+/// The crates.io package of the shipped virtiofsd, built from its own lock.
+pub const VIRTIOFSD: &str = "virtiofsd";
+/// The script that builds virtiofsd and sets its version (`VERSION=`).
+pub const VIRTIOFSD_SCRIPT: &str = "scripts/build-virtiofsd.sh";
+/// debian/copyright.in's placeholder for that version.
+const VIRTIOFSD_VERSION_VAR: &str = "@VIRTIOFSD_VERSION@";
 /// The target the shipped binaries are built for (Makefile's TARGET).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Licences whose text Debian ships in /usr/share/common-licenses.
@@ -93,29 +105,36 @@ struct Crate {
 }
 
 /// Renders debian/copyright for the workspace at `root` (Cargo.lock as
-/// checked in: `--locked`).
+/// checked in: `--locked`) and the virtiofsd that
+/// scripts/build-virtiofsd.sh builds (its own Cargo.lock).
 pub fn render(root: &Path) -> anyhow::Result<String> {
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--locked",
-            "--filter-platform",
-            TARGET,
-        ])
-        .arg("--manifest-path")
-        .arg(root.join("Cargo.toml"))
-        .output()
-        .context("running cargo metadata")?;
-    if !out.status.success() {
-        bail!("cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta = metadata(&root.join("Cargo.toml"))?;
+    let mut linked = BTreeMap::new();
+    linked_crates(&meta, &SHIPPED, &mut linked)?;
+    let vfsd_version = virtiofsd_version(root)?;
+    let vfsd_manifest = virtiofsd_manifest(&vfsd_version)?;
+    let vfsd_meta = metadata(&vfsd_manifest)?;
+    linked_crates(&vfsd_meta, &[VIRTIOFSD], &mut linked)?;
+    let crates: Vec<Crate> = linked.into_values().collect();
+    // cargo-deny checks our Cargo.lock only; virtiofsd's crates are held
+    // to the same allow-list here.
+    let deny = std::fs::read_to_string(root.join("deny.toml")).context("reading deny.toml")?;
+    let allowed = deny_allowed(&deny).context("deny.toml has no [licenses] allow list")?;
+    for c in &crates {
+        if !satisfiable(&c.license, &allowed) {
+            bail!(
+                "{} {} (linked into {}): licence {:?} is not within deny.toml's allow list {allowed:?}",
+                c.name,
+                c.version,
+                c.linked_into.iter().copied().collect::<Vec<_>>().join(", "),
+                c.license
+            );
+        }
     }
-    let meta: Metadata = serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
-    let crates = linked_crates(&meta)?;
 
     let head = std::fs::read_to_string(root.join("debian/copyright.in"))
-        .context("reading debian/copyright.in")?;
+        .context("reading debian/copyright.in")?
+        .replace(VIRTIOFSD_VERSION_VAR, &vfsd_version);
     let mut s = head.trim_end().to_owned();
     s.push('\n');
     // The hand-written paragraphs' licences need their texts too.
@@ -157,14 +176,26 @@ pub fn render(root: &Path) -> anyhow::Result<String> {
         .iter()
         .filter(|id| !COMMON_LICENSES.contains(&id.as_str()))
     {
-        let path = root.join("debian/licenses").join(id);
+        // "BASE WITH EXCEPTION": the exception's text, under the format's
+        // "BASE with NAME exception"; BASE has its own paragraph.
+        let (file, base) = match id.split_once(" WITH ") {
+            Some((base, exception)) => (exception, Some(base)),
+            None => (id.as_str(), None),
+        };
+        let path = root.join("debian/licenses").join(file);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
                 "{}: a linked crate is under {id}; add its text there",
                 path.display()
             )
         })?;
-        let _ = write!(s, "\nLicense: {id}");
+        let _ = write!(s, "\nLicense: {}", dep5_expression(id));
+        if let Some(base) = base {
+            let _ = write!(
+                s,
+                "\n {base} (its paragraph is in this file) with this exception:\n ."
+            );
+        }
         for line in text.trim_end().lines() {
             s.push_str("\n ");
             s.push_str(if line.trim().is_empty() {
@@ -187,15 +218,140 @@ pub fn render(root: &Path) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// `cargo metadata --locked` of the workspace or package at `manifest`,
+/// resolved for TARGET with the default features (as they are built).
+fn metadata(manifest: &Path) -> anyhow::Result<Metadata> {
+    let out = Command::new(cargo())
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--filter-platform",
+            TARGET,
+        ])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata --manifest-path {}: {}",
+            manifest.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing cargo metadata")
+}
+
+fn cargo() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// The virtiofsd version scripts/build-virtiofsd.sh builds: its one
+/// `VERSION=` line, so the version is set in one place.
+pub fn virtiofsd_version(root: &Path) -> anyhow::Result<String> {
+    let path = root.join(VIRTIOFSD_SCRIPT);
+    let script =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    script_version(&script).with_context(|| format!("{}: no VERSION=x.y.z line", path.display()))
+}
+
+/// The value of a script's `VERSION=` line when it is a plain version.
+fn script_version(script: &str) -> Option<String> {
+    let v = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("VERSION="))?
+        .trim();
+    let plain = !v.is_empty()
+        && v.split('.').count() == 3
+        && v.split('.')
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    plain.then(|| v.to_owned())
+}
+
+/// The Cargo.toml of virtiofsd VERSION as cargo unpacked it from crates.io
+/// (where `cargo install` builds it, with the Cargo.lock beside it).
+/// When no build has unpacked it, `cargo metadata` on a scratch manifest
+/// that depends on exactly that version downloads and unpacks it.
+fn virtiofsd_manifest(version: &str) -> anyhow::Result<PathBuf> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let find = || -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(cargo_home.join("registry/src"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join(format!("{VIRTIOFSD}-{version}")))
+            .filter(|d| d.join("Cargo.toml").is_file() && d.join("Cargo.lock").is_file())
+            .collect();
+        found.sort();
+        found.pop().map(|d| d.join("Cargo.toml"))
+    };
+    if let Some(m) = find() {
+        return Ok(m);
+    }
+    let scratch =
+        std::env::temp_dir().join(format!("coworkvm-fetch-virtiofsd-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let fetched = (|| {
+        std::fs::write(
+            scratch.join("Cargo.toml"),
+            format!(
+                "[package]\nname = \"fetch-virtiofsd\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+                 [lib]\npath = \"lib.rs\"\n[dependencies]\n{VIRTIOFSD} = \"={version}\"\n\
+                 [workspace]\n"
+            ),
+        )?;
+        std::fs::write(scratch.join("lib.rs"), "")?;
+        metadata_unlocked(&scratch.join("Cargo.toml"))
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    fetched?;
+    find().with_context(|| {
+        format!(
+            "{VIRTIOFSD}-{version} (with its Cargo.lock) is not under {}/registry/src \
+             even after cargo fetched it",
+            cargo_home.display()
+        )
+    })
+}
+
+/// `cargo metadata` that may resolve and download (no --locked): only
+/// to unpack a crate's source.
+fn metadata_unlocked(manifest: &Path) -> anyhow::Result<()> {
+    let out = Command::new(cargo())
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(manifest)
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "fetching {VIRTIOFSD}: cargo metadata: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Where a shipped package's binary is installed.
 fn shipped_path(package: &str) -> &'static str {
     match package {
         "coworkvm-agent" => "coworkvm-agent (in usr/lib/coworkvm/images/initrd.img)",
+        VIRTIOFSD => "usr/lib/coworkvm/virtiofsd",
         _ => "usr/bin/coworkvm",
     }
 }
 
-fn linked_crates(meta: &Metadata) -> anyhow::Result<Vec<Crate>> {
+/// Adds to `linked` the crates.io crates linked into the binaries of
+/// `shipped` (root packages of `meta` without a source), keyed by name and
+/// version so that a crate two graphs share is one entry.
+fn linked_crates(
+    meta: &Metadata,
+    shipped: &[&'static str],
+    linked: &mut BTreeMap<(String, String), Crate>,
+) -> anyhow::Result<()> {
     let packages: HashMap<&str, &Package> =
         meta.packages.iter().map(|p| (p.id.as_str(), p)).collect();
     let nodes: HashMap<&str, &Node> = meta
@@ -204,8 +360,7 @@ fn linked_crates(meta: &Metadata) -> anyhow::Result<Vec<Crate>> {
         .iter()
         .map(|n| (n.id.as_str(), n))
         .collect();
-    let mut linked: BTreeMap<(String, String), Crate> = BTreeMap::new();
-    for bin in SHIPPED {
+    for &bin in shipped {
         let Some(root) = meta
             .packages
             .iter()
@@ -227,10 +382,12 @@ fn linked_crates(meta: &Metadata) -> anyhow::Result<Vec<Crate>> {
                     .get(dep.pkg.as_str())
                     .with_context(|| format!("{}: not a package", dep.pkg))?;
                 let normal = dep.dep_kinds.iter().any(|k| k.kind.is_none());
+                // A proc-macro package's library is its proc-macro target;
+                // its other targets (tests, benches) are not linked.
                 let proc_macro = p
                     .targets
                     .iter()
-                    .all(|t| t.kind.iter().any(|k| k == "proc-macro"));
+                    .any(|t| t.kind.iter().any(|k| k == "proc-macro"));
                 if normal && !proc_macro {
                     todo.push(p.id.as_str());
                 }
@@ -265,7 +422,7 @@ fn linked_crates(meta: &Metadata) -> anyhow::Result<Vec<Crate>> {
             );
         }
     }
-    Ok(linked.into_values().collect())
+    Ok(())
 }
 
 /// A crate's copyright lines (from its licence files, else its authors) and
@@ -353,26 +510,117 @@ fn copyright_line(line: &str) -> Option<String> {
 }
 
 /// An SPDX expression in the copyright format's words ("or", "and"; the
-/// old "/" means OR).
+/// old "/" means OR; "WITH LLVM-exception" is "with LLVM exception").
 fn dep5_expression(spdx: &str) -> String {
-    spdx.replace('/', " OR ")
-        .split_whitespace()
-        .map(|w| match w {
-            "OR" => "or",
-            "AND" => "and",
-            w => w,
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let spdx = spdx.replace('/', " OR ");
+    let mut words = Vec::new();
+    let mut after_with = false;
+    for w in spdx.split_whitespace() {
+        words.push(match w {
+            "OR" => "or".to_owned(),
+            "AND" => "and".to_owned(),
+            "WITH" => "with".to_owned(),
+            w if after_with => match w.strip_suffix("-exception") {
+                Some(name) => format!("{name} exception"),
+                None => format!("{w} exception"),
+            },
+            w => w.to_owned(),
+        });
+        after_with = w == "WITH";
+    }
+    words.join(" ")
 }
 
-/// The licence identifiers an SPDX expression names.
+/// The licence identifiers an SPDX expression names; "BASE WITH
+/// EXCEPTION" is one identifier (the exception's text goes with it) and
+/// also names BASE.
 fn license_ids(spdx: &str) -> BTreeSet<String> {
-    spdx.replace(['/', '(', ')'], " ")
+    let spdx = spdx.replace(['/', '(', ')'], " ");
+    let words: Vec<&str> = spdx
         .split_whitespace()
-        .filter(|w| !matches!(*w, "OR" | "AND" | "WITH" | "or" | "and" | "with"))
-        .map(str::to_owned)
-        .collect()
+        .filter(|w| !matches!(*w, "OR" | "AND" | "or" | "and"))
+        .collect();
+    let mut ids = BTreeSet::new();
+    let mut i = 0;
+    while i < words.len() {
+        if matches!(words[i], "WITH" | "with") {
+            i += 1;
+            continue;
+        }
+        ids.insert(words[i].to_owned());
+        if let (Some(w), Some(exception)) = (words.get(i + 1), words.get(i + 2)) {
+            if matches!(*w, "WITH" | "with") {
+                ids.insert(format!("{} WITH {exception}", words[i]));
+                i += 3;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    ids
+}
+
+/// The licences deny.toml's `[licenses] allow = [...]` lists.
+pub fn deny_allowed(deny_toml: &str) -> Option<Vec<&str>> {
+    let list = deny_toml.split("allow = [").nth(1)?.split(']').next()?;
+    Some(
+        list.lines()
+            .map(|l| l.split('#').next().unwrap_or(""))
+            .flat_map(|l| l.split(','))
+            .map(|s| s.trim().trim_matches('"'))
+            .filter(|s| !s.is_empty())
+            .collect(),
+    )
+}
+
+/// Whether an SPDX expression can be satisfied with the licences in
+/// `allowed` (an OR needs one side, an AND both; "A WITH E" needs A).
+pub fn satisfiable(spdx: &str, allowed: &[&str]) -> bool {
+    let spdx = spdx
+        .replace('/', " OR ")
+        .replace('(', " ( ")
+        .replace(')', " ) ");
+    let tokens: Vec<&str> = spdx.split_whitespace().collect();
+    let mut pos = 0;
+    let ok = or_expr(&tokens, &mut pos, allowed);
+    ok == Some(true) && pos == tokens.len()
+}
+
+fn or_expr(t: &[&str], pos: &mut usize, allowed: &[&str]) -> Option<bool> {
+    let mut ok = and_expr(t, pos, allowed)?;
+    while t.get(*pos).is_some_and(|w| w.eq_ignore_ascii_case("OR")) {
+        *pos += 1;
+        ok |= and_expr(t, pos, allowed)?;
+    }
+    Some(ok)
+}
+
+fn and_expr(t: &[&str], pos: &mut usize, allowed: &[&str]) -> Option<bool> {
+    let mut ok = atom(t, pos, allowed)?;
+    while t.get(*pos).is_some_and(|w| w.eq_ignore_ascii_case("AND")) {
+        *pos += 1;
+        ok &= atom(t, pos, allowed)?;
+    }
+    Some(ok)
+}
+
+fn atom(t: &[&str], pos: &mut usize, allowed: &[&str]) -> Option<bool> {
+    let w = *t.get(*pos)?;
+    *pos += 1;
+    if w == "(" {
+        let ok = or_expr(t, pos, allowed)?;
+        (t.get(*pos) == Some(&")")).then_some(())?;
+        *pos += 1;
+        return Some(ok);
+    }
+    if matches!(w, ")" | "OR" | "AND" | "WITH") {
+        return None;
+    }
+    if t.get(*pos).is_some_and(|x| x.eq_ignore_ascii_case("WITH")) {
+        t.get(*pos + 1)?;
+        *pos += 2;
+    }
+    Some(allowed.contains(&w))
 }
 
 #[cfg(test)]
@@ -390,6 +638,58 @@ mod tests {
             license_ids("(MIT OR Apache-2.0) AND Unicode-3.0"),
             BTreeSet::from(["MIT".into(), "Apache-2.0".into(), "Unicode-3.0".into()])
         );
+        // rustix's, via virtiofsd: the exception is one identifier whose
+        // paragraph lintian accepts ("NAME with KEYWORD exception").
+        let rustix = "Apache-2.0 WITH LLVM-exception OR Apache-2.0 OR MIT";
+        assert_eq!(
+            dep5_expression(rustix),
+            "Apache-2.0 with LLVM exception or Apache-2.0 or MIT"
+        );
+        assert_eq!(
+            license_ids(rustix),
+            BTreeSet::from([
+                "Apache-2.0".into(),
+                "Apache-2.0 WITH LLVM-exception".into(),
+                "MIT".into()
+            ])
+        );
+    }
+
+    #[test]
+    fn satisfiable_needs_one_side_of_or_and_both_of_and() {
+        let allowed = ["MIT", "Apache-2.0", "BSD-3-Clause"];
+        assert!(satisfiable("MIT/Apache-2.0", &allowed));
+        assert!(satisfiable(
+            "Apache-2.0 WITH LLVM-exception OR Apache-2.0 OR MIT",
+            &allowed
+        ));
+        assert!(satisfiable("Apache-2.0 AND BSD-3-Clause", &allowed));
+        assert!(!satisfiable(
+            "(MIT OR Apache-2.0) AND Unicode-DFS-2016",
+            &allowed
+        ));
+        assert!(!satisfiable("LGPL-2.1-or-later", &allowed));
+        assert!(!satisfiable("MIT OR", &allowed));
+        assert!(!satisfiable("(MIT", &allowed));
+    }
+
+    #[test]
+    fn deny_allowed_reads_the_list_without_comments() {
+        let toml =
+            "[licenses]\nallow = [\n    \"MIT\", # why\n    # \"GPL-3.0\",\n    \"ISC\",\n]\n";
+        assert_eq!(deny_allowed(toml), Some(vec!["MIT", "ISC"]));
+        assert_eq!(deny_allowed("[licenses]\n"), None);
+    }
+
+    #[test]
+    fn script_version_is_the_plain_version_line() {
+        assert_eq!(
+            script_version("set -e\nBUILD=x\nVERSION=1.14.0\nTARGET=y\n").as_deref(),
+            Some("1.14.0")
+        );
+        assert_eq!(script_version("VERSION=$(cat v)\n"), None);
+        assert_eq!(script_version("VERSION=1.14\n"), None);
+        assert_eq!(script_version("echo\n"), None);
     }
 
     #[test]
