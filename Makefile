@@ -75,7 +75,7 @@ copyright:
 lint:
 	@scripts/install-deps.sh --cargo-tools
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 	scripts/cargo-deny.sh
 
 # Strict, as CI: a test that needs KVM, root, the rig, a Debian package or

@@ -889,7 +889,7 @@ pub fn run(host: &Host, kvm: DoctorReport, shares: &Resolution, client: bool) ->
         ready
     });
     Report {
-        virtiofsd: crate::virtiofsd_json(shares),
+        virtiofsd: super::virtiofsd_json(shares),
         kvm,
         checks,
         can_run_vms,
@@ -1028,7 +1028,7 @@ mod tests {
             "{}",
             c.line()
         );
-        let json = crate::virtiofsd_json(&found);
+        let json = super::super::virtiofsd_json(&found);
         assert_eq!(json["version"], "1.14.0");
 
         let none = Resolution {
@@ -1066,7 +1066,7 @@ mod tests {
             line.contains("make build") && line.contains("virtiofsdPath"),
             "{line}"
         );
-        assert!(crate::virtiofsd_json(&none)["path"].is_null());
+        assert!(super::super::virtiofsd_json(&none)["path"].is_null());
     }
 
     #[test]
