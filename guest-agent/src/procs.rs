@@ -942,16 +942,31 @@ impl Procs {
         let procs = self.clone();
         start_thread("agent-drain".into(), move || procs.drain_forever(drain_rx))?;
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid(2) writes only to `status`, a live local.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid < 0 {
+            // Learn of an exit without reaping it yet: a spawn holds the
+            // lock across fork and exec, and when the exec fails std reaps
+            // that child itself (and panics if it is gone, which in PID 1
+            // panics the kernel). So the reaping waits for the lock.
+            // SAFETY: an all-zero siginfo_t is a valid value; waitid(2)
+            // writes only to `info`, a live local.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let r =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r < 0 {
                 // No children right now: wait for the next one.
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-            let es = std::process::ExitStatus::from_raw(status);
+            // SAFETY: waitid filled in a child's exit, so si_pid is set.
+            let pid = unsafe { info.si_pid() };
             let mut inner = lock(&self.inner);
+            let mut status = 0;
+            // SAFETY: waitpid(2) writes only to `status`, a live local.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+                // Reaped meanwhile by whoever spawned it.
+                continue;
+            }
+            let es = std::process::ExitStatus::from_raw(status);
             let Some(serial) = inner.by_pid.remove(&pid) else {
                 continue;
             };
