@@ -210,12 +210,7 @@ impl AgentClient {
     /// Listens on `path` (a stale file there is replaced). Call before the
     /// VMM starts, so the agent's first dial finds a listener.
     pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        UnixListener::bind(path)
+        crate::listen_vsock_port(path)
     }
 
     /// Accepts the agent's connection until aborted: the FIRST connection

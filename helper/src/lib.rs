@@ -193,6 +193,18 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Listens on a host vsock port's socket (`RUNDIR/vsock.sock_PORT`, where
+/// the VMM delivers guest dials to that port), replacing a stale file
+/// there. Call before the VMM starts, so the guest's first dial finds it.
+pub(crate) fn listen_vsock_port(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
 /// The effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

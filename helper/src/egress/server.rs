@@ -211,12 +211,7 @@ impl EgressServer {
     /// Listens on `path` (a stale file there is replaced). Call before the
     /// VMM starts, beside the agent's listener.
     pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        UnixListener::bind(path)
+        crate::listen_vsock_port(path)
     }
 
     /// Accepts streams until aborted: each whose peer is our uid
