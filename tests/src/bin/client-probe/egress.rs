@@ -735,9 +735,9 @@ perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:9
   $c = $s->accept or die; sysread($c, $r, 4096); $n = @BYTES@; $b = "x" x 65536;
   syswrite($c, "HTTP/1.1 200 OK\r\nContent-Length: $n\r\nConnection: close\r\n\r\n");
   while ($n > 0) { $w = syswrite($c, $b, $n < 65536 ? $n : 65536); last unless $w; $n -= $w } close $c' &
-sleep 1
-echo "B loopback $(t --noproxy '*' http://127.0.0.1:9000/)"
-wait
+P=$!
+echo "B loopback $(t --noproxy '*' --retry 30 --retry-connrefused --retry-delay 1 http://127.0.0.1:9000/)"
+kill $P 2>/dev/null
 i=0
 while [ $i -lt @N@ ]; do
   curl -sS -p --max-time 60 -o /dev/null -w 'L %{time_pretransfer} %{http_code}\n' http://allowed.test/
