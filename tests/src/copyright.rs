@@ -161,14 +161,7 @@ pub fn render(root: &Path) -> anyhow::Result<String> {
         );
         for (file, text) in &c.notices {
             let _ = write!(s, "\n .\n Its {file}:");
-            for line in text.lines() {
-                s.push_str("\n ");
-                s.push_str(if line.trim().is_empty() {
-                    "."
-                } else {
-                    line.trim_end()
-                });
-            }
+            push_text(&mut s, text);
         }
         s.push('\n');
     }
@@ -196,14 +189,7 @@ pub fn render(root: &Path) -> anyhow::Result<String> {
                 "\n {base} (its paragraph is in this file) with this exception:\n ."
             );
         }
-        for line in text.trim_end().lines() {
-            s.push_str("\n ");
-            s.push_str(if line.trim().is_empty() {
-                "."
-            } else {
-                line.trim_end()
-            });
-        }
+        push_text(&mut s, text.trim_end());
         s.push('\n');
     }
     for id in ids
@@ -333,6 +319,19 @@ fn metadata_unlocked(manifest: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `text` as the continuation lines of a field: each indented by one
+/// space, blank lines written as the format's ` .`.
+fn push_text(s: &mut String, text: &str) {
+    for line in text.lines() {
+        s.push_str("\n ");
+        s.push_str(if line.trim().is_empty() {
+            "."
+        } else {
+            line.trim_end()
+        });
+    }
 }
 
 /// Where a shipped package's binary is installed.
