@@ -191,6 +191,13 @@ impl EventHub {
     /// and remembers it when it is a `networkStatus` or `apiReachability`.
     /// A subscriber that this event would put over its budget is dropped.
     pub fn publish(&self, event: JsonObject) {
+        self.publish_unless(event, |_| false);
+    }
+
+    /// [`publish`](Self::publish), unless `same(state)` holds: the check and
+    /// the send happen under one lock, so two racing setters of a status
+    /// cannot leave the remembered state and the last event sent apart.
+    fn publish_unless(&self, event: JsonObject, same: impl FnOnce(&State) -> bool) {
         let frame = match encode_frame(&event) {
             Ok(f) => Arc::new(f),
             Err(e) => {
@@ -203,6 +210,9 @@ impl EventHub {
         // Under the lock, so that a concurrent subscribe sees either the old
         // state and this event, or the new state and not this event.
         let mut st = self.lock();
+        if same(&st) {
+            return;
+        }
         match (kind, status) {
             (Some("networkStatus"), Some(s)) => st.network = s.to_owned(),
             (Some("apiReachability"), Some(s)) => st.api = s.to_owned(),
@@ -245,11 +255,12 @@ impl EventHub {
 
     /// Publishes `networkStatus` unless it already is `status`.
     pub fn set_network_status(&self, status: &str) {
-        if self.network_status() != status {
-            self.publish_event(&ClientEvent::NetworkStatus {
+        self.publish_status(
+            &ClientEvent::NetworkStatus {
                 status: status.into(),
-            });
-        }
+            },
+            |st| st.network == status,
+        );
     }
 
     /// The current `networkStatus`.
@@ -259,10 +270,18 @@ impl EventHub {
 
     /// Publishes `apiReachability` unless it already is `status`.
     pub fn set_api_reachability(&self, status: &str) {
-        if self.api_reachability() != status {
-            self.publish_event(&ClientEvent::ApiReachability {
+        self.publish_status(
+            &ClientEvent::ApiReachability {
                 status: status.into(),
-            });
+            },
+            |st| st.api == status,
+        );
+    }
+
+    fn publish_status(&self, event: &ClientEvent, same: impl FnOnce(&State) -> bool) {
+        match serde_json::to_value(event) {
+            Ok(Value::Object(m)) => self.publish_unless(m, same),
+            _ => tracing::warn!("dropping an event that cannot be encoded"),
         }
     }
 

@@ -961,6 +961,11 @@ fn a_vmm_crash_ends_everything_and_start_works_again() {
     let bundle = h.bundle.to_str().unwrap().to_string();
     pipe.ok("startVM", json!({"bundlePath": bundle}));
     poll_connected(sock, true);
+    // CONNECTED follows the first probe, which may come after
+    // isGuestConnected; without it there is no NOT_CONNECTED to wait for.
+    sub.until("networkStatus CONNECTED", |e| {
+        e["type"] == "networkStatus" && e["status"] == "CONNECTED"
+    });
     pipe.ok(
         "spawn",
         json!({"id": "long", "name": "s", "command": "cat", "isResume": false}),

@@ -315,6 +315,13 @@ impl Prober {
         }
         self.events
             .set_network_status(if up { CONNECTED } else { NOT_CONNECTED });
+        // The channel may have ended between the check above and the set:
+        // its own NOT_CONNECTED could then have gone out first and been
+        // overwritten. The agent marks itself disconnected before it sets
+        // NOT_CONNECTED, so checking again here leaves the last word right.
+        if up && !self.agent.is_connected() {
+            self.events.set_network_status(NOT_CONNECTED);
+        }
         if let Some(api) = o.api {
             if self.events.api_reachability() != api {
                 tracing::info!("apiReachability {api}");
