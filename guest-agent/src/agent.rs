@@ -109,6 +109,13 @@ pub enum RequestError {
     /// A spawn under an id a live process holds.
     #[error("process id {0} is already in use")]
     IdInUse(String),
+    /// The runtime's absolute path (`/usr/local/bin/claude`) before any
+    /// `installSdk`: the guest has no such file of its own.
+    #[error(
+        "cannot run {0}: no agent runtime is installed in the guest (installSdk must succeed \
+         first)"
+    )]
+    NoRuntime(String),
     /// The command is on no directory of the sandbox's PATH.
     #[error("cannot run {command}: not found in {path}")]
     NotFound { command: String, path: String },
@@ -410,18 +417,24 @@ impl Agent {
         self.sessions.as_ref().ok_or(RequestError::NoSessionDisk)
     }
 
-    /// `claude` (the runtime) is the installed SDK's binary, once there is one.
-    fn resolve_program(&self, command: &str) -> (String, Option<PathBuf>) {
+    /// `claude` or `/usr/local/bin/claude` (the runtime) is the installed
+    /// SDK's binary, once there is one. Before that a bare `claude` is
+    /// looked up on PATH like any command, and an absolute runtime path
+    /// that the image does not have is a clear error, not bwrap's execvp.
+    fn resolve_program(&self, command: &str) -> Result<(String, Option<PathBuf>), RequestError> {
+        let current = self.sdk_current();
+        let dir = current
+            .as_ref()
+            .and_then(|b| b.parent().map(Path::to_owned));
         if RUNTIME_COMMANDS.contains(&command) {
-            if let Some(bin) = self.sdk_current() {
-                let dir = bin.parent().map(Path::to_owned);
-                return (bin.to_string_lossy().into_owned(), dir);
+            if let Some(bin) = &current {
+                return Ok((bin.to_string_lossy().into_owned(), dir));
+            }
+            if command.starts_with('/') && !Path::new(command).exists() {
+                return Err(RequestError::NoRuntime(command.to_owned()));
             }
         }
-        let dir = self
-            .sdk_current()
-            .and_then(|b| b.parent().map(Path::to_owned));
-        (command.to_owned(), dir)
+        Ok((command.to_owned(), dir))
     }
 
     pub fn spawn(&self, p: &SpawnParams) -> Result<Value, RequestError> {
@@ -510,7 +523,7 @@ impl Agent {
         encoding: socket_proto::host::StreamEncoding,
     ) -> Result<Value, RequestError> {
         let mut failed_mounts = failed_mounts(p.additional_mounts.as_ref());
-        let (program, sdk_dir) = self.resolve_program(&p.command);
+        let (program, sdk_dir) = self.resolve_program(&p.command)?;
         let wants_sandbox = p.sandbox != Some(false);
         match (&self.sessions, &self.sandbox) {
             (Some(sessions), Some(sb)) if wants_sandbox => {
@@ -980,7 +993,11 @@ mod tests {
     fn claude_resolves_to_the_installed_sdk() {
         let d = tempfile::tempdir().unwrap();
         let a = agent_on(d.path());
-        assert_eq!(a.resolve_program("claude").0, "claude");
+        assert_eq!(a.resolve_program("claude").unwrap().0, "claude");
+        assert!(matches!(
+            a.resolve_program("/usr/local/bin/claude"),
+            Err(RequestError::NoRuntime(_))
+        ));
         let data = b"#!/bin/sh\necho sdk\n";
         use sha2::Digest;
         a.install_sdk(&InstallSdkParams {
@@ -999,15 +1016,18 @@ mod tests {
         })
         .unwrap();
         a.install_sdk_commit("3.1").unwrap();
-        let (prog, dir) = a.resolve_program("claude");
         let root = d.path().join("sessions").canonicalize().unwrap();
-        assert_eq!(
-            prog,
-            root.join(".coworkvm/sdk/3.1/claude").to_string_lossy()
-        );
-        assert_eq!(dir, Some(root.join(".coworkvm/sdk/3.1")));
+        // The bare name and the client's absolute path: the same binary.
+        for command in ["claude", "/usr/local/bin/claude"] {
+            let (prog, dir) = a.resolve_program(command).unwrap();
+            assert_eq!(
+                prog,
+                root.join(".coworkvm/sdk/3.1/claude").to_string_lossy()
+            );
+            assert_eq!(dir, Some(root.join(".coworkvm/sdk/3.1")));
+        }
         // Other commands stay as they are, with the SDK on PATH.
-        let (prog, dir) = a.resolve_program("sh");
+        let (prog, dir) = a.resolve_program("sh").unwrap();
         assert_eq!(prog, "sh");
         assert!(dir.is_some());
     }
