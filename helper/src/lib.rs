@@ -109,6 +109,12 @@ pub struct Helper {
     /// The last `addApprovedOauthToken` token: a spawn without its own
     /// `oauthToken` gets this one (never logged).
     pub approved_token: std::sync::Mutex<Option<socket_proto::Secret<String>>>,
+    /// Held by the `installSdk` that is putting a binary into the guest,
+    /// until its transfer ends, even when the client that asked gave up
+    /// (its 30 s timeout) and the request was dropped: a retry waits for
+    /// it, then finds the version cached, instead of opening a second
+    /// transfer that the first one's chunks would abort.
+    pub sdk_install: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Helper {
@@ -127,6 +133,7 @@ impl Helper {
             home: cfg.home,
             debug_switch: cfg.debug_switch,
             approved_token: std::sync::Mutex::new(None),
+            sdk_install: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 }

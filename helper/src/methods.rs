@@ -111,15 +111,20 @@ pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf,
 /// and size, then `installSdk.chunk`s, then `installSdk.commit`; see
 /// `socket_proto::sdk`). The file is read and hashed on a blocking thread;
 /// each request goes through the agent connection like any other.
+/// `held` (the helper's [`sdk_install`](crate::Helper::sdk_install) guard)
+/// goes with the blocking transfer, which runs to its end even if this
+/// future is dropped.
 pub async fn upload_sdk(
     agent: Arc<AgentClient>,
     path: &Path,
     sdk_subpath: &str,
     version: &str,
+    held: tokio::sync::OwnedMutexGuard<()>,
 ) -> Result<(), SdkUploadError> {
     let handle = tokio::runtime::Handle::current();
     let (file, sub, ver) = (path.to_owned(), sdk_subpath.to_owned(), version.to_owned());
     let outcome = tokio::task::spawn_blocking(move || {
+        let _held = held;
         socket_proto::sdk::upload_sdk(&file, &sub, &ver, |req| {
             handle
                 .block_on(agent.request(&req, REQUEST_TIMEOUT))
@@ -444,11 +449,12 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             let Some(agent) = vm.agent() else {
                 return req.err(AgentError::NotConnected.to_string());
             };
+            let held = helper.sdk_install.clone().lock_owned().await;
             match install_sdk_shared(helper, &agent, p, &bin).await {
                 Ok(()) => return req.ok(),
                 Err(why) => tracing::info!("installSdk: copying the binary ({why})"),
             }
-            match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version).await {
+            match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version, held).await {
                 Ok(()) => req.ok(),
                 Err(e) => req.err(e.to_string()),
             }

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,13 @@ struct FakeVm {
     running: Mutex<BTreeSet<String>>,
     /// The SDK transfer: the announced sha256, and the bytes received.
     sdk: Mutex<(Value, Vec<u8>)>,
+    /// `installSdk` requests that opened a transfer.
+    sdk_opens: AtomicUsize,
+    /// Chunks refused for arriving at the wrong offset (the agent aborts
+    /// the transfer then).
+    sdk_aborts: AtomicUsize,
+    /// While set, each chunk takes 300 ms (a transfer at rig speed).
+    slow_sdk_chunks: AtomicBool,
     ignore_term: bool,
     no_agent: bool,
     /// The agent does not advertise the session sandbox.
@@ -251,17 +258,27 @@ impl FakeVm {
                         send(reply(json!({ "content": b64 })));
                     }
                     "installSdk" => {
+                        self.sdk_opens.fetch_add(1, Ordering::SeqCst);
                         *self.sdk.lock().unwrap() = (p["sha256"].clone(), Vec::new());
                         send(reply(json!({"cached": false})));
                     }
                     "installSdk.chunk" => {
+                        if self.slow_sdk_chunks.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
                         let data = base64::engine::general_purpose::STANDARD
                             .decode(p["data"].as_str().unwrap_or(""))
                             .unwrap();
                         let mut sdk = self.sdk.lock().unwrap();
-                        assert_eq!(p["offset"].as_u64(), Some(sdk.1.len() as u64));
-                        sdk.1.extend_from_slice(&data);
-                        send(reply(json!({"received": sdk.1.len()})));
+                        if p["offset"].as_u64() != Some(sdk.1.len() as u64) {
+                            self.sdk_aborts.fetch_add(1, Ordering::SeqCst);
+                            sdk.1.clear();
+                            send(json!({"type": "response", "id": id, "error":
+                                {"code": -32000, "message": "wrong offset; transfer aborted"}}));
+                        } else {
+                            sdk.1.extend_from_slice(&data);
+                            send(reply(json!({"received": sdk.1.len()})));
+                        }
                     }
                     "installSdk.commit" => {
                         let v = p["version"].as_str().unwrap_or("");
@@ -1138,6 +1155,58 @@ fn install_sdk_checks_the_host_binary_then_copies_it_into_the_guest() {
     assert_eq!(
         sha,
         "51a1f05af85e342e3c849b47d387086476282d5f50dc240c19216d6edfb1eb5a"
+    );
+    pipe.ok("stopVM", json!({}));
+}
+
+#[test]
+fn install_sdk_retried_after_the_client_gave_up_waits_for_the_transfer_in_flight() {
+    let dir = temp_dir("sdk-retry");
+    let home = dir.join("home");
+    let vdir = home.join(".config/Claude/claude-code-vm/2.0.2");
+    std::fs::create_dir_all(&vdir).unwrap();
+    // Three chunks at 300 ms each: the first request is mid-transfer when
+    // its client goes.
+    let binary: Vec<u8> = (0..(10u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(vdir.join("claude"), &binary).unwrap();
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let launcher = Arc::new(FakeLauncher::default());
+    let h = try_serve(
+        &dir.join("helper.sock"),
+        launcher.clone(),
+        Some(home.clone()),
+    )
+    .unwrap();
+    let mut pipe = Pipe::open(&h.socket);
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(&h.socket, true);
+    let vm = launcher.last();
+    vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
+    let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.2"});
+
+    let mut gave_up = Pipe::open(&h.socket);
+    gave_up.send("installSdk", params.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.sdk_opens.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first installSdk never reached the guest"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(gave_up);
+
+    let r = pipe.call("installSdk", params);
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(
+        vm.sdk_aborts.load(Ordering::SeqCst),
+        0,
+        "a second transfer was opened beside the first"
+    );
+    assert_eq!(
+        vm.sdk.lock().unwrap().1,
+        binary,
+        "the guest has the whole binary"
     );
     pipe.ok("stopVM", json!({}));
 }
