@@ -34,6 +34,27 @@ pub fn mount_pseudo_filesystems() {
     mount("tmpfs", "/run", "tmpfs", "mode=0755");
 }
 
+/// User namespaces each uid may hold at once, everywhere below the
+/// guest's initial namespace (`user.max_user_namespaces`).
+///
+/// Sessions may make user namespaces of their own (Claude Code's Bash-tool
+/// sandbox is a nested bwrap), so the session sandbox no longer passes
+/// `--disable-userns`. The kernel counts each namespace against its
+/// creator's uid in every ancestor namespace up to this one, and every
+/// session is its own uid, so this one number bounds each session's
+/// nesting (its own sandbox included) without touching the others. The
+/// agent's own idmapped-mount namespaces count against root's.
+pub const USER_NAMESPACES_PER_UID: u32 = 128;
+
+/// Sets [`USER_NAMESPACES_PER_UID`]. A kernel without the knob (user
+/// namespaces built out) has nothing to bound.
+pub fn bound_user_namespaces() {
+    let knob = "/proc/sys/user/max_user_namespaces";
+    if let Err(e) = std::fs::write(knob, USER_NAMESPACES_PER_UID.to_string()) {
+        eprintln!("coworkvm-agent: {knob}: {e}");
+    }
+}
+
 /// cgroup2 at `target` (`/sys/fs/cgroup`), for the per-session groups
 /// (`crate::cgroup`). `nsdelegate`: a cgroup namespace is a delegation
 /// boundary, so nothing inside a sandbox's namespace can write to the

@@ -105,6 +105,7 @@ fn main() {
     let pid1 = std::process::id() == 1;
     if pid1 {
         init::mount_pseudo_filesystems();
+        init::bound_user_namespaces();
         init::load_modules();
         std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
     }

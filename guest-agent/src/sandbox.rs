@@ -148,7 +148,12 @@ impl Spec {
                 a.push(x.as_ref().to_owned());
             }
         };
-        push(&[&"--unshare-user", &"--disable-userns", &"--unshare-pid"]);
+        // No `--disable-userns`: the runtime's own sandbox (bwrap + socat)
+        // needs a user namespace inside this one. The agent bounds how many
+        // a session may hold (`init::USER_NAMESPACES_PER_UID`), and the
+        // seccomp filter, which every nested namespace inherits, keeps
+        // AF_VSOCK and netfilter out of reach.
+        push(&[&"--unshare-user", &"--unshare-pid"]);
         if self.netns_fd.is_none() {
             push(&[&"--unshare-net"]);
         }
@@ -401,10 +406,11 @@ mod tests {
             "--unshare-net",
             "--die-with-parent",
             "--new-session",
-            "--disable-userns",
         ] {
             assert!(a.contains(&flag.to_string()), "{flag} missing: {a:?}");
         }
+        // Nested user namespaces stay possible (bounded by the agent).
+        assert!(!a.contains(&"--disable-userns".to_string()), "{a:?}");
         assert!(has(&a, &["--cap-drop", "ALL"]));
         assert!(has(&a, &["--ro-bind", "/usr", "/usr"]));
         assert!(has(&a, &["--ro-bind", "/etc", "/etc"]));

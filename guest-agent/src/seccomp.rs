@@ -11,6 +11,12 @@
 //!   vsock has no network namespace, so `--unshare-net` does not stop a
 //!   session from connecting to the host's agent port. The rest (packet,
 //!   alg, key, bluetooth, ...) are kernel surface no session needs.
+//! - Netfilter's netlink (`AF_NETLINK` with `NETLINK_NETFILTER`): a
+//!   session may make user and network namespaces of its own (the
+//!   runtime's nested sandbox), and root in such a namespace reaches
+//!   nf_tables, the kernel surface behind most recent user-namespace
+//!   privilege escalations. Routing netlink, which tools use to read their
+//!   addresses, stays.
 //! - io_uring (`IORING_OP_SOCKET` would make a socket without `socket()`).
 //! - Kernel surface no session needs: bpf, perf_event_open, userfaultfd,
 //!   the module and kexec calls, the keyrings (not namespaced), syslog.
@@ -88,7 +94,21 @@ pub fn session_filter() -> Result<BpfProgram, SeccompError> {
         .map(|f| SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *f as u64))
         .collect::<Result<Vec<_>, _>>()?;
     let family_rule = SeccompRule::new(not_allowed)?;
-    rules.insert(libc::SYS_socket, vec![family_rule.clone()]);
+    let netfilter_rule = SeccompRule::new(vec![
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_NETLINK as u64,
+        )?,
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::NETLINK_NETFILTER as u64,
+        )?,
+    ])?;
+    rules.insert(libc::SYS_socket, vec![family_rule.clone(), netfilter_rule]);
     rules.insert(libc::SYS_socketpair, vec![family_rule]);
     for (_, nr) in DENIED_SYSCALLS {
         // An empty chain matches the syscall whatever its arguments.
@@ -306,6 +326,32 @@ mod tests {
             }
         }));
         assert_eq!(r, libc::EPERM);
+    }
+
+    #[test]
+    fn netfilter_netlink_is_denied_and_routing_netlink_is_not() {
+        let p = session_filter().unwrap();
+        let netfilter = || {
+            // SAFETY: socket takes integers; the descriptor is closed at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_NETFILTER,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a descriptor this closure just made.
+                unsafe { libc::close(fd) };
+                return 0;
+            }
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        };
+        // Unfiltered: made (or EPROTONOSUPPORT without nfnetlink), not EPERM.
+        assert_ne!(exit_code(in_child(None, &netfilter)), libc::EPERM);
+        assert_eq!(exit_code(in_child(Some(&p), &netfilter)), libc::EPERM);
+        let route = || socket_errno(libc::AF_NETLINK, libc::SOCK_RAW);
+        assert_eq!(exit_code(in_child(Some(&p), &route)), 0);
     }
 
     #[test]
