@@ -4,6 +4,7 @@
 # without building images, skips the VM ones (SKIP_VM=1) and says how many.
 TARGET      := x86_64-unknown-linux-gnu
 RELEASE_DIR := target/$(TARGET)/release
+PROFILE     ?= default
 # The VMM and the rig's helpers are static so they run inside the rig's L1 VM.
 STATIC_ENV  := RUSTFLAGS="-C target-feature=+crt-static"
 # Build outputs go to target/ and build/ only, whatever the caller's setting.
@@ -50,9 +51,10 @@ build: kernel
 # The guest images (kernel, initramfs, Debian rootfs, manifest) in
 # build/images; coworkvm-rootfs skips the work when its inputs are
 # unchanged, and keeps the mmdebstrap tree in build/cache.
+# PROFILE=office adds LibreOffice (rootfs-builder/packages-office.txt).
 images:
 	target/release/coworkvm-rootfs build --out build/images --kernel-dir build/kernel \
-	    --agent $(RELEASE_DIR)/coworkvm-agent --cache-dir build/cache
+	    --agent $(RELEASE_DIR)/coworkvm-agent --cache-dir build/cache --profile $(PROFILE)
 
 # Drops the cached Debian tree: the next build takes the mirror's packages.
 rootfs-refresh:

@@ -75,6 +75,10 @@ enum Command {
         /// zstd level of rootfs.img.zst.
         #[arg(long, default_value_t = 12)]
         zstd_level: i32,
+        /// The package set: `default` (packages.txt) or `office` (plus
+        /// packages-office.txt, LibreOffice headless).
+        #[arg(long, value_enum, default_value_t = coworkvm_rootfs::rootfs::Profile::Default)]
+        profile: coworkvm_rootfs::rootfs::Profile,
     },
     /// List the entries of a newc archive (plain or zstd-compressed).
     List { file: PathBuf },
@@ -185,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             mirror,
             version_tag,
             zstd_level,
+            profile,
         } => {
             let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
                 Ok(s) => s
@@ -202,6 +207,7 @@ fn main() -> anyhow::Result<()> {
                 epoch,
                 version_tag,
                 zstd_level,
+                profile,
             })
             .context("building the guest images")?;
             for (name, f) in &m.files {

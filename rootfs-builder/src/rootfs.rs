@@ -27,6 +27,18 @@ use socket_proto::manifest::{hex, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_F
 
 /// The Debian packages of the rootfs beyond minbase.
 pub const PACKAGES: &str = include_str!("../packages.txt");
+/// What the `office` profile adds to [`PACKAGES`].
+pub const OFFICE_PACKAGES: &str = include_str!("../packages-office.txt");
+
+/// Which package set an image carries (`make images PROFILE=...`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// `packages.txt`: the everyday userland.
+    #[default]
+    Default,
+    /// Plus `packages-office.txt` (LibreOffice, headless).
+    Office,
+}
 /// Default SOURCE_DATE_EPOCH: 2026-01-01T00:00:00Z.
 pub const DEFAULT_EPOCH: u64 = 1_767_225_600;
 /// Fixed filesystem UUID and directory hash seed of `rootfs.img`.
@@ -81,12 +93,20 @@ pub struct BuildSpec {
     pub version_tag: Option<String>,
     /// zstd level of `rootfs.img.zst`.
     pub zstd_level: i32,
+    /// The package set.
+    pub profile: Profile,
 }
 
-/// The package list, one per line, comments and blanks dropped.
-pub fn packages() -> Vec<&'static str> {
+/// The package list of `profile`, one per line in its files, comments and
+/// blanks dropped.
+pub fn packages(profile: Profile) -> Vec<&'static str> {
+    let extra = match profile {
+        Profile::Default => "",
+        Profile::Office => OFFICE_PACKAGES,
+    };
     PACKAGES
         .lines()
+        .chain(extra.lines())
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .filter(|l| !l.is_empty())
         .collect()
@@ -421,7 +441,7 @@ fn base_tarball(
     let t = progress.step(&format!(
         "mmdebstrap {} minbase (+{} packages)",
         spec.suite,
-        packages().len()
+        packages(spec.profile).len()
     ));
     if tar.is_file() {
         progress.done(&format!("base tree cached at {}", tar.display()), t);
@@ -432,7 +452,7 @@ fn base_tarball(
     run(Command::new("mmdebstrap")
         .env("SOURCE_DATE_EPOCH", spec.epoch.to_string())
         .args(["--quiet", "--variant=minbase", "--format=tar"])
-        .arg(format!("--include={}", packages().join(",")))
+        .arg(format!("--include={}", packages(spec.profile).join(",")))
         // Documentation and translations: nothing in the guest reads them.
         .args([
             "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -546,7 +566,7 @@ pub fn build(spec: &BuildSpec) -> Result<Manifest, RootfsError> {
         return Err(RootfsError::NoKernel(vmlinuz));
     }
     let agent = sha256_file(&spec.agent)?;
-    let pkgs = packages();
+    let pkgs = packages(spec.profile);
     let key = base_key(&spec.suite, &pkgs, spec.epoch, &mmdebstrap_version()?);
     let stamp = input_stamp(spec, &agent, &release, &key, &mke2fs_version()?);
     if up_to_date(&spec.out, &stamp) {
@@ -639,7 +659,7 @@ mod tests {
 
     #[test]
     fn the_package_list_has_what_the_guest_needs() {
-        let p = packages();
+        let p = packages(Profile::Default);
         for need in [
             "bindfs",
             "bubblewrap",
@@ -684,7 +704,22 @@ mod tests {
             epoch: DEFAULT_EPOCH,
             version_tag: None,
             zstd_level: 10,
+            profile: Profile::Default,
         }
+    }
+
+    #[test]
+    fn the_office_profile_is_the_default_list_plus_libreoffice() {
+        let default = packages(Profile::Default);
+        let office = packages(Profile::Office);
+        assert!(!default.contains(&"libreoffice-core"));
+        assert!(office.contains(&"libreoffice-core"));
+        assert_eq!(&office[..default.len()], &default[..]);
+        // A different list: a different cached base tree and stamp.
+        assert_ne!(
+            base_key("bookworm", &default, 1, "m"),
+            base_key("bookworm", &office, 1, "m")
+        );
     }
 
     #[test]
