@@ -53,6 +53,7 @@ pub mod images;
 pub mod l1;
 pub mod process;
 pub mod qemu;
+pub mod runtime;
 pub mod skip;
 
 pub use skip::{ok_or_skip, skip_or_fail, skipping_allowed};

@@ -19,6 +19,9 @@
 //!        client-probe --egress SOCKET BUNDLE_DIR EGRESS_DIR
 //! sessions' network through the egress proxy, the OAuth token, and the
 //! reachability events (tests/tests/egress.rs).
+//!        client-probe --cowork SOCKET BUNDLE_DIR HOST_DIR
+//! a Cowork session end to end with the real runtime and a fake Messages
+//! API (tests/tests/cowork.rs).
 //!        client-probe --egress-bench MIB N SOCKET BUNDLE_DIR EGRESS_DIR
 //! a download through a session's proxies vs directly, and N CONNECT
 //! set-ups; prints `@@EGRESS-BENCH {json}` (`coworkvm-rig bench`).
@@ -37,6 +40,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
+#[path = "client-probe/cowork.rs"]
+mod cowork;
 #[path = "client-probe/egress.rs"]
 mod egress;
 #[path = "client-probe/shares.rs"]
@@ -144,11 +149,16 @@ impl Events {
 
     /// All stdout data of process `id` so far.
     fn stdout(&self, id: &str) -> String {
+        self.of_kind("stdout", id)
+    }
+
+    /// All data of process `id`'s `kind` (`stdout`, `stderr`) events so far.
+    fn of_kind(&self, kind: &str, id: &str) -> String {
         self.seen
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, v)| v["type"] == "stdout" && v["id"] == id)
+            .filter(|(_, v)| v["type"] == kind && v["id"] == id)
             .map(|(_, v)| v["data"].as_str().unwrap_or("").to_owned())
             .collect()
     }
@@ -702,6 +712,9 @@ fn main() {
         }
         if flag == "--egress" {
             return egress::egress(socket, bundle, host_dir);
+        }
+        if flag == "--cowork" {
+            return cowork::cowork(socket, bundle, host_dir);
         }
     }
     if let [_, flag, mib, n, socket, bundle, dir] = argv.as_slice() {

@@ -90,6 +90,16 @@ r connect-errno "$(perl -e 'socket(my $s, 2, 1, 0) or die "socket: $!"; print co
 r vsock "$(perl -e 'print socket(my $s, 40, 1, 0) ? "created" : $!+0')"
 r routes "$(tail -n +2 /proc/net/route | wc -l)"
 r netdevs "$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ',')"
+r nested "$(rm -f /tmp/px.sock; socat UNIX-LISTEN:/tmp/px.sock,fork TCP:127.0.0.1:3128 & sp=$!
+  out=$(bwrap --new-session --die-with-parent --unshare-net --unshare-pid --ro-bind / / --dev /dev --proc /proc --bind /tmp /tmp -- sh -c '
+    socat TCP-LISTEN:3128,bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:/tmp/px.sock &
+    curl -sS --max-time 60 --retry 30 --retry-delay 1 --retry-all-errors --cacert /sessions/@NAME@/ca.pem -x http://127.0.0.1:3128 https://allowed.test/
+    echo " inner=$? devs=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" ,)"' 2>&1)
+  printf 'rc=%s %s' $? "$out" | tr '\r\n' '  '; kill $sp 2>/dev/null)"
+r nested-vsock "$(unshare -Urn perl -e 'print socket(my $s, 40, 1, 0) ? "created" : $!+0' 2>&1)"
+r nested-netfilter "$(unshare -Urn perl -e 'print socket(my $s, 16, 3, 12) ? "created" : $!+0' 2>&1)"
+r userns-bound "$(i=0; while [ $i -lt 160 ]; do unshare -U sleep 600 2>/dev/null & i=$((i+1)); done
+  sleep 5; n=$(ps -e -o comm= | grep -c '^sleep$'); pkill -x sleep; echo $n)"
 r done yes
 "#;
 
@@ -465,6 +475,38 @@ pub fn egress(socket: &str, bundle: &str, dir: &str) {
         "a session's only network device is lo",
         "netdevs",
         &|v| v == "lo,",
+    );
+    // Claude Code's own sandbox inside a session: a nested bwrap without
+    // a network, reaching the session's proxy through a socat bridge over
+    // a Unix socket, as the runtime's sandbox does.
+    expect(
+        &mut p,
+        &a,
+        "a nested bwrap + socat bridge reaches allowed.test through the session's proxy",
+        "nested",
+        &|v| v.starts_with("rc=0 hello allowed.test") && v.contains("inner=0 devs=lo,"),
+    );
+    expect(
+        &mut p,
+        &a,
+        "root of a nested user namespace cannot create an AF_VSOCK socket (EPERM)",
+        "nested-vsock",
+        &|v| v == "1",
+    );
+    expect(
+        &mut p,
+        &a,
+        "root of a nested user and network namespace cannot open netfilter's netlink (EPERM)",
+        "nested-netfilter",
+        &|v| v == "1",
+    );
+    // 128 per uid, less the session's own sandbox namespace.
+    expect(
+        &mut p,
+        &a,
+        "a session holds at most 128 user namespaces (160 tried at once)",
+        "userns-bound",
+        &|v| v.parse::<u32>().is_ok_and(|n| (100..128).contains(&n)),
     );
 
     // Session B: the wildcard, and its own token.
