@@ -44,7 +44,7 @@ use serde_json::{Map, Value};
 
 use crate::frame::JsonObject;
 use crate::guest::GuestRequest;
-use crate::params::lenient::{env_map, negative_as_none, null_as_default};
+use crate::params::lenient::{env_map, negative_as_none, non_positive_as_none, null_as_default};
 use crate::params::{decode_params, ParamsError};
 use crate::redact::{redacted_debug, Secret};
 
@@ -603,11 +603,13 @@ pub struct DeleteSessionDirsParams {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PruneSessionCachesParams {
-    /// Prune only when free space is below this (negative: not given).
+    /// Prune only when free space is below this. `0` (the client's menu
+    /// cleanup sends it) means prune whatever the free space, and so does a
+    /// negative value: both decode as absent.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "negative_as_none"
+        deserialize_with = "non_positive_as_none"
     )]
     pub only_if_free_bytes_below: Option<u64>,
     /// Also prune sessions' tmp directories.

@@ -122,6 +122,22 @@ pub mod lenient {
         }))
     }
 
+    /// A threshold whose `0` means "no threshold" (`pruneSessionCaches`'
+    /// `onlyIfFreeBytesBelow`: "`0` means prune unconditionally", the Go
+    /// peer's `COWORK_RPC_PROTOCOL.md`; its native backend checks `> 0`):
+    /// `0` and negatives count as absent.
+    pub fn non_positive_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        negative_as_none::<D, u64>(d)?
+            .filter(|v| *v > 0)
+            .map(T::try_from)
+            .transpose()
+            .map_err(|_| de::Error::custom("out of range"))
+    }
+
     /// A size, count or threshold: a negative integer counts as the field
     /// being absent (the receiver's default), as does `null`; a value too
     /// large for `T` or not an integer is an error.

@@ -829,6 +829,23 @@ fn negative_sizes_count_as_absent_and_bounds_stay() {
         (p.only_if_free_bytes_below, p.session_tmp_older_than_seconds),
         (None, None)
     );
+    // The client's menu cleanup sends (0, true, 0): 0 is "prune whatever
+    // the free space", i.e. no threshold (the agent would read a 0
+    // threshold as "never"); a positive one stays.
+    for (sent, want) in [
+        (json!(0), None),
+        (json!(1_073_741_824u64), Some(1u64 << 30)),
+    ] {
+        let HostMethod::PruneSessionCaches(p) = HostMethod::parse(
+            "pruneSessionCaches",
+            json!({"onlyIfFreeBytesBelow": sent, "includeSessionTmp": true, "sessionTmpOlderThanSeconds": 0}),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.only_if_free_bytes_below, want, "{sent}");
+        assert_eq!(p.session_tmp_older_than_seconds, Some(0));
+    }
     let HostMethod::GetSessionsDiskInfo(g) =
         HostMethod::parse("getSessionsDiskInfo", json!({"lowWaterBytes": -1})).unwrap()
     else {
