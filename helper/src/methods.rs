@@ -364,13 +364,11 @@ fn grant_spawn_mounts(
     Ok((g, shares))
 }
 
-/// `mountPath`: one more grant for the session of a running process, then
-/// the agent's bind of it.
-async fn mount_path(helper: &Helper, req: &HostRequest, p: &MountPathParams) -> Response {
-    // Nothing to mount: done (the Go peer answers the same).
+/// `mountPath`'s params with its defaults filled in; `None` when there is
+/// nothing to mount (no `subpath`).
+fn mount_path_defaults(p: &MountPathParams) -> Option<MountPathParams> {
     if p.subpath.is_empty() {
-        tracing::info!("mountPath without a subpath: nothing to mount");
-        return req.ok();
+        return None;
     }
     let mut p = p.clone();
     // No name: the folder's own (the JS peer's `mountName || subpath`,
@@ -386,6 +384,17 @@ async fn mount_path(helper: &Helper, req: &HostRequest, p: &MountPathParams) -> 
     if p.mode.is_empty() {
         p.mode = "ro".into();
     }
+    Some(p)
+}
+
+/// `mountPath`: one more grant for the session of a running process, then
+/// the agent's bind of it.
+async fn mount_path(helper: &Helper, req: &HostRequest, p: &MountPathParams) -> Response {
+    // Nothing to mount: done (the Go peer answers the same).
+    let Some(p) = mount_path_defaults(p) else {
+        tracing::info!("mountPath without a subpath: nothing to mount");
+        return req.ok();
+    };
     let p = &p;
     let Some(agent) = helper.vm.agent().filter(|a| a.is_connected()) else {
         return req.err(AgentError::NotConnected.to_string());
@@ -695,6 +704,91 @@ mod tests {
             version: version.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn mount_path_defaults_its_name_and_mode() {
+        let mp = |sub: &str, name: &str, mode: &str| MountPathParams {
+            process_id: "p".into(),
+            subpath: sub.into(),
+            mount_name: name.into(),
+            mode: mode.into(),
+        };
+        assert_eq!(mount_path_defaults(&mp("", "x", "rw")), None);
+        assert_eq!(
+            mount_path_defaults(&mp("home/u/docs", "", "")),
+            Some(mp("home/u/docs", "docs", "ro"))
+        );
+        assert_eq!(
+            mount_path_defaults(&mp("home/u/docs", "d", "rw")),
+            Some(mp("home/u/docs", "d", "rw"))
+        );
+        // No last component: the name stays empty and the policy refuses it.
+        assert_eq!(
+            mount_path_defaults(&mp("..", "", "rw")),
+            Some(mp("..", "", "rw"))
+        );
+    }
+
+    #[test]
+    fn read_file_takes_the_session_from_the_path() {
+        let rf = |name: &str, path: &str| ReadFileParams {
+            process_name: name.into(),
+            file_path: path.into(),
+        };
+        assert_eq!(
+            read_file_session(&rf("", "/sessions/s1/mnt/outputs/a.txt")),
+            Some(rf("s1", "/sessions/s1/mnt/outputs/a.txt"))
+        );
+        assert_eq!(
+            read_file_session(&rf("own", "/anything")),
+            Some(rf("own", "/anything"))
+        );
+        for bad in [
+            "/tmp/s1/a",
+            "sessions/s1/a",
+            "/sessions",
+            "/sessions/../etc/x",
+            "",
+        ] {
+            assert_eq!(read_file_session(&rf("", bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_host_view_of_the_session_disk() {
+        use std::os::unix::fs::{symlink, FileExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("coworkvm-diskinfo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(
+            host_sessions_disk_info(&dir),
+            Err(HostDiskInfoError::NoDisk(_))
+        ));
+        let img = dir.join(SESSION_DISK_FILE);
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+        let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
+        let info = host_sessions_disk_info(&dir).unwrap();
+        assert_eq!(info.total_bytes, 32 << 20);
+        assert_eq!(info.free_bytes, (32 << 20) - allocated);
+        assert!(info.sessions.is_empty());
+        // Fully allocated (more than its size, with metadata): 0 free.
+        let f = std::fs::File::create(&img).unwrap();
+        f.write_all_at(&[1u8; 8192], 0).unwrap();
+        f.set_len(100).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(host_sessions_disk_info(&dir).unwrap().free_bytes, 0);
+        // A link in its place is not followed.
+        std::fs::remove_file(&img).unwrap();
+        symlink("/etc/passwd", &img).unwrap();
+        assert!(matches!(
+            host_sessions_disk_info(&dir),
+            Err(HostDiskInfoError::NotAFile(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
