@@ -8,12 +8,14 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 use std::sync::Arc;
 
+use coworkvm_bundle::SESSION_DISK_FILE;
 use socket_proto::guest::{
     failed_mount_names, GuestError, GuestFrame, GuestNotification, SHARE_CAPABILITY,
 };
 use socket_proto::host::{
-    ConnectedResult, HostMethod, HostRequest, InstallSdkParams, MountPathParams,
-    NetworkDrivesResult, ProcessRunningResult, RunningResult, SpawnParams, SpawnResult,
+    ConnectedResult, DeleteSessionDirsResult, HostMethod, HostRequest, InstallSdkParams,
+    MountPathParams, NetworkDrivesResult, ProcessRunningResult, PruneSessionCachesResult,
+    ReadFileParams, RunningResult, SessionsDiskInfo, SpawnParams, SpawnResult,
 };
 use socket_proto::redact::Redacted;
 use socket_proto::Response;
@@ -63,6 +65,102 @@ pub enum SdkUploadError {
     /// The blocking task that reads and sends the binary died.
     #[error("installSdk: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// Why `getSessionsDiskInfo` has no host view of the session disk.
+#[derive(Debug, thiserror::Error)]
+pub enum HostDiskInfoError {
+    /// No `createVM` or `startVM` has named a bundle yet.
+    #[error(
+        "getSessionsDiskInfo: the guest is not connected, and no createVM or startVM \
+         has named a bundle yet"
+    )]
+    NoBundle,
+    /// The bundle has no session disk (yet).
+    #[error("getSessionsDiskInfo: the guest is not connected, and {} has no {SESSION_DISK_FILE} yet", .0.display())]
+    NoDisk(PathBuf),
+    /// The session disk is not a regular file (a link is not followed).
+    #[error("getSessionsDiskInfo: {} is not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    /// `stat` or `statvfs` failed.
+    #[error("getSessionsDiskInfo: cannot examine {}: {source}", .path.display())]
+    Stat {
+        /// What was examined.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// `getSessionsDiskInfo` from the host, for when no guest answers: the
+/// bundle's `sessiondata.img` as the host sees it. `totalBytes` is its
+/// apparent size (what the guest sees), `freeBytes` that less the bytes
+/// the host has allocated to it (`st_blocks` * 512), and never more than
+/// the host file system can still give it (a sparse image can promise more
+/// than the host has). The file system inside may have freed blocks that
+/// the host still holds, so this is a floor on the guest's free space.
+/// No per-session list: only the guest can read the sessions.
+pub fn host_sessions_disk_info(bundle: &Path) -> Result<SessionsDiskInfo, HostDiskInfoError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = bundle.join(SESSION_DISK_FILE);
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(HostDiskInfoError::NoDisk(bundle.to_owned()))
+        }
+        Err(source) => return Err(HostDiskInfoError::Stat { path, source }),
+    };
+    if !meta.is_file() {
+        return Err(HostDiskInfoError::NotAFile(path));
+    }
+    let total = meta.size();
+    let allocated = meta.blocks().saturating_mul(512);
+    let host_free = host_available_bytes(bundle).map_err(|source| HostDiskInfoError::Stat {
+        path: bundle.to_owned(),
+        source,
+    })?;
+    Ok(SessionsDiskInfo {
+        total_bytes: total,
+        free_bytes: total.saturating_sub(allocated).min(host_free),
+        sessions: Vec::new(),
+    })
+}
+
+/// Bytes an unprivileged user can still write on the file system of `dir`.
+fn host_available_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: all-zero is a valid `statvfs` (plain integers).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st`
+    // is a valid, writable `statvfs` that the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // The field types differ by target.
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The session a `readFile` is about: `processName`, else the `<name>` of
+/// a `filePath` under `/sessions/<name>/`.
+fn read_file_session(p: &ReadFileParams) -> Option<ReadFileParams> {
+    if !p.process_name.is_empty() {
+        return Some(p.clone());
+    }
+    let mut parts = Path::new(&p.file_path).components();
+    let (Some(Component::RootDir), Some(Component::Normal(top)), Some(Component::Normal(name))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if top != "sessions" {
+        return None;
+    }
+    Some(ReadFileParams {
+        process_name: name.to_str()?.to_owned(),
+        file_path: p.file_path.clone(),
+    })
 }
 
 fn plain_relative(p: &Path) -> bool {
@@ -266,9 +364,38 @@ fn grant_spawn_mounts(
     Ok((g, shares))
 }
 
+/// `mountPath`'s params with its defaults filled in; `None` when there is
+/// nothing to mount (no `subpath`).
+fn mount_path_defaults(p: &MountPathParams) -> Option<MountPathParams> {
+    if p.subpath.is_empty() {
+        return None;
+    }
+    let mut p = p.clone();
+    // No name: the folder's own (the JS peer's `mountName || subpath`,
+    // kept to one component, which the policy then validates).
+    if p.mount_name.is_empty() {
+        p.mount_name = Path::new(&p.subpath)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+    }
+    // No mode: read-only. The peers make it read-write; a folder the client
+    // did not say may be written is not.
+    if p.mode.is_empty() {
+        p.mode = "ro".into();
+    }
+    Some(p)
+}
+
 /// `mountPath`: one more grant for the session of a running process, then
 /// the agent's bind of it.
 async fn mount_path(helper: &Helper, req: &HostRequest, p: &MountPathParams) -> Response {
+    // Nothing to mount: done (the Go peer answers the same).
+    let Some(p) = mount_path_defaults(p) else {
+        tracing::info!("mountPath without a subpath: nothing to mount");
+        return req.ok();
+    };
+    let p = &p;
     let Some(agent) = helper.vm.agent().filter(|a| a.is_connected()) else {
         return req.err(AgentError::NotConnected.to_string());
     };
@@ -355,6 +482,46 @@ async fn install_sdk_shared(
     Ok(())
 }
 
+/// The answer, with no guest connected, of a method the guest serves.
+fn without_guest(helper: &Helper, req: &HostRequest) -> Response {
+    let not_connected = AgentError::NotConnected.to_string();
+    match &req.method {
+        // Nothing runs without a guest, so there is nothing to signal: done,
+        // as the Go peer's KVM backend answers (and the JS peer for an
+        // unknown id).
+        HostMethod::Kill(k) => {
+            tracing::info!("kill {}: no guest is connected, nothing runs", k.id);
+            req.ok()
+        }
+        HostMethod::GetSessionsDiskInfo(_) => {
+            let Some(bundle) = helper.vm.bundle_dir() else {
+                return req.err(HostDiskInfoError::NoBundle.to_string());
+            };
+            match host_sessions_disk_info(&bundle) {
+                Ok(info) => req.ok_with(&info),
+                Err(e) => req.err(e.to_string()),
+            }
+        }
+        // Nothing pruned: the sessions' caches are in the guest.
+        HostMethod::PruneSessionCaches(_) => req.ok_with(&PruneSessionCachesResult::default()),
+        // Each name fails with the reason; the sessions are in the guest.
+        HostMethod::DeleteSessionDirs(d) => req.ok_with(&DeleteSessionDirsResult {
+            deleted: Vec::new(),
+            errors: d
+                .names
+                .iter()
+                .take(MAX_OFFLINE_DELETE_NAMES)
+                .map(|n| (n.chars().take(256).collect(), not_connected.clone()))
+                .collect(),
+        }),
+        _ => req.err(not_connected),
+    }
+}
+
+/// The most names a `deleteSessionDirs` without a guest answers for (the
+/// frame bound limits the request; this bounds the answer's work).
+const MAX_OFFLINE_DELETE_NAMES: usize = 1024;
+
 /// Answers one request (anything but `subscribeEvents`).
 pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
     tracing::debug!("request {}", Redacted(&req));
@@ -402,8 +569,14 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             },
             None => req.err(AgentError::NotConnected.to_string()),
         },
-        HostMethod::IsProcessRunning(p) => match vm.agent() {
-            // No VM: nothing runs. Safe to repeat either way.
+        HostMethod::IsProcessRunning(p) => match vm.agent().filter(|a| a.is_connected()) {
+            // No VM, or no guest yet or any more: nothing runs (a guest's
+            // processes are reported lost when its channel ends). No id:
+            // no process.
+            _ if p.id.is_empty() => req.ok_with(&ProcessRunningResult {
+                running: false,
+                exit_code: None,
+            }),
             None => req.ok_with(&ProcessRunningResult {
                 running: false,
                 exit_code: None,
@@ -461,15 +634,41 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
         }
         HostMethod::MountPath(p) => mount_path(helper, &req, p).await,
         HostMethod::AddApprovedOauthToken(p) => {
+            if p.token.expose().is_empty() {
+                tracing::info!("addApprovedOauthToken without a token: nothing changes");
+                return req.ok();
+            }
             // Kept for the spawns that carry no oauthToken of their own
-            // (CLAUDE_CODE_OAUTH_TOKEN), then passed to the agent as before.
+            // (CLAUDE_CODE_OAUTH_TOKEN), then passed to the agent when one
+            // is connected. Before the guest runs, keeping it is the whole
+            // job: every later spawn gets it (as in both peers).
             *lock(&helper.approved_token) = Some(p.token.clone());
-            match (req.method.to_guest_request(), vm.agent()) {
+            match (
+                req.method.to_guest_request(),
+                vm.agent().filter(|a| a.is_connected()),
+            ) {
                 (Some(g), Some(agent)) => {
                     from_agent(&req, agent.request(&g, REQUEST_TIMEOUT).await)
                 }
-                (_, None) => req.err(AgentError::NotConnected.to_string()),
+                (_, None) => req.ok(),
                 (None, _) => req.err("addApprovedOauthToken is not forwardable"),
+            }
+        }
+        HostMethod::ReadFile(p) => {
+            let Some(p) = read_file_session(p) else {
+                return req.err(format!(
+                    "readFile: no processName, and filePath {:?} is not under /sessions/<name>/",
+                    p.file_path.chars().take(256).collect::<String>()
+                ));
+            };
+            match vm.agent() {
+                Some(agent) => from_agent(
+                    &req,
+                    agent
+                        .request(&socket_proto::GuestRequest::ReadFile(p), REQUEST_TIMEOUT)
+                        .await,
+                ),
+                None => req.err(AgentError::NotConnected.to_string()),
             }
         }
         HostMethod::GetNetworkDrives => req.ok_with(&NetworkDrivesResult { drives: vec![] }),
@@ -477,16 +676,19 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             tracing::warn!("unknown method {name:?}");
             req.unknown_method()
         }
-        // kill, readFile, mountPath, addApprovedOauthToken and the
-        // session-disk methods: to the agent as they are.
-        m => match (m.to_guest_request(), vm.agent()) {
+        // kill and the session-disk methods: to the agent as they are
+        // when one is connected; without one, what the host can say.
+        m => match (
+            m.to_guest_request(),
+            vm.agent().filter(|a| a.is_connected()),
+        ) {
             (Some(g), Some(agent)) => {
                 if let HostMethod::Kill(k) = m {
                     tracing::info!("kill {} ({:?})", k.id, k.signal);
                 }
                 from_agent(&req, agent.request(&g, REQUEST_TIMEOUT).await)
             }
-            (Some(_), None) => req.err(AgentError::NotConnected.to_string()),
+            (Some(_), None) => without_guest(helper, &req),
             (None, _) => req.err(format!("{} is not served by this helper", m.name())),
         },
     }
@@ -502,6 +704,91 @@ mod tests {
             version: version.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn mount_path_defaults_its_name_and_mode() {
+        let mp = |sub: &str, name: &str, mode: &str| MountPathParams {
+            process_id: "p".into(),
+            subpath: sub.into(),
+            mount_name: name.into(),
+            mode: mode.into(),
+        };
+        assert_eq!(mount_path_defaults(&mp("", "x", "rw")), None);
+        assert_eq!(
+            mount_path_defaults(&mp("home/u/docs", "", "")),
+            Some(mp("home/u/docs", "docs", "ro"))
+        );
+        assert_eq!(
+            mount_path_defaults(&mp("home/u/docs", "d", "rw")),
+            Some(mp("home/u/docs", "d", "rw"))
+        );
+        // No last component: the name stays empty and the policy refuses it.
+        assert_eq!(
+            mount_path_defaults(&mp("..", "", "rw")),
+            Some(mp("..", "", "rw"))
+        );
+    }
+
+    #[test]
+    fn read_file_takes_the_session_from_the_path() {
+        let rf = |name: &str, path: &str| ReadFileParams {
+            process_name: name.into(),
+            file_path: path.into(),
+        };
+        assert_eq!(
+            read_file_session(&rf("", "/sessions/s1/mnt/outputs/a.txt")),
+            Some(rf("s1", "/sessions/s1/mnt/outputs/a.txt"))
+        );
+        assert_eq!(
+            read_file_session(&rf("own", "/anything")),
+            Some(rf("own", "/anything"))
+        );
+        for bad in [
+            "/tmp/s1/a",
+            "sessions/s1/a",
+            "/sessions",
+            "/sessions/../etc/x",
+            "",
+        ] {
+            assert_eq!(read_file_session(&rf("", bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_host_view_of_the_session_disk() {
+        use std::os::unix::fs::{symlink, FileExt, MetadataExt};
+        let dir = std::env::temp_dir().join(format!("coworkvm-diskinfo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(
+            host_sessions_disk_info(&dir),
+            Err(HostDiskInfoError::NoDisk(_))
+        ));
+        let img = dir.join(SESSION_DISK_FILE);
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        f.sync_all().unwrap();
+        let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
+        let info = host_sessions_disk_info(&dir).unwrap();
+        assert_eq!(info.total_bytes, 32 << 20);
+        assert_eq!(info.free_bytes, (32 << 20) - allocated);
+        assert!(info.sessions.is_empty());
+        // Fully allocated (more than its size, with metadata): 0 free.
+        let f = std::fs::File::create(&img).unwrap();
+        f.write_all_at(&[1u8; 8192], 0).unwrap();
+        f.set_len(100).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(host_sessions_disk_info(&dir).unwrap().free_bytes, 0);
+        // A link in its place is not followed.
+        std::fs::remove_file(&img).unwrap();
+        symlink("/etc/passwd", &img).unwrap();
+        assert!(matches!(
+            host_sessions_disk_info(&dir),
+            Err(HostDiskInfoError::NotAFile(_))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -184,8 +184,8 @@ pub enum MountError {
     /// The grant is neither a directory nor a regular file.
     #[error("{} is neither a directory nor a regular file", .0.display())]
     NotShareable(PathBuf),
-    /// The entry's `mode` is missing or not a string.
-    #[error("mount entry has no string 'mode'")]
+    /// The entry's `mode` is not a string (a missing one is `ro`).
+    #[error("mount entry's 'mode' is not a string")]
     ModeMissing,
     /// The entry's `mode` is not `ro`, `rw` or `rwd`.
     #[error("unknown mode {0:?} (ro, rw or rwd)")]
@@ -501,10 +501,13 @@ impl MountPolicy {
         let Some(Value::String(path)) = fields.get("path") else {
             return Err(MountError::PathMissing);
         };
-        let Some(Value::String(mode)) = fields.get("mode") else {
-            return Err(MountError::ModeMissing);
+        // No mode (missing or null): read-only. The peers make it
+        // read-write; a folder the client did not say may be written is not.
+        let mode = match fields.get("mode") {
+            None | Some(Value::Null) => MountMode::ReadOnly,
+            Some(Value::String(mode)) => MountMode::parse(mode)?,
+            Some(_) => return Err(MountError::ModeMissing),
         };
-        let mode = MountMode::parse(mode)?;
         self.plan_grant(name, path, mode, denied)
     }
 
@@ -1205,6 +1208,8 @@ mod tests {
             "no-path": {"mode": "rw"},
             "number-path": {"path": 7, "mode": "rw"},
             "no-mode": {"path": f.rel(&out)},
+            "null-mode": {"path": f.rel(&out), "mode": null},
+            "number-mode": {"path": f.rel(&out), "mode": 1},
             "bad-mode": {"path": f.rel(&out), "mode": "RW"},
             "exec-mode": {"path": f.rel(&out), "mode": "rwx"},
             "abs-path": {"path": out.to_str().unwrap(), "mode": "rw"},
@@ -1212,8 +1217,20 @@ mod tests {
             "nul-path": {"path": "home/u/out\u{0}puts", "mode": "rw"},
             "long-path": {"path": "a/".repeat(MAX_PATH_BYTES), "mode": "rw"},
         }));
-        assert_eq!(plan.mounts.len(), 1);
-        assert_eq!(plan.mounts[0].name, "outputs");
+        // A missing or null mode is read-only (not a failure).
+        let names: Vec<(&str, MountMode)> = plan
+            .mounts
+            .iter()
+            .map(|m| (m.name.as_str(), m.mode))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("no-mode", MountMode::ReadOnly),
+                ("null-mode", MountMode::ReadOnly),
+                ("outputs", MountMode::ReadWrite),
+            ]
+        );
         let reason = |n: &str| &plan.failed.iter().find(|m| m.name == n).unwrap().reason;
         assert!(matches!(
             reason("a-string"),
@@ -1221,7 +1238,7 @@ mod tests {
         ));
         assert!(matches!(reason("no-path"), MountError::PathMissing));
         assert!(matches!(reason("number-path"), MountError::PathMissing));
-        assert!(matches!(reason("no-mode"), MountError::ModeMissing));
+        assert!(matches!(reason("number-mode"), MountError::ModeMissing));
         assert!(matches!(reason("bad-mode"), MountError::ModeUnknown(m) if m == "RW"));
         assert!(matches!(reason("exec-mode"), MountError::ModeUnknown(_)));
         assert!(matches!(reason("abs-path"), MountError::PathAbsolute));

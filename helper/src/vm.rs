@@ -97,7 +97,7 @@ pub enum VmManagerError {
     #[error("the VMM did not exit after SIGKILL")]
     WontDie,
     /// `startVM` without a bundle.
-    #[error("startVM needs a bundlePath")]
+    #[error("startVM needs a bundlePath (none given, and no createVM named one)")]
     NoBundle,
     /// The VM asked for is one the VMM refuses (checked before it starts).
     #[error(transparent)]
@@ -554,6 +554,9 @@ pub struct VmManager {
     lifecycle: tokio::sync::Mutex<()>,
     current: Mutex<Option<Arc<Instance>>>,
     created: Mutex<Option<CreateVmParams>>,
+    /// The bundle of the last `createVM` or `startVM` that prepared one:
+    /// where `getSessionsDiskInfo` looks before a guest answers.
+    bundle: Mutex<Option<PathBuf>>,
     sizing: Mutex<Sizing>,
     share_launcher: Option<Arc<dyn ShareLauncher>>,
     /// `configure.virtiofsdPath`.
@@ -578,6 +581,7 @@ impl VmManager {
             lifecycle: tokio::sync::Mutex::new(()),
             current: Mutex::new(None),
             created: Mutex::new(None),
+            bundle: Mutex::new(None),
             sizing: Mutex::new(Sizing::default()),
             share_launcher: None,
             virtiofsd: Mutex::new(None),
@@ -660,15 +664,29 @@ impl VmManager {
         self.current().map(|i| i.agent.clone())
     }
 
+    /// The bundle directory of the last `createVM` or `startVM` that
+    /// prepared one, if any.
+    pub fn bundle_dir(&self) -> Option<PathBuf> {
+        lock(&self.bundle).clone()
+    }
+
     /// `createVM {bundlePath, diskSizeGB}`: prepares the bundle's images
     /// (creating the session disk when missing) and remembers the size.
+    /// Without a `bundlePath` there is nothing to prepare: it does nothing
+    /// (the Go peer's `createVM` never does anything).
     pub async fn create_vm(&self, p: CreateVmParams) -> Result<(), VmManagerError> {
+        if p.bundle_path.is_empty() {
+            tracing::info!("createVM without a bundlePath: nothing to prepare");
+            return Ok(());
+        }
         let _guard = self.lifecycle.lock().await;
         let images = self.images.clone();
         let bundle = PathBuf::from(&p.bundle_path);
         let disk = p.disk_size_gb;
+        let dir = bundle.clone();
         run_blocking(move || images.prepare(&bundle, disk)).await?;
         tracing::info!("createVM: bundle {} ready", p.bundle_path);
+        *lock(&self.bundle) = Some(dir);
         *lock(&self.created) = Some(p);
         Ok(())
     }
@@ -682,7 +700,7 @@ impl VmManager {
 
     /// `startVM`: returns once the VMM runs (the agent connects later; the
     /// client polls `isGuestConnected`). Already running: does nothing.
-    pub async fn start_vm(self: &Arc<Self>, p: StartVmParams) -> Result<(), VmManagerError> {
+    pub async fn start_vm(self: &Arc<Self>, mut p: StartVmParams) -> Result<(), VmManagerError> {
         let _guard = self.lifecycle.lock().await;
         if let Some(inst) = self.current() {
             if !inst.agent.channel_ended() {
@@ -696,7 +714,16 @@ impl VmManager {
             self.stop_instance(inst).await?;
         }
         if p.bundle_path.is_empty() {
-            return Err(VmManagerError::NoBundle);
+            // The client always names it; another client may rely on its
+            // createVM's.
+            match lock(&self.created).as_ref() {
+                Some(c) => p.bundle_path = c.bundle_path.clone(),
+                None => return Err(VmManagerError::NoBundle),
+            }
+            tracing::info!(
+                "startVM without a bundlePath: using createVM's {}",
+                p.bundle_path
+            );
         }
         let bundle = PathBuf::from(&p.bundle_path);
         let disk_gb = lock(&self.created)
@@ -716,6 +743,7 @@ impl VmManager {
             }
         };
         self.step("prepareBundle", "completed");
+        *lock(&self.bundle) = Some(PathBuf::from(&p.bundle_path));
 
         self.step("bootVM", "running");
         let share = self.start_share().await;

@@ -1110,10 +1110,11 @@ fn start_errors_reach_the_client() {
         "{r}"
     );
     assert!(!is_running(&h.socket));
+    // No bundlePath and no createVM that named one: the method says so.
     let r = one_shot(&h.socket, "startVM", json!({}));
     assert_eq!(
         r["error"],
-        "bad params for startVM: missing field `bundlePath`"
+        "startVM needs a bundlePath (none given, and no createVM named one)"
     );
     let r = one_shot(
         &h.socket,
@@ -1121,6 +1122,139 @@ fn start_errors_reach_the_client() {
         json!({"id": "p", "name": "n", "command": "c"}),
     );
     assert_eq!(r["error"], "the guest is not connected");
+}
+
+/// Before a guest runs, the methods the guest serves answer what the host
+/// knows instead of "the guest is not connected": `getSessionsDiskInfo`
+/// from the host's view of the bundle's `sessiondata.img`, `kill` (nothing
+/// runs), `addApprovedOauthToken` (kept for later spawns), the prunes and
+/// deletes (nothing done, each name with its reason). Fields a method can
+/// do without may be missing; empty env values never reach the guest.
+#[test]
+fn without_a_guest_the_host_answers_what_it_knows() {
+    let h = serve("noguest");
+    let sock = &h.socket;
+    let mut pipe = Pipe::open(sock);
+
+    // No bundle named yet: an honest error.
+    let r = pipe.call("getSessionsDiskInfo", json!({"lowWaterBytes": 1 << 30}));
+    assert_eq!(r["success"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("no createVM or startVM has named a bundle"),
+        "{r}"
+    );
+    assert_eq!(
+        pipe.ok("kill", json!({"id": "nobody", "signal": "SIGTERM"})),
+        Value::Null
+    );
+    assert_eq!(pipe.ok("isProcessRunning", json!({}))["running"], false);
+    assert_eq!(
+        pipe.ok(
+            "addApprovedOauthToken",
+            json!({"token": "sk-ant-oat-OFFLINE1"})
+        ),
+        Value::Null
+    );
+    // No token: nothing changes (the one above stays).
+    pipe.ok("addApprovedOauthToken", json!({"token": null}));
+    assert_eq!(
+        pipe.ok("pruneSessionCaches", json!({"onlyIfFreeBytesBelow": -1})),
+        json!({"prunedSessions": [], "skippedSessions": [], "freedBytes": 0, "errors": {}})
+    );
+    assert_eq!(
+        pipe.ok("deleteSessionDirs", json!({"names": ["old-session"]})),
+        json!({"deleted": [], "errors": {"old-session": "the guest is not connected"}})
+    );
+    assert_eq!(
+        pipe.ok("deleteSessionDirs", json!({})),
+        json!({"deleted": [], "errors": {}})
+    );
+    pipe.ok("setDebugLogging", json!({}));
+    pipe.ok("mountPath", json!({"processId": "p"})); // no subpath: nothing to mount
+    pipe.ok("createVM", json!({})); // no bundle: nothing to prepare
+    assert!(!h.bundle.join("sessiondata.img").exists());
+
+    // A session disk with 1 MiB written into its 64 MiB.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(h.bundle.join("sessiondata.img")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    pipe.ok(
+        "createVM",
+        json!({"bundlePath": h.bundle.to_str().unwrap(), "diskSizeGB": -1}),
+    );
+    let info = pipe.ok("getSessionsDiskInfo", json!({"lowWaterBytes": null}));
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(h.bundle.join("sessiondata.img"))
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    assert!(allocated >= 1 << 20, "{allocated}");
+    assert_eq!(
+        info,
+        json!({"totalBytes": 64u64 << 20, "freeBytes": (64u64 << 20) - allocated, "sessions": []})
+    );
+
+    // startVM without a bundlePath boots createVM's.
+    pipe.ok("startVM", json!({"bundlePath": null, "memoryGB": -1}));
+    poll_connected(sock, true);
+    // The token approved before the guest ran reaches the spawn; empty env
+    // values (the client's ANTHROPIC_API_KEY="") and null ones do not.
+    pipe.ok(
+        "spawn",
+        json!({"id": "p1", "name": "s1", "command": "echo", "args": null, "isResume": null,
+               "env": {"ANTHROPIC_API_KEY": "", "CLAUDE_CODE_DISABLE_CRON": "", "NULLED": null,
+                       "CLAUDE_CONFIG_DIR": "/sessions/s1/mnt/.claude"}}),
+    );
+    let vm = h.launcher.last();
+    let spawn = vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "spawn")
+        .cloned()
+        .unwrap();
+    let env = spawn["params"]["env"].as_object().unwrap();
+    for gone in ["ANTHROPIC_API_KEY", "CLAUDE_CODE_DISABLE_CRON", "NULLED"] {
+        assert!(!env.contains_key(gone), "{gone} forwarded");
+    }
+    assert_eq!(env["CLAUDE_CONFIG_DIR"], "/sessions/s1/mnt/.claude");
+    assert_eq!(env["CLAUDE_CODE_OAUTH_TOKEN"], "sk-ant-oat-OFFLINE1");
+    assert_eq!(spawn["params"]["args"], json!([]));
+    // readFile without processName: the session comes from the path.
+    let r = pipe.ok("readFile", json!({"filePath": "/sessions/s1/out.txt"}));
+    assert!(r["content"].is_string(), "{r}");
+    let rf = vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r["method"] == "readFile")
+        .cloned()
+        .unwrap();
+    assert_eq!(rf["params"]["processName"], "s1");
+    let r = pipe.call("readFile", json!({"filePath": "/tmp/x"}));
+    assert!(
+        r["error"].as_str().unwrap().contains("no processName"),
+        "{r}"
+    );
+    // With a guest connected, the disk question goes to it.
+    pipe.call("getSessionsDiskInfo", json!({}));
+    assert!(vm.methods().iter().any(|m| m == "getSessionsDiskInfo"));
+    pipe.ok("stopVM", json!({}));
+    assert!(
+        !log_text().contains("sk-ant-oat-OFFLINE1"),
+        "a token in the log"
+    );
 }
 
 #[test]

@@ -44,6 +44,7 @@ use serde_json::{Map, Value};
 
 use crate::frame::JsonObject;
 use crate::guest::GuestRequest;
+use crate::params::lenient::{env_map, negative_as_none, non_positive_as_none, null_as_default};
 use crate::params::{decode_params, ParamsError};
 use crate::redact::{redacted_debug, Secret};
 
@@ -312,11 +313,20 @@ pub struct ConfigureParams {
     /// Network drives to offer (shape owned by the client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_drives: Option<Value>,
-    /// Guest memory in MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "memoryMB")]
+    /// Guest memory in MiB (negative: not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "memoryMB",
+        deserialize_with = "negative_as_none"
+    )]
     pub memory_mb: Option<u64>,
-    /// Guest vCPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Guest vCPUs (negative: not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "negative_as_none"
+    )]
     pub cpu_count: Option<u32>,
     /// Path of the stock helper's binaries (unused by coworkvm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,32 +357,47 @@ pub struct SubscribeEventsParams {
     pub user_data_root: Option<String>,
 }
 
-/// `createVM {bundlePath, diskSizeGB}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `createVM {bundlePath, diskSizeGB}`. Both optional: without a bundle
+/// there is nothing to prepare (the helper answers success and does
+/// nothing, as the Go peer's KVM backend always does).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateVmParams {
-    /// The VM bundle directory.
+    /// The VM bundle directory; empty when not given.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub bundle_path: String,
-    /// Size of the session disk, GB.
+    /// Size of the session disk, GB (negative: not given).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        rename = "diskSizeGB"
+        rename = "diskSizeGB",
+        deserialize_with = "negative_as_none"
     )]
     pub disk_size_gb: Option<u64>,
 }
 
 /// `startVM {bundlePath, memoryGB?, cpuCount?, apiProbeURL?}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StartVmParams {
-    /// The VM bundle directory.
+    /// The VM bundle directory; empty when not given (the helper then uses
+    /// the last `createVM`'s, or answers that it needs one).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub bundle_path: String,
-    /// Guest memory, GB.
-    #[serde(default, skip_serializing_if = "Option::is_none", rename = "memoryGB")]
+    /// Guest memory, GB (negative: not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "memoryGB",
+        deserialize_with = "negative_as_none"
+    )]
     pub memory_gb: Option<u64>,
-    /// Guest vCPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Guest vCPUs (negative: not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "negative_as_none"
+    )]
     pub cpu_count: Option<u32>,
     /// URL the guest probes to report `apiReachability`.
     #[serde(
@@ -394,17 +419,23 @@ pub struct SpawnParams {
     pub name: String,
     /// The program.
     pub command: String,
-    /// Its arguments.
-    #[serde(default)]
+    /// Its arguments (`null`: none).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub args: Vec<String>,
-    /// Whether this resumes an earlier session.
-    #[serde(default)]
+    /// Whether this resumes an earlier session (`null`: false). Resume is
+    /// carried by `--resume` in `args` and the `.claude` mount.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub is_resume: bool,
     /// Working directory in the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// Environment; carries credentials, never logged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Environment; carries credentials, never logged. A `null` value
+    /// drops its key.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "env_map"
+    )]
     pub env: Option<Secret<BTreeMap<String, String>>>,
     /// Host folders to mount at `/sessions/<name>/mnt/<mountName>` (shape
     /// owned by the client).
@@ -470,17 +501,19 @@ pub struct KillParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WriteStdinParams {
-    /// The process id.
+    /// The process id (required: stdin for no process goes nowhere).
     pub id: String,
-    /// UTF-8 text for the process's stdin.
+    /// UTF-8 text for the process's stdin (missing or `null`: none).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub data: String,
 }
 
 /// `isProcessRunning {id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcessIdParams {
-    /// The process id.
+    /// The process id (missing: no process, which does not run).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub id: String,
 }
 
@@ -500,34 +533,45 @@ pub struct SendGuestResponseParams {
 }
 
 /// `setDebugLogging {enabled}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SetDebugLoggingParams {
-    /// Turn debug logging on or off.
+    /// Turn debug logging on or off (missing or `null`: off, as in the Go
+    /// peer).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub enabled: bool,
 }
 
-/// `mountPath {processId, subpath, mountName, mode}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `mountPath {processId, subpath, mountName, mode}`. Every field may be
+/// missing (empty): an empty `subpath` is nothing to mount, an empty
+/// `mountName` is taken from `subpath`, an empty `mode` is `ro`; an empty
+/// `processId` names no session, which the helper refuses.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MountPathParams {
     /// The process whose session gets the mount.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub process_id: String,
     /// The host folder, relative to the shared root.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub subpath: String,
     /// Appears at `/sessions/<name>/mnt/<mountName>`.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub mount_name: String,
     /// `ro`, `rw` or `rwd`.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub mode: String,
 }
 
 /// `readFile {processName, filePath}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReadFileParams {
-    /// The session name.
+    /// The session name (missing: taken from `filePath`'s
+    /// `/sessions/<name>/`).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub process_name: String,
-    /// A path inside `/sessions/<processName>`.
+    /// A path inside `/sessions/<processName>` (required).
     pub file_path: String,
 }
 
@@ -535,16 +579,22 @@ pub struct ReadFileParams {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionsDiskInfoParams {
-    /// Free space under which the disk counts as low.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Free space under which the disk counts as low (negative: not
+    /// given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "negative_as_none"
+    )]
     pub low_water_bytes: Option<u64>,
 }
 
 /// `deleteSessionDirs {names}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeleteSessionDirsParams {
-    /// Session names.
+    /// Session names (missing or `null`: none).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub names: Vec<String>,
 }
 
@@ -553,14 +603,24 @@ pub struct DeleteSessionDirsParams {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PruneSessionCachesParams {
-    /// Prune only when free space is below this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Prune only when free space is below this. `0` (the client's menu
+    /// cleanup sends it) means prune whatever the free space, and so does a
+    /// negative value: both decode as absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_positive_as_none"
+    )]
     pub only_if_free_bytes_below: Option<u64>,
     /// Also prune sessions' tmp directories.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_session_tmp: Option<bool>,
-    /// Age above which tmp content goes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Age above which tmp content goes (negative: not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "negative_as_none"
+    )]
     pub session_tmp_older_than_seconds: Option<u64>,
 }
 
@@ -590,10 +650,11 @@ pub struct InstallSdkParams {
 }
 
 /// `addApprovedOauthToken {token}`; the token is a [`Secret`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AddApprovedOauthTokenParams {
-    /// Never logged.
+    /// Never logged. Missing, `null` or empty: no token (nothing changes).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub token: Secret<String>,
 }
 

@@ -80,6 +80,103 @@ pub fn decode_params<T: DeserializeOwned>(params: Value) -> Result<T, ParamsErro
     })
 }
 
+/// Field decoders for the tolerance the client's peers show (the Go peer
+/// decodes into plain structs: a missing field or an explicit `null` is the
+/// zero value, a negative number fits its `int`s). Used through
+/// `#[serde(default, deserialize_with = "...")]` on the host protocol's
+/// params.
+pub mod lenient {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    use crate::redact::Secret;
+
+    /// An explicit `null` counts as the field's default, like a missing
+    /// field (pair it with `#[serde(default)]`).
+    pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de> + Default,
+    {
+        Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+    }
+
+    /// A spawn's `env`: string values; a `null` value drops its key (the Go
+    /// peer's `map[string]string` decodes it as `""`, which it then strips).
+    /// Any other value is an error that never quotes it ([`Secret`]).
+    #[allow(clippy::type_complexity)]
+    pub fn env_map<'de, D>(d: D) -> Result<Option<Secret<BTreeMap<String, String>>>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        let raw = Option::<Secret<BTreeMap<String, Option<String>>>>::deserialize(d)?;
+        Ok(raw.map(|env| {
+            Secret::new(
+                env.into_inner()
+                    .into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (k, v)))
+                    .collect(),
+            )
+        }))
+    }
+
+    /// A threshold whose `0` means "no threshold" (`pruneSessionCaches`'
+    /// `onlyIfFreeBytesBelow`: "`0` means prune unconditionally", the Go
+    /// peer's `COWORK_RPC_PROTOCOL.md`; its native backend checks `> 0`):
+    /// `0` and negatives count as absent.
+    pub fn non_positive_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        negative_as_none::<D, u64>(d)?
+            .filter(|v| *v > 0)
+            .map(T::try_from)
+            .transpose()
+            .map_err(|_| de::Error::custom("out of range"))
+    }
+
+    /// A size, count or threshold: a negative integer counts as the field
+    /// being absent (the receiver's default), as does `null`; a value too
+    /// large for `T` or not an integer is an error.
+    pub fn negative_as_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: TryFrom<u64>> Visitor<'de> for V<T> {
+            type Value = Option<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                T::try_from(v)
+                    .map(Some)
+                    .map_err(|_| E::custom(format!("{v} is out of range")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Ok(None),
+                }
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        d.deserialize_option(V(std::marker::PhantomData))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -632,14 +632,14 @@ fn configure_without_the_profile_fields_is_accepted() {
 fn unknown_fields_are_ignored_and_missing_ones_named() {
     let m = HostMethod::parse("kill", json!({"id": "p", "signal": 9, "future": 1})).unwrap();
     assert!(matches!(m, HostMethod::Kill(_)));
-    let e = HostMethod::parse("writeStdin", json!({"id": "p"})).unwrap_err();
+    let e = HostMethod::parse("writeStdin", json!({"data": "x"})).unwrap_err();
     assert!(
-        matches!(&e, RequestError::BadParams { field: Some(f), .. } if f == "data"),
+        matches!(&e, RequestError::BadParams { field: Some(f), .. } if f == "id"),
         "{e}"
     );
     assert_eq!(
         e.to_string(),
-        "bad params for writeStdin: missing field `data`"
+        "bad params for writeStdin: missing field `id`"
     );
     let e = HostMethod::parse("readFile", json!({"processName": 3, "filePath": "x"})).unwrap_err();
     assert!(
@@ -650,6 +650,257 @@ fn unknown_fields_are_ignored_and_missing_ones_named() {
     assert!(
         text.contains("readFile") && text.contains("`processName`"),
         "{text}"
+    );
+}
+
+/// Tolerance, as the client's peers show it (the Go peer decodes into
+/// plain structs: missing or `null` is the zero value): every field a
+/// method can do without may be missing or `null`, and decodes to its
+/// default. Each of these was a "bad params" error before.
+#[test]
+fn optional_fields_may_be_missing_or_null() {
+    use socket_proto::host::{
+        AddApprovedOauthTokenParams, CreateVmParams, DeleteSessionDirsParams, MountPathParams,
+        ProcessIdParams, ReadFileParams, SetDebugLoggingParams, StartVmParams, WriteStdinParams,
+    };
+    let parse = |method: &str, p: Value| {
+        HostMethod::parse(method, p.clone()).unwrap_or_else(|e| panic!("{method} {p}: {e}"))
+    };
+    for p in [json!({}), json!({"bundlePath": null, "diskSizeGB": null})] {
+        assert_eq!(
+            parse("createVM", p),
+            HostMethod::CreateVm(CreateVmParams::default())
+        );
+    }
+    for p in [
+        json!({}),
+        json!({"bundlePath": null, "memoryGB": null, "cpuCount": null, "apiProbeURL": null}),
+    ] {
+        assert_eq!(
+            parse("startVM", p),
+            HostMethod::StartVm(StartVmParams::default())
+        );
+    }
+    for p in [json!({}), json!({"enabled": null})] {
+        assert_eq!(
+            parse("setDebugLogging", p),
+            HostMethod::SetDebugLogging(SetDebugLoggingParams { enabled: false })
+        );
+    }
+    for p in [
+        json!({}),
+        json!({"processId": null, "subpath": null, "mountName": null, "mode": null}),
+    ] {
+        assert_eq!(
+            parse("mountPath", p),
+            HostMethod::MountPath(MountPathParams::default())
+        );
+    }
+    for p in [
+        json!({"filePath": "/sessions/s/a"}),
+        json!({"processName": null, "filePath": "/sessions/s/a"}),
+    ] {
+        assert_eq!(
+            parse("readFile", p),
+            HostMethod::ReadFile(ReadFileParams {
+                process_name: String::new(),
+                file_path: "/sessions/s/a".into(),
+            })
+        );
+    }
+    for p in [json!({"id": "p"}), json!({"id": "p", "data": null})] {
+        assert_eq!(
+            parse("writeStdin", p),
+            HostMethod::WriteStdin(WriteStdinParams {
+                id: "p".into(),
+                data: String::new(),
+            })
+        );
+    }
+    for p in [json!({}), json!({"id": null})] {
+        assert_eq!(
+            parse("isProcessRunning", p),
+            HostMethod::IsProcessRunning(ProcessIdParams::default())
+        );
+    }
+    for p in [json!({}), json!({"names": null})] {
+        assert_eq!(
+            parse("deleteSessionDirs", p),
+            HostMethod::DeleteSessionDirs(DeleteSessionDirsParams::default())
+        );
+    }
+    for p in [json!({}), json!({"token": null})] {
+        assert_eq!(
+            parse("addApprovedOauthToken", p),
+            HostMethod::AddApprovedOauthToken(AddApprovedOauthTokenParams::default())
+        );
+    }
+    assert!(matches!(
+        parse("kill", json!({"id": "p", "signal": null})),
+        HostMethod::Kill(k) if k.signal.is_none()
+    ));
+    assert!(matches!(
+        parse(
+            "subscribeEvents",
+            json!({"userDataName": null, "userDataRoot": null})
+        ),
+        HostMethod::SubscribeEvents(_)
+    ));
+    assert!(matches!(
+        parse("getSessionsDiskInfo", json!({"lowWaterBytes": null})),
+        HostMethod::GetSessionsDiskInfo(p) if p.low_water_bytes.is_none()
+    ));
+    assert!(matches!(
+        parse("pruneSessionCaches", json!({"onlyIfFreeBytesBelow": null,
+            "includeSessionTmp": null, "sessionTmpOlderThanSeconds": null})),
+        HostMethod::PruneSessionCaches(p) if p == Default::default()
+    ));
+}
+
+/// A spawn's optional fields: `null` is the default, and a `null` env value
+/// drops its key (an empty string is kept here; the helper strips it
+/// before forwarding).
+#[test]
+fn spawn_tolerates_null_optional_fields_and_null_env_values() {
+    let p = json!({"id": "p", "name": "s", "command": "/usr/local/bin/claude",
+        "args": null, "isResume": null, "cwd": null,
+        "env": {"CLAUDE_CONFIG_DIR": "/sessions/s/mnt/.claude", "GONE": null, "ANTHROPIC_API_KEY": ""},
+        "additionalMounts": null, "allowedDomains": null, "oneShot": null,
+        "mountSkeletonHome": null, "oauthToken": null, "sharedCwdPath": "/x"});
+    let HostMethod::Spawn(s) = HostMethod::parse("spawn", p).unwrap() else {
+        panic!("not a spawn")
+    };
+    assert!(s.args.is_empty());
+    assert!(!s.is_resume);
+    assert_eq!(
+        (&s.cwd, &s.additional_mounts, &s.allowed_domains),
+        (&None, &None, &None)
+    );
+    assert_eq!((s.one_shot, s.mount_skeleton_home), (None, None));
+    assert!(s.oauth_token.is_none());
+    let env = s.env.unwrap();
+    assert_eq!(
+        env.expose().keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ANTHROPIC_API_KEY", "CLAUDE_CONFIG_DIR"]
+    );
+    // The guest side decodes the same params the same way.
+    let g = GuestRequest::parse(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "c", "args": null, "env": {"A": null}}),
+    )
+    .unwrap();
+    assert!(matches!(g, GuestRequest::Spawn(s) if s.args.is_empty()
+        && s.env.as_ref().is_some_and(|e| e.expose().is_empty())));
+}
+
+/// Negative numbers where the peers' `int`s take them count as the field
+/// being absent; the bounds stay: too large for the field, or not an
+/// integer, is still an error naming the field.
+#[test]
+fn negative_sizes_count_as_absent_and_bounds_stay() {
+    let HostMethod::Configure(c) =
+        HostMethod::parse("configure", json!({"memoryMB": -1, "cpuCount": -4})).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((c.memory_mb, c.cpu_count), (None, None));
+    let HostMethod::StartVm(s) = HostMethod::parse(
+        "startVM",
+        json!({"bundlePath": "/b", "memoryGB": -2, "cpuCount": 2}),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!((s.memory_gb, s.cpu_count), (None, Some(2)));
+    let HostMethod::CreateVm(c) =
+        HostMethod::parse("createVM", json!({"bundlePath": "/b", "diskSizeGB": -10})).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(c.disk_size_gb, None);
+    let HostMethod::PruneSessionCaches(p) = HostMethod::parse(
+        "pruneSessionCaches",
+        json!({"onlyIfFreeBytesBelow": -1, "sessionTmpOlderThanSeconds": -1, "includeSessionTmp": true}),
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.only_if_free_bytes_below, p.session_tmp_older_than_seconds),
+        (None, None)
+    );
+    // The client's menu cleanup sends (0, true, 0): 0 is "prune whatever
+    // the free space", i.e. no threshold (the agent would read a 0
+    // threshold as "never"); a positive one stays.
+    for (sent, want) in [
+        (json!(0), None),
+        (json!(1_073_741_824u64), Some(1u64 << 30)),
+    ] {
+        let HostMethod::PruneSessionCaches(p) = HostMethod::parse(
+            "pruneSessionCaches",
+            json!({"onlyIfFreeBytesBelow": sent, "includeSessionTmp": true, "sessionTmpOlderThanSeconds": 0}),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.only_if_free_bytes_below, want, "{sent}");
+        assert_eq!(p.session_tmp_older_than_seconds, Some(0));
+    }
+    let HostMethod::GetSessionsDiskInfo(g) =
+        HostMethod::parse("getSessionsDiskInfo", json!({"lowWaterBytes": -1})).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(g.low_water_bytes, None);
+    for (method, p, field) in [
+        ("configure", json!({"cpuCount": 1u64 << 40}), "cpuCount"),
+        (
+            "startVM",
+            json!({"bundlePath": "/b", "cpuCount": 5_000_000_000u64}),
+            "cpuCount",
+        ),
+        ("configure", json!({"memoryMB": 1.5}), "memoryMB"),
+        ("createVM", json!({"diskSizeGB": "10"}), "diskSizeGB"),
+        ("deleteSessionDirs", json!({"names": "a"}), "names"),
+        ("setDebugLogging", json!({"enabled": "yes"}), "enabled"),
+    ] {
+        let e = HostMethod::parse(method, p.clone()).unwrap_err();
+        assert!(
+            matches!(&e, RequestError::BadParams { field: Some(f), .. } if f == field),
+            "{method} {p}: {e}"
+        );
+    }
+}
+
+/// What a method truly needs stays required, with an error naming it.
+#[test]
+fn what_a_method_needs_stays_required() {
+    for (method, p, field) in [
+        ("spawn", json!({"id": "p", "name": "s"}), "command"),
+        ("spawn", json!({"name": "s", "command": "c"}), "id"),
+        ("spawn", json!({"id": "p", "command": "c"}), "name"),
+        ("kill", json!({"signal": "SIGTERM"}), "id"),
+        ("writeStdin", json!({"data": "x"}), "id"),
+        ("readFile", json!({"processName": "s"}), "filePath"),
+        ("sendGuestResponse", json!({"resultJson": "{}"}), "id"),
+        ("installSdk", json!({"version": "1"}), "sdkSubpath"),
+        ("installSdk", json!({"sdkSubpath": "x"}), "version"),
+    ] {
+        let e = HostMethod::parse(method, p.clone()).unwrap_err();
+        assert!(
+            matches!(&e, RequestError::BadParams { field: Some(f), .. } if f == field),
+            "{method} {p}: {e}"
+        );
+    }
+    // A non-string env value is still refused, without quoting it.
+    let e = HostMethod::parse(
+        "spawn",
+        json!({"id": "p", "name": "s", "command": "c", "env": {"K": 7}}),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, RequestError::BadParams { field: Some(f), .. } if f == "env"),
+        "{e}"
     );
 }
 

@@ -52,19 +52,35 @@ pub fn proxy_vars() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A spawn's environment for an agent with the egress proxy: the client's
-/// `env`, plus each proxy variable and [`OAUTH_TOKEN_VAR`] (`token`: the
-/// spawn's `oauthToken`, else the last approved one) that it does not set
-/// itself. Without `egress` the environment is left as the client sent it.
+/// The client's `env` without its empty values. The client sends some
+/// variables empty (`ANTHROPIC_API_KEY=""`, `CLAUDE_CODE_DISABLE_CRON=""`);
+/// an empty `ANTHROPIC_API_KEY` makes the runtime use it instead of the
+/// OAuth token, so the Go peer deletes every empty variable before it
+/// spawns (patrickjaja/claude-cowork-service `native/backend.go` "Remove
+/// empty env vars that might confuse auth", `COWORK_RPC_PROTOCOL.md`
+/// Discovery #8). Stripped here too, before the proxy variables and the
+/// token are added, so that an empty one of those is filled in.
+pub fn without_empty_values(env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    env.iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A spawn's environment: the client's `env` less its empty values
+/// ([`without_empty_values`]); for an agent with the egress proxy, plus
+/// each proxy variable and [`OAUTH_TOKEN_VAR`] (`token`: the spawn's
+/// `oauthToken`, else the last approved one) that it does not set itself.
 pub fn spawn_env(
     env: Option<&Secret<BTreeMap<String, String>>>,
     egress: bool,
     token: Option<&Secret<String>>,
 ) -> Option<Secret<BTreeMap<String, String>>> {
+    let env = env.map(|e| without_empty_values(e.expose()));
     if !egress {
-        return env.cloned();
+        return env.map(Secret::new);
     }
-    let mut vars = env.map(|e| e.expose().clone()).unwrap_or_default();
+    let mut vars = env.unwrap_or_default();
     for (k, v) in proxy_vars() {
         vars.entry(k.to_owned()).or_insert(v);
     }

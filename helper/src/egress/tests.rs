@@ -620,6 +620,39 @@ fn the_spawn_env_gets_the_proxies_and_the_token_unless_it_has_its_own() {
     assert!(!format!("{out:?}").contains("from-spawn"));
 }
 
+/// The client sends some variables empty (`ANTHROPIC_API_KEY=""`); an
+/// empty API key would override the OAuth token in the runtime. Empty
+/// values are dropped with or without the proxy, and an empty token or
+/// proxy variable is filled in as if it were absent.
+#[test]
+fn the_spawn_env_loses_its_empty_values() {
+    let theirs = Secret::new(
+        [
+            ("ANTHROPIC_API_KEY", ""),
+            ("CLAUDE_CODE_DISABLE_CRON", ""),
+            (OAUTH_TOKEN_VAR, ""),
+            ("HTTPS_PROXY", ""),
+            ("CLAUDE_CONFIG_DIR", "/sessions/s/mnt/.claude"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<BTreeMap<_, _>>(),
+    );
+    let token = Secret::new("tok".to_string());
+    let out = spawn_env(Some(&theirs), false, Some(&token)).unwrap();
+    assert_eq!(
+        out.expose().keys().map(String::as_str).collect::<Vec<_>>(),
+        ["CLAUDE_CONFIG_DIR"]
+    );
+    let out = spawn_env(Some(&theirs), true, Some(&token)).unwrap();
+    let vars = out.expose();
+    assert!(!vars.contains_key("ANTHROPIC_API_KEY"));
+    assert!(!vars.contains_key("CLAUDE_CODE_DISABLE_CRON"));
+    assert_eq!(vars[OAUTH_TOKEN_VAR], "tok");
+    assert_eq!(vars["HTTPS_PROXY"], "http://127.0.0.1:3128");
+    assert_eq!(vars["CLAUDE_CONFIG_DIR"], "/sessions/s/mnt/.claude");
+}
+
 #[test]
 fn probe_urls_parse_strictly() {
     let u = parse_probe_url("https://API.example.com/v1/ping?x=1#frag").unwrap();
