@@ -24,8 +24,9 @@
 //! Each request is logged on stderr as `egress-upstream: <tls|http>
 //! sni=<name> host=<host> <method> <path> -> <status>`, so a test can
 //! tell which names ever reached it; a Messages request adds what it was
-//! answered (`stream=true tool_use=Write`, `stream=false
-//! end_turn="RESULT ok: ..."`, `error=413 ...`).
+//! answered, after the kind of credential it carried (never its value):
+//! `auth=bearer stream=true tool_use=Write`, `auth=x-api-key stream=false
+//! end_turn="RESULT ok: ..."`, `auth=none error=413 ...`.
 //!
 //! The pidfile is written once both listeners are bound (a test waits for
 //! it). While `--down-file` exists the listeners are closed, so a new
@@ -156,6 +157,10 @@ struct Request {
     host: String,
     /// How the body is framed.
     framing: Framing,
+    /// Which credential the request carried, never its value:
+    /// `bearer` (`Authorization: Bearer`, Claude Code's OAuth mode),
+    /// `x-api-key` (API key mode), or `none`.
+    auth: &'static str,
 }
 
 /// Parses a request head (up to and without the blank line).
@@ -168,6 +173,7 @@ fn parse_head(head: &str) -> Option<Request> {
     }
     let mut host = String::new();
     let mut framing = Framing::Empty;
+    let mut auth = "none";
     for l in lines {
         let (name, value) = l.split_once(':')?;
         if name.eq_ignore_ascii_case("host") {
@@ -178,6 +184,15 @@ fn parse_head(head: &str) -> Option<Request> {
                 _ => value,
             }
             .to_ascii_lowercase();
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let scheme = value.trim().split(' ').next().unwrap_or("");
+            auth = if scheme.eq_ignore_ascii_case("bearer") {
+                "bearer"
+            } else {
+                "other"
+            };
+        } else if name.eq_ignore_ascii_case("x-api-key") && auth == "none" {
+            auth = "x-api-key";
         } else if name.eq_ignore_ascii_case("content-length") {
             framing = match (framing, value.trim().parse::<u64>()) {
                 (Framing::Empty, Ok(n)) => Framing::Length(n),
@@ -201,6 +216,7 @@ fn parse_head(head: &str) -> Option<Request> {
         path: path.to_owned(),
         host,
         framing,
+        auth,
     })
 }
 
@@ -270,7 +286,7 @@ fn serve(s: &mut (impl Read + Write), tls_name: Option<String>) -> Option<String
         let body = fakeapi::read_body(&mut reader, req.framing);
         let id = format!("fake{:04}", NEXT_ID.fetch_add(1, Ordering::SeqCst));
         let r = fakeapi::reply(body, &id);
-        note = format!(" {}", r.summary);
+        note = format!(" auth={} {}", req.auth, r.summary);
         (r.status, r.reason, Body::Typed(r.content_type, r.body))
     } else {
         answer(&req, &name)
@@ -429,6 +445,7 @@ mod tests {
                 path: "/".into(),
                 host: "allowed.test".into(),
                 framing: Framing::Empty,
+                auth: "none",
             }
         );
         assert_eq!(
@@ -461,6 +478,7 @@ mod tests {
             path: path.into(),
             host: "h".into(),
             framing: Framing::Empty,
+            auth: "none",
         };
         assert!(
             matches!(answer(&req("/"), "api.test"), (200, _, Body::Text(t)) if t == "hello api.test\n")
@@ -503,6 +521,11 @@ mod tests {
             Framing::Chunked
         );
         assert_eq!(f("Transfer-Encoding: gzip, chunked"), Framing::Invalid);
+        let auth = |h: &str| parse_head(&format!("POST / HTTP/1.1\r\n{h}")).unwrap().auth;
+        assert_eq!(auth("Host: a"), "none");
+        assert_eq!(auth("x-api-key: sk-ant-fake"), "x-api-key");
+        assert_eq!(auth("authorization: bearer sk-ant-oat01-x"), "bearer");
+        assert_eq!(auth("Authorization: Basic eDp5"), "other");
     }
 
     /// A connection in memory: what the client sent, and what it got.
@@ -551,13 +574,17 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "WRITE /tmp/o.txt hello"}]}]})
         .to_string();
         let (log, reply) = exchange(post(
-            &format!("Content-Length: {}\r\n", body.len()),
+            &format!(
+                "Authorization: Bearer sk-ant-oat01-secret\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
             body.as_bytes(),
         ));
+        assert!(!log.contains("secret"), "{log}");
         assert_eq!(
             log,
             "sni=fakeapi.test host=fakeapi.test POST /v1/messages?beta=true -> 200 \
-             stream=true tool_use=Write"
+             auth=bearer stream=true tool_use=Write"
         );
         assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
         assert!(
@@ -571,7 +598,10 @@ mod tests {
         let body = body.replace("true", "false");
         let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
         let (log, reply) = exchange(post("Transfer-Encoding: chunked\r\n", chunked.as_bytes()));
-        assert!(log.ends_with("-> 200 stream=false tool_use=Write"), "{log}");
+        assert!(
+            log.ends_with("-> 200 auth=none stream=false tool_use=Write"),
+            "{log}"
+        );
         assert!(
             reply.contains("Content-Type: application/json\r\n"),
             "{reply}"
@@ -586,20 +616,23 @@ mod tests {
             &format!("Content-Length: {}\r\n", fakeapi::MAX_BODY + 1),
             b"",
         ));
-        assert!(log.contains("-> 413 error=413"), "{log}");
+        assert!(log.contains("-> 413 auth=none error=413"), "{log}");
         assert!(
             reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
             "{reply}"
         );
         assert!(reply.contains(r#""type":"request_too_large""#), "{reply}");
         let (log, reply) = exchange(post("Content-Length: 9\r\n", b"{not json"));
-        assert!(log.contains("-> 400 error=400"), "{log}");
+        assert!(log.contains("-> 400 auth=none error=400"), "{log}");
         assert!(
             reply.contains(r#""type":"invalid_request_error""#),
             "{reply}"
         );
         let (log, _) = exchange(post("Content-Length: 1\r\nContent-Length: 2\r\n", b"{}"));
-        assert!(log.contains("-> 400 error=400 bad body framing"), "{log}");
+        assert!(
+            log.contains("-> 400 auth=none error=400 bad body framing"),
+            "{log}"
+        );
         // Other methods and paths are not the API.
         let (log, _) =
             exchange(b"GET /v1/messages HTTP/1.1\r\nHost: fakeapi.test\r\n\r\n".to_vec());
