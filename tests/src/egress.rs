@@ -18,9 +18,21 @@ pub const UPSTREAM_ADDR: &str = "127.0.0.2";
 /// The `--egress-allow` range that lets the helper reach it (and nothing
 /// else in 127/8).
 pub const UPSTREAM_ALLOW: &str = "127.0.0.2/32";
+/// The name the upstream's fake Anthropic Messages API
+/// ([`crate::fakeapi`]) is reached under: a session's
+/// `ANTHROPIC_BASE_URL` is `https://fakeapi.test`.
+pub const FAKE_API_NAME: &str = "fakeapi.test";
 /// Names routed to the upstream with `--egress-resolve` (the upstream's
-/// certificate covers each).
-pub const UPSTREAM_NAMES: &[&str] = &["allowed.test", "a.allowed.test", "api.test", "denied.test"];
+/// certificate covers each). `denied.test` is among them on purpose: a
+/// request for it that got through the proxy would succeed, so only the
+/// proxy's refusal can make the test's checks pass.
+pub const UPSTREAM_NAMES: &[&str] = &[
+    "allowed.test",
+    "a.allowed.test",
+    "api.test",
+    "denied.test",
+    FAKE_API_NAME,
+];
 /// A name resolved to 127.0.0.1, which no `--egress-allow` covers.
 pub const LOOP_HOST: &str = "loop.test";
 /// The `startVM` probe URL the reachability checks use.

@@ -49,6 +49,7 @@ pub mod bench;
 pub mod client;
 pub mod copyright;
 pub mod egress;
+pub mod fakeapi;
 pub mod images;
 pub mod l1;
 pub mod process;

@@ -15,11 +15,18 @@
 //! - `GET /` answers 200 `hello <name>`, where name is the TLS server name
 //!   (SNI) the client sent, or else the `Host` header without its port;
 //! - `GET /bytes/N` answers 200 with N bytes (at most [`MAX_BYTES`]);
+//! - `POST /v1/messages` (any query, any name) is the fake Anthropic
+//!   Messages API of [`coworkvm_tests::fakeapi`]: the body (at most
+//!   [`fakeapi::MAX_BODY`], `Content-Length` or chunked) gets a canned
+//!   tool call or final message, streamed or not as the request asks;
 //! - anything else 404.
 //!
 //! Each request is logged on stderr as `egress-upstream: <tls|http>
 //! sni=<name> host=<host> <method> <path> -> <status>`, so a test can
-//! tell which names ever reached it.
+//! tell which names ever reached it; a Messages request adds what it was
+//! answered, after the kind of credential it carried (never its value):
+//! `auth=bearer stream=true tool_use=Write`, `auth=x-api-key stream=false
+//! end_turn="RESULT ok: ..."`, `auth=none error=413 ...`.
 //!
 //! The pidfile is written once both listeners are bound (a test waits for
 //! it). While `--down-file` exists the listeners are closed, so a new
@@ -39,12 +46,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-/// The names the leaf certificate covers: every name the rig test routes
-/// to this upstream with `--egress-resolve`. `denied.test` is among them
-/// on purpose: a request for it that got through the proxy would succeed,
-/// so only the proxy's refusal can make the test's checks pass.
-const NAMES: &[&str] = &["allowed.test", "a.allowed.test", "api.test", "denied.test"];
+use coworkvm_tests::egress::UPSTREAM_NAMES as NAMES;
+use coworkvm_tests::fakeapi::{self, Framing};
 /// The longest request head read.
 const MAX_HEAD: usize = 16 * 1024;
 /// The largest `/bytes/N` served: 16 GiB.
@@ -152,6 +155,12 @@ struct Request {
     path: String,
     /// The `Host` header without a port, lower case; empty if none.
     host: String,
+    /// How the body is framed.
+    framing: Framing,
+    /// Which credential the request carried, never its value:
+    /// `bearer` (`Authorization: Bearer`, Claude Code's OAuth mode),
+    /// `x-api-key` (API key mode), or `none`.
+    auth: &'static str,
 }
 
 /// Parses a request head (up to and without the blank line).
@@ -163,6 +172,8 @@ fn parse_head(head: &str) -> Option<Request> {
         return None;
     }
     let mut host = String::new();
+    let mut framing = Framing::Empty;
+    let mut auth = "none";
     for l in lines {
         let (name, value) = l.split_once(':')?;
         if name.eq_ignore_ascii_case("host") {
@@ -173,12 +184,39 @@ fn parse_head(head: &str) -> Option<Request> {
                 _ => value,
             }
             .to_ascii_lowercase();
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let scheme = value.trim().split(' ').next().unwrap_or("");
+            auth = if scheme.eq_ignore_ascii_case("bearer") {
+                "bearer"
+            } else {
+                "other"
+            };
+        } else if name.eq_ignore_ascii_case("x-api-key") && auth == "none" {
+            auth = "x-api-key";
+        } else if name.eq_ignore_ascii_case("content-length") {
+            framing = match (framing, value.trim().parse::<u64>()) {
+                (Framing::Empty, Ok(n)) => Framing::Length(n),
+                (Framing::Length(m), Ok(n)) if m == n => Framing::Length(n),
+                (Framing::Chunked, Ok(_)) => Framing::Chunked,
+                _ => Framing::Invalid,
+            };
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked wins over a Content-Length (RFC 9112 6.3); any other
+            // coding is not understood.
+            framing = if value.trim().eq_ignore_ascii_case("chunked") && framing != Framing::Invalid
+            {
+                Framing::Chunked
+            } else {
+                Framing::Invalid
+            };
         }
     }
     Some(Request {
         method: method.to_owned(),
         path: path.to_owned(),
         host,
+        framing,
+        auth,
     })
 }
 
@@ -203,11 +241,21 @@ fn read_head(r: &mut impl BufRead) -> Option<String> {
     Some(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
-/// What to answer: status, reason, and the body (text, or N bytes).
+/// What to answer: status, reason, and the body (text of a content type,
+/// or N bytes).
 enum Body {
     Text(String),
+    Typed(&'static str, String),
     Bytes(u64),
 }
+
+/// Whether `req` is for the fake Messages API.
+fn is_messages(req: &Request) -> bool {
+    req.method == "POST" && req.path.split('?').next() == Some(fakeapi::MESSAGES_PATH)
+}
+
+/// Message ids: unique within the process.
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
 fn answer(req: &Request, name: &str) -> (u16, &'static str, Body) {
     if req.method != "GET" {
@@ -227,12 +275,25 @@ fn answer(req: &Request, name: &str) -> (u16, &'static str, Body) {
 
 /// Reads one request from `s` and answers it.
 fn serve(s: &mut (impl Read + Write), tls_name: Option<String>) -> Option<String> {
-    let head = read_head(&mut BufReader::new(&mut *s))?;
+    // One reader for the head and the body: its buffer may already hold
+    // the start of the body.
+    let mut reader = BufReader::new(&mut *s);
+    let head = read_head(&mut reader)?;
     let req = parse_head(&head)?;
     let name = tls_name.clone().unwrap_or_else(|| req.host.clone());
-    let (status, reason, body) = answer(&req, &name);
+    let mut note = String::new();
+    let (status, reason, body) = if is_messages(&req) {
+        let body = fakeapi::read_body(&mut reader, req.framing);
+        let id = format!("fake{:04}", NEXT_ID.fetch_add(1, Ordering::SeqCst));
+        let r = fakeapi::reply(body, &id);
+        note = format!(" auth={} {}", req.auth, r.summary);
+        (r.status, r.reason, Body::Typed(r.content_type, r.body))
+    } else {
+        answer(&req, &name)
+    };
+    drop(reader);
     let len = match &body {
-        Body::Text(t) => t.len() as u64,
+        Body::Text(t) | Body::Typed(_, t) => t.len() as u64,
         Body::Bytes(n) => *n,
     };
     let reply = format!(
@@ -240,12 +301,13 @@ fn serve(s: &mut (impl Read + Write), tls_name: Option<String>) -> Option<String
          Connection: close\r\n\r\n",
         match body {
             Body::Text(_) => "text/plain",
+            Body::Typed(t, _) => t,
             Body::Bytes(_) => "application/octet-stream",
         }
     );
     s.write_all(reply.as_bytes()).ok()?;
     match body {
-        Body::Text(t) => s.write_all(t.as_bytes()).ok()?,
+        Body::Text(t) | Body::Typed(_, t) => s.write_all(t.as_bytes()).ok()?,
         Body::Bytes(mut n) => {
             let chunk = vec![b'x'; 64 * 1024];
             while n > 0 {
@@ -257,7 +319,7 @@ fn serve(s: &mut (impl Read + Write), tls_name: Option<String>) -> Option<String
     }
     s.flush().ok()?;
     Some(format!(
-        "sni={} host={} {} {} -> {status}",
+        "sni={} host={} {} {} -> {status}{note}",
         tls_name.as_deref().unwrap_or("-"),
         if req.host.is_empty() { "-" } else { &req.host },
         req.method,
@@ -381,7 +443,9 @@ mod tests {
             Request {
                 method: "GET".into(),
                 path: "/".into(),
-                host: "allowed.test".into()
+                host: "allowed.test".into(),
+                framing: Framing::Empty,
+                auth: "none",
             }
         );
         assert_eq!(
@@ -413,6 +477,8 @@ mod tests {
             method: "GET".into(),
             path: path.into(),
             host: "h".into(),
+            framing: Framing::Empty,
+            auth: "none",
         };
         assert!(
             matches!(answer(&req("/"), "api.test"), (200, _, Body::Text(t)) if t == "hello api.test\n")
@@ -425,6 +491,152 @@ mod tests {
         let too_big = format!("/bytes/{}", MAX_BYTES + 1);
         assert!(matches!(answer(&req(&too_big), ""), (400, _, _)));
         assert!(matches!(answer(&req("/nope"), ""), (404, _, _)));
+    }
+
+    #[test]
+    fn bodies_are_framed_by_the_head() {
+        let f = |h: &str| {
+            parse_head(&format!("POST /v1/messages HTTP/1.1\r\n{h}"))
+                .unwrap()
+                .framing
+        };
+        assert_eq!(f("Host: a"), Framing::Empty);
+        assert_eq!(f("Content-Length: 12"), Framing::Length(12));
+        assert_eq!(
+            f("Content-Length: 12\r\ncontent-length: 12"),
+            Framing::Length(12)
+        );
+        assert_eq!(
+            f("Content-Length: 12\r\nContent-Length: 13"),
+            Framing::Invalid
+        );
+        assert_eq!(f("Content-Length: -1"), Framing::Invalid);
+        assert_eq!(f("Transfer-Encoding: chunked"), Framing::Chunked);
+        assert_eq!(
+            f("Content-Length: 5\r\nTransfer-Encoding: chunked"),
+            Framing::Chunked
+        );
+        assert_eq!(
+            f("Transfer-Encoding: Chunked\r\nContent-Length: 5"),
+            Framing::Chunked
+        );
+        assert_eq!(f("Transfer-Encoding: gzip, chunked"), Framing::Invalid);
+        let auth = |h: &str| parse_head(&format!("POST / HTTP/1.1\r\n{h}")).unwrap().auth;
+        assert_eq!(auth("Host: a"), "none");
+        assert_eq!(auth("x-api-key: sk-ant-fake"), "x-api-key");
+        assert_eq!(auth("authorization: bearer sk-ant-oat01-x"), "bearer");
+        assert_eq!(auth("Authorization: Basic eDp5"), "other");
+    }
+
+    /// A connection in memory: what the client sent, and what it got.
+    struct Conn {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Conn {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Conn {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Serves `request` and returns the log line and the reply.
+    fn exchange(request: Vec<u8>) -> (String, String) {
+        let mut c = Conn {
+            input: std::io::Cursor::new(request),
+            output: Vec::new(),
+        };
+        let log = serve(&mut c, Some(coworkvm_tests::egress::FAKE_API_NAME.into())).unwrap();
+        (log, String::from_utf8(c.output).unwrap())
+    }
+
+    fn post(extra_head: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "POST /v1/messages?beta=true HTTP/1.1\r\nHost: fakeapi.test\r\n{extra_head}\r\n"
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    #[test]
+    fn the_fake_messages_api_answers_over_http() {
+        let body = serde_json::json!({"model": "m", "stream": true, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "WRITE /tmp/o.txt hello"}]}]})
+        .to_string();
+        let (log, reply) = exchange(post(
+            &format!(
+                "Authorization: Bearer sk-ant-oat01-secret\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
+            body.as_bytes(),
+        ));
+        assert!(!log.contains("secret"), "{log}");
+        assert_eq!(
+            log,
+            "sni=fakeapi.test host=fakeapi.test POST /v1/messages?beta=true -> 200 \
+             auth=bearer stream=true tool_use=Write"
+        );
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+        assert!(
+            reply.contains("Content-Type: text/event-stream\r\n"),
+            "{reply}"
+        );
+        assert!(reply.contains("event: message_stop\n"), "{reply}");
+        assert!(reply.contains(r#"\"file_path\":\"/tmp/o.txt\""#), "{reply}");
+
+        // The same, chunked and not streamed.
+        let body = body.replace("true", "false");
+        let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+        let (log, reply) = exchange(post("Transfer-Encoding: chunked\r\n", chunked.as_bytes()));
+        assert!(
+            log.ends_with("-> 200 auth=none stream=false tool_use=Write"),
+            "{log}"
+        );
+        assert!(
+            reply.contains("Content-Type: application/json\r\n"),
+            "{reply}"
+        );
+        assert!(reply.contains(r#""stop_reason":"tool_use""#), "{reply}");
+    }
+
+    #[test]
+    fn the_fake_messages_api_refuses_oversized_and_malformed_bodies() {
+        // Announced over the bound: 413 without the body being sent.
+        let (log, reply) = exchange(post(
+            &format!("Content-Length: {}\r\n", fakeapi::MAX_BODY + 1),
+            b"",
+        ));
+        assert!(log.contains("-> 413 auth=none error=413"), "{log}");
+        assert!(
+            reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{reply}"
+        );
+        assert!(reply.contains(r#""type":"request_too_large""#), "{reply}");
+        let (log, reply) = exchange(post("Content-Length: 9\r\n", b"{not json"));
+        assert!(log.contains("-> 400 auth=none error=400"), "{log}");
+        assert!(
+            reply.contains(r#""type":"invalid_request_error""#),
+            "{reply}"
+        );
+        let (log, _) = exchange(post("Content-Length: 1\r\nContent-Length: 2\r\n", b"{}"));
+        assert!(
+            log.contains("-> 400 auth=none error=400 bad body framing"),
+            "{log}"
+        );
+        // Other methods and paths are not the API.
+        let (log, _) =
+            exchange(b"GET /v1/messages HTTP/1.1\r\nHost: fakeapi.test\r\n\r\n".to_vec());
+        assert!(log.ends_with("GET /v1/messages -> 404"), "{log}");
     }
 
     #[test]
