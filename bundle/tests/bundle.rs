@@ -475,6 +475,24 @@ fn hash_mismatch_changes_nothing() {
 }
 
 #[test]
+fn another_valid_zst_than_the_listed_one_changes_nothing() {
+    // v1's stream decompresses cleanly to an image of v2's size, but it is
+    // not the .zst v2's manifest lists: the compressed hash refuses it.
+    let v1_zst = images("v1").zst.clone();
+    assert_bad_update_changes_nothing(
+        "other-zst",
+        |v2| {
+            manifest(
+                "v2",
+                &[(ROOTFS_FILE, &v2.rootfs), (ROOTFS_ZST_FILE, &v2.zst)],
+            )
+        },
+        move |_| v1_zst,
+        &["rootfs.img.zst", "SHA-256", &sha256_hex(&images("v2").zst)],
+    );
+}
+
+#[test]
 fn size_mismatch_changes_nothing() {
     assert_bad_update_changes_nothing(
         "size",

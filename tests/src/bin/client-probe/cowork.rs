@@ -27,16 +27,17 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use coworkvm_tests::egress::FAKE_API_NAME as FAKE_API_HOST;
+use coworkvm_tests::fakeapi::{write_prompt, RESULT_ERROR, RESULT_OK};
 use coworkvm_tests::runtime;
 use serde_json::{json, Value};
 
 use super::{ok, poll_connected, Events, Pipe, Probe, SDK_SUBPATH};
 
-/// The fake Messages API's name (routed to `egress-upstream`).
-const FAKE_API_HOST: &str = "fakeapi.test";
-/// `claude -p`'s flags beyond the prompt: plain text out, and no
-/// permission prompt (nobody is there to answer it).
-const PRINT_FLAGS: &[&str] = &["--output-format", "text", "--dangerously-skip-permissions"];
+/// `claude -p`'s flags beyond the prompt: plain text out, and the Write
+/// tool allowed without a prompt (nobody is there to answer one; the
+/// bypass modes are refused as root, this works for any user).
+const PRINT_FLAGS: &[&str] = &["--output-format", "text", "--allowedTools", "Write"];
 /// The session's name.
 const NAME: &str = "cowork-e2e";
 /// The OAuth token of the spawns (the fake API accepts any).
@@ -59,6 +60,9 @@ fn runtime_env() -> Value {
         "NODE_EXTRA_CA_CERTS": format!("{mnt}/ref/ca.pem"),
         "DISABLE_AUTOUPDATER": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        // A failed request fails the run at once instead of retrying for
+        // minutes.
+        "CLAUDE_CODE_MAX_RETRIES": "0",
         // The client sends this empty; it must not override the token.
         "ANTHROPIC_API_KEY": "",
     })
@@ -207,7 +211,7 @@ pub fn cowork(socket: &str, bundle: &str, host_dir: &str) {
     );
     p.check(
         "the fake API saw the Write succeed",
-        out.contains("RESULT ok"),
+        out.contains(RESULT_OK),
         &out,
     );
     let host_file = t.join("outputs/from-claude.txt");
@@ -229,7 +233,10 @@ pub fn cowork(socket: &str, bundle: &str, host_dir: &str) {
     let r = spawn_runtime(
         &mut pipe,
         "ro",
-        print_args(format!("WRITE {mnt}/ref/not-here.txt must-not-appear")),
+        print_args(write_prompt(
+            &format!("{mnt}/ref/not-here.txt"),
+            "must-not-appear",
+        )),
         false,
     );
     p.check("spawn claude -p (a Write into a ro mount)", ok(&r), &r);
@@ -237,7 +244,7 @@ pub fn cowork(socket: &str, bundle: &str, host_dir: &str) {
     let out = ev.stdout("ro");
     p.check(
         "a Write into a ro mount is refused",
-        out.contains("RESULT error") && !t.join("ref/not-here.txt").exists(),
+        out.contains(RESULT_ERROR) && !t.join("ref/not-here.txt").exists(),
         format!("{out:?} {exit:?}"),
     );
 
