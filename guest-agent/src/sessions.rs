@@ -500,14 +500,15 @@ impl Sessions {
     /// `includeSessionTmp`, the entries of its `tmp` older than
     /// `sessionTmpOlderThanSeconds` (all of them without it). Sessions with
     /// a running process are skipped. With `onlyIfFreeBytesBelow`, nothing
-    /// happens while the disk has at least that much free.
+    /// happens while the disk has at least that much free; 0 means no
+    /// condition (the client's menu clean-up sends 0 to prune at once).
     pub fn prune(
         &self,
         p: &PruneSessionCachesParams,
         running: &HashSet<String>,
     ) -> Result<PruneSessionCachesResult, SessionError> {
         let mut r = PruneSessionCachesResult::default();
-        if let Some(limit) = p.only_if_free_bytes_below {
+        if let Some(limit) = p.only_if_free_bytes_below.filter(|l| *l > 0) {
             let (_, free) = statvfs(&self.root)?;
             if free >= limit {
                 return Ok(r);
@@ -939,8 +940,15 @@ mod tests {
         assert_eq!(r, PruneSessionCachesResult::default());
         assert!(idle.path.join(".cache/pip/wheel").exists());
 
+        // 0: no condition, as the client's menu clean-up means it.
         let r = s
-            .prune(&PruneSessionCachesParams::default(), &running)
+            .prune(
+                &PruneSessionCachesParams {
+                    only_if_free_bytes_below: Some(0),
+                    ..Default::default()
+                },
+                &running,
+            )
             .unwrap();
         assert_eq!(r.pruned_sessions, ["idle"]);
         assert_eq!(r.skipped_sessions, ["busy"]);
