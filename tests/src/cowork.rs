@@ -160,7 +160,7 @@ const VIRTIOFSD_CANDIDATES: &str = "/usr/libexec/virtiofsd /usr/bin/virtiofsd \
 /// agent connection, as it does for a user without virtiofsd.
 const COPY_HELPER: &str = r#"cat > $TMPDIR/copy-helper.sh <<'SH'
 for v in @CANDIDATES@; do
-    [ -e "$v" ] && { mount --bind /dev/null "$v" || exit 97; }
+    [ -e "$v" ] && { mount -o bind /dev/null "$v" || exit 97; }
 done
 exec "$@"
 SH
@@ -451,7 +451,7 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("unshare -m --propagation private"), "{s}");
-        assert!(s.contains("mount --bind /dev/null \"$v\""), "{s}");
+        assert!(s.contains("mount -o bind /dev/null \"$v\""), "{s}");
         assert!(s.contains("/usr/lib/coworkvm/virtiofsd"), "{s}");
         assert!(
             s.contains(&format!("--stop-after {}", bench_timeout_s(5))),
@@ -506,7 +506,7 @@ mod tests {
         let mounts = std::fs::read_to_string(&log).unwrap();
         assert!(
             mounts.contains(&format!(
-                "--bind /dev/null {}/bin/../lib/coworkvm/virtiofsd",
+                "-o bind /dev/null {}/bin/../lib/coworkvm/virtiofsd",
                 tree.display()
             )),
             "{mounts}"
