@@ -155,13 +155,15 @@ const VIRTIOFSD_CANDIDATES: &str = "/usr/libexec/virtiofsd /usr/bin/virtiofsd \
 
 /// The copy helper: a second `coworkvm -socket` in its own mount namespace
 /// where every virtiofsd the helper would find is covered by `/dev/null`
-/// (not executable, so the probe of each fails), so its VMs have no shared
-/// folders and `installSdk` falls back to copying the binary over the
-/// agent connection, as it does for a user without virtiofsd.
+/// (not executable, so the probe of each fails) and `$COWORKVM_VIRTIOFSD`
+/// is unset, so its VMs have no shared folders and `installSdk` falls back
+/// to copying the binary over the agent connection, as it does for a user
+/// without virtiofsd.
 const COPY_HELPER: &str = r#"cat > $TMPDIR/copy-helper.sh <<'SH'
 for v in @CANDIDATES@; do
     [ -e "$v" ] && { mount -o bind /dev/null "$v" || exit 97; }
 done
+unset COWORKVM_VIRTIOFSD
 exec "$@"
 SH
 C=$TMPDIR/run/copy.sock
