@@ -21,6 +21,15 @@
 //! upstream in L1 through a session's egress proxies (HTTP absolute URI,
 //! CONNECT tunnel, SOCKS5) vs the same download directly in L1, and the
 //! CONNECT set-up latency. `--egress-only` runs just that part, likewise.
+//!
+//! And a Cowork session with the real runtime ([`crate::cowork`]): per
+//! round (`--cowork-runs`, 5; 0 leaves the case out of the full run) a
+//! fresh boot to connected, `installSdk` through the shared folder, the
+//! runtime's `--version` to its first stdout, and a `claude -p` round trip
+//! against the fake Messages API; `installSdk` by copy from a helper
+//! without virtiofsd; the rootfs sizes and the first start's expansion.
+//! `--cowork-only` runs just that part, likewise. It needs the pinned
+//! runtime (`crate::runtime`, fetched into `build/claude-code/` once).
 
 pub mod fs;
 
@@ -99,6 +108,8 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     let mut fs_only = false;
     let mut egress_opts = EgressOptions::default();
     let mut egress_only = false;
+    let mut cowork_opts = CoworkOptions::default();
+    let mut cowork_only = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -124,6 +135,14 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
             "--egress-connects" => {
                 egress_opts.connects = args.get(i + 1).context("--egress-connects N")?.parse()?
             }
+            "--cowork-runs" => {
+                cowork_opts.runs = args.get(i + 1).context("--cowork-runs N")?.parse()?
+            }
+            "--cowork-only" => {
+                cowork_only = true;
+                i += 1;
+                continue;
+            }
             "--no-helper" => {
                 helper_runs = false;
                 i += 1;
@@ -145,11 +164,22 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     }
     fs_opts.validate()?;
     egress_opts.validate()?;
-    if fs_only && egress_only {
-        bail!("--fs-only and --egress-only: one part at a time");
+    cowork_opts.validate(cowork_only)?;
+    if [fs_only, egress_only, cowork_only]
+        .iter()
+        .filter(|x| **x)
+        .count()
+        > 1
+    {
+        bail!("--fs-only, --egress-only and --cowork-only: one part at a time");
     }
     let scratch = std::env::temp_dir().join(format!("coworkvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    if cowork_only {
+        let r = run_cowork_only(paths, &scratch, &cowork_opts, &out);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return r;
+    }
     if egress_only {
         let r = run_egress_only(paths, &scratch, &egress_opts, &out);
         let _ = std::fs::remove_dir_all(&scratch);
@@ -212,14 +242,21 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     }
     // The helper with real VMs needs the images on a disk and a bundle disk.
     let mut disks = Vec::new();
+    let cowork_runs = helper_runs && cowork_opts.runs > 0;
     if helper_runs {
         let images = crate::images::images_dir(&paths.root)?;
         disks.push(crate::images::images_disk(&images, &scratch, false)?);
         let bundle = scratch.join("bundle.ext4");
-        crate::images::ext4_image(&bundle, None, 3072)?;
+        crate::images::ext4_image(&bundle, None, bundle_disk_mib(cowork_runs))?;
         disks.push(bundle);
         cases.push(Case::new("helper", HELPER_CASE, 1800));
         cases.push(egress_opts.case());
+    }
+    if cowork_runs {
+        // The runtime disk goes right after the bundle disk; its index is
+        // the case's `$DISKn`.
+        disks.push(cowork_opts.runtime_disk(paths, &scratch)?);
+        cases.push(cowork_opts.case(disks.len() - 1));
     }
     // Alternating, so a busy stretch of the host hits both paths alike.
     for r in 0..stream_runs {
@@ -278,6 +315,16 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         }
         section
     });
+    let cowork = cowork_runs.then(|| {
+        let (section, complete) = crate::cowork::render(
+            &result.case(COWORK_CASE).output,
+            &run_context(result.mode, paths),
+        );
+        if !complete {
+            missing.push(format!("{COWORK_CASE}: no complete @@COWORK-BENCH result"));
+        }
+        section
+    });
     let mut streams = render_streams(&agent_out, &serial_out, mib);
     if let Some(tree) = &shared {
         let (section, fs_missing) = fs_section(&result, &fs_opts, tree, paths);
@@ -285,6 +332,10 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         missing.extend(fs_missing);
     }
     if let Some(section) = &egress {
+        streams.push('\n');
+        streams.push_str(section);
+    }
+    if let Some(section) = &cowork {
         streams.push('\n');
         streams.push_str(section);
     }
@@ -431,6 +482,96 @@ fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Pa
     }
     section.push_str(&rerun_note(&result));
     let spliced = fs::splice_named(&existing, crate::egress::SECTION_HEADING, &section);
+    write_results(out, &spliced, &missing)
+}
+
+/// The Cowork case's name.
+const COWORK_CASE: &str = "cowork";
+
+/// The bundle disk's size: the Cowork case's bundle also holds a copy of
+/// the runtime in its session disk per copy install.
+fn bundle_disk_mib(cowork: bool) -> u64 {
+    if cowork {
+        8192
+    } else {
+        3072
+    }
+}
+
+/// How the Cowork benchmark is sized: `--cowork-runs` (5) rounds, and as
+/// many installs by copy.
+#[derive(Debug, Clone)]
+pub struct CoworkOptions {
+    pub runs: usize,
+}
+
+impl Default for CoworkOptions {
+    fn default() -> Self {
+        Self { runs: 5 }
+    }
+}
+
+impl CoworkOptions {
+    /// 0 leaves the case out of the full run; `--cowork-only` needs one.
+    pub fn validate(&self, only: bool) -> Result<()> {
+        if only && self.runs == 0 {
+            bail!("--cowork-only measures a Cowork session: it needs --cowork-runs 1 or more");
+        }
+        if self.runs > 20 {
+            bail!("--cowork-runs {}: 0 to 20", self.runs);
+        }
+        Ok(())
+    }
+
+    /// The case, with the runtime disk at `$DISK<sdk_disk>` (the images
+    /// are `$DISK0`, the bundle disk `$DISK1`).
+    pub fn case(&self, sdk_disk: usize) -> Case {
+        Case::new(
+            COWORK_CASE,
+            &crate::cowork::bench_case_script(self.runs, sdk_disk),
+            crate::cowork::bench_timeout_s(self.runs),
+        )
+    }
+
+    /// The runtime (fetched once into the build directory) on its disk,
+    /// with a version name per copy install.
+    pub fn runtime_disk(&self, paths: &Paths, scratch: &Path) -> Result<PathBuf> {
+        let claude = crate::runtime::fetch(&crate::build_dir(&paths.root))
+            .context("the Cowork benchmark's runtime (--cowork-runs 0 leaves the case out)")?;
+        crate::cowork::runtime_disk(&claude, scratch, &crate::cowork::copy_versions(self.runs))
+    }
+}
+
+/// `--cowork-only`: the Cowork case alone in one batch (the images, a
+/// bundle disk, the runtime disk); its section replaces the one in `out`,
+/// or is added.
+fn run_cowork_only(paths: &Paths, scratch: &Path, opts: &CoworkOptions, out: &Path) -> Result<()> {
+    let existing = match std::fs::read_to_string(out) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    };
+    let images = crate::images::images_dir(&paths.root)?;
+    let images_disk = crate::images::images_disk(&images, scratch, false)?;
+    let bundle = scratch.join("bundle.ext4");
+    crate::images::ext4_image(&bundle, None, bundle_disk_mib(true))?;
+    let runtime = opts.runtime_disk(paths, scratch)?;
+    let batch = Batch {
+        cases: vec![opts.case(2)],
+        files: vec![],
+        disks: vec![images_disk, bundle, runtime],
+    };
+    let result = batch.run(paths)?;
+    let mut missing = unfinished_cases(&result);
+    let (mut section, complete) = crate::cowork::render(
+        &result.case(COWORK_CASE).output,
+        &run_context(result.mode, paths),
+    );
+    if !complete {
+        missing.push(format!("{COWORK_CASE}: no complete @@COWORK-BENCH result"));
+    }
+    section.push_str(&rerun_note(&result));
+    let spliced = fs::splice_named(&existing, crate::cowork::SECTION_HEADING, &section);
     write_results(out, &spliced, &missing)
 }
 

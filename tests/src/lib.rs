@@ -48,6 +48,7 @@ use coworkvm_rootfs::initramfs::{self, Compression, InitramfsSpec};
 pub mod bench;
 pub mod client;
 pub mod copyright;
+pub mod cowork;
 pub mod egress;
 pub mod fakeapi;
 pub mod images;

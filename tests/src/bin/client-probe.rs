@@ -22,6 +22,11 @@
 //!        client-probe --cowork SOCKET BUNDLE_DIR HOST_DIR
 //! a Cowork session end to end with the real runtime and a fake Messages
 //! API (tests/tests/cowork.rs).
+//!        client-probe --cowork-bench N SOCKET BUNDLE_DIR HOST_DIR COPY_SOCKET
+//! N rounds of a fresh boot, `installSdk` through the share, the runtime's
+//! `--version` and a `claude -p` round trip, then N installs by copy
+//! against a helper without virtiofsd; prints `@@COWORK-BENCH {json}`
+//! (`coworkvm-rig bench --cowork-only`).
 //!        client-probe --egress-bench MIB N SOCKET BUNDLE_DIR EGRESS_DIR
 //! a download through a session's proxies vs directly, and N CONNECT
 //! set-ups; prints `@@EGRESS-BENCH {json}` (`coworkvm-rig bench`).
@@ -715,6 +720,12 @@ fn main() {
         }
         if flag == "--cowork" {
             return cowork::cowork(socket, bundle, host_dir);
+        }
+    }
+    if let [_, flag, n, socket, bundle, host_dir, copy_socket] = argv.as_slice() {
+        if flag == "--cowork-bench" {
+            let n: usize = n.parse().expect("N");
+            return cowork::bench(n, socket, bundle, host_dir, copy_socket);
         }
     }
     if let [_, flag, mib, n, socket, bundle, dir] = argv.as_slice() {

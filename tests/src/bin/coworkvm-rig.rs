@@ -6,6 +6,7 @@
 //!        [--baseline COWORKVM-BINARY [--baseline-name TEXT]]
 //!        [--fs-runs N] [--fs-reps N] [--fs-mib N] [--fs-files N] [--fs-only]
 //!        [--egress-mib N] [--egress-connects N] [--egress-only]
+//!        [--cowork-runs N] [--cowork-only]
 //!
 //! `--baseline` adds an earlier `coworkvm` binary to the boot loop (its
 //! sandboxed `boot`, same flags, alternating with this build's) and a
@@ -20,6 +21,16 @@
 //! `--egress-mib` (256) and `--egress-connects` (100) size the egress
 //! benchmark (a session's proxies vs L1 directly; part of the helper runs,
 //! so `--no-helper` leaves it out); `--egress-only` runs only that, as
+//! `--fs-only` does.
+//!
+//! `--cowork-runs` (5; 0 leaves it out) sizes the Cowork benchmark (the
+//! real Claude Code runtime, pinned and fetched into `build/claude-code/`,
+//! driven as the client drives the helper: per round a fresh boot to
+//! connected, `installSdk` through the shared folder, `claude --version` to
+//! its first stdout, a `claude -p` round trip against the fake Messages
+//! API; as many `installSdk` by copy from a helper without virtiofsd; the
+//! rootfs sizes and the first start's expansion; part of the helper runs,
+//! so `--no-helper` leaves it out too); `--cowork-only` runs only that, as
 //! `--fs-only` does.
 
 use anyhow::{bail, Context, Result};

@@ -20,6 +20,8 @@
 //!    `.claude` mount.
 //!
 //! usage: client-probe --cowork SOCKET BUNDLE_DIR HOST_DIR
+//!        client-probe --cowork-bench N SOCKET BUNDLE_DIR HOST_DIR COPY_SOCKET
+//! (the benchmark: see [`bench`])
 //! (HOME holds the runtime at `SDK_SUBPATH/VERSION/claude` with its
 //! `.verified`; HOST_DIR the folders, `ref/ca.pem` the fake API's CA.)
 
@@ -51,8 +53,8 @@ fn rel(p: &Path) -> String {
 
 /// The env the client sends with a runtime spawn, plus the fake API's
 /// address and CA (what a user pointing the runtime elsewhere would set).
-fn runtime_env() -> Value {
-    let mnt = format!("/sessions/{NAME}/mnt");
+fn runtime_env(name: &str) -> Value {
+    let mnt = format!("/sessions/{name}/mnt");
     json!({
         "CLAUDE_CONFIG_DIR": format!("{mnt}/.claude"),
         "CLAUDE_COWORK_MEMORY_PATH_OVERRIDE": format!("{mnt}/.claude/memory"),
@@ -66,6 +68,46 @@ fn runtime_env() -> Value {
         // The client sends this empty; it must not override the token.
         "ANTHROPIC_API_KEY": "",
     })
+}
+
+/// The client's standard mounts (and a picked folder, `project`) of the
+/// folders under `t`.
+fn standard_mounts(t: &Path) -> Value {
+    let m = |path: String, mode: &str| json!({"path": path, "mode": mode});
+    json!({
+        "outputs": m(rel(&t.join("outputs")), "rw"),
+        ".claude": m(rel(&t.join("claude")), "rw"),
+        ".claude/skills": m(rel(&t.join("claude/skills")), "ro"),
+        "uploads": m(rel(&t.join("uploads")), "rw"),
+        "project": m(rel(&t.join("project")), "rwd"),
+        "ref": m(rel(&t.join("ref")), "ro"),
+    })
+}
+
+/// The client's spawn of the runtime, as it sends it.
+fn spawn_runtime_as_sent(
+    pipe: &mut Pipe,
+    name: &str,
+    mounts: &Value,
+    id: &str,
+    args: Vec<String>,
+    resume: bool,
+) -> Value {
+    pipe.call(
+        "spawn",
+        json!({"id": id, "name": name, "command": "/usr/local/bin/claude", "args": args,
+               "cwd": format!("/sessions/{name}"), "env": runtime_env(name),
+               "additionalMounts": mounts, "allowedDomains": [FAKE_API_HOST],
+               "oauthToken": TOKEN, "isResume": resume, "oneShot": false,
+               "mountSkeletonHome": false}),
+    )
+}
+
+/// `claude -p PROMPT` with [`PRINT_FLAGS`].
+fn print_args(prompt: String) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-p".into(), prompt];
+    a.extend(PRINT_FLAGS.iter().map(|s| s.to_string()));
+    a
 }
 
 fn exit_code(exit: &Option<Value>) -> Option<i64> {
@@ -130,24 +172,9 @@ pub fn cowork(socket: &str, bundle: &str, host_dir: &str) {
     p.check("addApprovedOauthToken", ok(&r), &r);
 
     // 2. The client's spawn of the runtime, as sent.
-    let m = |path: String, mode: &str| json!({"path": path, "mode": mode});
-    let mounts = json!({
-        "outputs": m(rel(&t.join("outputs")), "rw"),
-        ".claude": m(rel(&t.join("claude")), "rw"),
-        ".claude/skills": m(rel(&t.join("claude/skills")), "ro"),
-        "uploads": m(rel(&t.join("uploads")), "rw"),
-        "project": m(rel(&t.join("project")), "rwd"),
-        "ref": m(rel(&t.join("ref")), "ro"),
-    });
+    let mounts = standard_mounts(t);
     let spawn_runtime = |pipe: &mut Pipe, id: &str, args: Vec<String>, resume: bool| {
-        pipe.call(
-            "spawn",
-            json!({"id": id, "name": NAME, "command": "/usr/local/bin/claude", "args": args,
-                   "cwd": format!("/sessions/{NAME}"), "env": runtime_env(),
-                   "additionalMounts": mounts, "allowedDomains": [FAKE_API_HOST],
-                   "oauthToken": TOKEN, "isResume": resume, "oneShot": false,
-                   "mountSkeletonHome": false}),
-        )
+        spawn_runtime_as_sent(pipe, NAME, &mounts, id, args, resume)
     };
     let t2 = Instant::now();
     let r = spawn_runtime(&mut pipe, "version", vec!["--version".into()], false);
@@ -177,11 +204,6 @@ pub fn cowork(socket: &str, bundle: &str, host_dir: &str) {
 
     // 3. A non-interactive run against the fake API: a Write into outputs.
     let mnt = format!("/sessions/{NAME}/mnt");
-    let print_args = |prompt: String| -> Vec<String> {
-        let mut a: Vec<String> = vec!["-p".into(), prompt];
-        a.extend(PRINT_FLAGS.iter().map(|s| s.to_string()));
-        a
-    };
     let t3 = Instant::now();
     let r = spawn_runtime(
         &mut pipe,
@@ -334,4 +356,246 @@ fn walk_count(dir: &Path, ext: &str) -> usize {
         }
     }
     n
+}
+
+/// When the first `stdout` event of process `id` arrived; `None` when the
+/// process exited without one or nothing came within `timeout`.
+fn first_stdout_at(ev: &Events, id: &str, timeout: Duration) -> Option<Instant> {
+    let is = |v: &Value, kind: &str| v["type"] == kind && v["id"] == id;
+    ev.wait(0, timeout, |v| is(v, "stdout") || is(v, "exit"))?;
+    ev.seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, v)| is(v, "stdout"))
+        .map(|(at, _)| *at)
+}
+
+/// `installSdk` of `version` as the client sends it: the reply and its
+/// seconds.
+fn install(pipe: &mut Pipe, version: &str) -> (Value, f64) {
+    let t = Instant::now();
+    let r = pipe.call(
+        "installSdk",
+        json!({"sdkSubpath": SDK_SUBPATH, "version": version}),
+    );
+    (r, t.elapsed().as_secs_f64())
+}
+
+/// How long one answer may take before the probe gives up on it: an
+/// `installSdk` by copy answers when the whole binary is in the guest, a
+/// first `startVM` when the rootfs is expanded; at rig speed, minutes.
+const COPY_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// `--cowork-bench RUNS SOCKET BUNDLE HOST_DIR COPY_SOCKET`: `runs` rounds
+/// against the helper at `socket`, each a fresh boot of `bundle` (the
+/// first one its first start: seeding and the rootfs expansion): `startVM`
+/// to `isGuestConnected`, `installSdk` through the share, the spawn of
+/// `/usr/local/bin/claude --version` to its first stdout event, `claude -p`
+/// with the fake API's Write prompt to its exit, `stopVM`; each round a new
+/// session, as each Cowork task is. Then, against the copy helper at
+/// `copy_socket` (no virtiofsd, so no shared folders), one boot and `runs`
+/// installs by copy, each of its own version name
+/// (`coworkvm_tests::cowork::copy_version`), and a `--version` spawn of the
+/// last one. Prints `@@COWORK-BENCH {json}`, seconds per metric, a value
+/// only for a step that succeeded; exit status 1 when a check failed.
+pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str, copy_socket: &str) {
+    let mut p = Probe { failed: false };
+    let t = Path::new(host_dir);
+    let long = Duration::from_secs(600);
+    let run_timeout = Duration::from_secs(900);
+    let mounts = standard_mounts(t);
+    let sdk_bytes = std::env::var_os("HOME").and_then(|h| {
+        std::fs::metadata(
+            Path::new(&h)
+                .join(SDK_SUBPATH)
+                .join(runtime::VERSION)
+                .join("claude"),
+        )
+        .ok()
+        .map(|m| m.len())
+    });
+    let mut pipe = Pipe::open(socket);
+    // The first startVM seeds the bundle and expands its rootfs before it
+    // answers, at rig speed.
+    let _ = pipe.r.get_ref().set_read_timeout(Some(COPY_ANSWER_TIMEOUT));
+    let r = pipe.call("configure", json!({"memoryMB": 2048, "cpuCount": 2}));
+    p.check("configure", ok(&r), &r);
+    let (ev, ack) = Events::subscribe(socket);
+    p.check("subscribeEvents", ok(&ack), &ack);
+    let (mut connect, mut share, mut version, mut print) = (vec![], vec![], vec![], vec![]);
+    for round in 1..=runs {
+        let name = format!("cowork-bench-{round}");
+        let mnt = format!("/sessions/{name}/mnt");
+        let t0 = Instant::now();
+        let r = pipe.call(
+            "startVM",
+            json!({"bundlePath": bundle, "memoryGB": 2, "cpuCount": 2,
+                   "apiProbeURL": format!("https://{FAKE_API_HOST}/")}),
+        );
+        p.check(&format!("round {round}: startVM"), ok(&r), &r);
+        let up = poll_connected(socket, long);
+        p.check(
+            &format!("round {round}: isGuestConnected turns true"),
+            up.is_some(),
+            "timed out",
+        );
+        if up.is_none() {
+            let _ = pipe.call("stopVM", json!({}));
+            continue;
+        }
+        connect.push(t0.elapsed().as_secs_f64());
+
+        let (r, took) = install(&mut pipe, runtime::VERSION);
+        p.check(&format!("round {round}: installSdk (share)"), ok(&r), &r);
+        if ok(&r) {
+            share.push(took);
+        }
+        let r = pipe.call("addApprovedOauthToken", json!({"token": TOKEN}));
+        p.check(&format!("round {round}: addApprovedOauthToken"), ok(&r), &r);
+
+        let id = format!("version{round}");
+        let t2 = Instant::now();
+        let r = spawn_runtime_as_sent(
+            &mut pipe,
+            &name,
+            &mounts,
+            &id,
+            vec!["--version".into()],
+            false,
+        );
+        p.check(
+            &format!("round {round}: spawn claude --version"),
+            ok(&r),
+            &r,
+        );
+        let first = first_stdout_at(&ev, &id, run_timeout);
+        let exit = ev.exit_of(&id, run_timeout);
+        let out = ev.stdout(&id);
+        let good = out.contains(&runtime::version_line()) && exit_code(&exit) == Some(0);
+        p.check(
+            &format!("round {round}: --version prints the version and exits 0"),
+            good,
+            format!("{out:?} {exit:?} stderr {:?}", stderr_of(&ev, &id)),
+        );
+        if let (true, Some(at)) = (good, first) {
+            version.push(at.duration_since(t2).as_secs_f64());
+        }
+
+        let id = format!("write{round}");
+        let file = format!("bench-{round}.txt");
+        let t3 = Instant::now();
+        let r = spawn_runtime_as_sent(
+            &mut pipe,
+            &name,
+            &mounts,
+            &id,
+            print_args(write_prompt(
+                &format!("{mnt}/outputs/{file}"),
+                "written-by-claude",
+            )),
+            false,
+        );
+        p.check(&format!("round {round}: spawn claude -p"), ok(&r), &r);
+        let exit = ev.exit_of(&id, run_timeout);
+        let took = t3.elapsed().as_secs_f64();
+        let out = ev.stdout(&id);
+        let content = std::fs::read_to_string(t.join("outputs").join(&file)).unwrap_or_default();
+        let good = exit_code(&exit) == Some(0)
+            && out.contains(RESULT_OK)
+            && content.contains("written-by-claude");
+        p.check(
+            &format!("round {round}: claude -p wrote the file into outputs"),
+            good,
+            format!(
+                "{out:?} {exit:?} file {content:?} stderr {:?}",
+                stderr_of(&ev, &id)
+            ),
+        );
+        if good {
+            print.push(took);
+        }
+        let r = pipe.call("stopVM", json!({}));
+        p.check(&format!("round {round}: stopVM"), ok(&r), &r);
+    }
+    drop(pipe);
+
+    // The copy fallback: a helper without virtiofsd.
+    let mut copy = Vec::new();
+    let reachable = std::os::unix::net::UnixStream::connect(copy_socket).map(drop);
+    p.check(
+        "the copy helper is listening",
+        reachable.is_ok(),
+        format!("{reachable:?}"),
+    );
+    if reachable.is_ok() {
+        copy = copy_installs(&mut p, runs, copy_socket, bundle, long, run_timeout);
+    }
+
+    println!(
+        "@@COWORK-BENCH {}",
+        json!({"rounds": runs, "sdk_bytes": sdk_bytes, "connect_s": connect,
+               "install_share_s": share, "install_copy_s": copy,
+               "version_first_stdout_s": version, "print_round_trip_s": print})
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(i32::from(p.failed));
+}
+
+/// `installSdk` of the runtime by copy, `runs` times under as many version
+/// names, in one VM of the copy helper at `copy_socket`; seconds of each
+/// that succeeded.
+fn copy_installs(
+    p: &mut Probe,
+    runs: usize,
+    copy_socket: &str,
+    bundle: &str,
+    long: Duration,
+    run_timeout: Duration,
+) -> Vec<f64> {
+    let mut copy = Vec::new();
+    let mut cpipe = Pipe::open(copy_socket);
+    let _ = cpipe
+        .r
+        .get_ref()
+        .set_read_timeout(Some(COPY_ANSWER_TIMEOUT));
+    let r = cpipe.call("configure", json!({"memoryMB": 2048, "cpuCount": 2}));
+    p.check("copy helper: configure", ok(&r), &r);
+    let (cev, ack) = Events::subscribe(copy_socket);
+    p.check("copy helper: subscribeEvents", ok(&ack), &ack);
+    let r = cpipe.call(
+        "startVM",
+        json!({"bundlePath": bundle, "memoryGB": 2, "cpuCount": 2}),
+    );
+    p.check("copy helper: startVM", ok(&r), &r);
+    let up = poll_connected(copy_socket, long);
+    p.check("copy helper: connected", up.is_some(), "timed out");
+    if up.is_some() {
+        for round in 1..=runs {
+            let v = coworkvm_tests::cowork::copy_version(round);
+            let (r, took) = install(&mut cpipe, &v);
+            p.check(&format!("copy {round}: installSdk {v} (copy)"), ok(&r), &r);
+            if ok(&r) {
+                copy.push(took);
+            }
+        }
+        // The last copy is the installed runtime now, and it runs.
+        let r = cpipe.call(
+            "spawn",
+            json!({"id": "copied", "name": "cowork-copy", "command": "/usr/local/bin/claude",
+                   "args": ["--version"], "env": {"DISABLE_AUTOUPDATER": "1"},
+                   "isResume": false}),
+        );
+        p.check("copy helper: spawn the copied runtime", ok(&r), &r);
+        let exit = cev.exit_of("copied", run_timeout);
+        let out = cev.stdout("copied");
+        p.check(
+            "the copied runtime prints its version",
+            out.contains(&runtime::version_line()) && exit_code(&exit) == Some(0),
+            format!("{out:?} {exit:?} stderr {:?}", stderr_of(&cev, "copied")),
+        );
+    }
+    let r = cpipe.call("stopVM", json!({}));
+    p.check("copy helper: stopVM", ok(&r), &r);
+    copy
 }
