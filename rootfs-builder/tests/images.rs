@@ -114,7 +114,7 @@ fn the_cached_tree_rebuilds_the_same_rootfs() {
     let Some((_, m)) = images() else { return };
     let key = rootfs::base_key(
         "bookworm",
-        &rootfs::packages(),
+        &rootfs::packages(rootfs::Profile::Default),
         DEFAULT_EPOCH,
         &rootfs::mmdebstrap_version().unwrap(),
     );
