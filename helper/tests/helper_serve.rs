@@ -1257,23 +1257,29 @@ fn without_a_guest_the_host_answers_what_it_knows() {
     );
 }
 
-#[test]
-fn install_sdk_checks_the_host_binary_then_copies_it_into_the_guest() {
-    let dir = temp_dir("sdk");
+/// A helper with a running fake VM and `binary` as SDK `version` under
+/// HOME's `.config/Claude/claude-code-vm` (not yet `.verified`).
+fn sdk_helper(
+    tag: &str,
+    version: &str,
+    binary: &[u8],
+) -> (PathBuf, Arc<FakeLauncher>, Served, Pipe) {
+    let dir = temp_dir(tag);
     let home = dir.join("home");
-    let vdir = home.join(".config/Claude/claude-code-vm/2.0.1");
+    let vdir = home.join(".config/Claude/claude-code-vm").join(version);
     std::fs::create_dir_all(&vdir).unwrap();
-    std::fs::write(vdir.join("claude"), b"bin").unwrap();
+    std::fs::write(vdir.join("claude"), binary).unwrap();
     let launcher = Arc::new(FakeLauncher::default());
-    let h = try_serve(
-        &dir.join("helper.sock"),
-        launcher.clone(),
-        Some(home.clone()),
-    )
-    .unwrap();
+    let h = try_serve(&dir.join("helper.sock"), launcher.clone(), Some(home)).unwrap();
     let mut pipe = Pipe::open(&h.socket);
     pipe.ok("startVM", json!({"bundlePath": h.bundle}));
     poll_connected(&h.socket, true);
+    (vdir, launcher, h, pipe)
+}
+
+#[test]
+fn install_sdk_checks_the_host_binary_then_copies_it_into_the_guest() {
+    let (vdir, launcher, _served, mut pipe) = sdk_helper("sdk", "2.0.1", b"bin");
     let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.1"});
     let r = pipe.call("installSdk", params.clone());
     assert_eq!(
@@ -1295,25 +1301,11 @@ fn install_sdk_checks_the_host_binary_then_copies_it_into_the_guest() {
 
 #[test]
 fn install_sdk_retried_after_the_client_gave_up_waits_for_the_transfer_in_flight() {
-    let dir = temp_dir("sdk-retry");
-    let home = dir.join("home");
-    let vdir = home.join(".config/Claude/claude-code-vm/2.0.2");
-    std::fs::create_dir_all(&vdir).unwrap();
     // Three chunks at 300 ms each: the first request is mid-transfer when
     // its client goes.
     let binary: Vec<u8> = (0..(10u32 << 20)).map(|i| (i % 251) as u8).collect();
-    std::fs::write(vdir.join("claude"), &binary).unwrap();
+    let (vdir, launcher, h, mut pipe) = sdk_helper("sdk-retry", "2.0.2", &binary);
     std::fs::write(vdir.join(".verified"), b"").unwrap();
-    let launcher = Arc::new(FakeLauncher::default());
-    let h = try_serve(
-        &dir.join("helper.sock"),
-        launcher.clone(),
-        Some(home.clone()),
-    )
-    .unwrap();
-    let mut pipe = Pipe::open(&h.socket);
-    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
-    poll_connected(&h.socket, true);
     let vm = launcher.last();
     vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
     let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.2"});

@@ -454,9 +454,20 @@ impl EgressOptions {
     }
 }
 
-/// `--egress-only`: the egress case alone in one batch (with the images
-/// and a bundle disk); its section replaces the one in `out`, or is added.
-fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Path) -> Result<()> {
+/// One benchmark case alone in one batch, on the images disk, a bundle
+/// disk of `bundle_mib` and `extra_disks`; the section `render` makes of
+/// its output replaces the one under `heading` in `out`, or is added.
+#[allow(clippy::too_many_arguments)]
+fn run_section_only(
+    paths: &Paths,
+    scratch: &Path,
+    case: Case,
+    bundle_mib: u64,
+    extra_disks: Vec<PathBuf>,
+    render: fn(&str, &str) -> (String, bool),
+    heading: &str,
+    out: &Path,
+) -> Result<()> {
     let existing = match std::fs::read_to_string(out) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -465,24 +476,40 @@ fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Pa
     let images = crate::images::images_dir(&paths.root)?;
     let images_disk = crate::images::images_disk(&images, scratch, false)?;
     let bundle = scratch.join("bundle.ext4");
-    crate::images::ext4_image(&bundle, None, 3072)?;
+    crate::images::ext4_image(&bundle, None, bundle_mib)?;
+    let name = case.name.clone();
+    let mut disks = vec![images_disk, bundle];
+    disks.extend(extra_disks);
     let batch = Batch {
-        cases: vec![opts.case()],
+        cases: vec![case],
         files: vec![],
-        disks: vec![images_disk, bundle],
+        disks,
     };
     let result = batch.run(paths)?;
     let mut missing = unfinished_cases(&result);
-    let (mut section, complete) = crate::egress::render(
-        &result.case(EGRESS_CASE).output,
-        &run_context(result.mode, paths),
-    );
+    let (mut section, complete) =
+        render(&result.case(&name).output, &run_context(result.mode, paths));
     if !complete {
-        missing.push(format!("{EGRESS_CASE}: no @@EGRESS-BENCH result"));
+        missing.push(format!("{name}: no complete result"));
     }
     section.push_str(&rerun_note(&result));
-    let spliced = fs::splice_named(&existing, crate::egress::SECTION_HEADING, &section);
+    let spliced = fs::splice_named(&existing, heading, &section);
     write_results(out, &spliced, &missing)
+}
+
+/// `--egress-only`: the egress case alone in one batch (with the images
+/// and a bundle disk); its section replaces the one in `out`, or is added.
+fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Path) -> Result<()> {
+    run_section_only(
+        paths,
+        scratch,
+        opts.case(),
+        3072,
+        vec![],
+        crate::egress::render,
+        crate::egress::SECTION_HEADING,
+        out,
+    )
 }
 
 /// The Cowork case's name.
@@ -546,33 +573,17 @@ impl CoworkOptions {
 /// bundle disk, the runtime disk); its section replaces the one in `out`,
 /// or is added.
 fn run_cowork_only(paths: &Paths, scratch: &Path, opts: &CoworkOptions, out: &Path) -> Result<()> {
-    let existing = match std::fs::read_to_string(out) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
-    };
-    let images = crate::images::images_dir(&paths.root)?;
-    let images_disk = crate::images::images_disk(&images, scratch, false)?;
-    let bundle = scratch.join("bundle.ext4");
-    crate::images::ext4_image(&bundle, None, bundle_disk_mib(true))?;
     let runtime = opts.runtime_disk(paths, scratch)?;
-    let batch = Batch {
-        cases: vec![opts.case(2)],
-        files: vec![],
-        disks: vec![images_disk, bundle, runtime],
-    };
-    let result = batch.run(paths)?;
-    let mut missing = unfinished_cases(&result);
-    let (mut section, complete) = crate::cowork::render(
-        &result.case(COWORK_CASE).output,
-        &run_context(result.mode, paths),
-    );
-    if !complete {
-        missing.push(format!("{COWORK_CASE}: no complete @@COWORK-BENCH result"));
-    }
-    section.push_str(&rerun_note(&result));
-    let spliced = fs::splice_named(&existing, crate::cowork::SECTION_HEADING, &section);
-    write_results(out, &spliced, &missing)
+    run_section_only(
+        paths,
+        scratch,
+        opts.case(2),
+        bundle_disk_mib(true),
+        vec![runtime],
+        crate::cowork::render,
+        crate::cowork::SECTION_HEADING,
+        out,
+    )
 }
 
 /// The shared-folder section from a batch that ran [`fs::prepare`]'s
