@@ -91,6 +91,17 @@ struct FakeVm {
 }
 
 impl FakeVm {
+    /// The first guest request `pred` accepts (panics if none came).
+    fn request_where(&self, pred: impl Fn(&&Value) -> bool) -> Value {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .find(pred)
+            .cloned()
+            .expect("no such request reached the guest")
+    }
+
     fn power_off(&self, how: &str) {
         self.powered_off.store(true, Ordering::SeqCst);
         self.drop_connection();
@@ -739,14 +750,7 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
         );
     }
     let vm = h.launcher.last();
-    let spawned = vm
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r["method"] == "spawn")
-        .cloned()
-        .unwrap();
+    let spawned = vm.request_where(|r| r["method"] == "spawn");
     assert!(
         spawned["params"].get("additionalMounts").is_none(),
         "{spawned}"
@@ -773,14 +777,7 @@ fn the_clients_boot_sequence_spawn_streams_and_stop() {
     );
     sub.until("stdout p2", |e| e["type"] == "stdout" && e["id"] == "p2");
     // Without its own oauthToken the spawn gets the approved one.
-    let p2 = vm
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r["method"] == "spawn" && r["params"]["id"] == "p2")
-        .cloned()
-        .unwrap();
+    let p2 = vm.request_where(|r| r["method"] == "spawn" && r["params"]["id"] == "p2");
     assert_eq!(
         p2["params"]["env"]["CLAUDE_CODE_OAUTH_TOKEN"],
         "sk-ant-oat-SECRET1"
@@ -1215,14 +1212,7 @@ fn without_a_guest_the_host_answers_what_it_knows() {
                        "CLAUDE_CONFIG_DIR": "/sessions/s1/mnt/.claude"}}),
     );
     let vm = h.launcher.last();
-    let spawn = vm
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r["method"] == "spawn")
-        .cloned()
-        .unwrap();
+    let spawn = vm.request_where(|r| r["method"] == "spawn");
     let env = spawn["params"]["env"].as_object().unwrap();
     for gone in ["ANTHROPIC_API_KEY", "CLAUDE_CODE_DISABLE_CRON", "NULLED"] {
         assert!(!env.contains_key(gone), "{gone} forwarded");
@@ -1233,14 +1223,7 @@ fn without_a_guest_the_host_answers_what_it_knows() {
     // readFile without processName: the session comes from the path.
     let r = pipe.ok("readFile", json!({"filePath": "/sessions/s1/out.txt"}));
     assert!(r["content"].is_string(), "{r}");
-    let rf = vm
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|r| r["method"] == "readFile")
-        .cloned()
-        .unwrap();
+    let rf = vm.request_where(|r| r["method"] == "readFile");
     assert_eq!(rf["params"]["processName"], "s1");
     let r = pipe.call("readFile", json!({"filePath": "/tmp/x"}));
     assert!(
