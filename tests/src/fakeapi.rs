@@ -277,60 +277,95 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Decides the turn from the last user message (messages of other roles,
-/// such as the `system` entries Claude Code puts among them, are skipped).
-pub fn decide(messages: &[Value]) -> Turn {
-    let Some(last) = messages
-        .iter()
-        .rev()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-    else {
-        return Turn::Final(RESULT_NO_MARKER.to_owned());
-    };
-    let blocks = blocks(last);
-    if let Some(result) = blocks
-        .iter()
-        .rev()
-        .find(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
-    {
-        let is_error = result
-            .get("is_error")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let text = result_text(result);
-        let head = if is_error { RESULT_ERROR } else { RESULT_OK };
-        return Turn::Final(format!("{head}: {}", truncate(&text, MAX_ECHO)));
-    }
-    blocks
+fn is_user(m: &Value) -> bool {
+    m.get("role").and_then(Value::as_str) == Some("user")
+}
+
+/// The marker lines in a message's text blocks, in order.
+fn markers_in(message: &Value) -> Vec<ToolCall> {
+    blocks(message)
         .iter()
         .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
         .filter_map(|b| b.get("text").and_then(Value::as_str))
-        .find_map(find_marker)
-        .map_or_else(|| Turn::Final(RESULT_NO_MARKER.to_owned()), Turn::Tool)
+        .flat_map(|t| t.lines().filter_map(parse_marker).collect::<Vec<_>>())
+        .collect()
+}
+
+/// `RESULT ok: <text>` or `RESULT error: <text>` for a `tool_result` block.
+fn result_line(block: &Value) -> String {
+    let is_error = block
+        .get("is_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let text = result_text(block);
+    let head = if is_error { RESULT_ERROR } else { RESULT_OK };
+    format!("{head}: {}", truncate(&text, MAX_ECHO))
+}
+
+/// Decides the turn. The prompt is the latest user message whose text
+/// holds marker lines (messages of other roles, such as the `system`
+/// entries Claude Code puts among them, are skipped); each of its markers
+/// becomes one tool call, in order, one per turn, and once every call has
+/// its `tool_result` the final answer has one `RESULT` line per call. So
+/// one run can make several writes (one allowed, one refused). Without a
+/// prompt, a `tool_result` in the last user message still gets its line.
+pub fn decide(messages: &[Value]) -> Turn {
+    let tool_results = |ms: &[Value]| -> Vec<Value> {
+        ms.iter()
+            .filter(|m| is_user(m))
+            .flat_map(blocks)
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            .collect()
+    };
+    let prompt = messages
+        .iter()
+        .rposition(|m| is_user(m) && !markers_in(m).is_empty());
+    let Some(i) = prompt else {
+        let last = messages.iter().rev().find(|m| is_user(m));
+        return Turn::Final(
+            last.and_then(|m| tool_results(std::slice::from_ref(m)).pop())
+                .map_or_else(|| RESULT_NO_MARKER.to_owned(), |b| result_line(&b)),
+        );
+    };
+    let calls = markers_in(&messages[i]);
+    let results = tool_results(&messages[i + 1..]);
+    match calls.get(results.len()) {
+        Some(call) => Turn::Tool(call.clone()),
+        None => Turn::Final(
+            results
+                .iter()
+                .map(result_line)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    }
 }
 
 /// The first marker line in `text`: `WRITE <absolute path> <content>` or
 /// `BASH <command>`.
 pub fn find_marker(text: &str) -> Option<ToolCall> {
-    text.lines().find_map(|line| {
-        let line = line.trim();
-        let (word, rest) = line.split_once(char::is_whitespace)?;
-        let rest = rest.trim();
-        match word {
-            WRITE_MARKER => {
-                let (path, content) = rest.split_once(char::is_whitespace)?;
-                let content = content.trim();
-                (path.starts_with('/') && !content.is_empty()).then(|| ToolCall::Write {
-                    file_path: path.to_owned(),
-                    content: content.to_owned(),
-                })
-            }
-            BASH_MARKER if !rest.is_empty() => Some(ToolCall::Bash {
-                command: rest.to_owned(),
-            }),
-            _ => None,
+    text.lines().find_map(parse_marker)
+}
+
+/// One line as a marker, if it is one.
+fn parse_marker(line: &str) -> Option<ToolCall> {
+    let line = line.trim();
+    let (word, rest) = line.split_once(char::is_whitespace)?;
+    let rest = rest.trim();
+    match word {
+        WRITE_MARKER => {
+            let (path, content) = rest.split_once(char::is_whitespace)?;
+            let content = content.trim();
+            (path.starts_with('/') && !content.is_empty()).then(|| ToolCall::Write {
+                file_path: path.to_owned(),
+                content: content.to_owned(),
+            })
         }
-    })
+        BASH_MARKER if !rest.is_empty() => Some(ToolCall::Bash {
+            command: rest.to_owned(),
+        }),
+        _ => None,
+    }
 }
 
 /// The `usage` object of a reply; the counts are nominal.
@@ -590,6 +625,43 @@ mod tests {
             panic!("not final");
         };
         assert!(t.len() <= RESULT_OK.len() + 2 + MAX_ECHO, "{}", t.len());
+    }
+
+    #[test]
+    fn several_markers_are_one_call_each_then_one_line_each() {
+        let prompt = format!(
+            "{}\n{}",
+            write_prompt("/o/a.txt", "one"),
+            write_prompt("/ro/b.txt", "two")
+        );
+        let mut m = first_turn(&prompt).as_array().unwrap().clone();
+        assert_eq!(
+            decide(&m),
+            Turn::Tool(ToolCall::Write {
+                file_path: "/o/a.txt".into(),
+                content: "one".into()
+            })
+        );
+        m.push(json!({"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}]}));
+        m.push(json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "created a"}]}));
+        assert_eq!(
+            decide(&m),
+            Turn::Tool(ToolCall::Write {
+                file_path: "/ro/b.txt".into(),
+                content: "two".into()
+            })
+        );
+        m.push(json!({"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_2", "name": "Write", "input": {}}]}));
+        m.push(json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": true,
+             "content": "EROFS: read-only file system"}]}));
+        assert_eq!(
+            decide(&m),
+            Turn::Final("RESULT ok: created a\nRESULT error: EROFS: read-only file system".into())
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ fn a_cowork_session_runs_the_real_runtime_end_to_end() {
         "the runtime prints its version on stdout",
         "--version exits 0",
         "claude -p exits 0",
+        "the fake API saw the Write into outputs succeed",
         "the file appears in the host's outputs folder",
         "the file is owned by the host user",
         "a Write into a ro mount is refused",
@@ -74,8 +75,8 @@ fn a_cowork_session_runs_the_real_runtime_end_to_end() {
     assert_eq!(c.lines_with("helper-rc="), ["0"], "{}", ctx());
     let api: usize = c.lines_with("fakeapi-requests=")[0].parse().unwrap_or(0);
     assert!(
-        api >= 2,
-        "the fake API did not see the runtime's two turns\n{}",
+        api >= 3,
+        "the fake API did not see the runtime's three turns (two Writes, the answer)\n{}",
         ctx()
     );
     assert_eq!(
