@@ -1,7 +1,7 @@
 //! `coworkvm run`'s own failures exit 125 (a shell's 126/127 and the
 //! command's statuses stay the command's): the cases that need no guest.
 //! The guest's 126/127 and a command's own status are in the rig's
-//! tests/tests/run.rs.
+//! tests/tests/rig/run.rs.
 
 use std::process::Command;
 

@@ -1,4 +1,4 @@
-//! What the Cowork end-to-end rig test (tests/tests/cowork.rs), its client
+//! What the Cowork end-to-end rig test (tests/tests/rig/cowork.rs), its client
 //! probe (`client-probe --cowork`) and the Cowork benchmark (`coworkvm-rig
 //! bench --cowork-only`, `client-probe --cowork-bench`) share: the L1 case
 //! script (the images disk, a bundle disk, the runtime on a read-only disk

@@ -1,4 +1,4 @@
-//! What the egress rig test (tests/tests/egress.rs), its client probe
+//! What the egress rig test (tests/tests/rig/egress.rs), its client probe
 //! (`client-probe --egress`) and the egress benchmark (`coworkvm-rig bench
 //! --egress-only`) share: the local upstream's address, the names routed
 //! to it, the tokens, and the benchmark's section of bench/results.md.

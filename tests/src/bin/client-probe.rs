@@ -12,16 +12,16 @@
 //! (HOME must hold the fake SDK that the case script made.)
 //!        client-probe --escape SOCKET BUNDLE_DIR
 //! a victim and an attacker session in one VM: the adversarial checks of
-//! tests/tests/escape.rs.
+//! tests/tests/rig/escape.rs.
 //!        client-probe --shares SOCKET BUNDLE_DIR HOST_DIR
 //! shared folders: the standard mounts, mountPath, and the escape attempts
-//! against the share (tests/tests/shares.rs).
+//! against the share (tests/tests/rig/shares.rs).
 //!        client-probe --egress SOCKET BUNDLE_DIR EGRESS_DIR
 //! sessions' network through the egress proxy, the OAuth token, and the
-//! reachability events (tests/tests/egress.rs).
+//! reachability events (tests/tests/rig/egress.rs).
 //!        client-probe --cowork SOCKET BUNDLE_DIR HOST_DIR
 //! a Cowork session end to end with the real runtime and a fake Messages
-//! API (tests/tests/cowork.rs).
+//! API (tests/tests/rig/cowork.rs).
 //!        client-probe --cowork-bench N SOCKET BUNDLE_DIR HOST_DIR COPY_SOCKET
 //! N rounds of a fresh boot, `installSdk` through the share, the runtime's
 //! `--version` and a `claude -p` round trip, then N installs by copy

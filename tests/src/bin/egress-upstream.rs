@@ -1,6 +1,6 @@
 //! `egress-upstream`: the local upstream of the egress rig test and
 //! benchmark, the stand-in for the internet a session reaches through the
-//! helper's egress proxy (tests/tests/egress.rs, `coworkvm-rig bench
+//! helper's egress proxy (tests/tests/rig/egress.rs, `coworkvm-rig bench
 //! --egress-only`).
 //!
 //! usage: egress-upstream --addr IP --ca-out PATH [--http-port N]
