@@ -177,7 +177,12 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
     let out = fsutil::create_exclusive(partial.path(), 0o644)
         .map_err(|e| out_err("create rootfs.img.partial", e))?;
 
-    let zst_entry = loaded.manifest.file(ROOTFS_ZST_FILE).cloned();
+    // What is checked (see the module comment): the compressed stream
+    // against its own entry, or, without one, the output.
+    let mut check = match loaded.manifest.file(ROOTFS_ZST_FILE).cloned() {
+        Some(zst) => Check::Compressed(zst),
+        None => Check::Output(Sha256::new()),
+    };
     let hashing = HashingReader {
         inner: compressed,
         hasher: Sha256::new(),
@@ -185,8 +190,6 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
     };
     let mut decoder = zstd::stream::read::Decoder::new(hashing).map_err(corrupt)?;
     decoder.window_log_max(WINDOW_LOG_MAX).map_err(corrupt)?;
-    // The output's own hash, only without an entry for the .zst.
-    let mut hasher = zst_entry.is_none().then(Sha256::new);
     let mut progress = Progress::new(needed);
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
@@ -203,7 +206,7 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
                 actual: written + n as u64,
             });
         }
-        if let Some(h) = hasher.as_mut() {
+        if let Check::Output(h) = &mut check {
             h.update(&buf[..n]);
         }
         write_skipping_zero_blocks(&out, &buf[..n], written)
@@ -218,8 +221,8 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
             actual: written,
         });
     }
-    match (hasher, zst_entry) {
-        (Some(h), _) => {
+    match check {
+        Check::Output(h) => {
             let actual = socket_proto::manifest::hex(&h.finalize());
             if !actual.eq_ignore_ascii_case(&entry.sha256) {
                 return Err(ExpandError::HashMismatch {
@@ -229,7 +232,7 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
                 });
             }
         }
-        (None, Some(zst)) => {
+        Check::Compressed(zst) => {
             // Whatever follows the last frame counts too.
             let mut rest = decoder.finish();
             io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
@@ -245,7 +248,6 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
                 });
             }
         }
-        (None, None) => unreachable!("the output is hashed when the .zst has no entry"),
     }
     // Zero blocks at the end were skipped: set_len gives the file its size
     // (as a hole).
@@ -297,6 +299,14 @@ pub fn expand_pending(dir: &Path, _lock: &BundleLock) -> Result<Option<Expanded>
         size: written,
         seconds,
     }))
+}
+
+/// What an expansion's bytes are checked against.
+enum Check {
+    /// The manifest's `rootfs.img.zst` entry: the compressed bytes read.
+    Compressed(socket_proto::manifest::FileEntry),
+    /// No such entry: the output, against `rootfs.img`'s.
+    Output(Sha256),
 }
 
 /// A reader that hashes and counts what passes through it.

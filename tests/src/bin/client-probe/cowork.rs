@@ -34,6 +34,7 @@ use coworkvm_tests::fakeapi::{write_prompt, RESULT_ERROR, RESULT_OK};
 use coworkvm_tests::runtime;
 use serde_json::{json, Value};
 
+use super::shares::rel;
 use super::{ok, poll_connected, Events, Pipe, Probe, SDK_SUBPATH};
 
 /// `claude -p`'s flags beyond the prompt: plain text out, and the Write
@@ -46,10 +47,6 @@ const NAME: &str = "cowork-e2e";
 const TOKEN: &str = "sk-ant-oat01-cowork-e2e-token";
 /// The client's request timeout: `installSdk` must answer within it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn rel(p: &Path) -> String {
-    p.to_string_lossy().trim_start_matches('/').to_owned()
-}
 
 /// The env the client sends with a runtime spawn, plus the fake API's
 /// address and CA (what a user pointing the runtime elsewhere would set).

@@ -18,7 +18,7 @@ use serde_json::json;
 use super::{ok, open_and_start, Probe};
 
 /// A host path as the client sends it: relative to `/`.
-fn rel(p: &Path) -> String {
+pub fn rel(p: &Path) -> String {
     p.to_string_lossy().trim_start_matches('/').to_owned()
 }
 
