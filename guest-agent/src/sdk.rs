@@ -7,6 +7,8 @@
 //! taken as cached), `<version>/claude.partial` while a transfer runs, and
 //! `current`, the version installed last: the one a `spawn` of `claude`
 //! runs. One transfer at a time; a new `installSdk` drops an unfinished one.
+//! A commit keeps the new version and the one current before it, and
+//! removes the others.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -157,10 +159,8 @@ impl SdkStore {
 
     /// The binary of the version installed last, if it is still there.
     pub fn current(&self) -> Option<PathBuf> {
-        let v = fs::read_to_string(self.dir.join("current")).ok()?;
-        let v = v.trim();
-        validate_version(v).ok()?;
-        self.installed(v).map(|(bin, _, _)| bin)
+        let v = self.current_version()?;
+        self.installed(&v).map(|(bin, _, _)| bin)
     }
 
     fn ensure_dir(p: &Path) -> Result<(), SdkStoreError> {
@@ -358,10 +358,46 @@ impl SdkStore {
             cleanup(&p);
             return Err(SdkStoreError::Commit(Box::new(err)));
         }
+        let previous = self.current_version();
         self.set_current(&p.version)?;
+        self.prune(&p.version, previous.as_deref());
         Ok(InstallSdkCommitResult {
             path: bin.to_string_lossy().into_owned(),
         })
+    }
+
+    /// The version `current` names, if it is a valid name.
+    fn current_version(&self) -> Option<String> {
+        let v = fs::read_to_string(self.dir.join("current")).ok()?;
+        let v = v.trim();
+        validate_version(v).ok()?;
+        Some(v.to_owned())
+    }
+
+    /// Removes every version directory but `keep` and `previous` (the one
+    /// current before it, so that going back costs no transfer): each
+    /// runtime update by copy would otherwise leave a few hundred MB on
+    /// the session disk for good. A process still running a removed binary
+    /// keeps its inode. Best effort: the new version is in place already,
+    /// and a leftover is removed at the next commit.
+    fn prune(&self, keep: &str, previous: Option<&str>) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir || name == keep || Some(name) == previous {
+                continue;
+            }
+            if validate_version(name).is_err() {
+                continue;
+            }
+            if let Err(err) = fs::remove_dir_all(e.path()) {
+                eprintln!("coworkvm-agent: installSdk: removing the old SDK {name}: {err}");
+            }
+        }
     }
 }
 
@@ -458,7 +494,48 @@ mod tests {
         assert_eq!(s.current(), Some(d.path().join("sdk/2.0/claude")));
         // Asking for 1.0 (cached) makes it current again.
         assert!(s.begin(&begin_params("1.0", &data)).unwrap().cached);
-        assert_eq!(s.current(), Some(path));
+        assert_eq!(s.current(), Some(path.clone()));
+    }
+
+    /// What a commit keeps: the new version and the one current before it.
+    #[test]
+    fn a_commit_keeps_the_new_and_the_previous_version_only() {
+        let d = tempfile::tempdir().unwrap();
+        let sdk = d.path().join("sdk");
+        let mut s = SdkStore::new(sdk.clone());
+        let install = |s: &mut SdkStore, v: &str| {
+            s.begin(&begin_params(v, v.as_bytes())).unwrap();
+            s.chunk(&chunk(v, 0, v.as_bytes())).unwrap();
+            s.commit(v).unwrap();
+        };
+        install(&mut s, "1.0");
+        install(&mut s, "2.0");
+        // Not version directories: left alone.
+        fs::write(sdk.join("notes"), b"x").unwrap();
+        fs::create_dir(sdk.join(".hidden")).unwrap();
+        install(&mut s, "3.0");
+        let mut names: Vec<String> = fs::read_dir(&sdk)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".hidden", "2.0", "3.0", "current", "notes"]);
+        assert_eq!(s.current(), Some(sdk.join("3.0/claude")));
+        // Going back to the previous one costs no transfer...
+        assert!(s.begin(&begin_params("2.0", b"2.0")).unwrap().cached);
+        // ...and the one before it is gone: a transfer.
+        assert!(!s.begin(&begin_params("1.0", b"1.0")).unwrap().cached);
+        s.abort();
+        // 2.0 is current again, so 4.0 keeps it and 3.0 goes; a binary
+        // still open (running) when its version goes keeps its inode.
+        let held = fs::File::open(sdk.join("3.0/claude")).unwrap();
+        install(&mut s, "4.0");
+        assert!(!sdk.join("3.0").exists());
+        assert!(sdk.join("2.0/claude").exists());
+        use std::io::Read as _;
+        let mut text = String::new();
+        (&held).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "3.0");
     }
 
     #[test]
