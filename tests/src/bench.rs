@@ -256,7 +256,7 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
         // The runtime disk goes right after the bundle disk; its index is
         // the case's `$DISKn`.
         disks.push(cowork_opts.runtime_disk(paths, &scratch)?);
-        cases.push(cowork_opts.case(disks.len() - 1));
+        cases.extend(cowork_opts.cases(disks.len() - 1));
     }
     // Alternating, so a busy stretch of the host hits both paths alike.
     for r in 0..stream_runs {
@@ -317,11 +317,13 @@ pub fn run(paths: &Paths, args: &[String]) -> Result<()> {
     });
     let cowork = cowork_runs.then(|| {
         let (section, complete) = crate::cowork::render(
-            &result.case(COWORK_CASE).output,
+            &outputs_of(&result, &[COWORK_CASE, COWORK_COPY_CASE]),
             &run_context(result.mode, paths),
         );
         if !complete {
-            missing.push(format!("{COWORK_CASE}: no complete @@COWORK-BENCH result"));
+            missing.push(format!(
+                "{COWORK_CASE}, {COWORK_COPY_CASE}: no complete @@COWORK-BENCH and @@COWORK-COPY result"
+            ));
         }
         section
     });
@@ -461,7 +463,7 @@ impl EgressOptions {
 fn run_section_only(
     paths: &Paths,
     scratch: &Path,
-    case: Case,
+    cases: Vec<Case>,
     bundle_mib: u64,
     extra_disks: Vec<PathBuf>,
     render: fn(&str, &str) -> (String, bool),
@@ -477,20 +479,23 @@ fn run_section_only(
     let images_disk = crate::images::images_disk(&images, scratch, false)?;
     let bundle = scratch.join("bundle.ext4");
     crate::images::ext4_image(&bundle, None, bundle_mib)?;
-    let name = case.name.clone();
+    let names: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
     let mut disks = vec![images_disk, bundle];
     disks.extend(extra_disks);
     let batch = Batch {
-        cases: vec![case],
+        cases,
         files: vec![],
         disks,
     };
     let result = batch.run(paths)?;
     let mut missing = unfinished_cases(&result);
-    let (mut section, complete) =
-        render(&result.case(&name).output, &run_context(result.mode, paths));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (mut section, complete) = render(
+        &outputs_of(&result, &names),
+        &run_context(result.mode, paths),
+    );
     if !complete {
-        missing.push(format!("{name}: no complete result"));
+        missing.push(format!("{}: no complete result", names.join(", ")));
     }
     section.push_str(&rerun_note(&result));
     let spliced = fs::splice_named(&existing, heading, &section);
@@ -503,7 +508,7 @@ fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Pa
     run_section_only(
         paths,
         scratch,
-        opts.case(),
+        vec![opts.case()],
         3072,
         vec![],
         crate::egress::render,
@@ -512,11 +517,22 @@ fn run_egress_only(paths: &Paths, scratch: &Path, opts: &EgressOptions, out: &Pa
     )
 }
 
-/// The Cowork case's name.
+/// The Cowork cases' names: the share rounds, the copies.
 const COWORK_CASE: &str = "cowork";
+const COWORK_COPY_CASE: &str = "cowork-copy";
 
-/// The bundle disk's size: the Cowork case's bundle also holds a copy of
-/// the runtime in its session disk per copy install.
+/// The output of the cases `names` of `result`, one after the other.
+fn outputs_of(result: &crate::BatchResult, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| result.case(n).output.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The bundle disk's size: the Cowork cases' bundle also holds up to two
+/// copies of the runtime in its session disk (a commit keeps the new
+/// version and the previous one).
 fn bundle_disk_mib(cowork: bool) -> u64 {
     if cowork {
         8192
@@ -550,14 +566,22 @@ impl CoworkOptions {
         Ok(())
     }
 
-    /// The case, with the runtime disk at `$DISK<sdk_disk>` (the images
-    /// are `$DISK0`, the bundle disk `$DISK1`).
-    pub fn case(&self, sdk_disk: usize) -> Case {
-        Case::new(
-            COWORK_CASE,
-            &crate::cowork::bench_case_script(self.runs, sdk_disk),
-            crate::cowork::bench_timeout_s(self.runs),
-        )
+    /// The cases, the share rounds and the copies, with the runtime disk
+    /// at `$DISK<sdk_disk>` (the images are `$DISK0`, the bundle disk
+    /// `$DISK1`).
+    pub fn cases(&self, sdk_disk: usize) -> Vec<Case> {
+        vec![
+            Case::new(
+                COWORK_CASE,
+                &crate::cowork::bench_case_script(self.runs, sdk_disk),
+                crate::cowork::bench_timeout_s(self.runs),
+            ),
+            Case::new(
+                COWORK_COPY_CASE,
+                &crate::cowork::copy_case_script(self.runs, sdk_disk),
+                crate::cowork::copy_timeout_s(self.runs),
+            ),
+        ]
     }
 
     /// The runtime (fetched once into the build directory) on its disk,
@@ -577,7 +601,7 @@ fn run_cowork_only(paths: &Paths, scratch: &Path, opts: &CoworkOptions, out: &Pa
     run_section_only(
         paths,
         scratch,
-        opts.case(2),
+        opts.cases(2),
         bundle_disk_mib(true),
         vec![runtime],
         crate::cowork::render,

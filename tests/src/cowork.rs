@@ -174,43 +174,83 @@ CH=$!
 i=0; while [ ! -S $C ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 "#;
 
-/// The benchmark's lines after the probe: the copy helper stopped, and
-/// what the render needs from the logs and the images.
-const BENCH_REPORT: &str = r#"kill -TERM $CH
-wait $CH
-echo "copy-helper-rc=$?"
+/// L1's memory every 30 s while a benchmark case runs, on the console: a
+/// case that starves L1 shows how (the copy path writes the runtime
+/// through the guest's page cache into the bundle disk).
+const MEMORY_MONITOR: &str = r#"( while :; do
+    echo "@@L1-MEM $(grep -E '^(MemAvailable|Dirty|Writeback|Shmem):' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+    sleep 30
+done ) &
+MON=$!
+"#;
+
+/// The share case's lines after the probe: what the render needs from the
+/// logs and the images.
+const SHARE_REPORT: &str = r#"kill $MON
 echo "@@COWORK-MANIFEST $(tr -d '\n' < /images/manifest.json)"
 grep -o 'expanded [0-9]* MiB in [0-9.]* s' $TMPDIR/helper.log | sed 's/^/@@COWORK-EXPANDED /'
 echo "@@COWORK-INSTALLS share-helper shared=$(grep -c 'shared read-only into the guest' $TMPDIR/helper.log) copied=$(grep -c 'copying the binary' $TMPDIR/helper.log)"
+"#;
+
+/// The copy case's lines after the probe: the copy helper stopped, and
+/// the paths its installs took.
+const COPY_REPORT: &str = r#"kill $MON
+kill -TERM $CH
+wait $CH
+echo "copy-helper-rc=$?"
 echo "@@COWORK-INSTALLS copy-helper shared=$(grep -c 'shared read-only into the guest' $TMPDIR/copy-helper.log) copied=$(grep -c 'copying the binary' $TMPDIR/copy-helper.log)"
 grep -v ' DEBUG ' $TMPDIR/copy-helper.log | sed 's/^/copy-helper| /' | tail -n 30
 "#;
 
-/// The benchmark case's time-out for `runs` rounds: a first start with
-/// the expansion, then per round a boot, the installs, the runtime's two
-/// runs (each a few minutes under TCG) and a copy of the binary.
+/// The share case's time-out for `runs` rounds: a first start with the
+/// expansion, then per round a boot, the installs and the runtime's two
+/// runs (about two minutes a round in the rig).
 pub fn bench_timeout_s(runs: usize) -> u64 {
-    1200 + 900 * runs as u64
+    1200 + 600 * runs as u64
 }
 
-/// The benchmark case: `client-probe --cowork-bench RUNS` against the
-/// helper (installs through the share) and the copy helper (no
-/// virtiofsd); the runtime disk is `$DISK<sdk_disk>` and must carry
-/// [`copy_versions`]`(runs)`.
+/// The copy case's time-out for `runs` installs by copy: a boot, then a
+/// copy of the whole binary through the guest each.
+pub fn copy_timeout_s(runs: usize) -> u64 {
+    900 + 600 * runs as u64
+}
+
+/// The fake API lives as long as the case may.
+fn upstream_lives(script: String, timeout_s: u64) -> String {
+    script.replace("--stop-after 3000", &format!("--stop-after {timeout_s}"))
+}
+
+/// The benchmark's share case: `client-probe --cowork-bench RUNS` against
+/// the helper (installs through the share); the runtime disk is
+/// `$DISK<sdk_disk>`.
 pub fn bench_case_script(runs: usize, sdk_disk: usize) -> String {
     let s = script(
-        &format!("--cowork-bench {runs} $S {BUNDLE_DIR} $T $C"),
+        &format!("--cowork-bench {runs} $S {BUNDLE_DIR} $T"),
         sdk_disk,
-        &COPY_HELPER.replace("@CANDIDATES@", VIRTIOFSD_CANDIDATES),
-        BENCH_REPORT,
+        MEMORY_MONITOR,
+        SHARE_REPORT,
         // The probe's status is the case's: a failed check fails the run.
         "exit $PRC\n",
     );
-    // The fake API lives as long as the case may.
-    s.replace(
-        "--stop-after 3000",
-        &format!("--stop-after {}", bench_timeout_s(runs)),
-    )
+    upstream_lives(s, bench_timeout_s(runs))
+}
+
+/// The benchmark's copy case, a case of its own so that a starved L1
+/// reruns only it: `client-probe --cowork-copy-bench RUNS` against the
+/// copy helper (no virtiofsd); the runtime disk is `$DISK<sdk_disk>` and
+/// must carry [`copy_versions`]`(runs)`.
+pub fn copy_case_script(runs: usize, sdk_disk: usize) -> String {
+    let s = script(
+        &format!("--cowork-copy-bench {runs} $C {BUNDLE_DIR}"),
+        sdk_disk,
+        &format!(
+            "{}{MEMORY_MONITOR}",
+            COPY_HELPER.replace("@CANDIDATES@", VIRTIOFSD_CANDIDATES)
+        ),
+        COPY_REPORT,
+        "exit $PRC\n",
+    );
+    upstream_lives(s, copy_timeout_s(runs))
 }
 
 /// The section's heading in bench/results.md.
@@ -259,8 +299,9 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
 
-/// Renders the benchmark case's `@@COWORK-BENCH` line (with the images'
-/// manifest and the helper's expansion and install lines); `false` when
+/// Renders the share case's `@@COWORK-BENCH` line and the copy case's
+/// `@@COWORK-COPY` line (`output` is both cases' output, with the images'
+/// manifest and the helpers' expansion and install lines); `false` when
 /// the output has no result, a metric has fewer values than rounds, or the
 /// logs show an install took the other path than the one it is reported
 /// under (the section then says so).
@@ -277,7 +318,12 @@ pub fn render(output: &str, context: &str) -> (String, bool) {
     let rounds = v["rounds"].as_u64().unwrap_or(0) as usize;
     let connect = secs(&v, "connect_s");
     let share = secs(&v, "install_share_s");
-    let copy = secs(&v, "install_copy_s");
+    // The copy case's line; without it (the case did not finish) the
+    // copy row is empty and the section incomplete.
+    let copy = tagged(output, "@@COWORK-COPY")
+        .first()
+        .map(|c| secs(c, "install_copy_s"))
+        .unwrap_or_default();
     let version = secs(&v, "version_first_stdout_s");
     let print = secs(&v, "print_round_trip_s");
     let sdk_mib = v["sdk_bytes"].as_u64().map(mib);
@@ -446,26 +492,48 @@ mod tests {
     }
 
     #[test]
-    fn the_bench_script_adds_the_copy_helper_and_the_report_lines() {
+    fn the_bench_scripts_run_the_share_rounds_and_the_copies_apart() {
         let s = bench_case_script(5, 2);
         assert!(
-            s.contains("$CLIENT_PROBE --cowork-bench 5 $S /bundle/c $T $C\n"),
+            s.contains("$CLIENT_PROBE --cowork-bench 5 $S /bundle/c $T\n"),
             "{s}"
         );
-        assert!(s.contains("unshare -m --propagation private"), "{s}");
-        assert!(s.contains("mount -o bind /dev/null \"$v\""), "{s}");
-        assert!(s.contains("/usr/lib/coworkvm/virtiofsd"), "{s}");
+        assert!(!s.contains("copy.sock"), "{s}");
+        assert!(s.contains("@@COWORK-MANIFEST"), "{s}");
+        assert!(s.contains("@@COWORK-INSTALLS share-helper"), "{s}");
         assert!(
             s.contains(&format!("--stop-after {}", bench_timeout_s(5))),
             "{s}"
         );
-        // The copy helper starts before the probe and stops after it.
-        let start = s.find("-socket $C").unwrap();
-        let probe = s.find("--cowork-bench").unwrap();
-        let stop = s.find("kill -TERM $CH").unwrap();
-        assert!(start < probe && probe < stop, "{s}");
-        assert!(s.contains("@@COWORK-MANIFEST"), "{s}");
         assert!(s.ends_with("exit $PRC\n"), "{s}");
+
+        let c = copy_case_script(5, 2);
+        assert!(
+            c.contains("$CLIENT_PROBE --cowork-copy-bench 5 $C /bundle/c\n"),
+            "{c}"
+        );
+        assert!(c.contains("unshare -m --propagation private"), "{c}");
+        assert!(c.contains("mount -o bind /dev/null \"$v\""), "{c}");
+        assert!(c.contains("/usr/lib/coworkvm/virtiofsd"), "{c}");
+        assert!(c.contains("@@COWORK-INSTALLS copy-helper"), "{c}");
+        assert!(!c.contains("@@COWORK-INSTALLS share-helper"), "{c}");
+        assert!(
+            c.contains(&format!("--stop-after {}", copy_timeout_s(5))),
+            "{c}"
+        );
+        // The copy helper starts before the probe and stops after it; the
+        // memory monitor runs around the probe in both.
+        let start = c.find("-socket $C").unwrap();
+        let probe = c.find("--cowork-copy-bench").unwrap();
+        let stop = c.find("kill -TERM $CH").unwrap();
+        assert!(start < probe && probe < stop, "{c}");
+        for x in [&s, &c] {
+            let mon = x.find("@@L1-MEM").unwrap();
+            let probe = x.find("$CLIENT_PROBE").unwrap();
+            let end = x.find("kill $MON").unwrap();
+            assert!(mon < probe && probe < end, "{x}");
+        }
+        assert!(c.ends_with("exit $PRC\n"), "{c}");
         assert_eq!(copy_versions(2), [copy_version(1), copy_version(2)]);
         for v in copy_versions(3) {
             socket_proto::sdk::validate_version(&v).unwrap();
@@ -538,14 +606,14 @@ mod tests {
         @@COWORK-BENCH {\"rounds\":5,\"sdk_bytes\":391118848,\
         \"connect_s\":[61.0,20.0,22.0,21.0,30.0],\
         \"install_share_s\":[0.5,0.4,0.6,0.5,0.5],\
-        \"install_copy_s\":[80.0,70.0,75.0,90.0,72.0],\
         \"version_first_stdout_s\":[9.0,8.0,10.0,8.5,9.5],\
         \"print_round_trip_s\":[40.0,35.0,38.0,36.0,50.0]}\n\
         @@COWORK-MANIFEST {\"files\":{\"rootfs.img\":{\"size\":1610612736},\
         \"rootfs.img.zst\":{\"size\":314572800}}}\n\
         @@COWORK-EXPANDED expanded 1536 MiB in 25.3 s\n\
         @@COWORK-INSTALLS share-helper shared=5 copied=0\n\
-        @@COWORK-INSTALLS copy-helper shared=0 copied=5\n";
+        @@COWORK-INSTALLS copy-helper shared=0 copied=5\n\
+        @@COWORK-COPY {\"rounds\":5,\"install_copy_s\":[80.0,70.0,75.0,90.0,72.0]}\n";
 
     #[test]
     fn the_section_shows_each_metric_the_first_start_and_the_sizes() {
@@ -609,14 +677,23 @@ mod tests {
         assert!(!ok);
         assert!(s.contains("the probe crashed"), "{s}");
         // Without the log lines the numbers still render.
-        let bare: String = OUT
+        let bare: Vec<&str> = OUT
             .lines()
-            .filter(|l| l.starts_with("@@COWORK-BENCH"))
+            .filter(|l| l.starts_with("@@COWORK-BENCH") || l.starts_with("@@COWORK-COPY"))
             .collect();
-        let (s, ok) = render(&bare, "ctx");
+        let (s, ok) = render(&bare.join("\n"), "ctx");
         assert!(ok, "{s}");
         assert!(s.contains("the helper logged no expansion"), "{s}");
         assert!(s.contains("no manifest in the output"), "{s}");
+        // The copy case did not finish: the copy row is empty.
+        let no_copy: Vec<&str> = OUT
+            .lines()
+            .filter(|l| !l.starts_with("@@COWORK-COPY"))
+            .collect();
+        let (s, ok) = render(&no_copy.join("\n"), "ctx");
+        assert!(!ok, "{s}");
+        assert!(s.contains("(no virtiofsd) | 0 | n/a | n/a |"), "{s}");
+        assert!(s.contains("shared folder | 5 | 0.5 s"), "{s}");
     }
 
     #[test]

@@ -722,10 +722,16 @@ fn main() {
             return cowork::cowork(socket, bundle, host_dir);
         }
     }
-    if let [_, flag, n, socket, bundle, host_dir, copy_socket] = argv.as_slice() {
+    if let [_, flag, n, socket, bundle, host_dir] = argv.as_slice() {
         if flag == "--cowork-bench" {
             let n: usize = n.parse().expect("N");
-            return cowork::bench(n, socket, bundle, host_dir, copy_socket);
+            return cowork::bench(n, socket, bundle, host_dir);
+        }
+    }
+    if let [_, flag, n, copy_socket, bundle] = argv.as_slice() {
+        if flag == "--cowork-copy-bench" {
+            let n: usize = n.parse().expect("N");
+            return cowork::copy_bench(n, copy_socket, bundle);
         }
     }
     if let [_, flag, mib, n, socket, bundle, dir] = argv.as_slice() {

@@ -20,8 +20,9 @@
 //!    `.claude` mount.
 //!
 //! usage: client-probe --cowork SOCKET BUNDLE_DIR HOST_DIR
-//!        client-probe --cowork-bench N SOCKET BUNDLE_DIR HOST_DIR COPY_SOCKET
-//! (the benchmark: see [`bench`])
+//!        client-probe --cowork-bench N SOCKET BUNDLE_DIR HOST_DIR
+//!        client-probe --cowork-copy-bench N COPY_SOCKET BUNDLE_DIR
+//! (the benchmark: see [`bench`] and [`copy_bench`])
 //! (HOME holds the runtime at `SDK_SUBPATH/VERSION/claude` with its
 //! `.verified`; HOST_DIR the folders, `ref/ca.pem` the fake API's CA.)
 
@@ -387,19 +388,16 @@ fn install(pipe: &mut Pipe, version: &str) -> (Value, f64) {
 /// first `startVM` when the rootfs is expanded; at rig speed, minutes.
 const COPY_ANSWER_TIMEOUT: Duration = Duration::from_secs(1800);
 
-/// `--cowork-bench RUNS SOCKET BUNDLE HOST_DIR COPY_SOCKET`: `runs` rounds
-/// against the helper at `socket`, each a fresh boot of `bundle` (the
-/// first one its first start: seeding and the rootfs expansion): `startVM`
-/// to `isGuestConnected`, `installSdk` through the share, the spawn of
+/// `--cowork-bench RUNS SOCKET BUNDLE HOST_DIR`: `runs` rounds against the
+/// helper at `socket`, each a fresh boot of `bundle` (the first one its
+/// first start: seeding and the rootfs expansion): `startVM` to
+/// `isGuestConnected`, `installSdk` through the share, the spawn of
 /// `/usr/local/bin/claude --version` to its first stdout event, `claude -p`
 /// with the fake API's Write prompt to its exit, `stopVM`; each round a new
-/// session, as each Cowork task is. Then, against the copy helper at
-/// `copy_socket` (no virtiofsd, so no shared folders), one boot and `runs`
-/// installs by copy, each of its own version name
-/// (`coworkvm_tests::cowork::copy_version`), and a `--version` spawn of the
-/// last one. Prints `@@COWORK-BENCH {json}`, seconds per metric, a value
-/// only for a step that succeeded; exit status 1 when a check failed.
-pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str, copy_socket: &str) {
+/// session, as each Cowork task is. Prints each round's figures as it ends
+/// and then `@@COWORK-BENCH {json}`, seconds per metric, a value only for
+/// a step that succeeded; exit status 1 when a check failed.
+pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str) {
     let mut p = Probe { failed: false };
     let t = Path::new(host_dir);
     let long = Duration::from_secs(600);
@@ -517,26 +515,46 @@ pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str, copy_socke
         }
         let r = pipe.call("stopVM", json!({}));
         p.check(&format!("round {round}: stopVM"), ok(&r), &r);
+        let last = |x: &Vec<f64>| x.last().map_or("-".into(), |v| format!("{v:.1} s"));
+        println!(
+            "@@CLIENT figures round {round}: connected {}, installSdk {}, --version {}, -p {}",
+            last(&connect),
+            last(&share),
+            last(&version),
+            last(&print)
+        );
     }
     drop(pipe);
-
-    // The copy fallback: a helper without virtiofsd.
-    let mut copy = Vec::new();
-    let reachable = std::os::unix::net::UnixStream::connect(copy_socket).map(drop);
-    p.check(
-        "the copy helper is listening",
-        reachable.is_ok(),
-        format!("{reachable:?}"),
-    );
-    if reachable.is_ok() {
-        copy = copy_installs(&mut p, runs, copy_socket, bundle, long, run_timeout);
-    }
-
     println!(
         "@@COWORK-BENCH {}",
         json!({"rounds": runs, "sdk_bytes": sdk_bytes, "connect_s": connect,
-               "install_share_s": share, "install_copy_s": copy,
+               "install_share_s": share,
                "version_first_stdout_s": version, "print_round_trip_s": print})
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(i32::from(p.failed));
+}
+
+/// `--cowork-copy-bench RUNS COPY_SOCKET BUNDLE`: against the copy helper
+/// at `copy_socket` (no virtiofsd, so no shared folders), one boot of
+/// `bundle` and `runs` installs of the runtime by copy, each of its own
+/// version name (`coworkvm_tests::cowork::copy_version`), and a
+/// `--version` spawn of the last one. Prints each install's seconds as it
+/// ends and then `@@COWORK-COPY {json}`; exit status 1 when a check
+/// failed.
+pub fn copy_bench(runs: usize, copy_socket: &str, bundle: &str) {
+    let mut p = Probe { failed: false };
+    let copy = copy_installs(
+        &mut p,
+        runs,
+        copy_socket,
+        bundle,
+        Duration::from_secs(600),
+        Duration::from_secs(900),
+    );
+    println!(
+        "@@COWORK-COPY {}",
+        json!({"rounds": runs, "install_copy_s": copy})
     );
     let _ = std::io::Write::flush(&mut std::io::stdout());
     std::process::exit(i32::from(p.failed));
@@ -577,6 +595,7 @@ fn copy_installs(
             p.check(&format!("copy {round}: installSdk {v} (copy)"), ok(&r), &r);
             if ok(&r) {
                 copy.push(took);
+                println!("@@CLIENT figures copy {round}: installSdk {took:.1} s");
             }
         }
         // The last copy is the installed runtime now, and it runs.
