@@ -7,6 +7,41 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use socket_proto::manifest::{FileEntry, Manifest};
 
+/// The size of the bundle disk of [`HelperDisks`], in MiB.
+pub const BUNDLE_DISK_MIB: u64 = 3072;
+
+/// The disks of a rig test that runs the helper with real VMs, in a fresh
+/// work directory `target/rig-tmp/<name>` that goes when this does:
+/// `$DISK0` the images ([`images_disk`]), `$DISK1` an empty ext4 bundle
+/// disk of [`BUNDLE_DISK_MIB`].
+pub struct HelperDisks {
+    pub work: PathBuf,
+    pub disks: Vec<PathBuf>,
+}
+
+impl HelperDisks {
+    /// Both disks for the test `name`, the images with their update when
+    /// `with_update`.
+    pub fn new(root: &Path, images: &Path, name: &str, with_update: bool) -> Result<Self> {
+        let work = root.join("target/rig-tmp").join(name);
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        let images_disk = images_disk(images, &work, with_update).context("the images disk")?;
+        let bundle_disk = work.join("bundle.ext4");
+        ext4_image(&bundle_disk, None, BUNDLE_DISK_MIB).context("the bundle disk")?;
+        Ok(HelperDisks {
+            work,
+            disks: vec![images_disk, bundle_disk],
+        })
+    }
+}
+
+impl Drop for HelperDisks {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
 /// `/etc/coworkvm-release` of the update made by [`images_disk`].
 pub const UPDATE_RELEASE: &str = "coworkvm-e2e-update";
 

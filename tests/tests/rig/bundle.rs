@@ -82,11 +82,8 @@ fn bundle_identity_session_disk_update_and_sigkill() {
     let Some(images) = images::images_or_skip(&paths.root) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/bundle-e2e");
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, true).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "bundle-e2e", true)
+        .expect("the rig's disks");
 
     let first = format!(
         "{SETUP}mkdir -p /bundle/b\necho '{{\"diskSizeGB\": 1}}' > /bundle/b/config.json\n\
@@ -106,10 +103,10 @@ fn bundle_identity_session_disk_update_and_sigkill() {
             Case::new("sigkill", &kill, 900),
         ],
         files: vec![],
-        disks: vec![images_disk, bundle_disk],
+        disks: rig.disks.clone(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     result.print_cases();
     let ctx = |name: &str| result.context(name);
     let one = |case: &str, key: &str| -> String {

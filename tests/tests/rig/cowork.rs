@@ -27,23 +27,19 @@ fn a_cowork_session_runs_the_real_runtime_end_to_end() {
     ) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/cowork-e2e");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, false).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "cowork-e2e", false)
+        .expect("the rig's disks");
     // The runtime as the client lays it out under its sdkSubpath, on the
     // third disk ($DISK2).
-    let sdk_disk = cowork::runtime_disk(&claude, &work, &[]).expect("runtime disk");
+    let sdk_disk = cowork::runtime_disk(&claude, &rig.work, &[]).expect("runtime disk");
     let script = cowork::case_script("--cowork $S /bundle/c $T", 2);
     let batch = Batch {
         cases: vec![Case::new("cowork", &script, 2400)],
         files: vec![],
-        disks: vec![images_disk, bundle_disk, sdk_disk],
+        disks: [&rig.disks[..], &[sdk_disk]].concat(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     result.print_cases();
 
     let c = result.case("cowork");

@@ -91,11 +91,8 @@ fn sessions_reach_exactly_what_their_allowlist_allows() {
     let Some(images) = images::images_or_skip(&paths.root) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/egress-e2e");
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, false).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "egress-e2e", false)
+        .expect("the rig's disks");
     let egress = EGRESS
         .replace("@CONFIG@", &config_toml())
         .replace("@UPSTREAM@", &start_upstream_script())
@@ -108,10 +105,10 @@ fn sessions_reach_exactly_what_their_allowlist_allows() {
             Case::new("root-route", &format!("{SETUP}{ROOT_ROUTE}"), 600),
         ],
         files: vec![],
-        disks: vec![images_disk, bundle_disk],
+        disks: rig.disks.clone(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     result.print_cases();
 
     let c = result.case("egress");

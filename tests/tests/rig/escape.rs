@@ -86,21 +86,18 @@ fn sessions_cannot_escape_or_starve_each_other() {
     let Some(images) = images::images_or_skip(&paths.root) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/escape-e2e");
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, false).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "escape-e2e", false)
+        .expect("the rig's disks");
     let batch = Batch {
         cases: vec![
             Case::new("escape", &format!("{SETUP}{ESCAPE}"), 1500),
             Case::new("root-ports", &format!("{SETUP}{ROOT_PORTS}"), 900),
         ],
         files: vec![],
-        disks: vec![images_disk, bundle_disk],
+        disks: rig.disks.clone(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     result.print_cases();
 
     let c = result.case("escape");

@@ -55,18 +55,15 @@ fn serve_drives_real_vms_as_the_client_does() {
     let Some(images) = images::images_or_skip(&paths.root) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/serve-e2e");
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, false).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "serve-e2e", false)
+        .expect("the rig's disks");
     let batch = Batch {
         cases: vec![Case::new("serve", SCRIPT, 1200)],
         files: vec![],
-        disks: vec![images_disk, bundle_disk],
+        disks: rig.disks.clone(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     let c = result.case("serve");
     eprintln!("{}", c.output);
     let ctx = || result.context("serve");

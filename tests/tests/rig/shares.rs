@@ -62,18 +62,15 @@ fn shared_folders_work_and_hold_against_a_hostile_session() {
     let Some(images) = images::images_or_skip(&paths.root) else {
         return;
     };
-    let work = paths.root.join("target/rig-tmp/shares-e2e");
-    std::fs::create_dir_all(&work).unwrap();
-    let images_disk = images::images_disk(&images, &work, false).expect("images disk");
-    let bundle_disk = work.join("bundle.ext4");
-    images::ext4_image(&bundle_disk, None, 3072).expect("bundle disk");
+    let rig = images::HelperDisks::new(&paths.root, &images, "shares-e2e", false)
+        .expect("the rig's disks");
     let batch = Batch {
         cases: vec![Case::new("shares", SCRIPT, 1500)],
         files: vec![],
-        disks: vec![images_disk, bundle_disk],
+        disks: rig.disks.clone(),
     };
     let result = batch.run(&paths).expect("the rig runs");
-    let _ = std::fs::remove_dir_all(&work);
+    drop(rig);
     let c = result.case("shares");
     eprintln!("{}", c.output);
     let ctx = || result.context("shares");
