@@ -22,10 +22,11 @@ use crate::egress::{self, Egress, EgressError};
 use crate::lock;
 use crate::procs::{ProcError, Procs};
 use crate::sandbox::{self, SystemEntry};
-use crate::sdk::{SdkStore, SdkStoreError, RUNTIME_COMMANDS};
+use crate::sdk::{SdkStore, SdkStoreError};
 use crate::seccomp::{self, SeccompError};
 use crate::sessions::{validate_name, SessionDir, SessionError, Sessions};
 use crate::share::{self, Grant, MountMode, Share, ShareError};
+use socket_proto::sdk::RUNTIME_COMMANDS;
 
 /// The most approved tokens kept (the newest win).
 const MAX_TOKENS: usize = 32;

@@ -28,10 +28,6 @@ use crate::sessions::{fsync_dir, write_atomic, SessionError};
 
 /// The largest SDK accepted (the real one is 100-250 MB).
 pub const MAX_SDK_SIZE: u64 = 2 << 30;
-/// Commands that mean "the installed agent runtime": the bare name, and
-/// the absolute paths the desktop client spawns (`/usr/local/bin/claude`,
-/// where the vendor's guest image installs it) or a user might.
-pub const RUNTIME_COMMANDS: &[&str] = &["claude", "/usr/local/bin/claude", "/usr/bin/claude"];
 
 /// Why an SDK transfer step failed. The text is the answer the helper gets;
 /// every error after `installSdk` has opened a transfer aborts it.

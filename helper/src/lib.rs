@@ -23,6 +23,7 @@ pub mod grants;
 pub mod methods;
 pub mod mounts;
 pub mod run;
+pub mod sdk_copy;
 pub mod server;
 pub mod share;
 pub mod virtiofsd;
@@ -69,6 +70,9 @@ pub struct HelperConfig {
     /// The egress proxy's settings (`--egress-resolve`, `--egress-allow`,
     /// the config file).
     pub egress: Arc<egress::EgressConfig>,
+    /// How long `installSdk` and a runtime `spawn` wait for an install by
+    /// copy ([`sdk_copy::ANSWER_WITHIN`] in production).
+    pub sdk_answer_within: std::time::Duration,
 }
 
 impl HelperConfig {
@@ -92,6 +96,7 @@ impl HelperConfig {
             debug_switch: None,
             event_budget: events::EVENT_BUDGET_BYTES,
             egress: Arc::new(egress::EgressConfig::default()),
+            sdk_answer_within: sdk_copy::ANSWER_WITHIN,
         })
     }
 }
@@ -109,12 +114,9 @@ pub struct Helper {
     /// The last `addApprovedOauthToken` token: a spawn without its own
     /// `oauthToken` gets this one (never logged).
     pub approved_token: std::sync::Mutex<Option<socket_proto::Secret<String>>>,
-    /// Held by the `installSdk` that is putting a binary into the guest,
-    /// until its transfer ends, even when the client that asked gave up
-    /// (its 30 s timeout) and the request was dropped: a retry waits for
-    /// it, then finds the version cached, instead of opening a second
-    /// transfer that the first one's chunks would abort.
-    pub sdk_install: Arc<tokio::sync::Mutex<()>>,
+    /// `installSdk`'s installs, one at a time; a copy into the guest runs
+    /// on when the request that started it has answered or gone.
+    pub sdk_copies: sdk_copy::SdkCopies,
 }
 
 impl Helper {
@@ -133,7 +135,7 @@ impl Helper {
             home: cfg.home,
             debug_switch: cfg.debug_switch,
             approved_token: std::sync::Mutex::new(None),
-            sdk_install: Arc::new(tokio::sync::Mutex::new(())),
+            sdk_copies: sdk_copy::SdkCopies::new(cfg.sdk_answer_within),
         })
     }
 }

@@ -25,6 +25,7 @@ use super::egress;
 use super::grants::{SessionShares, SpawnGrants};
 use super::lock;
 use super::mounts::{DenyConfig, MountPolicy};
+use super::sdk_copy::CopyState;
 use super::vm::Sizing;
 use super::Helper;
 use socket_proto::egress::EGRESS_CAPABILITY;
@@ -208,22 +209,19 @@ pub fn resolve_sdk(home: Option<&Path>, p: &InstallSdkParams) -> Result<PathBuf,
 /// through the agent's SDK transfer extension (`installSdk` with its hash
 /// and size, then `installSdk.chunk`s, then `installSdk.commit`; see
 /// `socket_proto::sdk`). The file is read and hashed on a blocking thread;
-/// each request goes through the agent connection like any other.
-/// `held` (the helper's [`sdk_install`](crate::Helper::sdk_install) guard)
-/// goes with the blocking transfer, which runs to its end even if this
-/// future is dropped.
+/// each request goes through the agent connection like any other. Owns
+/// what it uses, so that it can run as a task of its own
+/// ([`crate::sdk_copy`]).
 pub async fn upload_sdk(
     agent: Arc<AgentClient>,
-    path: &Path,
-    sdk_subpath: &str,
-    version: &str,
-    held: tokio::sync::OwnedMutexGuard<()>,
+    path: PathBuf,
+    sdk_subpath: String,
+    version: String,
 ) -> Result<(), SdkUploadError> {
     let handle = tokio::runtime::Handle::current();
-    let (file, sub, ver) = (path.to_owned(), sdk_subpath.to_owned(), version.to_owned());
+    let ver = version.clone();
     let outcome = tokio::task::spawn_blocking(move || {
-        let _held = held;
-        socket_proto::sdk::upload_sdk(&file, &sub, &ver, |req| {
+        socket_proto::sdk::upload_sdk(&path, &sdk_subpath, &ver, |req| {
             handle
                 .block_on(agent.request(&req, REQUEST_TIMEOUT))
                 .map_err(|e| match e {
@@ -249,6 +247,21 @@ pub async fn upload_sdk(
     Ok(())
 }
 
+/// `installSdk`'s answer for a copy in the state `state` after its wait.
+fn answer_copy(req: &HostRequest, version: &str, state: CopyState) -> Response {
+    match state {
+        CopyState::Done => req.ok(),
+        CopyState::Failed(e) => req.err(e),
+        CopyState::Running => {
+            tracing::info!(
+                "installSdk: {version} is still being copied into the guest; answered now, and a \
+                 spawn of the runtime waits for the copy"
+            );
+            req.ok()
+        }
+    }
+}
+
 fn from_agent(req: &HostRequest, r: Result<Value, AgentError>) -> Response {
     match r {
         Ok(Value::Null) => req.ok(),
@@ -267,6 +280,14 @@ async fn spawn(helper: &Helper, req: &HostRequest, p: &SpawnParams) -> Response 
     if !agent.has_capability(SANDBOX_CAPABILITY) {
         tracing::warn!("spawn {} refused: {}", p.id, AgentError::NoSandbox);
         return req.err(AgentError::NoSandbox.to_string());
+    }
+    // The runtime may still be on its way in (installSdk by copy answers
+    // before a slow copy ends).
+    if socket_proto::sdk::RUNTIME_COMMANDS.contains(&p.command.as_str()) {
+        if let Err(why) = helper.sdk_copies.ready_for_spawn(&agent).await {
+            tracing::info!("spawn {} refused: {why}", p.id);
+            return req.err(why);
+        }
     }
     let mut forwarded = p.clone();
     let (mut ours, shares) = match &p.additional_mounts {
@@ -622,15 +643,29 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             let Some(agent) = vm.agent() else {
                 return req.err(AgentError::NotConnected.to_string());
             };
-            let held = helper.sdk_install.clone().lock_owned().await;
+            let copies = &helper.sdk_copies;
+            // A retry of a copy under way (the client gave up on the first
+            // request) joins it: a second transfer would abort the first.
+            if let Some(state) = copies.running(&agent, &p.version) {
+                tracing::info!(
+                    "installSdk: {} is being copied already; waiting for it",
+                    p.version
+                );
+                return answer_copy(&req, &p.version, copies.wait(state).await);
+            }
+            let held = copies.exclusive().await;
             match install_sdk_shared(helper, &agent, p, &bin).await {
-                Ok(()) => return req.ok(),
+                Ok(()) => {
+                    copies.forget();
+                    return req.ok();
+                }
                 Err(why) => tracing::info!("installSdk: copying the binary ({why})"),
             }
-            match upload_sdk(agent, &bin, &p.sdk_subpath, &p.version, held).await {
-                Ok(()) => req.ok(),
-                Err(e) => req.err(e.to_string()),
-            }
+            let copy = upload_sdk(agent.clone(), bin, p.sdk_subpath.clone(), p.version.clone());
+            let state = copies.start(&agent, &p.version, held, async move {
+                copy.await.map_err(|e| e.to_string())
+            });
+            answer_copy(&req, &p.version, copies.wait(state).await)
         }
         HostMethod::MountPath(p) => mount_path(helper, &req, p).await,
         HostMethod::AddApprovedOauthToken(p) => {

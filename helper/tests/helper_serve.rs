@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use coworkvm_helper::egress::EgressConfig;
+use coworkvm_helper::sdk_copy;
 use coworkvm_helper::vm::{LaunchSpec, LaunchedVm, VmLauncher, VmManagerError, VmSignal};
 use coworkvm_helper::{bind, Helper, HelperConfig, ImageSource, Listener, VmImages};
 use coworkvm_tests::client::{connect, is_running, one_shot, recv};
@@ -80,6 +81,8 @@ struct FakeVm {
     sdk_aborts: AtomicUsize,
     /// While set, each chunk takes 300 ms (a transfer at rig speed).
     slow_sdk_chunks: AtomicBool,
+    /// While set, every chunk is refused (a guest whose disk is full).
+    failing_sdk_chunks: AtomicBool,
     ignore_term: bool,
     no_agent: bool,
     /// The agent does not advertise the session sandbox.
@@ -276,6 +279,11 @@ impl FakeVm {
                     "installSdk.chunk" => {
                         if self.slow_sdk_chunks.load(Ordering::SeqCst) {
                             std::thread::sleep(Duration::from_millis(300));
+                        }
+                        if self.failing_sdk_chunks.load(Ordering::SeqCst) {
+                            send(json!({"type": "response", "id": id, "error":
+                                {"code": -32000, "message": "No space left on device; transfer aborted"}}));
+                            return;
                         }
                         let data = base64::engine::general_purpose::STANDARD
                             .decode(p["data"].as_str().unwrap_or(""))
@@ -477,7 +485,14 @@ fn try_serve_with(
     home: Option<PathBuf>,
     egress: EgressConfig,
 ) -> Result<Served, String> {
-    try_serve_idle(socket, launcher, home, egress, None)
+    try_serve_idle(
+        socket,
+        launcher,
+        home,
+        egress,
+        None,
+        sdk_copy::ANSWER_WITHIN,
+    )
 }
 
 /// As [`try_serve_with`], the helper stopping after `idle_exit` with no VM
@@ -488,6 +503,7 @@ fn try_serve_idle(
     home: Option<PathBuf>,
     egress: EgressConfig,
     idle_exit: Option<Duration>,
+    sdk_answer_within: Duration,
 ) -> Result<Served, String> {
     logs();
     let dir = socket.parent().unwrap().to_owned();
@@ -518,6 +534,7 @@ fn try_serve_idle(
                 event_budget: EVENT_BUDGET,
                 share_launcher: None,
                 egress: Arc::new(egress),
+                sdk_answer_within,
             });
             let _ = tx.send(Ok(()));
             listener
@@ -1247,13 +1264,32 @@ fn sdk_helper(
     version: &str,
     binary: &[u8],
 ) -> (PathBuf, Arc<FakeLauncher>, Served, Pipe) {
+    sdk_helper_within(tag, version, binary, sdk_copy::ANSWER_WITHIN)
+}
+
+/// [`sdk_helper`], `installSdk` and runtime spawns waiting `within` for a
+/// copy.
+fn sdk_helper_within(
+    tag: &str,
+    version: &str,
+    binary: &[u8],
+    within: Duration,
+) -> (PathBuf, Arc<FakeLauncher>, Served, Pipe) {
     let dir = temp_dir(tag);
     let home = dir.join("home");
     let vdir = home.join(".config/Claude/claude-code-vm").join(version);
     std::fs::create_dir_all(&vdir).unwrap();
     std::fs::write(vdir.join("claude"), binary).unwrap();
     let launcher = Arc::new(FakeLauncher::default());
-    let h = try_serve(&dir.join("helper.sock"), launcher.clone(), Some(home)).unwrap();
+    let h = try_serve_idle(
+        &dir.join("helper.sock"),
+        launcher.clone(),
+        Some(home),
+        EgressConfig::default(),
+        None,
+        within,
+    )
+    .unwrap();
     let mut pipe = Pipe::open(&h.socket);
     pipe.ok("startVM", json!({"bundlePath": h.bundle}));
     poll_connected(&h.socket, true);
@@ -1316,6 +1352,140 @@ fn install_sdk_retried_after_the_client_gave_up_waits_for_the_transfer_in_flight
         vm.sdk.lock().unwrap().1,
         binary,
         "the guest has the whole binary"
+    );
+    pipe.ok("stopVM", json!({}));
+}
+
+/// A copy that outlasts the wait: `installSdk` answers with it still
+/// running, a spawn of the runtime meanwhile is refused with why, and once
+/// the copy is in, the spawn goes to the guest.
+#[test]
+fn install_sdk_by_a_slow_copy_answers_in_time_and_the_runtime_waits_for_it() {
+    // 10 chunks at 300 ms: about 3 s of copy against 300 ms of waiting.
+    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 249) as u8).collect();
+    let (vdir, launcher, h, mut pipe) =
+        sdk_helper_within("sdk-slow", "2.0.3", &binary, Duration::from_millis(300));
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let vm = launcher.last();
+    vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
+    let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.3"});
+    let t = Instant::now();
+    let r = pipe.call("installSdk", params.clone());
+    assert!(r.get("error").is_none(), "{r}");
+    assert!(
+        vm.sdk.lock().unwrap().1.len() < binary.len(),
+        "installSdk waited for the whole copy ({:?})",
+        t.elapsed()
+    );
+    let spawn = |pipe: &mut Pipe, id: &str, command: &str| {
+        pipe.call(
+            "spawn",
+            json!({"id": id, "name": "s1", "command": command, "args": ["--version"]}),
+        )
+    };
+    let r = spawn(&mut pipe, "early", "/usr/local/bin/claude");
+    let err = r["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        err.contains("2.0.3 is still being copied into the guest"),
+        "{r}"
+    );
+    // Other commands do not wait for the runtime.
+    let r = spawn(&mut pipe, "other", "bash");
+    assert!(r.get("error").is_none(), "{r}");
+    // A retry joins the copy under way: one transfer, never a second.
+    let r = pipe.call("installSdk", params);
+    assert!(r.get("error").is_none(), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vm.sdk.lock().unwrap().1.len() < binary.len() {
+        assert!(Instant::now() < deadline, "the copy never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(vm.sdk_opens.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.sdk_aborts.load(Ordering::SeqCst), 0);
+    // Once the commit is in, the runtime's spawn goes through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = spawn(&mut pipe, "late", "claude");
+        if r.get("error").is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|f| f["method"] == "spawn" && f["params"]["id"] == "late"));
+    assert!(!vm
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|f| f["method"] == "spawn" && f["params"]["id"] == "early"));
+    pipe.ok("stopVM", json!({}));
+    drop(h);
+}
+
+/// A copy that fails after `installSdk` answered: the runtime's spawn says
+/// so, and a new `installSdk` starts a fresh copy.
+#[test]
+fn a_failed_background_copy_fails_the_runtime_spawn_clearly() {
+    let binary: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 247) as u8).collect();
+    let (vdir, launcher, _h, mut pipe) =
+        sdk_helper_within("sdk-fail", "2.0.4", &binary, Duration::from_millis(100));
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let vm = launcher.last();
+    vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
+    vm.failing_sdk_chunks.store(true, Ordering::SeqCst);
+    let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.4"});
+    let r = pipe.call("installSdk", params.clone());
+    assert!(
+        r.get("error").is_none(),
+        "answered before the copy failed: {r}"
+    );
+    // Hashing the file and the first chunk take a while: until the copy
+    // has failed, the spawn is told it is still running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = pipe.call(
+            "spawn",
+            json!({"id": "p", "name": "s1", "command": "/usr/local/bin/claude"}),
+        );
+        let err = r["error"].as_str().unwrap_or_default();
+        if !err.contains("is still being copied") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("2.0.4 could not be copied into the guest") && err.contains("No space left"),
+        "{r}"
+    );
+    // Fixed (the fake's disk has room again): a new install copies.
+    vm.failing_sdk_chunks.store(false, Ordering::SeqCst);
+    vm.slow_sdk_chunks.store(false, Ordering::SeqCst);
+    let r = pipe.call("installSdk", params);
+    assert!(r.get("error").is_none(), "{r}");
+    // The spawn waits for the copy (or is told it runs still).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = pipe.call(
+            "spawn",
+            json!({"id": "q", "name": "s1", "command": "/usr/local/bin/claude"}),
+        );
+        let err = r["error"].as_str().unwrap_or_default();
+        if !err.contains("is still being copied") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(r.get("error").is_none(), "{r}");
+    assert!(
+        vm.sdk.lock().unwrap().1 == binary,
+        "the guest has not the whole binary"
     );
     pipe.ok("stopVM", json!({}));
 }
@@ -1824,6 +1994,7 @@ fn the_idle_exit_waits_while_a_vm_runs() {
         None,
         EgressConfig::default(),
         Some(Duration::from_millis(300)),
+        sdk_copy::ANSWER_WITHIN,
     )
     .unwrap();
     let bundle = h.bundle.to_str().unwrap().to_string();

@@ -48,6 +48,10 @@ pub const SDK_CHUNK_MAX: usize = 4 << 20;
 /// The binary's name inside its version directory, on the host and in the
 /// guest.
 pub const SDK_BINARY: &str = "claude";
+/// Spawn commands that mean "the installed agent runtime": the bare name,
+/// and the absolute paths the desktop client spawns (`/usr/local/bin/claude`,
+/// where the vendor's guest image installs it) or a user might.
+pub const RUNTIME_COMMANDS: &[&str] = &["claude", "/usr/local/bin/claude", "/usr/bin/claude"];
 /// The marker beside a complete download on the host.
 pub const SDK_VERIFIED_MARKER: &str = ".verified";
 
