@@ -361,9 +361,11 @@ impl Agent {
         sandbox: Option<Sandbox>,
         without_sandbox: WithoutSandbox,
     ) -> Self {
-        let sdk = sessions
-            .as_ref()
-            .map(|s| Mutex::new(SdkStore::new(s.state_dir().join("sdk"))));
+        let sdk = sessions.as_ref().map(|s| {
+            let store = SdkStore::new(s.state_dir().join("sdk"));
+            store.prune_old_versions();
+            Mutex::new(store)
+        });
         Agent {
             procs,
             sessions_root,

@@ -7,8 +7,8 @@
 //! taken as cached), `<version>/claude.partial` while a transfer runs, and
 //! `current`, the version installed last: the one a `spawn` of `claude`
 //! runs. One transfer at a time; a new `installSdk` drops an unfinished one.
-//! A commit keeps the new version and the one current before it, and
-//! removes the others.
+//! When the agent starts it keeps the current version and the newest other
+//! one, and removes the rest.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -354,9 +354,7 @@ impl SdkStore {
             cleanup(&p);
             return Err(SdkStoreError::Commit(Box::new(err)));
         }
-        let previous = self.current_version();
         self.set_current(&p.version)?;
-        self.prune(&p.version, previous.as_deref());
         Ok(InstallSdkCommitResult {
             path: bin.to_string_lossy().into_owned(),
         })
@@ -370,28 +368,39 @@ impl SdkStore {
         Some(v.to_owned())
     }
 
-    /// Removes every version directory but `keep` and `previous` (the one
-    /// current before it, so that going back costs no transfer): each
-    /// runtime update by copy would otherwise leave a few hundred MB on
-    /// the session disk for good. A process still running a removed binary
-    /// keeps its inode. Best effort: the new version is in place already,
-    /// and a leftover is removed at the next commit.
-    fn prune(&self, keep: &str, previous: Option<&str>) {
+    /// Removes every version directory but the current one and the newest
+    /// other (so that going back costs no transfer): each runtime update by
+    /// copy would otherwise leave a few hundred MB on the session disk for
+    /// good. Called when the agent starts, before any session runs, so
+    /// that no running session loses the binary its sandbox binds. Best
+    /// effort: what cannot go now goes at a later boot.
+    pub fn prune_old_versions(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-            if !is_dir || name == keep || Some(name) == previous {
-                continue;
-            }
-            if validate_version(name).is_err() {
-                continue;
-            }
-            if let Err(err) = fs::remove_dir_all(e.path()) {
-                eprintln!("coworkvm-agent: installSdk: removing the old SDK {name}: {err}");
+        let current = self.current_version();
+        let mut others: Vec<(std::time::SystemTime, std::ffi::OsString)> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| validate_version(n).is_ok() && Some(n) != current.as_deref())
+            })
+            .map(|e| {
+                let mtime = e.metadata().and_then(|m| m.modified());
+                (mtime.unwrap_or(std::time::UNIX_EPOCH), e.file_name())
+            })
+            .collect();
+        // Newest first; the first one stays.
+        others.sort_by(|a, b| b.cmp(a));
+        for (_, name) in others.into_iter().skip(1) {
+            let path = self.dir.join(&name);
+            if let Err(err) = fs::remove_dir_all(&path) {
+                eprintln!(
+                    "coworkvm-agent: removing the old SDK {}: {err}",
+                    path.display()
+                );
             }
         }
     }
@@ -493,9 +502,9 @@ mod tests {
         assert_eq!(s.current(), Some(path.clone()));
     }
 
-    /// What a commit keeps: the new version and the one current before it.
+    /// What a start keeps: the current version and the newest other one.
     #[test]
-    fn a_commit_keeps_the_new_and_the_previous_version_only() {
+    fn a_start_keeps_the_current_and_the_newest_other_version_only() {
         let d = tempfile::tempdir().unwrap();
         let sdk = d.path().join("sdk");
         let mut s = SdkStore::new(sdk.clone());
@@ -503,35 +512,38 @@ mod tests {
             s.begin(&begin_params(v, v.as_bytes())).unwrap();
             s.chunk(&chunk(v, 0, v.as_bytes())).unwrap();
             s.commit(v).unwrap();
+            // Distinct modification times, oldest first.
+            std::thread::sleep(std::time::Duration::from_millis(20));
         };
-        install(&mut s, "1.0");
-        install(&mut s, "2.0");
+        for v in ["1.0", "2.0", "3.0", "4.0"] {
+            install(&mut s, v);
+        }
+        // Back to 2.0 (cached): current, while 4.0 is the newest other.
+        assert!(s.begin(&begin_params("2.0", b"2.0")).unwrap().cached);
         // Not version directories: left alone.
         fs::write(sdk.join("notes"), b"x").unwrap();
         fs::create_dir(sdk.join(".hidden")).unwrap();
-        install(&mut s, "3.0");
-        let mut names: Vec<String> = fs::read_dir(&sdk)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, [".hidden", "2.0", "3.0", "current", "notes"]);
-        assert_eq!(s.current(), Some(sdk.join("3.0/claude")));
-        // Going back to the previous one costs no transfer...
-        assert!(s.begin(&begin_params("2.0", b"2.0")).unwrap().cached);
-        // ...and the one before it is gone: a transfer.
-        assert!(!s.begin(&begin_params("1.0", b"1.0")).unwrap().cached);
-        s.abort();
-        // 2.0 is current again, so 4.0 keeps it and 3.0 goes; a binary
-        // still open (running) when its version goes keeps its inode.
-        let held = fs::File::open(sdk.join("3.0/claude")).unwrap();
-        install(&mut s, "4.0");
-        assert!(!sdk.join("3.0").exists());
-        assert!(sdk.join("2.0/claude").exists());
-        use std::io::Read as _;
-        let mut text = String::new();
-        (&held).read_to_string(&mut text).unwrap();
-        assert_eq!(text, "3.0");
+        // Nothing goes while the agent runs: a session may use any of them.
+        let names = |sdk: &Path| {
+            let mut n: Vec<String> = fs::read_dir(sdk)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(&sdk),
+            [".hidden", "1.0", "2.0", "3.0", "4.0", "current", "notes"]
+        );
+        // The next start.
+        let s = SdkStore::new(sdk.clone());
+        s.prune_old_versions();
+        assert_eq!(names(&sdk), [".hidden", "2.0", "4.0", "current", "notes"]);
+        assert_eq!(s.current(), Some(sdk.join("2.0/claude")));
+        // Again: nothing more goes.
+        s.prune_old_versions();
+        assert_eq!(names(&sdk), [".hidden", "2.0", "4.0", "current", "notes"]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::egress;
 use super::grants::{SessionShares, SpawnGrants};
 use super::lock;
 use super::mounts::{DenyConfig, MountPolicy};
-use super::sdk_copy::CopyState;
+use super::sdk_copy::{Begin, CopyState, SdkCopies};
 use super::vm::Sizing;
 use super::Helper;
 use socket_proto::egress::EGRESS_CAPABILITY;
@@ -247,9 +247,19 @@ pub async fn upload_sdk(
     Ok(())
 }
 
-/// `installSdk`'s answer for a copy in the state `state` after its wait.
-fn answer_copy(req: &HostRequest, version: &str, state: CopyState) -> Response {
-    match state {
+/// `installSdk`'s answer for the copy `state`, waited for until
+/// `deadline`: its outcome, or success while it runs on (a runtime spawn
+/// then waits for it).
+async fn answer_copy(
+    req: &HostRequest,
+    copies: &SdkCopies,
+    version: &str,
+    state: tokio::sync::watch::Receiver<CopyState>,
+    deadline: tokio::time::Instant,
+) -> Response {
+    let now = copies.wait(state.clone(), deadline).await;
+    copies.answered(&state, &now);
+    match now {
         CopyState::Done => req.ok(),
         CopyState::Failed(e) => req.err(e),
         CopyState::Running => {
@@ -644,16 +654,29 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
                 return req.err(AgentError::NotConnected.to_string());
             };
             let copies = &helper.sdk_copies;
-            // A retry of a copy under way (the client gave up on the first
-            // request) joins it: a second transfer would abort the first.
-            if let Some(state) = copies.running(&agent, &p.version) {
-                tracing::info!(
-                    "installSdk: {} is being copied already; waiting for it",
-                    p.version
-                );
-                return answer_copy(&req, &p.version, copies.wait(state).await);
+            let deadline = copies.deadline();
+            let held = match copies.begin(&agent, &p.version, deadline).await {
+                Begin::Install(held) => held,
+                // A retry of a copy under way (the client gave up on the
+                // first request): a second transfer would abort the first.
+                Begin::Join(state) => {
+                    tracing::info!(
+                        "installSdk: {} is being copied already; waiting for it",
+                        p.version
+                    );
+                    return answer_copy(&req, copies, &p.version, state, deadline).await;
+                }
+                Begin::Busy => {
+                    return req.err(format!(
+                        "installSdk {}: another SDK install is under way (a copy into the guest); \
+                         installSdk again when it is done",
+                        p.version
+                    ))
+                }
+            };
+            if copies.copied(&agent, &p.version) {
+                return req.ok();
             }
-            let held = copies.exclusive().await;
             match install_sdk_shared(helper, &agent, p, &bin).await {
                 Ok(()) => {
                     copies.forget();
@@ -665,7 +688,7 @@ pub async fn dispatch(helper: &Helper, req: HostRequest) -> Response {
             let state = copies.start(&agent, &p.version, held, async move {
                 copy.await.map_err(|e| e.to_string())
             });
-            answer_copy(&req, &p.version, copies.wait(state).await)
+            answer_copy(&req, copies, &p.version, state, deadline).await
         }
         HostMethod::MountPath(p) => mount_path(helper, &req, p).await,
         HostMethod::AddApprovedOauthToken(p) => {

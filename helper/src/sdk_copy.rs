@@ -2,20 +2,22 @@
 //! hundred MB) goes through the agent connection, which on a slow machine
 //! takes longer than the client's 30 s request timeout.
 //!
-//! So a copy runs as a task of its own that no request owns. One copy at a
-//! time (a second transfer would abort the first one in the guest). The
-//! `installSdk` that started it answers with its outcome when it ends
-//! within [`SdkCopies::answer_within`]; otherwise it answers success with
-//! the copy still running, and a `spawn` of the runtime then waits for the
-//! copy (as long again) or fails with what is going on. A retried
-//! `installSdk` of the version being copied joins the copy instead of
-//! starting another.
+//! So a copy runs as a task of its own that no request owns, one install
+//! at a time (a second transfer would abort the first one in the guest).
+//! Every `installSdk` answers within [`SdkCopies::answer_within`]: with the
+//! copy's outcome when it ends in time, with success when the copy it
+//! started (or joined: a retry of the version being copied) runs on, and
+//! with an error when another install holds the guest that long. A copy
+//! that is still running, or that failed after its request answered
+//! success, stands in the way of a `spawn` of the runtime, which waits for
+//! it (as long again) or is refused with what is going on.
 
 use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{watch, Mutex, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::agent::AgentClient;
 use crate::lock;
@@ -34,11 +36,33 @@ pub enum CopyState {
 }
 
 /// The latest copy: which version, into which guest (a new VM has a new
-/// agent, and a copy into an earlier one says nothing about it).
+/// agent), and where it stands.
 struct Ticket {
     version: String,
     agent: Weak<AgentClient>,
     state: watch::Receiver<CopyState>,
+}
+
+impl Ticket {
+    fn targets(&self, agent: &Arc<AgentClient>) -> bool {
+        self.agent.upgrade().is_some_and(|a| Arc::ptr_eq(&a, agent))
+    }
+
+    /// Running, and its task still there to say how it ends (a task that
+    /// panicked drops its sender).
+    fn running(&self) -> bool {
+        *self.state.borrow() == CopyState::Running && self.state.has_changed().is_ok()
+    }
+}
+
+/// What an `installSdk` gets to do, from [`SdkCopies::begin`].
+pub enum Begin {
+    /// Install: the right to, until the guard goes.
+    Install(OwnedMutexGuard<()>),
+    /// The same version is being copied into this guest: its state.
+    Join(watch::Receiver<CopyState>),
+    /// Another install held the guest for the whole wait.
+    Busy,
 }
 
 /// The helper's copies: at most one running.
@@ -59,38 +83,55 @@ impl SdkCopies {
         }
     }
 
-    /// See [`SdkCopies::new`].
-    pub fn answer_within(&self) -> Duration {
-        self.answer_within
+    /// The end of a wait that starts now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.answer_within
     }
 
-    /// Waits for any install under way to end, then holds the right to
-    /// install until the guard goes (hand it to [`SdkCopies::start`]).
-    pub async fn exclusive(&self) -> OwnedMutexGuard<()> {
-        self.install.clone().lock_owned().await
-    }
-
-    /// The copy of `version` into `agent`'s guest that is running now.
-    pub fn running(
+    /// The copy of `version` into `agent`'s guest running now.
+    fn running(
         &self,
         agent: &Arc<AgentClient>,
         version: &str,
     ) -> Option<watch::Receiver<CopyState>> {
         let latest = lock(&self.latest);
         let t = latest.as_ref()?;
-        let same_guest = t.agent.upgrade().is_some_and(|a| Arc::ptr_eq(&a, agent));
-        (same_guest && t.version == version && *t.state.borrow() == CopyState::Running)
-            .then(|| t.state.clone())
+        (t.targets(agent) && t.version == version && t.running()).then(|| t.state.clone())
     }
 
-    /// The runtime is in place by other means (the shared folder): no copy
-    /// stands in a spawn's way.
+    /// An `installSdk` of `version` into `agent`'s guest, by `deadline`:
+    /// joins the copy of that version under way, or gets the right to
+    /// install once no other install holds it.
+    pub async fn begin(&self, agent: &Arc<AgentClient>, version: &str, deadline: Instant) -> Begin {
+        if let Some(state) = self.running(agent, version) {
+            return Begin::Join(state);
+        }
+        match tokio::time::timeout_at(deadline, self.install.clone().lock_owned()).await {
+            Ok(held) => Begin::Install(held),
+            // The install that held it may be this version's copy, started
+            // while this one waited.
+            Err(_) => self
+                .running(agent, version)
+                .map_or(Begin::Busy, Begin::Join),
+        }
+    }
+
+    /// Whether the latest copy put `version` into `agent`'s guest (and its
+    /// request answered before it ended).
+    pub fn copied(&self, agent: &Arc<AgentClient>, version: &str) -> bool {
+        lock(&self.latest).as_ref().is_some_and(|t| {
+            t.targets(agent) && t.version == version && *t.state.borrow() == CopyState::Done
+        })
+    }
+
+    /// The runtime is in place by other means (the shared folder), or its
+    /// copy's outcome reached the client: no copy stands in a spawn's way.
     pub fn forget(&self) {
         *lock(&self.latest) = None;
     }
 
-    /// Runs `copy` (which must hold `held` until it ends) as its own task
-    /// and records it as the latest copy of `version` into `agent`'s guest.
+    /// Runs `copy` as its own task (it holds `held` until it ends) and
+    /// records it as the latest copy of `version` into `agent`'s guest.
     pub fn start<F>(
         &self,
         agent: &Arc<AgentClient>,
@@ -120,32 +161,55 @@ impl SdkCopies {
         rx
     }
 
-    /// The copy's state once it ends, or `Running` after `answer_within`.
-    pub async fn wait(&self, mut state: watch::Receiver<CopyState>) -> CopyState {
+    /// The copy's state once it ends, or `Running` at `deadline`.
+    pub async fn wait(
+        &self,
+        mut state: watch::Receiver<CopyState>,
+        deadline: Instant,
+    ) -> CopyState {
         let ended = state.wait_for(|s| *s != CopyState::Running);
-        match tokio::time::timeout(self.answer_within, ended).await {
+        match tokio::time::timeout_at(deadline, ended).await {
             Ok(Ok(s)) => s.clone(),
-            // The task cannot end without sending; a dropped sender is a
-            // task that panicked.
             Ok(Err(_)) => CopyState::Failed("the copy's task ended without an outcome".into()),
             Err(_) => CopyState::Running,
         }
     }
 
-    /// Whether a spawn of the runtime in `agent`'s guest may go ahead: the
-    /// latest copy into it has ended well (waiting for it up to
-    /// `answer_within`), or there is none. Otherwise why not.
+    /// An `installSdk` answered `state` (from the copy `of`): an outcome
+    /// the client was told needs no spawn to repeat it.
+    pub fn answered(&self, of: &watch::Receiver<CopyState>, state: &CopyState) {
+        if *state == CopyState::Running {
+            return;
+        }
+        let mut latest = lock(&self.latest);
+        if latest.as_ref().is_some_and(|t| t.state.same_channel(of)) {
+            *latest = None;
+        }
+    }
+
+    /// Whether a spawn of the runtime in `agent`'s guest may go ahead: no
+    /// copy stands in its way, or the one that does ends well within the
+    /// wait. Otherwise why not.
     pub async fn ready_for_spawn(&self, agent: &Arc<AgentClient>) -> Result<(), String> {
-        let (version, state) = {
+        let (version, state, same_guest) = {
             let latest = lock(&self.latest);
-            match latest.as_ref() {
-                Some(t) if t.agent.upgrade().is_some_and(|a| Arc::ptr_eq(&a, agent)) => {
-                    (t.version.clone(), t.state.clone())
-                }
-                _ => return Ok(()),
-            }
+            let Some(t) = latest.as_ref() else {
+                return Ok(());
+            };
+            (t.version.clone(), t.state.clone(), t.targets(agent))
         };
-        match self.wait(state).await {
+        if !same_guest {
+            // A copy into an earlier VM, answered as under way: what the
+            // guest has now is not what the client was told.
+            return match &*state.borrow() {
+                CopyState::Done => Ok(()),
+                _ => Err(format!(
+                    "the agent runtime {version} was still being copied when the VM stopped; \
+                     installSdk again"
+                )),
+            };
+        }
+        match self.wait(state, self.deadline()).await {
             CopyState::Done => Ok(()),
             CopyState::Failed(e) => Err(format!(
                 "the agent runtime {version} could not be copied into the guest ({e}); \

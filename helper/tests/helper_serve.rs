@@ -1349,11 +1349,33 @@ fn install_sdk_retried_after_the_client_gave_up_waits_for_the_transfer_in_flight
         "a second transfer was opened beside the first"
     );
     assert_eq!(
+        vm.sdk_opens.load(Ordering::SeqCst),
+        1,
+        "the retry sent the binary again"
+    );
+    assert_eq!(
         vm.sdk.lock().unwrap().1,
         binary,
         "the guest has the whole binary"
     );
     pipe.ok("stopVM", json!({}));
+}
+
+/// Spawns the runtime as `id` until the helper no longer says its copy is
+/// still running (or 30 s pass): the last answer.
+fn spawn_runtime_after_copy(pipe: &mut Pipe, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = pipe.call(
+            "spawn",
+            json!({"id": id, "name": "s1", "command": "/usr/local/bin/claude"}),
+        );
+        let err = r["error"].as_str().unwrap_or_default();
+        if !err.contains("is still being copied") || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A copy that outlasts the wait: `installSdk` answers with it still
@@ -1403,15 +1425,8 @@ fn install_sdk_by_a_slow_copy_answers_in_time_and_the_runtime_waits_for_it() {
     assert_eq!(vm.sdk_opens.load(Ordering::SeqCst), 1);
     assert_eq!(vm.sdk_aborts.load(Ordering::SeqCst), 0);
     // Once the commit is in, the runtime's spawn goes through.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = spawn(&mut pipe, "late", "claude");
-        if r.get("error").is_none() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let r = spawn_runtime_after_copy(&mut pipe, "late");
+    assert!(r.get("error").is_none(), "{r}");
     assert!(vm
         .requests
         .lock()
@@ -1447,18 +1462,7 @@ fn a_failed_background_copy_fails_the_runtime_spawn_clearly() {
     );
     // Hashing the file and the first chunk take a while: until the copy
     // has failed, the spawn is told it is still running.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let r = loop {
-        let r = pipe.call(
-            "spawn",
-            json!({"id": "p", "name": "s1", "command": "/usr/local/bin/claude"}),
-        );
-        let err = r["error"].as_str().unwrap_or_default();
-        if !err.contains("is still being copied") || Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let r = spawn_runtime_after_copy(&mut pipe, "p");
     let err = r["error"].as_str().unwrap_or_default();
     assert!(
         err.contains("2.0.4 could not be copied into the guest") && err.contains("No space left"),
@@ -1470,23 +1474,119 @@ fn a_failed_background_copy_fails_the_runtime_spawn_clearly() {
     let r = pipe.call("installSdk", params);
     assert!(r.get("error").is_none(), "{r}");
     // The spawn waits for the copy (or is told it runs still).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let r = loop {
-        let r = pipe.call(
-            "spawn",
-            json!({"id": "q", "name": "s1", "command": "/usr/local/bin/claude"}),
-        );
-        let err = r["error"].as_str().unwrap_or_default();
-        if !err.contains("is still being copied") || Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let r = spawn_runtime_after_copy(&mut pipe, "q");
     assert!(r.get("error").is_none(), "{r}");
     assert!(
         vm.sdk.lock().unwrap().1 == binary,
         "the guest has not the whole binary"
     );
+    pipe.ok("stopVM", json!({}));
+}
+
+/// While one version is being copied, an `installSdk` of another answers
+/// within the wait, with why, instead of queueing behind the copy.
+#[test]
+fn install_sdk_of_another_version_during_a_copy_answers_in_time() {
+    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 245) as u8).collect();
+    let (vdir, launcher, _h, mut pipe) =
+        sdk_helper_within("sdk-busy", "2.0.5", &binary, Duration::from_millis(300));
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let other = vdir.parent().unwrap().join("2.0.6");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("claude"), b"other").unwrap();
+    std::fs::write(other.join(".verified"), b"").unwrap();
+    let vm = launcher.last();
+    vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
+    let sub = ".config/Claude/claude-code-vm";
+    let r = pipe.call("installSdk", json!({"sdkSubpath": sub, "version": "2.0.5"}));
+    assert!(r.get("error").is_none(), "{r}");
+    let t = Instant::now();
+    let r = pipe.call("installSdk", json!({"sdkSubpath": sub, "version": "2.0.6"}));
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(err.contains("another SDK install is under way"), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "it waited for the copy: {:?}",
+        t.elapsed()
+    );
+    // Once the first copy is in, the other version installs.
+    let r = spawn_runtime_after_copy(&mut pipe, "first");
+    assert!(r.get("error").is_none(), "{r}");
+    vm.slow_sdk_chunks.store(false, Ordering::SeqCst);
+    let r = pipe.call("installSdk", json!({"sdkSubpath": sub, "version": "2.0.6"}));
+    assert!(r.get("error").is_none(), "{r}");
+    assert!(vm.sdk.lock().unwrap().1 == b"other");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// A copy that failed within the wait is `installSdk`'s error, and that is
+/// the end of it: a later spawn of the runtime is not refused for it (the
+/// guest runs what it has).
+#[test]
+fn a_copy_failure_the_client_was_told_does_not_block_the_runtime() {
+    let (vdir, launcher, _h, mut pipe) = sdk_helper("sdk-told", "2.0.7", b"bin");
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let vm = launcher.last();
+    vm.failing_sdk_chunks.store(true, Ordering::SeqCst);
+    let r = pipe.call(
+        "installSdk",
+        json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.7"}),
+    );
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(err.contains("No space left"), "{r}");
+    let r = pipe.call(
+        "spawn",
+        json!({"id": "after", "name": "s1", "command": "/usr/local/bin/claude"}),
+    );
+    assert!(r.get("error").is_none(), "{r}");
+    pipe.ok("stopVM", json!({}));
+}
+
+/// The VM stops while a copy answered as under way runs: in the next VM a
+/// spawn of the runtime is refused (what the guest has is not what the
+/// client was told) until `installSdk` runs again.
+#[test]
+fn a_copy_cut_by_a_vm_stop_refuses_the_runtime_in_the_next_vm() {
+    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 243) as u8).collect();
+    let (vdir, launcher, h, mut pipe) =
+        sdk_helper_within("sdk-cut", "2.0.8", &binary, Duration::from_millis(300));
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    launcher
+        .last()
+        .slow_sdk_chunks
+        .store(true, Ordering::SeqCst);
+    let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.8"});
+    let r = pipe.call("installSdk", params.clone());
+    assert!(r.get("error").is_none(), "{r}");
+    pipe.ok("stopVM", json!({}));
+    pipe.ok("startVM", json!({"bundlePath": h.bundle}));
+    poll_connected(&h.socket, true);
+    let spawn = |pipe: &mut Pipe, id: &str| {
+        pipe.call(
+            "spawn",
+            json!({"id": id, "name": "s1", "command": "/usr/local/bin/claude"}),
+        )
+    };
+    let r = spawn(&mut pipe, "stale");
+    let err = r["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("2.0.8 was still being copied when the VM stopped"),
+        "{r}"
+    );
+    // The cut copy's task ends when it next asks the gone agent (after
+    // hashing the file); until then the guest is busy.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = pipe.call("installSdk", params.clone());
+        let err = r["error"].as_str().unwrap_or_default();
+        if !err.contains("another SDK install is under way") || Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert!(r.get("error").is_none(), "{r}");
+    let r = spawn_runtime_after_copy(&mut pipe, "fresh");
+    assert!(r.get("error").is_none(), "{r}");
+    assert!(launcher.last().sdk.lock().unwrap().1 == binary);
     pipe.ok("stopVM", json!({}));
 }
 

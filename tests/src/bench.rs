@@ -530,9 +530,9 @@ fn outputs_of(result: &crate::BatchResult, names: &[&str]) -> String {
         .join("\n")
 }
 
-/// The bundle disk's size: the Cowork cases' bundle also holds up to two
-/// copies of the runtime in its session disk (a commit keeps the new
-/// version and the previous one).
+/// The bundle disk's size: the Cowork cases' bundle also holds a copy of
+/// the runtime in its session disk per copy install (all in one VM, and
+/// the guest removes old versions only when it starts).
 fn bundle_disk_mib(cowork: bool) -> u64 {
     if cowork {
         8192
