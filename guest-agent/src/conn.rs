@@ -223,9 +223,15 @@ impl Workers {
 }
 
 /// Serves connections forever.
-pub fn serve(agent: Agent, workers: Workers, steps: Vec<crate::StartupStep>) -> ! {
+pub fn serve(
+    agent: Agent,
+    workers: Workers,
+    steps: Vec<crate::StartupStep>,
+    mut timeline: crate::BootTimeline,
+) -> ! {
     let agent = Arc::new(agent);
     let mut announced = false;
+    let mut first = true;
     loop {
         let stream = match dial(2, AGENT_VSOCK_PORT) {
             Ok(s) => s,
@@ -241,6 +247,11 @@ pub fn serve(agent: Agent, workers: Workers, steps: Vec<crate::StartupStep>) -> 
             }
         };
         announced = false;
+        if first {
+            first = false;
+            timeline.mark("connected");
+            eprintln!("coworkvm-agent: {}", timeline.line());
+        }
         let Ok(write_half) = stream.try_clone() else {
             continue;
         };

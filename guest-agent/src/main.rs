@@ -71,6 +71,42 @@ macro_rules! debug {
     };
 }
 
+/// Seconds since the kernel started (`CLOCK_BOOTTIME`); 0 if unreadable.
+pub fn uptime_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, a live local.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// When each stage of the agent's start ended, in seconds since the kernel
+/// started: printed on the console once the helper is reached, so that a
+/// slow `startVM` shows where its time went (kernel, the agent's own
+/// steps, or waiting for the host).
+#[derive(Debug, Default)]
+pub struct BootTimeline(Vec<(&'static str, f64)>);
+
+impl BootTimeline {
+    pub fn mark(&mut self, stage: &'static str) {
+        self.0.push((stage, uptime_s()));
+    }
+
+    /// `agent: boot (s since the kernel started): init 2.91, ...`
+    pub fn line(&self) -> String {
+        let stages: Vec<String> = self
+            .0
+            .iter()
+            .map(|(stage, at)| format!("{stage} {at:.2}"))
+            .collect();
+        format!("boot (s since the kernel started): {}", stages.join(", "))
+    }
+}
+
 /// How one boot step went, reported to the helper before `ready`.
 #[derive(Debug, Clone)]
 pub struct StartupStep {
@@ -103,13 +139,17 @@ fn prepare_disks() -> Vec<StartupStep> {
 
 fn main() {
     let pid1 = std::process::id() == 1;
+    let mut timeline = BootTimeline::default();
+    timeline.mark("init");
     if pid1 {
         init::mount_pseudo_filesystems();
         init::bound_user_namespaces();
         init::load_modules();
+        timeline.mark("modules");
         std::env::set_var("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin");
     }
     let steps = if pid1 { prepare_disks() } else { Vec::new() };
+    timeline.mark("disks");
     let procs = procs::Procs::default();
     let reaper = procs.clone();
     let started = std::thread::Builder::new()
@@ -124,7 +164,8 @@ fn main() {
     let workers = conn::Workers::start(conn::WORKER_THREADS, conn::MAX_QUEUED_REQUESTS)
         .unwrap_or_else(|e| fatal(&format!("cannot start the request workers: {e}")));
     let agent = agent::Agent::detect(procs);
-    conn::serve(agent, workers, steps);
+    timeline.mark("checks");
+    conn::serve(agent, workers, steps, timeline);
 }
 
 /// The agent cannot work at all (a thread it needs from boot on could not
@@ -133,4 +174,25 @@ fn main() {
 fn fatal(why: &str) -> ! {
     eprintln!("coworkvm-agent: fatal: {why}");
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod boot_timeline_tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_names_each_stage_at_its_uptime_in_order() {
+        let before = uptime_s();
+        assert!(before > 0.0);
+        let mut t = BootTimeline::default();
+        t.mark("init");
+        t.mark("connected");
+        assert!(t.0[0].1 >= before && t.0[1].1 >= t.0[0].1, "{t:?}");
+        let line = t.line();
+        assert!(
+            line.starts_with("boot (s since the kernel started): init "),
+            "{line}"
+        );
+        assert!(line.contains(", connected "), "{line}");
+    }
 }

@@ -253,6 +253,27 @@ pub fn copy_case_script(runs: usize, sdk_disk: usize) -> String {
     upstream_lives(s, copy_timeout_s(runs))
 }
 
+/// What the agent prints on the console once it reaches the helper
+/// (`coworkvm-agent`'s `BootTimeline`), before its stages.
+const BOOT_LINE: &str = "coworkvm-agent: boot (s since the kernel started): ";
+
+/// The stages of the last boot timeline in a console log, each with the
+/// guest's uptime in seconds when it ended (`init` is when the kernel ran
+/// the agent, `connected` when the agent reached the helper).
+pub fn boot_stages(console: &str) -> Option<Vec<(String, f64)>> {
+    let line = console
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(BOOT_LINE).map(|(_, rest)| rest))?;
+    line.trim_end()
+        .split(", ")
+        .map(|kv| {
+            let (k, v) = kv.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The section's heading in bench/results.md.
 pub const SECTION_HEADING: &str = "## A Cowork session with the real runtime";
 
@@ -379,6 +400,36 @@ pub fn render(output: &str, context: &str) -> (String, bool) {
         &mut complete,
         rounds.saturating_sub(1),
     );
+    // Where the warm boots' time went inside the guest.
+    let boots: Vec<Vec<(String, f64)>> = v["boot_stages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    b.as_array()
+                        .map(|kv| {
+                            kv.iter()
+                                .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_f64()?)))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let warm_boots = boots.get(1..).unwrap_or_default();
+    if let Some(first_boot) = warm_boots.first() {
+        for (stage, _) in first_boot {
+            let at: Vec<f64> = warm_boots
+                .iter()
+                .filter_map(|b| b.iter().find(|(k, _)| k == stage).map(|(_, v)| *v))
+                .collect();
+            let name =
+                format!("of that, in the guest: kernel start to the agent's `{stage}` (warm)");
+            let mut ignored = true;
+            row(&mut s, &name, &at, &mut ignored, 0);
+        }
+    }
     row(
         &mut s,
         "`installSdk`, shared folder",
@@ -621,7 +672,10 @@ mod tests {
         \"connect_s\":[61.0,20.0,22.0,21.0,30.0],\
         \"install_share_s\":[0.5,0.4,0.6,0.5,0.5],\
         \"version_first_stdout_s\":[9.0,8.0,10.0,8.5,9.5],\
-        \"print_round_trip_s\":[40.0,35.0,38.0,36.0,50.0]}\n\
+        \"print_round_trip_s\":[40.0,35.0,38.0,36.0,50.0],\
+        \"boot_stages\":[[[\"init\",3.0],[\"connected\",9.0]],[[\"init\",2.0],[\"connected\",6.0]],\
+        [[\"init\",2.2],[\"connected\",6.4]],[[\"init\",2.4],[\"connected\",7.0]],\
+        [[\"init\",2.6],[\"connected\",8.0]]]}\n\
         @@COWORK-MANIFEST {\"files\":{\"rootfs.img\":{\"size\":1610612736},\
         \"rootfs.img.zst\":{\"size\":314572800}}}\n\
         @@COWORK-EXPANDED expanded 1536 MiB in 25.3 s\n\
@@ -659,6 +713,20 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("First start of the new bundle: 61.0 s"), "{s}");
+        // The guest's stages over the warm boots (rounds 2 on), right
+        // after the boot's own row.
+        let init = s
+            .find("| of that, in the guest: kernel start to the agent's `init` (warm) | 4 | 2.3 s | 2.0-2.6 s |")
+            .expect(&s);
+        let connected = s
+            .find("agent's `connected` (warm) | 4 | 6.7 s | 6.0-8.0 s |")
+            .expect(&s);
+        let boot_row = s.find("(warm: rounds 2 on)").unwrap();
+        let share_row = s.find("`installSdk`, shared folder").unwrap();
+        assert!(
+            boot_row < init && init < connected && connected < share_row,
+            "{s}"
+        );
         assert!(
             s.contains("`rootfs.img` 1536 MiB, `rootfs.img.zst` 300 MiB"),
             "{s}"
@@ -711,6 +779,25 @@ mod tests {
         assert!(s.contains("its answer | 0 | n/a | n/a |"), "{s}");
         assert!(s.contains("`spawn` accepted | 0 | n/a | n/a |"), "{s}");
         assert!(s.contains("shared folder | 5 | 0.5 s"), "{s}");
+    }
+
+    #[test]
+    fn the_last_boot_timeline_of_a_console_parses() {
+        let console = "[    1.0] x\n\
+            coworkvm-agent: boot (s since the kernel started): init 9.00, connected 9.50\n\
+            noise\n\
+            coworkvm-agent: boot (s since the kernel started): init 2.91, modules 3.40, \
+            disks 3.52, checks 6.10, connected 6.20\r\n";
+        let stages = boot_stages(console).unwrap();
+        let names: Vec<&str> = stages.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["init", "modules", "disks", "checks", "connected"]);
+        assert_eq!(stages[0].1, 2.91);
+        assert_eq!(stages[4].1, 6.20);
+        assert_eq!(boot_stages("no timeline\n"), None);
+        assert_eq!(
+            boot_stages("coworkvm-agent: boot (s since the kernel started): init x\n"),
+            None
+        );
     }
 
     #[test]

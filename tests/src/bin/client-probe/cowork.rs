@@ -421,6 +421,7 @@ pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str) {
     let (ev, ack) = Events::subscribe(socket);
     p.check("subscribeEvents", ok(&ack), &ack);
     let (mut connect, mut share, mut version, mut print) = (vec![], vec![], vec![], vec![]);
+    let mut boot: Vec<Vec<(String, f64)>> = Vec::new();
     for round in 1..=runs {
         let name = format!("cowork-bench-{round}");
         let mnt = format!("/sessions/{name}/mnt");
@@ -442,6 +443,25 @@ pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str) {
             continue;
         }
         connect.push(t0.elapsed().as_secs_f64());
+        // Where the guest's part of that went: the agent's timeline in the
+        // console log (the helper's run directory, beside its socket).
+        let console = Path::new(&format!("{socket}.d")).join("console.log");
+        let stages = (0..20).find_map(|_| {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            coworkvm_tests::cowork::boot_stages(&text).or_else(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            })
+        });
+        p.check(
+            &format!("round {round}: the agent's boot timeline is on the console"),
+            stages.is_some(),
+            console.display(),
+        );
+        if let Some(st) = &stages {
+            println!("@@CLIENT figures round {round}: guest boot {st:?}");
+        }
+        boot.push(stages.unwrap_or_default());
 
         let (r, took) = install(&mut pipe, runtime::VERSION);
         p.check(&format!("round {round}: installSdk (share)"), ok(&r), &r);
@@ -527,7 +547,7 @@ pub fn bench(runs: usize, socket: &str, bundle: &str, host_dir: &str) {
     println!(
         "@@COWORK-BENCH {}",
         json!({"rounds": runs, "sdk_bytes": sdk_bytes, "connect_s": connect,
-               "install_share_s": share,
+               "install_share_s": share, "boot_stages": boot,
                "version_first_stdout_s": version, "print_round_trip_s": print})
     );
     let _ = std::io::Write::flush(&mut std::io::stdout());
