@@ -1361,6 +1361,22 @@ fn install_sdk_retried_after_the_client_gave_up_waits_for_the_transfer_in_flight
     pipe.ok("stopVM", json!({}));
 }
 
+/// A verified 40 MiB runtime (bytes cycling modulo `modulo`) whose copy
+/// takes seconds of 4 MiB chunks, in a helper that waits 300 ms for
+/// copies: the binary, its version directory, the launcher, the helper
+/// and a pipe to it, with a VM connected.
+fn slow_copy_helper(
+    tag: &str,
+    version: &str,
+    modulo: u32,
+) -> (Vec<u8>, PathBuf, Arc<FakeLauncher>, Served, Pipe) {
+    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % modulo) as u8).collect();
+    let (vdir, launcher, h, pipe) =
+        sdk_helper_within(tag, version, &binary, Duration::from_millis(300));
+    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    (binary, vdir, launcher, h, pipe)
+}
+
 /// Spawns the runtime as `id` until the helper no longer says its copy is
 /// still running (or 30 s pass): the last answer.
 fn spawn_runtime_after_copy(pipe: &mut Pipe, id: &str) -> Value {
@@ -1384,10 +1400,7 @@ fn spawn_runtime_after_copy(pipe: &mut Pipe, id: &str) -> Value {
 #[test]
 fn install_sdk_by_a_slow_copy_answers_in_time_and_the_runtime_waits_for_it() {
     // 10 chunks at 300 ms: about 3 s of copy against 300 ms of waiting.
-    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 249) as u8).collect();
-    let (vdir, launcher, h, mut pipe) =
-        sdk_helper_within("sdk-slow", "2.0.3", &binary, Duration::from_millis(300));
-    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let (binary, _vdir, launcher, h, mut pipe) = slow_copy_helper("sdk-slow", "2.0.3", 249);
     let vm = launcher.last();
     vm.slow_sdk_chunks.store(true, Ordering::SeqCst);
     let params = json!({"sdkSubpath": ".config/Claude/claude-code-vm", "version": "2.0.3"});
@@ -1487,10 +1500,7 @@ fn a_failed_background_copy_fails_the_runtime_spawn_clearly() {
 /// within the wait, with why, instead of queueing behind the copy.
 #[test]
 fn install_sdk_of_another_version_during_a_copy_answers_in_time() {
-    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 245) as u8).collect();
-    let (vdir, launcher, _h, mut pipe) =
-        sdk_helper_within("sdk-busy", "2.0.5", &binary, Duration::from_millis(300));
-    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let (_binary, vdir, launcher, _h, mut pipe) = slow_copy_helper("sdk-busy", "2.0.5", 245);
     let other = vdir.parent().unwrap().join("2.0.6");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("claude"), b"other").unwrap();
@@ -1547,10 +1557,7 @@ fn a_copy_failure_the_client_was_told_does_not_block_the_runtime() {
 /// client was told) until `installSdk` runs again.
 #[test]
 fn a_copy_cut_by_a_vm_stop_refuses_the_runtime_in_the_next_vm() {
-    let binary: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 243) as u8).collect();
-    let (vdir, launcher, h, mut pipe) =
-        sdk_helper_within("sdk-cut", "2.0.8", &binary, Duration::from_millis(300));
-    std::fs::write(vdir.join(".verified"), b"").unwrap();
+    let (binary, _vdir, launcher, h, mut pipe) = slow_copy_helper("sdk-cut", "2.0.8", 243);
     launcher
         .last()
         .slow_sdk_chunks
