@@ -428,6 +428,29 @@ impl BatchResult {
         )
     }
 
+    /// Asserts the client probe's verdict in case `name`: no `@@CLIENT
+    /// fail` line, a `@@CLIENT pass` line for each check in `required` (a
+    /// probe that died early passes none of the later ones), and
+    /// `probe-rc=0`.
+    #[track_caller]
+    pub fn assert_client_passed(&self, name: &str, required: &[&str]) {
+        let c = self.case(name);
+        let fails = c.lines_with("@@CLIENT fail");
+        assert!(
+            fails.is_empty(),
+            "failed checks: {fails:#?}\n{}",
+            self.context(name)
+        );
+        for what in required {
+            assert!(
+                c.has_line(&format!("@@CLIENT pass {what}")),
+                "check {what:?} did not pass\n{}",
+                self.context(name)
+            );
+        }
+        assert_eq!(c.lines_with("probe-rc="), ["0"], "{}", self.context(name));
+    }
+
     /// Prints every case's status and output to stderr (shown when a test
     /// fails, captured otherwise).
     pub fn print_cases(&self) {
