@@ -149,8 +149,9 @@ fn virtiofsd_server(pid: i32) -> Option<i32> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut cur = pid;
-        loop {
-            let kids = fs::read_to_string(format!("/proc/{cur}/task/{cur}/children")).ok()?;
+        // A process of the chain may exit between two reads (the middle
+        // fork does): an unreadable one means look again, not "none".
+        while let Ok(kids) = fs::read_to_string(format!("/proc/{cur}/task/{cur}/children")) {
             match kids.split_whitespace().next().and_then(|k| k.parse().ok()) {
                 Some(k) => cur = k,
                 None => break,
